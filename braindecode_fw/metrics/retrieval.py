@@ -1,0 +1,115 @@
+"""Image/brain retrieval with the MindEye2 protocol (methods.md §2.6).
+
+Protocol: cosine similarity between flattened, L2-normalised brain predictions and image
+embeddings; ``n_subsets`` (30) random subsets of ``subset_size`` (300) test items drawn without
+replacement from a NumPy ``RandomState(seed)`` (all items, once, when there are not more than
+``subset_size``); top-k accuracy in each subset; mean and normal 95% CI (1.96·sd/√n_subsets).
+
+Direction names are explicit, because MindEye2's code labels are ambiguous:
+
+- ``brain_to_image``: the query is a brain response; the candidates are the subset's images
+  (MindEye2's ``BwdRetrieval``; "brain → image").
+- ``image_to_brain``: the query is an image; the candidates are the subset's brain responses
+  (MindEye2's ``FwdRetrieval``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DIRECTIONS = ("brain_to_image", "image_to_brain")
+
+
+def retrieval_subsets(n_items: int, subset_size: int = 300, n_subsets: int = 30, seed: int = 42) -> list[np.ndarray]:
+    """Index subsets for the protocol: one subset of everything if ``n_items <= subset_size``."""
+    if n_items <= subset_size:
+        return [np.arange(n_items)]
+    rng = np.random.RandomState(seed)
+    return [rng.choice(n_items, subset_size, replace=False) for _ in range(n_subsets)]
+
+
+def cosine_scores(brain: torch.Tensor | np.ndarray, image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``(n, *shape)`` brain predictions, ``(n, *shape)`` image embeddings -> ``(n, n)`` cosine
+    similarities; entry ``[i, j]`` compares brain ``i`` with image ``j`` (true pairs on the diagonal).
+    """
+    b = torch.as_tensor(brain).reshape(len(brain), -1).float()
+    t = torch.as_tensor(image).reshape(len(image), -1).float()
+    b = torch.nn.functional.normalize(b, dim=-1)
+    t = torch.nn.functional.normalize(t, dim=-1)
+    return b @ t.T
+
+
+def _topk_hits(scores: torch.Tensor, k: int) -> tuple[float, float]:
+    """Fraction of correct top-k for both directions of one square score matrix."""
+    diag = scores.diagonal()
+    # rank = number of candidates strictly better than the true one (ties favour the true pair)
+    rank_b2i = (scores > diag[:, None]).sum(dim=1)
+    rank_i2b = (scores > diag[None, :]).sum(dim=0)
+    return float((rank_b2i < k).float().mean()), float((rank_i2b < k).float().mean())
+
+
+@dataclass
+class RetrievalResult:
+    """Top-k accuracies: ``values[direction][k]`` holds one accuracy per subset."""
+
+    values: dict[str, dict[int, np.ndarray]]
+    subset_size: int
+    n_items: int
+
+    def mean(self, direction: str, k: int = 1) -> float:
+        return float(self.values[direction][k].mean())
+
+    def ci95(self, direction: str, k: int = 1) -> float:
+        v = self.values[direction][k]
+        return float(1.96 * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+    def summary(self, ks: tuple[int, ...] | None = None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for d in DIRECTIONS:
+            for k in ks or tuple(self.values[d]):
+                out[f"{d}_top{k}"] = self.mean(d, k)
+                out[f"{d}_top{k}_ci95"] = self.ci95(d, k)
+        return out
+
+
+def retrieval_from_scores(
+    scores: torch.Tensor | np.ndarray,
+    *,
+    subset_size: int = 300,
+    n_subsets: int = 30,
+    seed: int = 42,
+    ks: tuple[int, ...] = (1,),
+) -> RetrievalResult:
+    """Top-k retrieval from any ``(n, n)`` score matrix (higher = more similar, brain rows,
+    image columns, true pairs on the diagonal). Used for cosine scores and for the oracle's
+    log-likelihoods alike."""
+    scores = torch.as_tensor(scores).float()
+    n = scores.shape[0]
+    if scores.shape != (n, n):
+        raise ValueError(f"score matrix must be square (brain x image), got {tuple(scores.shape)}")
+    subsets = retrieval_subsets(n, subset_size, n_subsets, seed)
+    values: dict[str, dict[int, list[float]]] = {d: {k: [] for k in ks} for d in DIRECTIONS}
+    for idx in subsets:
+        t = torch.as_tensor(idx)
+        sub = scores[t][:, t]
+        for k in ks:
+            b2i, i2b = _topk_hits(sub, k)
+            values["brain_to_image"][k].append(b2i)
+            values["image_to_brain"][k].append(i2b)
+    return RetrievalResult(
+        values={d: {k: np.asarray(v) for k, v in per_k.items()} for d, per_k in values.items()},
+        subset_size=min(subset_size, n),
+        n_items=n,
+    )
+
+
+def retrieval_accuracy(
+    brain: torch.Tensor | np.ndarray,
+    image: torch.Tensor | np.ndarray,
+    **kwargs,
+) -> RetrievalResult:
+    """Cosine-similarity retrieval between predicted and true embeddings (methods.md §2.6)."""
+    return retrieval_from_scores(cosine_scores(brain, image), **kwargs)
