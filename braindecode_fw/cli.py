@@ -1,0 +1,185 @@
+"""Console entry points. Each is a Hydra app over ``conf/`` that calls one task function.
+
+User errors (bad config keys, missing or invalid data, unknown subjects, ...) are reported as one
+line ``bdf-<cmd>: error: <what and where>`` with exit code 2; set ``BDF_DEBUG=1`` for the full
+traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(os.environ.get("BDF_CONFIG_DIR", Path(__file__).resolve().parent.parent / "conf"))
+
+log = logging.getLogger("braindecode_fw")
+
+if not OmegaConf.has_resolver("bdf_uid"):
+    # one random id per process: unique run directories even for jobs started in the same second
+    OmegaConf.register_new_resolver("bdf_uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from hydra.errors import HydraException
+
+    from braindecode_fw.data.store import StoreValidationError
+
+    return (ValueError, KeyError, FileNotFoundError, FileExistsError, StoreValidationError, HydraException)
+
+
+def _describe_error(exc: BaseException) -> str:
+    """A one-line description of ``exc`` and its causes."""
+    from hydra.errors import InstantiationException
+
+    msgs = []
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = _one_line(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        if isinstance(e, InstantiationException):
+            text = text.replace("Error in call to target", "cannot build")
+        if text and text not in msgs:
+            msgs.append(text)
+        e = e.__cause__ or e.__context__
+    return ": ".join(msgs) if msgs else type(exc).__name__
+
+
+def _fail(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_overrides(config_name: str, overrides: list[str], prog: str) -> None:
+    """Compose once before Hydra runs, to turn composition errors into one clear line.
+
+    Unknown keys get a did-you-mean suggestion; unknown group options list the available ones.
+    Sweeps (``-m``) are checked by Hydra itself.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            try:
+                compose(config_name, overrides=overrides)
+            except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
+                _fail(prog, _explain_composition_error(config_name, overrides, e))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _explain_composition_error(config_name: str, overrides: list[str], exc: Exception) -> str:
+    from hydra import compose
+
+    cause = exc.__cause__
+    full_key = getattr(cause, "full_key", None)
+    if full_key and "not in struct" in str(cause):
+        bad = [o for o in overrides if o.split("=", 1)[0].lstrip("~+") == full_key]
+        parent, _, leaf = full_key.rpartition(".")
+        suggestion = ""
+        try:
+            base = compose(config_name, overrides=[o for o in overrides if o not in bad])
+            node = OmegaConf.select(base, parent) if parent else base
+            if isinstance(node, DictConfig):
+                close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1)
+                if close:
+                    suggestion = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+        except Exception:  # noqa: BLE001 - the suggestion is best-effort
+            pass
+        where = f" in override '{bad[0]}'" if bad else ""
+        return f"unknown config key '{full_key}'{where}{suggestion} (use +{full_key}=... to add a new key)"
+    text = _one_line(exc)
+    text = text.replace("Available options in", "available options in").replace("; ;", ";")
+    return text
+
+
+def run_app(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> None:
+    """Run ``task`` as a Hydra app with one-line user errors."""
+    argv = sys.argv[1:]
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    is_special = any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-c", "--cfg",
+                           "--shell-completion", "-sc") or a.startswith("--cfg") for a in argv)
+    if not is_special:
+        check_overrides(config_name, overrides, prog)
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def _main(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except _user_error_types() as e:
+            if os.environ.get("BDF_DEBUG"):
+                raise
+            log.debug("error details", exc_info=True)
+            _fail(prog, _describe_error(e))
+
+    sys.argv[0] = prog
+    _main()
+
+
+def _train(cfg: DictConfig) -> float | None:
+    from braindecode_fw.tasks.train import train
+
+    result = train(cfg)
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in result:
+        options = sorted(k for k in result if k.startswith(("test/", "val/")))
+        raise ConfigError(f"optimized_metric: {name!r} was not produced; available: {options}")
+    return float(result[name])
+
+
+def _evaluate(cfg: DictConfig) -> None:
+    from braindecode_fw.tasks.evaluate import evaluate
+
+    evaluate(cfg)
+
+
+def _prepare(cfg: DictConfig) -> None:
+    from braindecode_fw.tasks.prepare import describe, prepare
+
+    summary = prepare(cfg.dataset, overwrite=cfg.overwrite)
+    print(describe(summary) if "subjects" in summary else summary)
+    print(f"prepared store: {cfg.dataset.store}")
+
+
+def _bench(cfg: DictConfig) -> None:
+    from braindecode_fw.tasks.bench import bench
+
+    bench(cfg)
+
+
+def train_main() -> None:
+    run_app("train", _train, "bdf-train")
+
+
+def evaluate_main() -> None:
+    run_app("evaluate", _evaluate, "bdf-evaluate")
+
+
+def prepare_main() -> None:
+    run_app("prepare", _prepare, "bdf-prepare")
+
+
+def bench_main() -> None:
+    run_app("bench", _bench, "bdf-bench")

@@ -1,0 +1,138 @@
+"""DecoderModule: the generic LightningModule (steps, optimiser, schedule, retrieval validation).
+
+Methods differ only by the decoder, loss and optimiser objects they are given (all from config);
+this module never branches on the method.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from braindecode_fw.data.datamodule import Batch
+from braindecode_fw.metrics.retrieval import DIRECTIONS, retrieval_accuracy
+from braindecode_fw.models.decoder import Decoder
+
+log = logging.getLogger(__name__)
+
+
+class DecoderModule(L.LightningModule):
+    """Trains a :class:`Decoder` against one target with a contrastive loss.
+
+    optimizer: partial ``torch.optim`` constructor (Hydra ``_partial_``); weight decay is applied
+    to adapters (MindEye2's ridge, bias included) and to weight matrices of the shared parts, not
+    to biases and normalisation parameters elsewhere.
+    scheduler: partial LR scheduler; ``OneCycleLR`` gets ``total_steps`` from the trainer.
+    """
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        loss: nn.Module,
+        target: str,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        *,
+        val_subset_size: int = 300,
+        val_n_subsets: int = 1,
+        checkpoint_extra: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.decoder = decoder
+        self.loss_fn = loss
+        self.target = target
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_subset_size = val_subset_size
+        self.val_n_subsets = val_n_subsets
+        self.checkpoint_extra = checkpoint_extra or {}
+        self._val_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.decoder(batch.responses, batch.subject, batch.repeat_mask)
+
+    def _check_finite(self, loss: torch.Tensor, stage: str) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{stage} loss is {loss.item()} at step {self.global_step}; lower optim.lr, use "
+                "trainer.precision=32-true, or run with debug=anomaly to locate it"
+            )
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        loss = self.loss_fn(out[self.target], batch.targets[self.target])
+        self._check_finite(loss, "train")
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        out = self(batch)
+        pred, tgt = out[self.target].float(), batch.targets[self.target].float()
+        self.log("val/loss", self.loss_fn(pred, tgt), batch_size=len(batch))
+        for s in dict.fromkeys(batch.subject):
+            rows = torch.tensor([i for i, x in enumerate(batch.subject) if x == s], device=pred.device)
+            self._val_outputs[s].append((pred[rows].cpu(), tgt[rows].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        per_direction: dict[str, list[float]] = {d: [] for d in DIRECTIONS}
+        for s, chunks in sorted(self._val_outputs.items()):
+            pred = torch.cat([c[0] for c in chunks])
+            tgt = torch.cat([c[1] for c in chunks])
+            res = retrieval_accuracy(pred, tgt, subset_size=self.val_subset_size, n_subsets=self.val_n_subsets)
+            for d in DIRECTIONS:
+                per_direction[d].append(res.mean(d))
+                self.log(f"val/{d}_top1/{s}", res.mean(d))
+        for d, values in per_direction.items():
+            if values:
+                self.log(f"val/{d}_top1", float(np.mean(values)), prog_bar=d == "brain_to_image")
+        self._val_outputs.clear()
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("decoder.adapter.") or p.ndim >= 2:
+                decay.append(p)
+            else:
+                no_decay.append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self._param_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        if getattr(self.scheduler_factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # plain containers only, so the checkpoint loads with torch.load(weights_only=True)
+        checkpoint["braindecode_fw"] = self.checkpoint_extra
+
+
+@torch.no_grad()
+def predict(decoder: Decoder, batches: Iterable[Batch], target: str,
+            device: str | torch.device = "cpu") -> dict[str, dict[str, np.ndarray]]:
+    """Run the decoder over ``batches``; per subject: ``pred`` ``(n, *shape)``, ``target`` and
+    ``image_index``, in loader order."""
+    decoder.eval().to(device)
+    acc: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for batch in batches:
+        mask = batch.repeat_mask.to(device) if batch.repeat_mask is not None else None
+        pred = decoder(batch.responses.to(device), batch.subject, mask)[target].float().cpu()
+        for i, s in enumerate(batch.subject):
+            acc[s]["pred"].append(pred[i])
+            acc[s]["target"].append(batch.targets[target][i])
+            acc[s]["image_index"].append(int(batch.image_index[i]))
+    return {s: {"pred": torch.stack(v["pred"]).numpy(), "target": torch.stack(v["target"]).numpy(),
+                "image_index": np.asarray(v["image_index"])} for s, v in acc.items()}

@@ -1,0 +1,37 @@
+"""Shared trunks: subject-independent networks over the adapters' hidden space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ResidualMLPBlock(nn.Module):
+    """``x + Dropout(W2 · GELU(W1 · LayerNorm(x)))`` on ``(..., hidden)`` (MindEye2 mixer block,
+    methods.md §3.2, without the input-independent seq_len=1 token mixer)."""
+
+    def __init__(self, hidden: int, expansion: float = 1.0, dropout: float = 0.15):
+        super().__init__()
+        inner = int(hidden * expansion)
+        self.net = nn.Sequential(
+            nn.LayerNorm(hidden), nn.Linear(hidden, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, hidden)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class ResidualMLP(nn.Module):
+    """Stack of :class:`ResidualMLPBlock`, ``(..., hidden) -> (..., hidden)``.
+
+    Real scale (MindEye2): hidden 4096, 4 blocks; the synthetic default is much smaller.
+    """
+
+    def __init__(self, hidden: int, n_blocks: int = 4, expansion: float = 1.0, dropout: float = 0.15):
+        super().__init__()
+        self.hidden = hidden
+        self.blocks = nn.Sequential(*[ResidualMLPBlock(hidden, expansion, dropout) for _ in range(n_blocks)])
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(x))

@@ -1,0 +1,199 @@
+"""Frozen image encoders that define the target feature spaces (design.md §4 "Targets").
+
+Every encoder has a stable ``encoder_id`` (backend + model + weights + output + preprocessing), so
+the target cache is invalidated whenever any of these change, and declares its preprocessing in
+config. Two backends:
+
+- :class:`OpenClipImageEncoder`: any open_clip architecture; ``pretrained`` is an open_clip tag,
+  a local ``.pt``/``.safetensors`` file, or ``None`` (random init from ``seed``, with optional
+  ``model_overrides`` to shrink the architecture: the synthetic world's default).
+- :class:`HFClipImageEncoder`: ``transformers`` ``CLIPVisionModelWithProjection`` from a hub id
+  or a local folder (e.g. ``openai/clip-vit-large-patch14``: pooled 768, tokens 257×768).
+
+``output="pooled"`` gives ``(n, embed_dim)``; ``output="tokens"`` gives the last-layer token
+sequence ``(n, n_tokens, width)`` (open_clip: patch tokens after ``ln_post``; transformers:
+``last_hidden_state`` including the class token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("pooled", "tokens")
+
+
+@dataclass
+class Preprocess:
+    """uint8 RGB -> normalised float tensor. Declared in config, part of the encoder id."""
+
+    image_size: int = 224
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    interpolation: str = "bicubic"
+    antialias: bool = True
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``(n, h, w, 3)`` uint8 -> ``(n, 3, image_size, image_size)`` float32, normalised."""
+        x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode=self.interpolation,
+                              antialias=self.antialias, align_corners=False).clamp(0, 1)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def _weights_fingerprint(ref: str | None) -> Any:
+    """Identify weights: a local path by (resolved path, size, mtime); anything else by name."""
+    if ref is None:
+        return None
+    p = Path(str(ref)).expanduser()
+    if p.exists():
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+        return {"path": str(p.resolve()), "files": [(q.name, q.stat().st_size, q.stat().st_mtime_ns) for q in files]}
+    return str(ref)
+
+
+class ImageEncoder(torch.nn.Module):
+    """Base class: a frozen image encoder producing one named target feature."""
+
+    feature_name: str
+    output: str
+
+    def __init__(self, feature_name: str, output: str, preprocess: Preprocess | dict, batch_size: int = 128,
+                 device: str = "cpu"):
+        super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"target.output must be one of {OUTPUTS}, got {output!r}")
+        self.feature_name = feature_name
+        self.output = output
+        self.preprocess = preprocess if isinstance(preprocess, Preprocess) else Preprocess(**dict(preprocess))
+        self.batch_size = batch_size
+        self.device_name = device
+
+    def identity(self) -> dict[str, Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def encoder_id(self) -> str:
+        blob = {"feature": self.feature_name, "output": self.output, "preprocess": self.preprocess.__dict__,
+                **self.identity()}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 ``(n, h, w, 3)`` -> float32 ``(n, *output_shape)`` on CPU, in batches."""
+        self.eval()
+        outs = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = self.preprocess(images[start : start + self.batch_size]).to(self.device_name)
+            outs.append(self.forward_features(pixels).float().cpu())
+        return torch.cat(outs)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        probe = np.zeros((1, self.preprocess.image_size, self.preprocess.image_size, 3), dtype=np.uint8)
+        return tuple(self.encode(probe).shape[1:])
+
+
+class OpenClipImageEncoder(ImageEncoder):
+    """open_clip vision tower (MindEye2 uses ``ViT-bigG-14``/``laion2b_s39b_b160k`` tokens)."""
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None = None,
+        *,
+        feature_name: str = "clip_image",
+        output: str = "pooled",
+        seed: int = 0,
+        model_overrides: dict[str, Any] | None = None,
+        preprocess: Preprocess | dict | None = None,
+        batch_size: int = 128,
+        device: str = "cpu",
+        cache_dir: str | None = None,
+    ):
+        super().__init__(feature_name, output, preprocess or Preprocess(), batch_size, device)
+        import open_clip
+
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.seed = seed
+        self.model_overrides = _plain(model_overrides or {})
+        if model_name not in open_clip.list_models():
+            raise ValueError(f"target.model_name: unknown open_clip model {model_name!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(
+                model_name, pretrained=pretrained, cache_dir=cache_dir, **self.model_overrides
+            )
+        self.visual = model.visual.to(device).eval().requires_grad_(False)
+        self.visual.output_tokens = output == "tokens"
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "open_clip", "model": self.model_name, "weights": _weights_fingerprint(self.pretrained),
+                "seed": self.seed if self.pretrained is None else None, "overrides": self.model_overrides}
+
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.visual(pixels)
+        return out[1] if self.output == "tokens" else out
+
+
+class HFClipImageEncoder(ImageEncoder):
+    """transformers ``CLIPVisionModelWithProjection`` from a hub id or local folder."""
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        feature_name: str = "clip_image",
+        output: str = "pooled",
+        revision: str | None = None,
+        local_files_only: bool = False,
+        preprocess: Preprocess | dict | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+    ):
+        super().__init__(feature_name, output, preprocess or Preprocess(), batch_size, device)
+        from transformers import CLIPVisionModelWithProjection
+
+        self.model_id = model_id
+        self.revision = revision
+        self.model = CLIPVisionModelWithProjection.from_pretrained(
+            model_id, revision=revision, local_files_only=local_files_only
+        ).to(device).eval().requires_grad_(False)
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "transformers", "model": _weights_fingerprint(self.model_id), "revision": self.revision}
+
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels)
+        return out.last_hidden_state if self.output == "tokens" else out.image_embeds
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers -> plain Python (open_clip/transformers check isinstance dict/list)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, DictConfig | ListConfig):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,178 @@
+"""``bdf-train``: prepare data if needed, train a decoder, evaluate retrieval on the test split."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from braindecode_fw.data.datamodule import BrainDataModule
+from braindecode_fw.lit import DecoderModule, predict
+from braindecode_fw.metrics.report import format_table, retrieval_report, write_report
+from braindecode_fw.models.decoder import Decoder
+from braindecode_fw.tasks.prepare import ensure_store
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig, store: Path | None = None) -> BrainDataModule:
+    """Target encoder + datamodule from ``cfg.target`` / ``cfg.data``, set up (targets cached)."""
+    encoder = instantiate(cfg.target)
+    dm = instantiate(cfg.data, store=str(store or cfg.dataset.store), target_encoder=encoder, seed=cfg.seed)
+    dm.setup()
+    return dm
+
+
+def build_model(cfg: DictConfig, n_features: dict[str, int], target_shapes: dict[str, tuple[int, ...]]) -> Decoder:
+    """``cfg.model`` is a partial of :func:`build_decoder`; sizes come from the data."""
+    return instantiate(cfg.model)(n_features=dict(n_features), target_shapes=dict(target_shapes))
+
+
+def count_parameters(module: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+class EpochLogger(L.Callback):
+    """One plain log line per epoch (used when stdout is not a terminal, instead of a bar)."""
+
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        m = trainer.callback_metrics
+        parts = [f"{k}={float(v):.4f}" for k, v in sorted(m.items()) if k.count("/") == 1]
+        log.info("epoch %d (%.0f s): %s", trainer.current_epoch, time.perf_counter() - self._t0, " ".join(parts))
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[L.Callback], Any]:
+    callbacks: list[L.Callback] = []
+    checkpoint = None
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if name == "model_checkpoint":
+            checkpoint = instantiate(node, dirpath=str(run_dir / "checkpoints"))
+            callbacks.append(checkpoint)
+        else:
+            callbacks.append(instantiate(node))
+    if sys.stdout.isatty():
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    else:
+        callbacks.append(EpochLogger())
+    return callbacks, checkpoint
+
+
+def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is not None:
+            loggers.append(instantiate(node, save_dir=str(run_dir)))
+    return loggers
+
+
+def evaluate_predictions(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder) -> dict[str, Any]:
+    """Test-split predictions -> retrieval report (with the store's oracle, if any)."""
+    target = cfg.target.feature_name
+    preds = predict(decoder, dm.test_dataloader(), target)
+    ev = cfg.evaluation
+    assert dm.store is not None
+    return retrieval_report(preds, oracle=dm.store.extra("oracle"), subset_size=ev.subset_size,
+                            n_subsets=ev.n_subsets, seed=ev.seed, ks=tuple(ev.topk))
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job; returns the test metrics (``test/...``) plus paths."""
+    t_start = time.perf_counter()
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+
+    store = ensure_store(cfg.dataset)
+    dm = build_datamodule(cfg, store)
+    decoder = build_model(cfg, dm.n_features, dm.target_shapes)
+    target = cfg.target.feature_name
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    module = DecoderModule(
+        decoder,
+        loss=instantiate(cfg.loss),
+        target=target,
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+        val_subset_size=cfg.evaluation.subset_size,
+        checkpoint_extra={
+            "config": resolved,
+            "n_features": dm.n_features,
+            "target_shapes": {k: list(v) for k, v in dm.target_shapes.items()},
+            "dataset_version": dm.store.version if dm.store else None,
+        },
+    )
+    callbacks, checkpoint = _callbacks(cfg, run_dir)
+    loggers = _loggers(cfg, run_dir)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
+        enable_progress_bar=sys.stdout.isatty(), use_distributed_sampler=False,
+    )
+    n_params = count_parameters(decoder)
+    for lg in loggers:
+        lg.log_hyperparams({**_flatten(resolved), "params/total": n_params["total"],
+                            "params/trainable": n_params["trainable"]})
+    log.info("decoder: %s parameters; subjects %s; target %s %s", f"{n_params['total']:,}",
+             dm.n_features, target, dm.target_shapes[target])
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    last = str(run_dir / "checkpoints" / "last.ckpt")
+    eval_ckpt = best or (last if Path(last).exists() else "")
+    if eval_ckpt:
+        state = torch.load(eval_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    report = evaluate_predictions(cfg, dm, module.decoder)
+    write_report(report, run_dir)
+    mean = report["rows"][-1]
+    metrics = {f"test/{k}": float(v) for k, v in mean.items() if isinstance(v, float)}
+    for row in report["rows"][:-1]:
+        for d in ("brain_to_image_top1", "image_to_brain_top1"):
+            metrics[f"test/{d}/{row['subject']}"] = float(row[d])
+    for lg in loggers:
+        lg.log_metrics(metrics, step=trainer.global_step)
+        lg.save()
+    elapsed = time.perf_counter() - t_start
+    print()
+    print(format_table(report))
+    print()
+    print(f"run directory : {run_dir}")
+    print(f"checkpoint    : {eval_ckpt or '(checkpointing disabled)'}")
+    print(f"results       : {run_dir / 'retrieval.json'}, {run_dir / 'retrieval.csv'}")
+    if any(type(lg).__name__ == "TensorBoardLogger" for lg in loggers):
+        print(f"dashboard     : tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"wall time     : {elapsed:.0f} s")
+    return {**metrics, "run_dir": str(run_dir), "checkpoint": eval_ckpt, "report": report}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, list | tuple):
+            out[key] = str(v)
+        elif v is None or (isinstance(v, float) and math.isnan(v)):
+            out[key] = "None"
+        else:
+            out[key] = v
+    return out
