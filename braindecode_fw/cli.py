@@ -75,7 +75,11 @@ def check_overrides(config_name: str, overrides: list[str], prog: str) -> None:
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
 
     GlobalHydra.instance().clear()
     try:

@@ -52,7 +52,7 @@ class InfoNCELoss(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return float(torch.exp(-self.log_scale))
+        return float(torch.exp(-self.log_scale.detach()))
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         p, t = _flat_normalised(pred), _flat_normalised(target)

@@ -45,7 +45,7 @@ class Preprocess:
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``(n, h, w, 3)`` uint8 -> ``(n, 3, image_size, image_size)`` float32, normalised."""
-        x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode=self.interpolation,
                               antialias=self.antialias, align_corners=False).clamp(0, 1)

@@ -32,28 +32,29 @@ def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any
 
 
 def ensure_store(dataset_cfg: DictConfig) -> Path:
-    """Return the prepared store path, generating synthetic worlds on first use (or when their
-    configuration changed) if ``dataset.auto_prepare`` is true; otherwise fail with the command
-    that prepares it."""
+    """Return the prepared store path.
+
+    Synthetic worlds are generated on first use when ``dataset.auto_prepare`` is true, and
+    regenerated when their configuration changed; an existing store is otherwise used as is.
+    A missing store fails with the command that prepares it.
+    """
     store = Path(dataset_cfg.store)
     generated = dataset_cfg.get("kind") == "synthetic_fmri"
-    stale = False
-    if generated and (store / "dataset.json").exists():
+    auto = generated and bool(dataset_cfg.get("auto_prepare", False))
+    if (store / "dataset.json").exists():
+        if not auto:
+            return store
         stored = open_store(store, check_finite=False).meta["provenance"].get("config_fingerprint")
-        stale = stored != _world_config(dataset_cfg).fingerprint()
-        if stale:
-            log.warning("synthetic world at %s was generated from another configuration", store)
-    if (store / "dataset.json").exists() and not stale:
-        return store
-    if generated and dataset_cfg.get("auto_prepare", False):
+        if stored == _world_config(dataset_cfg).fingerprint():
+            return store
+        log.warning("synthetic world at %s was generated from another configuration: regenerating", store)
+    if auto:
         log.info("generating the synthetic world into %s (first run only)", store)
         summary = prepare(dataset_cfg)
         log.info("synthetic world ready in %.1f s", summary["seconds"])
         return store
     hint = f"run `bdf-prepare dataset={dataset_cfg.name}`" if generated else \
         f"run `bdf-prepare dataset={dataset_cfg.name} dataset.root=<raw data root>`"
-    if stale:
-        raise FileExistsError(f"dataset.store: {store} holds a synthetic world of another configuration; {hint}")
     raise FileNotFoundError(f"dataset.store: prepared store not found at {store}; {hint}")
 
 

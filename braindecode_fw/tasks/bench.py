@@ -1,0 +1,205 @@
+"""``bdf-bench``: throughput and memory of the training pipeline on synthetic worlds.
+
+For each configured world (default and NSD-scale shapes) it measures: data-loader samples/s (the
+training loader alone), training samples/s (loader + forward + backward + optimiser step of the
+configured decoder), test evaluation time (prediction + retrieval report) and the process's peak
+RSS. Results go to ``<output_dir>/benchmarks.json`` and a table in ``<output_dir>/benchmarks.md``
+between markers, with machine information. Speed is never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+BEGIN, END = "<!-- bdf-bench:begin -->", "<!-- bdf-bench:end -->"
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _train_config(world: DictConfig, device: str) -> DictConfig:
+    overrides = [f"dataset={world.dataset}", f"model={world.model}", f"data.batch_size={world.batch_size}"]
+    overrides += list(world.get("overrides") or [])
+    cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        if world.get("n_subjects"):
+            cfg.dataset.world.voxels_per_subject = cfg.dataset.world.voxels_per_subject[: world.n_subjects]
+            cfg.dataset.name = f"{cfg.dataset.name}_{world.n_subjects}subj"
+        cfg.target.device = device
+    return cfg
+
+
+def bench_world(name: str, world: DictConfig, device: str) -> dict[str, Any]:
+    from braindecode_fw.lit import DecoderModule
+    from braindecode_fw.tasks.prepare import ensure_store
+    from braindecode_fw.tasks.train import (
+        build_datamodule,
+        build_model,
+        count_parameters,
+        evaluate_predictions,
+    )
+
+    cfg = _train_config(world, device)
+    L.seed_everything(0, verbose=False)
+    t0 = time.perf_counter()
+    store = ensure_store(cfg.dataset)
+    t_prepare = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dm = build_datamodule(cfg, store)
+    t_setup = time.perf_counter() - t0
+
+    loader = dm.train_dataloader()
+    n, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(loader):
+        n += len(batch)
+        if i + 1 >= world.loader_batches:
+            break
+    loader_sps = n / (time.perf_counter() - t0)
+
+    decoder = build_model(cfg, dm.n_features, dm.target_shapes).to(device)
+    module = DecoderModule(decoder, loss=__import__("hydra.utils").utils.instantiate(cfg.loss),
+                           target=cfg.target.feature_name, optimizer=torch.optim.AdamW)
+    optimizer = module.configure_optimizers()
+    module.to(device).train()
+    n, times = 0, []
+    for i, batch in enumerate(loader):
+        t0 = time.perf_counter()
+        batch.responses = batch.responses.to(device)
+        batch.targets = {k: v.to(device) for k, v in batch.targets.items()}
+        loss = module.training_step(batch, i) if False else module.loss_fn(
+            module(batch)[module.target], batch.targets[module.target])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= world.warmup_steps:  # exclude warm-up steps (allocator, kernels)
+            times.append(time.perf_counter() - t0)
+            n += len(batch)
+        if i + 1 >= world.warmup_steps + world.train_steps:
+            break
+    step_sps = n / sum(times)
+
+    # full training-loop throughput: loader time included
+    n, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(loader):
+        batch.responses = batch.responses.to(device)
+        batch.targets = {k: v.to(device) for k, v in batch.targets.items()}
+        loss = module.loss_fn(module(batch)[module.target], batch.targets[module.target])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n += len(batch)
+        if i + 1 >= world.train_steps:
+            break
+    if device == "cuda":
+        torch.cuda.synchronize()
+    train_sps = n / (time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    report = evaluate_predictions(cfg, dm, module.decoder.to("cpu") if device == "cpu" else module.decoder)
+    t_eval = time.perf_counter() - t0
+    assert dm.store is not None
+    result = {
+        "world": name,
+        "dataset": cfg.dataset.name,
+        "subjects": len(dm.subjects),
+        "voxels": dm.n_features,
+        "trials_per_subject": {s: len(dm.store.subjects[s].trials) for s in dm.subjects},
+        "test_images": report["rows"][0]["n_test_images"],
+        "model": world.model,
+        "parameters": count_parameters(decoder)["total"],
+        "batch_size": world.batch_size,
+        "device": device,
+        "prepare_s": round(t_prepare, 2),
+        "datamodule_setup_s": round(t_setup, 2),
+        "loader_samples_per_s": round(loader_sps, 1),
+        "train_step_samples_per_s": round(step_sps, 1),
+        "train_samples_per_s": round(train_sps, 1),
+        "eval_s": round(t_eval, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 0),
+    }
+    log.info("%s: %s", name, result)
+    return result
+
+
+def render_markdown(results: list[dict[str, Any]], machine: dict[str, Any], command: str) -> str:
+    cols = ["world", "subjects", "voxels (min-max)", "trials/subject", "model params", "batch", "device",
+            "loader samples/s", "train samples/s", "train step samples/s", "eval s", "peak RSS MB"]
+    lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} with `{command}` on: {machine['cpu']}, "
+             f"{machine['cores']} cores, {machine['ram_gb']} GB RAM, GPU: {machine['gpu'] or 'none'}, "
+             f"Python {machine['python']}, torch {machine['torch']}.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        vox = list(r["voxels"].values())
+        trials = list(r["trials_per_subject"].values())
+        lines.append("| " + " | ".join(str(x) for x in [
+            r["world"], r["subjects"], f"{min(vox)}-{max(vox)}", max(trials), f"{r['parameters'] / 1e6:.1f} M",
+            r["batch_size"], r["device"], r["loader_samples_per_s"], r["train_samples_per_s"],
+            r["train_step_samples_per_s"], r["eval_s"], r["peak_rss_mb"]]) + " |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def bench(cfg: DictConfig) -> list[dict[str, Any]]:
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    results = [bench_world(name, world, device) for name, world in cfg.worlds.items() if world is not None]
+    machine = machine_info()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "gpu" if device == "cuda" else "cpu"
+    json_path = out / f"benchmarks_{tag}.json"
+    json_path.write_text(json.dumps({"machine": machine, "results": results,
+                                     "config": OmegaConf.to_container(cfg.worlds)}, indent=2))
+    md = out / "benchmarks.md"
+    section = render_markdown(results, machine, cfg.command_label)
+    begin, end = BEGIN.replace("begin", f"{tag}-begin"), END.replace("end", f"{tag}-end")
+    section = section.replace(BEGIN, begin).replace(END, end)
+    text = md.read_text() if md.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, md)
+    print(section)
+    print(f"wrote {json_path} and {md}")
+    return results

@@ -1,0 +1,70 @@
+"""Retrieval metric against a brute-force reference, and its direction semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from braindecode_fw.metrics.retrieval import (
+    retrieval_accuracy,
+    retrieval_from_scores,
+    retrieval_subsets,
+)
+
+
+def _brute_force(brain, image, subsets, k=1):
+    b2i, i2b = [], []
+    for idx in subsets:
+        bn = brain[idx] / np.linalg.norm(brain[idx], axis=1, keepdims=True)
+        im = image[idx] / np.linalg.norm(image[idx], axis=1, keepdims=True)
+        hits_b, hits_i = 0, 0
+        for q in range(len(idx)):
+            sims = [float(bn[q] @ im[c]) for c in range(len(idx))]
+            hits_b += sum(s > sims[q] for s in sims) < k
+            sims = [float(im[q] @ bn[c]) for c in range(len(idx))]
+            hits_i += sum(s > sims[q] for s in sims) < k
+        b2i.append(hits_b / len(idx))
+        i2b.append(hits_i / len(idx))
+    return np.mean(b2i), np.mean(i2b)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_matches_brute_force_with_subsets(k):
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((50, 4, 3))
+    brain = image + 1.5 * rng.standard_normal(image.shape)
+    res = retrieval_accuracy(brain, image, subset_size=20, n_subsets=7, seed=42, ks=(1, 5))
+    subsets = [s for s in retrieval_subsets(50, 20, 7, 42)]
+    assert len(subsets) == 7 and all(len(s) == 20 and len(set(s)) == 20 for s in subsets)
+    ref_b2i, ref_i2b = _brute_force(brain.reshape(50, -1), image.reshape(50, -1), subsets, k)
+    assert res.mean("brain_to_image", k) == pytest.approx(ref_b2i)
+    assert res.mean("image_to_brain", k) == pytest.approx(ref_i2b)
+    assert 0 < res.mean("brain_to_image", 1) < 1
+
+
+def test_subsets_follow_numpy_legacy_rng():
+    # MindEye2 draws subsets with np.random.choice after seeding the legacy RNG with 42
+    rs = np.random.RandomState(42)
+    expected = [rs.choice(1000, 300, replace=False) for _ in range(30)]
+    got = retrieval_subsets(1000, 300, 30, 42)
+    assert all((a == b).all() for a, b in zip(got, expected, strict=True))
+    assert len(retrieval_subsets(300, 300, 30, 42)) == 1
+
+
+def test_directions_are_distinct():
+    # brain 0 is closest to image 1, but image 0's closest brain is still brain 0
+    scores = np.array([[0.5, 0.9, 0.0], [0.4, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    res = retrieval_from_scores(scores)
+    assert res.mean("brain_to_image") == pytest.approx(2 / 3)
+    assert res.mean("image_to_brain") == pytest.approx(1.0)
+
+
+def test_ci_and_summary():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 8))
+    res = retrieval_accuracy(x + rng.standard_normal(x.shape), x, subset_size=300, n_subsets=30)
+    s = res.summary()
+    v = res.values["brain_to_image"][1]
+    assert s["brain_to_image_top1_ci95"] == pytest.approx(1.96 * v.std(ddof=1) / np.sqrt(30))
+    with pytest.raises(ValueError, match="square"):
+        retrieval_from_scores(np.zeros((3, 4)))

@@ -1,0 +1,116 @@
+"""Console scripts: one-line errors for bad input, and a tiny train -> checkpoint -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_MODEL, TINY_WORLD
+
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BDF_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env.pop("BDF_DEBUG", None)
+    return subprocess.run([str(BIN / cmd), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("bdf-")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_missing_dataset_root(tmp_path):
+    proc = _run("bdf-train", [f"dataset.store={tmp_path}/nowhere", "dataset.auto_prepare=false"], tmp_path)
+    _assert_one_line_error(proc, "bdf-train: error:", "dataset.store: prepared store not found at",
+                           "nowhere", "bdf-prepare dataset=synthetic")
+
+
+def test_typo_config_key(tmp_path):
+    proc = _run("bdf-train", ["optim.optimizer.lrr=0.1"], tmp_path)
+    _assert_one_line_error(proc, "unknown config key 'optim.optimizer.lrr'",
+                           "did you mean 'optim.optimizer.lr'?")
+
+
+def test_unknown_group_option(tmp_path):
+    proc = _run("bdf-train", ["model=residual_mpl"], tmp_path)
+    _assert_one_line_error(proc, "model/residual_mpl", "residual_mlp")
+
+
+def test_typo_in_constructor_argument(tmp_path, store_copy):
+    proc = _run("bdf-train", [*_store_args(store_copy), "+loss.temprature=1"], tmp_path)
+    _assert_one_line_error(proc, "braindecode_fw.losses.SoftCLIPLoss", "temprature")
+
+
+def _store_args(store):
+    return [f"dataset.store={store}", "dataset.auto_prepare=false", *TINY_WORLD, *TINY_MODEL]
+
+
+def test_unknown_subject(tmp_path, store_copy):
+    proc = _run("bdf-train", [*_store_args(store_copy), "data.subjects=[subj01,subj09]"], tmp_path)
+    _assert_one_line_error(proc, "data.subjects: unknown subject(s) ['subj09']")
+
+
+def test_corrupted_responses(tmp_path, store_copy):
+    p = store_copy / "subjects/subj02/responses.npy"
+    p.write_bytes(p.read_bytes()[:200])
+    proc = _run("bdf-train", _store_args(store_copy), tmp_path)
+    _assert_one_line_error(proc, "invalid prepared store", "subjects/subj02/responses.npy: cannot be read")
+
+
+def test_mismatched_shapes(tmp_path, store_copy):
+    p = store_copy / "subjects/subj01/responses.npy"
+    np.save(p, np.load(p)[:-5])
+    proc = _run("bdf-train", _store_args(store_copy), tmp_path)
+    _assert_one_line_error(proc, "subjects/subj01/trials.tsv: 192 trials but responses.npy has 187 rows")
+
+
+def test_nan_responses(tmp_path, store_copy):
+    p = store_copy / "subjects/subj01/responses.npy"
+    r = np.load(p)
+    r[3, 4] = np.nan
+    np.save(p, r)
+    proc = _run("bdf-train", _store_args(store_copy), tmp_path)
+    _assert_one_line_error(proc, "subjects/subj01/responses.npy: contains 1 NaN/Inf values")
+
+
+@pytest.mark.slow
+def test_train_checkpoint_evaluate_round_trip(tmp_path):
+    proc = _run("bdf-train", [*TINY_WORLD, *TINY_MODEL, "logger=csv"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "brain→image top-1" in out and "oracle b→i" in out and "dashboard" not in out
+    run_dir = Path(out.split("run directory :")[1].split()[0])
+    ckpt = Path(out.split("checkpoint    :")[1].split()[0])
+    assert ckpt.exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "csv" / "metrics.csv").exists()
+    loaded = torch.load(ckpt, map_location="cpu", weights_only=True)  # safe loading works
+    assert loaded["braindecode_fw"]["n_features"] == {"subj01": 60, "subj02": 90}
+    trained = json.loads((run_dir / "retrieval.json").read_text())
+    rows = {r["subject"]: r for r in trained["rows"]}
+    assert set(rows) == {"subj01", "subj02", "mean"}
+    assert rows["mean"]["chance_top1"] == pytest.approx(1 / 20)
+    assert 0 < rows["mean"]["oracle_brain_to_image_top1"] <= 1
+
+    ev = _run("bdf-evaluate", [f"ckpt={ckpt}"], tmp_path)
+    assert ev.returncode == 0, ev.stderr[-4000:]
+    ev_dir = Path(ev.stdout.split("results: ")[1].split(",")[0]).parent
+    again = json.loads((ev_dir / "retrieval.json").read_text())
+    assert again["rows"] == trained["rows"]  # the checkpoint reproduces the training-time evaluation
+    csv_text = (ev_dir / "retrieval.csv").read_text().splitlines()
+    assert csv_text[0].startswith("subject,n_test_images,brain_to_image_top1")
+    assert len(csv_text) == 4
+
+    bad = _run("bdf-evaluate", [f"ckpt={tmp_path}/missing.ckpt"], tmp_path)
+    _assert_one_line_error(bad, "ckpt: checkpoint not found")
