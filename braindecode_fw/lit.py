@@ -116,15 +116,28 @@ class DecoderModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # plain containers only, so the checkpoint loads with torch.load(weights_only=True)
+        # plain containers and tensors only, so the checkpoint loads with torch.load(weights_only=True)
         checkpoint["braindecode_fw"] = self.checkpoint_extra
+        # RNG state (dropout) so that a resumed run continues bitwise like an uninterrupted one;
+        # batch order is already reproducible from (seed, epoch) by the sampler
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("rng_state")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 @torch.no_grad()
 def predict(decoder: Decoder, batches: Iterable[Batch], target: str,
-            device: str | torch.device = "cpu") -> dict[str, dict[str, np.ndarray]]:
-    """Run the decoder over ``batches``; per subject: ``pred`` ``(n, *shape)``, ``target`` and
-    ``image_index``, in loader order."""
+            device: str | torch.device | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Run the decoder over ``batches`` (on ``device``, default: where its parameters are); per
+    subject: ``pred`` ``(n, *shape)``, ``target`` and ``image_index``, in loader order."""
+    device = device or next(decoder.parameters()).device
     decoder.eval().to(device)
     acc: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for batch in batches:

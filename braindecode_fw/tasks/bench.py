@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra import compose
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
@@ -94,47 +95,45 @@ def bench_world(name: str, world: DictConfig, device: str) -> dict[str, Any]:
     loader_sps = n / (time.perf_counter() - t0)
 
     decoder = build_model(cfg, dm.n_features, dm.target_shapes).to(device)
-    module = DecoderModule(decoder, loss=__import__("hydra.utils").utils.instantiate(cfg.loss),
-                           target=cfg.target.feature_name, optimizer=torch.optim.AdamW)
+    module = DecoderModule(decoder, loss=instantiate(cfg.loss), target=cfg.target.feature_name,
+                           optimizer=instantiate(cfg.optim.optimizer)).to(device).train()
     optimizer = module.configure_optimizers()
-    module.to(device).train()
-    n, times = 0, []
-    for i, batch in enumerate(loader):
-        t0 = time.perf_counter()
-        batch.responses = batch.responses.to(device)
-        batch.targets = {k: v.to(device) for k, v in batch.targets.items()}
-        loss = module.training_step(batch, i) if False else module.loss_fn(
-            module(batch)[module.target], batch.targets[module.target])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= world.warmup_steps:  # exclude warm-up steps (allocator, kernels)
-            times.append(time.perf_counter() - t0)
-            n += len(batch)
-        if i + 1 >= world.warmup_steps + world.train_steps:
-            break
-    step_sps = n / sum(times)
 
-    # full training-loop throughput: loader time included
-    n, t0 = 0, time.perf_counter()
-    for i, batch in enumerate(loader):
+    def step(batch) -> None:
         batch.responses = batch.responses.to(device)
         batch.targets = {k: v.to(device) for k, v in batch.targets.items()}
         loss = module.loss_fn(module(batch)[module.target], batch.targets[module.target])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    # model step alone: batches pre-loaded, warm-up steps (allocator, kernels) excluded
+    batches = []
+    for i, batch in enumerate(loader):
+        batches.append(batch)
+        if i + 1 >= world.warmup_steps + world.train_steps:
+            break
+    for batch in batches[: world.warmup_steps]:
+        step(batch)
+    t0 = time.perf_counter()
+    for batch in batches[world.warmup_steps :]:
+        step(batch)
+    step_sps = sum(len(b) for b in batches[world.warmup_steps :]) / (time.perf_counter() - t0)
+    del batches
+
+    # the training loop as bdf-train runs it: loader + step
+    n, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(loader):
+        step(batch)
         n += len(batch)
         if i + 1 >= world.train_steps:
             break
-    if device == "cuda":
-        torch.cuda.synchronize()
     train_sps = n / (time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    report = evaluate_predictions(cfg, dm, module.decoder.to("cpu") if device == "cpu" else module.decoder)
+    report = evaluate_predictions(cfg, dm, module.decoder)
     t_eval = time.perf_counter() - t0
     assert dm.store is not None
     result = {
