@@ -47,7 +47,7 @@ def test_default_objects_instantiate():
     decoder = instantiate(cfg.model)(n_features={"subj01": 60, "subj02": 90},
                                      target_shapes={"clip_image_tokens": (16, 32)})
     assert decoder.heads["clip_image_tokens"].target_shape == (16, 32)
-    assert instantiate(cfg.loss).temperature == cfg.loss.temperature
+    assert instantiate(cfg.loss).temperature == pytest.approx(cfg.loss.temperature)
     opt = instantiate(cfg.optim.optimizer)(params=decoder.parameters())
     sched = instantiate(cfg.optim.scheduler)(optimizer=opt, total_steps=100)
     assert sched.total_steps == 100

@@ -106,6 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     decoder = build_model(cfg, dm.n_features, dm.target_shapes)
     target = cfg.target.feature_name
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    _save_config(resolved, run_dir / "config_resolved.yaml")
     module = DecoderModule(
         decoder,
         loss=instantiate(cfg.loss),
@@ -161,6 +162,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"dashboard     : tensorboard --logdir {run_dir / 'tensorboard'}")
     print(f"wall time     : {elapsed:.0f} s")
     return {**metrics, "run_dir": str(run_dir), "checkpoint": eval_ckpt, "report": report}
+
+
+def _save_config(config: dict[str, Any], path: Path) -> None:
+    """The fully resolved config tree (Hydra's .hydra/config.yaml keeps the interpolations)."""
+    tmp = path.with_name(path.name + ".tmp")
+    OmegaConf.save(OmegaConf.create(config), tmp)
+    tmp.replace(path)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

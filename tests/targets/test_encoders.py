@@ -79,7 +79,7 @@ def test_cache_keyed_by_dataset_and_encoder(tiny_store, tmp_path, monkeypatch):
     enc = OpenClipImageEncoder("ViT-B-32", None, output="pooled", seed=0, model_overrides=TINY, preprocess=PRE)
     first = load_or_compute_targets(store, enc, tmp_path, chunk=50)
     assert first.shape == (store.images.shape[0], 16)
-    torch.testing.assert_close(torch.from_numpy(np.asarray(first[:7])), enc.encode(np.asarray(store.images[:7])))
+    torch.testing.assert_close(torch.from_numpy(np.array(first[:7])), enc.encode(np.asarray(store.images[:7])))
     path = target_cache_path(tmp_path, store, enc)
     assert path.exists() and path.with_suffix(".json").exists()
     assert not list(path.parent.glob("*partial*"))
