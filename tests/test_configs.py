@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -67,3 +68,11 @@ def test_nsd_scale_preset_has_nsd_shapes():
     assert w.n_test_images == 1000
     assert (w.n_train_images * w.train_repetitions + w.n_test_images * w.test_repetitions) == 30000
     assert cfg.dataset.store.endswith("synthetic_nsd_scale")
+    from omegaconf import OmegaConf
+
+    from braindecode_fw.data.synthetic.world import SyntheticWorldConfig
+
+    world = SyntheticWorldConfig.from_mapping(OmegaConf.to_container(w))  # validates
+    assert world.subjects[-1] == "subj08"
+    runs = (np.arange(750) * world.runs_per_session) // world.session_length
+    assert sorted(set(np.bincount(runs).tolist())) == [62, 63]  # NSD's runs of 62/63 trials
