@@ -69,3 +69,20 @@ def test_nan_loss_fails_loudly(tiny_store, tmp_path, encoder):
     batch.responses[:] = float("nan")
     with pytest.raises(FloatingPointError, match="train loss is nan at step 0; lower optim.lr"):
         module.training_step(batch, 0)
+
+
+def test_bf16_and_workers(tiny_store, tmp_path, encoder):
+    dm = BrainDataModule(tiny_store, encoder, batch_size=16, num_workers=1, cache_dir=tmp_path / "cache")
+    dm.setup()
+    serial = BrainDataModule(tiny_store, encoder, batch_size=16, num_workers=0, cache_dir=tmp_path / "cache")
+    serial.setup()
+    a, b = next(iter(dm.train_dataloader())), next(iter(serial.train_dataloader()))
+    assert a.subject == b.subject
+    torch.testing.assert_close(a.responses, b.responses)  # a worker process reads the same batch
+    trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", precision="bf16-mixed", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    module = _module(dm)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, datamodule=dm)
+    assert any(not torch.equal(p0, p) for p0, p in zip(before, module.parameters(), strict=True))
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # mixed: fp32 master weights

@@ -27,7 +27,7 @@ def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any
     if kind == "synthetic_fmri":
         from braindecode_fw.data.synthetic.world import generate_world
 
-        return generate_world(_world_config(dataset_cfg), dataset_cfg.store, overwrite=overwrite)
+        return generate_world(_world_config(dataset_cfg), dataset_cfg.store, name=dataset_cfg.name, overwrite=overwrite)
     raise ValueError(f"dataset.kind: no preparer for {kind!r}; available: {list(PREPARERS)}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ BIN = Path(sys.executable).parent
 def _run(cmd: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "BDF_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     env.pop("BDF_DEBUG", None)
-    return subprocess.run([str(BIN / cmd), *args], capture_output=True, text=True, env=env, timeout=600)
+    exe = BIN / cmd if (BIN / cmd).exists() else shutil.which(cmd)
+    assert exe, f"{cmd} is not installed (pip install -e .)"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 def _assert_one_line_error(proc, *needles):
@@ -115,3 +118,16 @@ def test_train_checkpoint_evaluate_round_trip(tmp_path):
 
     bad = _run("bdf-evaluate", [f"ckpt={tmp_path}/missing.ckpt"], tmp_path)
     _assert_one_line_error(bad, "ckpt: checkpoint not found")
+
+
+def test_prepare_reports_ncsnr_and_oracle(tmp_path):
+    from braindecode_fw.data.store import open_store
+
+    store = tmp_path / "world"
+    proc = _run("bdf-prepare", [*TINY_WORLD, f"dataset.store={store}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ncsnr p5/p50/p95 (measured, NSD formula)" in proc.stdout
+    assert "mean oracle top-1: brain→image" in proc.stdout and f"prepared store: {store}" in proc.stdout
+    opened = open_store(store)
+    med = float(np.median(opened.subjects["subj01"].load_array("ncsnr")))
+    assert f"{med:.3f}" in proc.stdout.splitlines()[1]
