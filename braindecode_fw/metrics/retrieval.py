@@ -82,11 +82,18 @@ def retrieval_from_scores(
     n_subsets: int = 30,
     seed: int = 42,
     ks: tuple[int, ...] = (1,),
+    posterior: bool = False,
 ) -> RetrievalResult:
     """Top-k retrieval from any ``(n, n)`` score matrix (higher = more similar, brain rows,
     image columns, true pairs on the diagonal). Used for cosine scores and for the oracle's
-    log-likelihoods alike."""
-    scores = torch.as_tensor(scores).float()
+    log-likelihoods alike.
+
+    ``posterior=True`` treats scores as log-likelihoods ``log p(brain_i | image_j)`` and turns
+    each subset's rows into log-posteriors over that subset's images (uniform prior), so the
+    image→brain direction ranks brain responses by ``p(image_j | brain_i)``: the Bayes-optimal
+    rule when every brain response matches exactly one candidate image. (brain→image is
+    unchanged: a per-row constant does not move the arg-max.)"""
+    scores = torch.as_tensor(scores).double() if posterior else torch.as_tensor(scores).float()
     n = scores.shape[0]
     if scores.shape != (n, n):
         raise ValueError(f"score matrix must be square (brain x image), got {tuple(scores.shape)}")
@@ -95,6 +102,8 @@ def retrieval_from_scores(
     for idx in subsets:
         t = torch.as_tensor(idx)
         sub = scores[t][:, t]
+        if posterior:
+            sub = sub - torch.logsumexp(sub, dim=1, keepdim=True)
         for k in ks:
             b2i, i2b = _topk_hits(sub, k)
             values["brain_to_image"][k].append(b2i)

@@ -68,3 +68,14 @@ def test_ci_and_summary():
     assert s["brain_to_image_top1_ci95"] == pytest.approx(1.96 * v.std(ddof=1) / np.sqrt(30))
     with pytest.raises(ValueError, match="square"):
         retrieval_from_scores(np.zeros((3, 4)))
+
+
+def test_posterior_scores_for_image_queries():
+    # brain 1 has large likelihoods under every image, brain 0 small ones: raw likelihoods make
+    # image 0 pick brain 1, the posterior picks brain 0, whose own best match is image 0
+    loglik = np.array([[-1.0, -1.2], [-0.5, 5.0]])
+    raw = retrieval_from_scores(loglik)
+    post = retrieval_from_scores(loglik, posterior=True)
+    assert raw.mean("image_to_brain") == pytest.approx(0.5)
+    assert post.mean("image_to_brain") == pytest.approx(1.0)
+    assert raw.mean("brain_to_image") == post.mean("brain_to_image") == pytest.approx(1.0)
