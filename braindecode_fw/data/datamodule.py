@@ -1,0 +1,357 @@
+"""BrainDataModule: prepared store + targets -> subject-balanced batches (design.md §2, §4 "Batch").
+
+- Responses are read from the store's memory maps batch by batch (sorted fancy indexing) and
+  z-scored per subject and session with statistics fitted on that session's *training* trials.
+- Training batches hold ``batch_size // n_subjects`` trials of every subject
+  (:class:`SubjectBalancedBatchSampler`), drawn from permutations seeded by ``(seed, epoch)`` so a
+  resumed run replays exactly the same batches.
+- Test items are (subject, image) pairs holding every repetition; they are averaged in input space
+  (``repeat_averaging=inputs``) or passed as ``(repeats, features)`` with a ``repeat_mask`` so the
+  model averages its outputs (``repeat_averaging=outputs``, MindEye2's choice, methods.md §1.3).
+- Batches mix subjects; ``responses`` are zero-padded to the largest feature count in the batch and
+  adapters route rows by ``subject``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from braindecode_fw.data.normalization import SessionStats, fit_session_stats
+from braindecode_fw.data.store import PreparedStore, open_store
+from braindecode_fw.targets.cache import load_or_compute_targets
+from braindecode_fw.targets.encoders import ImageEncoder
+
+log = logging.getLogger(__name__)
+
+REPEAT_AVERAGING = ("inputs", "outputs")
+
+
+@dataclass
+class Batch:
+    """One batch. ``responses``: ``(B, F)`` or, for output averaging, ``(B, R, F)`` with
+    ``repeat_mask`` ``(B, R)`` marking real repetitions; ``F`` is the largest feature count in the
+    batch (rows are zero-padded beyond their subject's count). ``targets[name]``: ``(B, *shape)``."""
+
+    subject: list[str]
+    responses: torch.Tensor
+    image_index: torch.Tensor
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
+    repeat_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.subject)
+
+
+class _SubjectReader:
+    """Lazily memory-maps one subject's responses (memory maps must not be pickled into workers)."""
+
+    def __init__(self, path: Path, stats: SessionStats, session: np.ndarray):
+        self.path = path
+        self.stats = stats
+        self.session = session
+        self._arr: np.ndarray | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arr": None}
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._arr is None:
+            self._arr = np.load(self.path, mmap_mode="r")
+        return self._arr
+
+    def read(self, rows: np.ndarray, zscore: bool) -> np.ndarray:
+        """Rows (any order) -> float32 ``(len(rows), F)``, z-scored per session if asked."""
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self.array.shape[1:]), dtype=np.float32)
+        sorted_rows = rows[order]
+        block = np.asarray(self.array[sorted_rows], dtype=np.float32)
+        if zscore:
+            block = self.stats.apply(block, self.session[sorted_rows])
+        out[order] = block
+        return out
+
+
+class TrialDataset(torch.utils.data.Dataset):
+    """Single trials of several subjects. Item ``i`` is trial ``rows[i]`` of ``subject_pos[i]``.
+
+    Implements ``__getitems__`` so a whole batch is read with one sorted fancy index per subject.
+    """
+
+    def __init__(self, readers: list[_SubjectReader], subjects: list[str], subject_pos: np.ndarray,
+                 rows: np.ndarray, image_index: np.ndarray, targets: dict[str, np.ndarray], zscore: bool):
+        self.readers, self.subjects = readers, subjects
+        self.subject_pos, self.rows, self.image_index = subject_pos, rows, image_index
+        self.targets, self.zscore = targets, zscore
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        idx = np.asarray(indices)
+        pos = self.subject_pos[idx]
+        width = max(self.readers[p].array.shape[1] for p in np.unique(pos))
+        responses = np.zeros((len(idx), width), dtype=np.float32)
+        for p in np.unique(pos):
+            sel = np.flatnonzero(pos == p)
+            block = self.readers[p].read(self.rows[idx[sel]], self.zscore)
+            responses[sel, : block.shape[1]] = block
+        images = self.image_index[idx]
+        return Batch(
+            subject=[self.subjects[p] for p in pos],
+            responses=torch.from_numpy(responses),
+            image_index=torch.from_numpy(images),
+            targets={k: _gather_targets(v, images) for k, v in self.targets.items()},
+        )
+
+
+class RepeatedTrialDataset(TrialDataset):
+    """Test items: all repetitions of one image for one subject. ``rows``: ``(n_items, R)`` with
+    ``-1`` where an image has fewer than ``R`` repetitions."""
+
+    def __init__(self, *args, average_inputs: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.average_inputs = average_inputs
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        idx = np.asarray(indices)
+        pos = self.subject_pos[idx]
+        n_rep = self.rows.shape[1]
+        width = max(self.readers[p].array.shape[1] for p in np.unique(pos))
+        responses = np.zeros((len(idx), n_rep, width), dtype=np.float32)
+        mask = self.rows[idx] >= 0
+        for p in np.unique(pos):
+            sel = np.flatnonzero(pos == p)
+            rows = self.rows[idx[sel]]
+            valid = rows >= 0
+            block = self.readers[p].read(rows[valid], self.zscore)
+            tmp = np.zeros((len(sel), n_rep, block.shape[1]), dtype=np.float32)
+            tmp[valid] = block
+            responses[sel, :, : block.shape[1]] = tmp
+        mask_t = torch.from_numpy(mask)
+        resp = torch.from_numpy(responses)
+        if self.average_inputs:
+            resp = (resp * mask_t[..., None]).sum(1) / mask_t.sum(1, keepdim=True).clamp(min=1)
+        images = self.image_index[idx]
+        return Batch(
+            subject=[self.subjects[p] for p in pos],
+            responses=resp,
+            image_index=torch.from_numpy(images),
+            targets={k: _gather_targets(v, images) for k, v in self.targets.items()},
+            repeat_mask=None if self.average_inputs else mask_t,
+        )
+
+
+def _gather_targets(targets: np.ndarray, images: np.ndarray) -> torch.Tensor:
+    order = np.argsort(images, kind="stable")
+    out = np.empty((len(images), *targets.shape[1:]), dtype=np.float32)
+    out[order] = targets[images[order]]
+    return torch.from_numpy(out)
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+class SubjectBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches with an equal share of every subject, reproducible from ``(seed, epoch)``.
+
+    ``groups[s]`` lists the dataset indices of subject ``s``. Each batch takes
+    ``batch_size // n_subjects`` indices per subject (the remainder goes to the first subjects)
+    from a per-subject permutation that is re-drawn when exhausted, so subjects with fewer trials
+    are cycled. An epoch has ``sum(len(g)) // batch_size`` batches. With several processes
+    (``num_replicas``), rank ``r`` takes every ``num_replicas``-th batch. Lightning calls
+    :meth:`set_epoch` (pass ``use_distributed_sampler=False`` to the Trainer).
+    """
+
+    def __init__(self, groups: list[np.ndarray], batch_size: int, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0):
+        if batch_size < len(groups):
+            raise ValueError(f"data.batch_size={batch_size} must be >= the number of subjects ({len(groups)})")
+        self.groups = [np.asarray(g) for g in groups]
+        self.batch_size, self.seed = batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        per = batch_size // len(groups)
+        self.per_subject = [per + (1 if i < batch_size - per * len(groups) else 0) for i in range(len(groups))]
+        total = sum(len(g) for g in self.groups)
+        self.n_batches_total = max(total // batch_size, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_batches_total // self.num_replicas
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        perms = [g[rng.permutation(len(g))] for g in self.groups]
+        cursors = [0] * len(self.groups)
+        n_keep = len(self) * self.num_replicas
+        for b in range(n_keep):
+            batch: list[int] = []
+            for s, g in enumerate(self.groups):
+                need = self.per_subject[s]
+                while need:
+                    if cursors[s] == len(g):
+                        perms[s] = g[rng.permutation(len(g))]
+                        cursors[s] = 0
+                    take = min(need, len(g) - cursors[s])
+                    batch.extend(perms[s][cursors[s] : cursors[s] + take].tolist())
+                    cursors[s] += take
+                    need -= take
+            if b % self.num_replicas == self.rank:
+                yield batch
+
+
+class BrainDataModule(L.LightningDataModule):
+    """Multi-subject fMRI/MEG data from a prepared store, with targets from a frozen encoder."""
+
+    def __init__(
+        self,
+        store: str | Path,
+        target_encoder: ImageEncoder | None = None,
+        *,
+        subjects: list[str] | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        zscore: bool = True,
+        repeat_averaging: str = "inputs",
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+        target_dtype: str = "float32",
+        pin_memory: bool = False,
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        if repeat_averaging not in REPEAT_AVERAGING:
+            raise ValueError(f"data.repeat_averaging must be one of {REPEAT_AVERAGING}, got {repeat_averaging!r}")
+        self.store_path = Path(store)
+        self.target_encoder = target_encoder
+        self.requested_subjects = list(subjects) if subjects is not None else None
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.zscore = num_workers, zscore
+        self.repeat_averaging, self.seed = repeat_averaging, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else self.store_path.parent / "target_cache"
+        self.target_dtype, self.pin_memory, self.check_finite = target_dtype, pin_memory, check_finite
+        self.store: PreparedStore | None = None
+        self._ready = False
+
+    # ---------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        self.store = open_store(self.store_path, check_finite=self.check_finite)
+        available = list(self.store.subjects)
+        subjects = self.requested_subjects or available
+        unknown = [s for s in subjects if s not in available]
+        if unknown:
+            raise ValueError(
+                f"data.subjects: unknown subject(s) {unknown}; the store {self.store_path} has {available}"
+            )
+        self.subjects = subjects
+        self.readers: list[_SubjectReader] = []
+        self.stats: dict[str, SessionStats] = {}
+        for s in subjects:
+            sd = self.store.subjects[s]
+            st = fit_session_stats(sd.responses, sd.trials.session, sd.trials.split == "train")
+            if st.fallback_sessions:
+                log.warning("%s: sessions %s have too few training trials; using subject-wide statistics",
+                            s, st.fallback_sessions)
+            self.stats[s] = st
+            self.readers.append(_SubjectReader(sd.directory / "responses.npy", st, sd.trials.session))
+        self.targets: dict[str, np.ndarray] = {}
+        if self.target_encoder is not None:
+            arr = load_or_compute_targets(self.store, self.target_encoder, self.cache_dir, dtype=self.target_dtype)
+            # small target sets are loaded into RAM; large ones stay memory-mapped
+            self.targets[self.target_encoder.feature_name] = np.asarray(arr) if arr.nbytes < 2**30 else arr
+        self._ready = True
+
+    @property
+    def n_features(self) -> dict[str, int]:
+        """Input size of every subject (voxels, or sensors for MEG)."""
+        assert self.store is not None, "call setup() first"
+        return {s: self.store.subjects[s].n_features for s in self.subjects}
+
+    @property
+    def target_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape[1:]) for k, v in self.targets.items()}
+
+    def _trial_dataset(self, split: str) -> tuple[TrialDataset, list[np.ndarray]]:
+        assert self.store is not None
+        pos, rows, imgs, groups = [], [], [], []
+        offset = 0
+        for p, s in enumerate(self.subjects):
+            t = self.store.subjects[s].trials
+            r = np.flatnonzero(t.split == split)
+            pos.append(np.full(len(r), p))
+            rows.append(r)
+            imgs.append(t.image_index[r])
+            groups.append(offset + np.arange(len(r)))
+            offset += len(r)
+        ds = TrialDataset(self.readers, self.subjects, np.concatenate(pos), np.concatenate(rows),
+                          np.concatenate(imgs), self.targets, self.zscore)
+        return ds, groups
+
+    def repeated_dataset(self, split: str = "test") -> RepeatedTrialDataset:
+        """(subject, image) items with every repetition of that image in ``split``."""
+        assert self.store is not None
+        pos, rows, imgs = [], [], []
+        per_subject = []
+        for p, s in enumerate(self.subjects):
+            t = self.store.subjects[s].trials
+            r = np.flatnonzero(t.split == split)
+            order = np.lexsort((t.repeat[r], t.image_index[r]))
+            r = r[order]
+            uniq, start, counts = np.unique(t.image_index[r], return_index=True, return_counts=True)
+            per_subject.append((p, r, uniq, start, counts))
+        n_rep = max((int(c.max()) for *_, c in per_subject if len(c)), default=1)
+        for p, r, uniq, start, counts in per_subject:
+            table = np.full((len(uniq), n_rep), -1, dtype=np.int64)
+            for j, (st, c) in enumerate(zip(start, counts, strict=True)):
+                table[j, :c] = r[st : st + c]
+            pos.append(np.full(len(uniq), p))
+            rows.append(table)
+            imgs.append(uniq)
+        return RepeatedTrialDataset(
+            self.readers, self.subjects, np.concatenate(pos), np.concatenate(rows), np.concatenate(imgs),
+            self.targets, self.zscore, average_inputs=self.repeat_averaging == "inputs",
+        )
+
+    def _loader(self, dataset, batch_sampler) -> DataLoader:
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_identity,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        ds, groups = self._trial_dataset("train")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = SubjectBalancedBatchSampler(groups, self.batch_size, self.seed, world, rank)
+        return self._loader(ds, sampler)
+
+    def _eval_loader(self, dataset) -> DataLoader:
+        n = len(dataset)
+        batches = [list(range(i, min(i + self.eval_batch_size, n))) for i in range(0, n, self.eval_batch_size)]
+        return self._loader(dataset, batches)
+
+    def val_dataloader(self) -> DataLoader:
+        ds, _ = self._trial_dataset("val")
+        if len(ds) == 0:  # no validation split: validate on the test repetitions
+            return self._eval_loader(self.repeated_dataset("test"))
+        return self._eval_loader(ds)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.repeated_dataset("test"))

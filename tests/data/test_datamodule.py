@@ -1,0 +1,98 @@
+"""BrainDataModule: balanced epoch-seeded batches, z-scoring, repetition averaging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from braindecode_fw.data.datamodule import BrainDataModule, SubjectBalancedBatchSampler
+from braindecode_fw.data.normalization import fit_session_stats
+from braindecode_fw.data.store import open_store
+
+
+@pytest.fixture
+def dm(tiny_store, tmp_path):
+    m = BrainDataModule(tiny_store, None, batch_size=10, eval_batch_size=7, cache_dir=tmp_path)
+    m.setup()
+    return m
+
+
+def test_balanced_and_epoch_seeded():
+    groups = [np.arange(0, 30), np.arange(30, 40), np.arange(40, 100)]
+    s = SubjectBalancedBatchSampler(groups, batch_size=9, seed=3)
+    s.set_epoch(0)
+    e0 = list(s)
+    assert len(e0) == len(s) == 100 // 9
+    for b in e0:
+        assert [sum(1 for i in b if g[0] <= i <= g[-1]) for g in groups] == [3, 3, 3]
+    assert list(s) == e0  # same (seed, epoch): same batches, as after a resume
+    s.set_epoch(1)
+    assert list(s) != e0
+    # the small subject is cycled: each of its items appears before any appears twice
+    seen = [i for b in e0 for i in b if 30 <= i < 40]
+    assert sorted(seen[:10]) == list(range(30, 40))
+    # two ranks split the batches without overlap
+    r0 = SubjectBalancedBatchSampler(groups, 9, 3, num_replicas=2, rank=0)
+    r1 = SubjectBalancedBatchSampler(groups, 9, 3, num_replicas=2, rank=1)
+    assert len(r0) == len(r1) == 5 and list(r0)[0] == e0[0] and list(r1)[0] == e0[1]
+    with pytest.raises(ValueError, match="data.batch_size=2 must be >= the number of subjects"):
+        SubjectBalancedBatchSampler(groups, 2)
+
+
+def test_train_batches_zscored_with_training_stats(dm, tiny_store):
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.subject.count("subj01") == batch.subject.count("subj02") == 5
+    assert batch.responses.shape == (10, 90)
+    store = open_store(tiny_store)
+    for i, s in enumerate(batch.subject):
+        sub = store.subjects[s]
+        row = np.flatnonzero((sub.trials.image_index == int(batch.image_index[i])) & (sub.trials.split == "train"))
+        t = sub.trials
+        st = fit_session_stats(np.asarray(sub.responses), t.session, t.split == "train")
+        ref = st.apply(np.asarray(sub.responses[row]), t.session[row])[0]
+        np.testing.assert_allclose(batch.responses[i, : sub.n_features].numpy(), ref, rtol=1e-5, atol=1e-5)
+        assert (batch.responses[i, sub.n_features :] == 0).all()  # padding
+    # training statistics only: the z-scored training trials of a session have mean 0
+    sub = store.subjects["subj01"]
+    t = sub.trials
+    z = dm.stats["subj01"].apply(np.asarray(sub.responses), t.session)
+    sel = (t.session == 1) & (t.split == "train")
+    np.testing.assert_allclose(z[sel].mean(0), 0, atol=1e-4)
+    assert abs(z[(t.session == 1) & (t.split == "test")].mean()) > 1e-4
+
+
+def test_test_items_average_repetitions(dm):
+    ds = dm.repeated_dataset("test")
+    assert len(ds) == 2 * 24 and ds.rows.shape[1] == 3 and (ds.rows >= 0).all()
+    item = ds.__getitems__([0, 30])
+    sub_rows = ds.rows[0]
+    reader = dm.readers[0]
+    ref = reader.read(sub_rows, zscore=True).mean(0)
+    np.testing.assert_allclose(item.responses[0, :60].numpy(), ref, rtol=1e-5, atol=1e-6)
+    dm.repeat_averaging = "outputs"
+    ds2 = dm.repeated_dataset("test")
+    item2 = ds2.__getitems__([0, 30])
+    assert item2.responses.shape == (2, 3, 90) and item2.repeat_mask.all()
+    torch.testing.assert_close(item2.responses[0].mean(0)[:60], item.responses[0, :60])
+
+
+def test_unknown_subject(tiny_store, tmp_path):
+    m = BrainDataModule(tiny_store, None, subjects=["subj01", "subj09"], cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"data.subjects: unknown subject\(s\) \['subj09'\]"):
+        m.setup()
+
+
+def test_bad_repeat_averaging(tiny_store):
+    with pytest.raises(ValueError, match="data.repeat_averaging"):
+        BrainDataModule(tiny_store, None, repeat_averaging="median")
+
+
+def test_pickles_without_copying_memmaps(dm):
+    import pickle
+
+    ds, _ = dm._trial_dataset("train")
+    ds.__getitems__([0])  # open the memory maps
+    blob = pickle.dumps(ds)
+    assert len(blob) < 2_000_000
+    assert all(r._arr is None for r in pickle.loads(blob).readers)
