@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
+from scipy.stats import norm
 
 
 @dataclass
@@ -161,8 +162,6 @@ def build_subject(
     # ncsnr: log-normal marginal assigned through the ranks of a smooth field (spatially smooth)
     z = _smooth_field(volume_shape, 2.0, rng)[0][tuple(ijk.T)]
     quantiles = (np.argsort(np.argsort(z)) + 0.5) / n_voxels
-    from scipy.stats import norm
-
     ncsnr_true = np.clip(
         ncsnr.median * np.exp(ncsnr.log_sigma * norm.ppf(quantiles)), ncsnr.min, ncsnr.max
     )
