@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from braindecode_fw.io import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -114,12 +116,6 @@ class TrialTable:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    os.replace(tmp, path)
-
-
 class StoreWriter:
     """Builds a prepared store in a temporary directory and publishes it atomically.
 
@@ -178,7 +174,7 @@ class StoreWriter:
             "captions": list(captions) if captions is not None else None,
             "source_ids": list(source_ids) if source_ids is not None else None,
         }
-        _write_json(self.partial / "images" / "metadata.json", meta)
+        atomic_write_json(self.partial / "images" / "metadata.json", meta)
         self._n_images = n
         self._hash.update(np.ascontiguousarray(images).tobytes())
         self._hash.update(json.dumps(meta).encode())
@@ -223,13 +219,13 @@ class StoreWriter:
                      volume_shape=np.asarray(volume_shape, dtype=np.int32))
             _write_mask_nifti(d / "mask.nii.gz", voxel_ijk, affine, volume_shape)
         if statistics is not None:
-            _write_json(d / "statistics.json", statistics)
+            atomic_write_json(d / "statistics.json", statistics)
         for key, value in (arrays or {}).items():
             np.save(d / f"{key}.npy", value)
 
     def write_extra(self, name: str, obj: Any) -> None:
         """A dataset-level JSON artefact under ``extras/`` (e.g. the synthetic oracle)."""
-        _write_json(self.partial / "extras" / f"{name}.json", obj)
+        atomic_write_json(self.partial / "extras" / f"{name}.json", obj)
 
     def finalize(self, provenance: dict[str, Any], **fields: Any) -> Path:
         """Write ``dataset.json`` (last) and atomically publish the store at ``root``."""
@@ -246,7 +242,7 @@ class StoreWriter:
             "provenance": provenance,
             **fields,
         }
-        _write_json(self.partial / "dataset.json", meta)
+        atomic_write_json(self.partial / "dataset.json", meta)
         if self.root.exists():
             trash = self.root.with_name(f"{self.root.name}.replaced-{os.getpid()}")
             os.replace(self.root, trash)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from braindecode_fw.io import atomic_write_json, atomic_write_text
 from braindecode_fw.metrics.retrieval import DIRECTIONS, retrieval_accuracy
 
 COLUMNS = (
@@ -61,18 +60,12 @@ def retrieval_report(
                          "image_to_brain": "query = image, candidates = brain predictions (MindEye2 FwdRetrieval)"}}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(report: dict[str, Any], out_dir: str | Path, stem: str = "retrieval") -> list[Path]:
     """Writes ``<stem>.json`` and ``<stem>.csv``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
-    _atomic_write(json_path, json.dumps(report, indent=2))
+    atomic_write_json(json_path, report)
     lines: list[str] = []
 
     class _Sink:
@@ -82,7 +75,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, stem: str = "retri
     writer = csv.DictWriter(_Sink(), fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({c: r[c] for c in COLUMNS} for r in report["rows"])
-    _atomic_write(csv_path, "".join(lines))
+    atomic_write_text(csv_path, "".join(lines))
     return [json_path, csv_path]
 
 

@@ -8,7 +8,6 @@ temporary name in chunks and renamed when complete.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from braindecode_fw.data.store import PreparedStore
+from braindecode_fw.io import atomic_write_json
 from braindecode_fw.targets.encoders import ImageEncoder
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,6 @@ def load_or_compute_targets(
     meta = {"dataset": store.name, "dataset_version": store.version, "feature": encoder.feature_name,
             "encoder_id": encoder.encoder_id, "encoder": encoder.identity(), "output": encoder.output,
             "shape": [n, *first.shape[1:]], "seconds": round(time.perf_counter() - t0, 2)}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
+    atomic_write_json(path.with_suffix(".json"), meta)
     log.info("targets %s: encoded %d images in %.1f s -> %s", encoder.feature_name, n, meta["seconds"], path)
     return np.load(path, mmap_mode="r")

@@ -9,7 +9,6 @@ between markers, with machine information. Speed is never asserted in tests.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -23,6 +22,8 @@ import torch
 from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from braindecode_fw.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 BEGIN, END = "<!-- bdf-bench:begin -->", "<!-- bdf-bench:end -->"
@@ -185,8 +186,8 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if device == "cuda" else "cpu"
     json_path = out / f"benchmarks_{tag}.json"
-    json_path.write_text(json.dumps({"machine": machine, "results": results,
-                                     "config": OmegaConf.to_container(cfg.worlds)}, indent=2))
+    atomic_write_json(json_path, {"machine": machine, "results": results,
+                                  "config": OmegaConf.to_container(cfg.worlds)})
     md = out / "benchmarks.md"
     section = render_markdown(results, machine, cfg.command_label)
     begin, end = BEGIN.replace("begin", f"{tag}-begin"), END.replace("end", f"{tag}-end")
@@ -196,9 +197,7 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
         text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, md)
+    atomic_write_text(md, text)
     print(section)
     print(f"wrote {json_path} and {md}")
     return results

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from braindecode_fw.data.datamodule import BrainDataModule
+from braindecode_fw.io import atomic_write_text
 from braindecode_fw.lit import DecoderModule, predict
 from braindecode_fw.metrics.report import format_table, retrieval_report, write_report
 from braindecode_fw.models.decoder import Decoder
@@ -166,9 +167,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _save_config(config: dict[str, Any], path: Path) -> None:
     """The fully resolved config tree (Hydra's .hydra/config.yaml keeps the interpolations)."""
-    tmp = path.with_name(path.name + ".tmp")
-    OmegaConf.save(OmegaConf.create(config), tmp)
-    tmp.replace(path)
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from braindecode_fw.data.normalization import fit_session_stats, ncsnr_from_repeats, noise_ceiling_percent
+from braindecode_fw.data.normalization import (
+    fit_session_stats,
+    ncsnr_from_repeats,
+    noise_ceiling_percent,
+)
 
 
 def test_zscore_uses_training_trials_only():

@@ -33,7 +33,7 @@ def test_design_is_nsd_like(tiny_store):
     counts = [store.subjects[s].n_features for s in store.subjects]
     assert counts == [60, 90]  # voxel counts differ
     train_images = []
-    for s, sub in store.subjects.items():
+    for sub in store.subjects.values():
         t = sub.trials
         test_imgs, reps = np.unique(t.image_index[t.split == "test"], return_counts=True)
         np.testing.assert_array_equal(test_imgs, np.arange(cfg.n_test_images))  # the shared set
