@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
-from braindecode_fw.data.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,9 @@ def ensure_store(dataset_cfg: DictConfig) -> Path:
     if (store / "dataset.json").exists():
         if not auto:
             return store
-        stored = open_store(store, check_finite=False).meta["provenance"].get("config_fingerprint")
+        # only the fingerprint is needed here; the datamodule opens and validates the store next
+        provenance = json.loads((store / "dataset.json").read_text()).get("provenance", {})
+        stored = provenance.get("config_fingerprint")
         if stored == _world_config(dataset_cfg).fingerprint():
             return store
         log.warning("synthetic world at %s was generated from another configuration: regenerating", store)

@@ -19,6 +19,7 @@ from braindecode_fw.io import atomic_write_text
 from braindecode_fw.lit import DecoderModule, predict
 from braindecode_fw.metrics.report import format_table, retrieval_report, write_report
 from braindecode_fw.models.decoder import Decoder
+from braindecode_fw.tasks.evaluate import load_checkpoint
 from braindecode_fw.tasks.prepare import ensure_store
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     last = str(run_dir / "checkpoints" / "last.ckpt")
     eval_ckpt = best or (last if Path(last).exists() else "")
     if eval_ckpt:
-        state = torch.load(eval_ckpt, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+        module.load_state_dict(load_checkpoint(eval_ckpt)["state_dict"])
     report = evaluate_predictions(cfg, dm, module.decoder)
     write_report(report, run_dir)
     mean = report["rows"][-1]
