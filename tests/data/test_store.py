@@ -182,3 +182,15 @@ def test_overwrite_replaces_atomically(tmp_path):
     store = open_store(root)
     assert store.version != v1 and store.subjects == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_writer_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="modality must be one of"):
+        StoreWriter(tmp_path / "s", name="x", modality="eeg")
+    with StoreWriter(tmp_path / "s", name="x", modality="fmri") as w:
+        with pytest.raises(ValueError, match=r"images must be uint8 \(n, h, w, 3\), got float32"):
+            w.write_images(np.zeros((2, 4, 4, 3), np.float32), ids=["a", "b"])
+        with pytest.raises(ValueError, match="images/metadata.json: captions has 1 entries, expected 2"):
+            w.write_images(np.zeros((2, 4, 4, 3), np.uint8), ids=["a", "b"], captions=["c"])
+        with pytest.raises(ValueError, match=r"write_images\(\) must be called before finalize"):
+            w.finalize(provenance={})

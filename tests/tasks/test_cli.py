@@ -131,3 +131,9 @@ def test_prepare_reports_ncsnr_and_oracle(tmp_path):
     opened = open_store(store)
     med = float(np.median(opened.subjects["subj01"].load_array("ncsnr")))
     assert f"{med:.3f}" in proc.stdout.splitlines()[1]
+
+
+def test_wrong_optimized_metric(tmp_path, store_copy):
+    proc = _run("bdf-train", [*_store_args(store_copy), "logger=csv", "optimized_metric=test/accuracy"], tmp_path)
+    _assert_one_line_error(proc, "optimized_metric: 'test/accuracy' was not produced; available:",
+                           "test/brain_to_image_top1")
