@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from braindecode_fw.metrics.correlation import DEFAULT_CHUNK_MB, similarity_matrix
+
 DIRECTIONS = ("brain_to_image", "image_to_brain")
 
 
@@ -31,15 +33,14 @@ def retrieval_subsets(n_items: int, subset_size: int = 300, n_subsets: int = 30,
     return [rng.choice(n_items, subset_size, replace=False) for _ in range(n_subsets)]
 
 
-def cosine_scores(brain: torch.Tensor | np.ndarray, image: torch.Tensor | np.ndarray) -> torch.Tensor:
+def cosine_scores(brain: torch.Tensor | np.ndarray, image: torch.Tensor | np.ndarray,
+                  chunk_mb: float = DEFAULT_CHUNK_MB) -> torch.Tensor:
     """``(n, *shape)`` brain predictions, ``(n, *shape)`` image embeddings -> ``(n, n)`` cosine
     similarities; entry ``[i, j]`` compares brain ``i`` with image ``j`` (true pairs on the diagonal).
+    Computed chunk-wise over features (425,984-d bigG tokens at NSD scale); zero vectors score 0.
     """
-    b = torch.as_tensor(brain).reshape(len(brain), -1).float()
-    t = torch.as_tensor(image).reshape(len(image), -1).float()
-    b = torch.nn.functional.normalize(b, dim=-1)
-    t = torch.nn.functional.normalize(t, dim=-1)
-    return b @ t.T
+    scores = similarity_matrix(brain, image, center=False, chunk_mb=chunk_mb)
+    return torch.nan_to_num(scores, nan=0.0).float()
 
 
 def _topk_hits(scores: torch.Tensor, k: int) -> tuple[float, float]:

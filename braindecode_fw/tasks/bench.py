@@ -178,18 +178,70 @@ def render_markdown(results: list[dict[str, Any]], machine: dict[str, Any], comm
     return "\n".join(lines)
 
 
-def bench(cfg: DictConfig) -> list[dict[str, Any]]:
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    results = [bench_world(name, world, device) for name, world in cfg.worlds.items() if world is not None]
-    machine = machine_info()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "gpu" if device == "cuda" else "cpu"
-    json_path = out / f"benchmarks_{tag}.json"
-    atomic_write_json(json_path, {"machine": machine, "results": results,
-                                  "config": OmegaConf.to_container(cfg.worlds)})
-    md = out / "benchmarks.md"
-    section = render_markdown(results, machine, cfg.command_label)
+def bench_evaluation(ev: DictConfig, device: str) -> dict[str, Any]:
+    """The image-metric suite on ``n_images`` random 256×256 image pairs with the real
+    architectures and feature sizes (random weights), plus the chunked correlation/retrieval at
+    NSD sizes (AlexNet features.4 184,512-d; bigG tokens 256×1664 = 425,984-d)."""
+    from braindecode_fw.metrics.identification import two_way_identification
+    from braindecode_fw.metrics.retrieval import retrieval_accuracy
+    from braindecode_fw.metrics.suite import ImageMetricSuite
+
+    metrics_cfg = compose("evaluate", overrides=[f"metrics={ev.metrics}", *(ev.get("overrides") or [])]).metrics
+    with open_dict(metrics_cfg):
+        metrics_cfg.device = device
+    gen = torch.Generator().manual_seed(0)
+    n = ev.n_images
+    gts = torch.rand(n, 3, 32, 32, generator=gen)
+    gts = torch.nn.functional.interpolate(gts, size=(ev.image_size, ev.image_size), mode="bilinear")
+    recons = (0.6 * gts + 0.4 * torch.rand(gts.shape, generator=gen)).clamp(0, 1)
+    suite = ImageMetricSuite(metrics_cfg)
+    t0 = time.perf_counter()
+    values = suite(recons, gts)
+    total = time.perf_counter() - t0
+    del recons, gts
+    timings = {k: round(v, 2) for k, v in suite.timings.items()}
+    feats = torch.randn(n, ev.identification_dim, generator=gen)
+    noisy = feats + torch.randn(feats.shape, generator=gen)
+    t0 = time.perf_counter()
+    two_way_identification(feats, noisy)
+    timings["two_way_identification_only"] = round(time.perf_counter() - t0, 2)
+    del feats, noisy
+    brain = torch.randn(n, ev.retrieval_dim, generator=gen)
+    image = brain + 2 * torch.randn(brain.shape, generator=gen)
+    t0 = time.perf_counter()
+    retrieval_accuracy(brain, image, subset_size=300, n_subsets=30, seed=42)
+    timings["retrieval_30x300"] = round(time.perf_counter() - t0, 2)
+    result = {"n_images": n, "image_size": ev.image_size, "metrics_config": ev.metrics, "device": device,
+              "metrics": list(values), "suite_total_s": round(total, 1), "timings_s": timings,
+              "identification_dim": ev.identification_dim, "retrieval_dim": ev.retrieval_dim,
+              "peak_rss_mb": round(peak_rss_mb(), 0)}
+    log.info("evaluation: %s", result)
+    return result
+
+
+def render_evaluation_markdown(result: dict[str, Any], machine: dict[str, Any], command: str) -> str:
+    t = result["timings_s"]
+    feature_rows = [(k.removeprefix("features_"), v) for k, v in t.items() if k.startswith("features_")]
+    lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} with `{command}` on: {machine['cpu']}, "
+             f"{machine['cores']} cores, GPU: {machine['gpu'] or 'none'}, torch {machine['torch']}. "
+             f"{result['n_images']} random image pairs at {result['image_size']}×{result['image_size']}, "
+             f"metric config `{result['metrics_config']}` (real architectures and feature sizes, random weights), "
+             f"device {result['device']}.", "",
+             "| step | seconds |", "|---|---|",
+             f"| PixCorr (425², {result['n_images']:,} pairs) | {t.get('pixcorr', '—')} |",
+             f"| SSIM (425², Gaussian σ 1.5) | {t.get('ssim', '—')} |"]
+    lines += [f"| {name}: build + features of both image sets | {t.get('build_' + name, 0)} + {v} |"
+              for name, v in feature_rows]
+    lines += [f"| two-way identification, {result['n_images']} × {result['identification_dim']:,}-d "
+              f"(chunked correlation) | {t['two_way_identification_only']} |",
+              f"| retrieval 30 × 300, {result['n_images']} × {result['retrieval_dim']:,}-d | "
+              f"{t['retrieval_30x300']} |",
+              f"| **whole image-metric suite** | **{result['suite_total_s']}** |",
+              "", f"Peak RSS of the benchmark process: {result['peak_rss_mb']:.0f} MB.", "", END]
+    return "\n".join(lines)
+
+
+def _write_section(md: Path, tag: str, section: str) -> None:
     begin, end = BEGIN.replace("begin", f"{tag}-begin"), END.replace("end", f"{tag}-end")
     section = section.replace(BEGIN, begin).replace(END, end)
     text = md.read_text() if md.exists() else "# Benchmarks\n"
@@ -199,5 +251,28 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
         text = text.rstrip() + "\n\n" + section + "\n"
     atomic_write_text(md, text)
     print(section)
-    print(f"wrote {json_path} and {md}")
+
+
+def bench(cfg: DictConfig) -> list[dict[str, Any]]:
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    tag = "gpu" if device == "cuda" else "cpu"
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "benchmarks.md"
+    machine = machine_info()
+    results: list[dict[str, Any]] = []
+    if cfg.run_worlds:
+        results = [bench_world(name, world, device) for name, world in cfg.worlds.items() if world is not None]
+        json_path = out / f"benchmarks_{tag}.json"
+        atomic_write_json(json_path, {"machine": machine, "results": results,
+                                      "config": OmegaConf.to_container(cfg.worlds)})
+        _write_section(md, tag, render_markdown(results, machine, cfg.command_label))
+        print(f"wrote {json_path} and {md}")
+    if cfg.evaluation.enabled:
+        result = bench_evaluation(cfg.evaluation, device)
+        json_path = out / f"benchmarks_evaluation_{tag}.json"
+        atomic_write_json(json_path, {"machine": machine, "result": result})
+        _write_section(md, f"evaluation-{tag}", render_evaluation_markdown(result, machine, cfg.command_label))
+        print(f"wrote {json_path} and {md}")
+        results.append(result)
     return results

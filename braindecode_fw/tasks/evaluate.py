@@ -1,16 +1,36 @@
-"""``bdf-evaluate ckpt=<path>``: rebuild the decoder and data from a checkpoint and re-run the test
-retrieval evaluation (same protocol and code as at the end of ``bdf-train``)."""
+"""``bdf-evaluate``: the literature's metric table for reconstructions or a decoder checkpoint.
+
+Three inputs (methods.md §2; docs/evaluation.md):
+
+- ``run=<folder>``: a ``bdf-reconstruct`` output folder (manifest + PNGs); ground truths come from
+  the prepared store the manifest names; retrieval too when the folder holds embeddings;
+- ``recon_dir=<folder> gt_dir=<folder>``: any folder pair, images matched by file name; subfolders
+  of ``recon_dir`` are subjects;
+- ``ckpt=<decoder checkpoint>``: retrieval only, on the checkpoint's test split.
+
+Writes ``metrics.{json,csv,md}`` (per subject and mean, 95% CIs, papers' column order; published
+rows when ``test_set`` matches), ``per_image.csv``, PNG plots, and logs to the configured loggers.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from braindecode_fw.metrics.report import format_table, write_report
+from braindecode_fw.io import atomic_write_text
+from braindecode_fw.metrics.images import as_float_images, list_images, load_images
+from braindecode_fw.metrics.report import format_table, retrieval_report, write_report
+from braindecode_fw.metrics.retrieval import RetrievalResult, retrieval_accuracy
+from braindecode_fw.metrics.suite import ImageMetricSuite
+from braindecode_fw.metrics.table import build_table, flat_metrics, markdown_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +49,83 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    from braindecode_fw.tasks.train import build_datamodule, build_model, evaluate_predictions
+# ---- inputs ---------------------------------------------------------------------------------
+
+def _retrieval(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, cfg: DictConfig) -> RetrievalResult:
+    r = cfg.retrieval
+    return retrieval_accuracy(pred, target, subset_size=r.subset_size, n_subsets=r.n_subsets, seed=r.seed,
+                              ks=tuple(sorted(set(r.topk) | {1})))
+
+
+def pairs_from_run(cfg: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict, dict[str, Any]]:
+    """(a) A reconstruction folder -> {subject: (recons, gts)}, retrieval results, info."""
+    from braindecode_fw.data.reconstructions import open_reconstructions
+    from braindecode_fw.data.store import open_store
+
+    recs = open_reconstructions(cfg.run)
+    store_path = cfg.store or recs.meta.get("store")
+    if not store_path:
+        raise ValueError(f"store: {cfg.run}/manifest.json names no store; pass store=<prepared store>")
+    store = open_store(store_path, check_finite=False)
+    if recs.meta.get("dataset_version") not in (None, store.version):
+        raise ValueError(f"store: {store_path} is dataset version {store.version}, the reconstructions in "
+                         f"{cfg.run} were made from {recs.meta['dataset_version']}")
+    pairs, retrieval = {}, {}
+    for subject in recs.subjects:
+        items = recs.select(subject, cfg.sample)
+        if not items:
+            log.warning("%s: no reconstructions with sample index %d", subject, cfg.sample)
+            continue
+        recon = load_images([recs.root / i.path for i in items], cfg.metrics.eval_size,
+                            antialias=cfg.metrics.antialias)
+        if cfg.blend_lowlevel:
+            missing = [i.image_id for i in items if i.lowlevel_path is None]
+            if missing:
+                raise ValueError(f"blend_lowlevel: {subject} has no low-level image for {missing[:3]}")
+            low = load_images([recs.root / i.lowlevel_path for i in items], cfg.metrics.eval_size,
+                              antialias=cfg.metrics.antialias)
+            recon = (1 - cfg.blend_lowlevel) * recon + cfg.blend_lowlevel * low
+        gts = as_float_images(store.images[np.array([i.image_index for i in items])], name=f"{store_path} images")
+        pairs[subject] = (recon, gts)
+        emb = recs.embeddings(subject)
+        if emb is not None:
+            retrieval[subject] = _retrieval(emb["pred"], emb["target"], cfg)
+    info = {"input": str(cfg.run), "store": str(store_path), "generator": recs.meta.get("generator"),
+            "test_set": cfg.test_set or recs.meta.get("test_set")}
+    return pairs, retrieval, info
+
+
+def pairs_from_folders(cfg: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict, dict[str, Any]]:
+    """(b) recon_dir (images, or one subfolder per subject) + gt_dir matched by file stem."""
+    recon_root, gt = Path(cfg.recon_dir), list_images(cfg.gt_dir)
+    if not recon_root.is_dir():
+        raise FileNotFoundError(f"recon_dir: folder not found: {recon_root}")
+    subdirs = sorted(p for p in recon_root.iterdir() if p.is_dir())
+    groups = {p.name: p for p in subdirs} if subdirs and not list_images(recon_root) else {"all": recon_root}
+    pairs = {}
+    for subject, folder in groups.items():
+        recon = list_images(folder)
+        missing = sorted(set(recon) - set(gt))
+        if missing:
+            raise ValueError(f"gt_dir: no ground truth for {len(missing)} reconstruction(s) in {folder}, "
+                             f"e.g. {missing[:3]} (files are matched by name)")
+        if not recon:
+            raise ValueError(f"recon_dir: no images in {folder}")
+        names = sorted(recon)
+        size, aa = cfg.metrics.eval_size, cfg.metrics.antialias
+        pairs[subject] = (load_images([recon[n] for n in names], size, antialias=aa),
+                          load_images([gt[n] for n in names], size, antialias=aa))
+    return pairs, {}, {"input": f"{recon_root} vs {cfg.gt_dir}", "test_set": cfg.test_set}
+
+
+def retrieval_from_checkpoint(cfg: DictConfig) -> tuple[dict[str, RetrievalResult], dict[str, Any], dict[str, Any]]:
+    """(c) Decoder checkpoint -> retrieval per subject on its test split (+ the oracle report)."""
+    from braindecode_fw.lit import predict
+    from braindecode_fw.tasks.train import build_datamodule, build_model
 
     ckpt = load_checkpoint(cfg.ckpt)
     extra = ckpt["braindecode_fw"]
     train_cfg = OmegaConf.create(extra["config"])
-    if cfg.get("evaluation") is not None:
-        train_cfg.evaluation = cfg.evaluation
     store = cfg.store or train_cfg.dataset.store
     dm = build_datamodule(train_cfg, Path(store))
     if dm.store is not None and extra.get("dataset_version") not in (None, dm.store.version):
@@ -45,9 +134,104 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     decoder = build_model(train_cfg, extra["n_features"], {k: tuple(v) for k, v in extra["target_shapes"].items()})
     state = {k.removeprefix("decoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
     decoder.load_state_dict(state)
-    report = evaluate_predictions(train_cfg, dm, decoder)
+    preds = predict(decoder, dm.test_dataloader(), train_cfg.target.feature_name)
+    r = cfg.retrieval
+    assert dm.store is not None
+    report = retrieval_report(preds, oracle=dm.store.extra("oracle"), subset_size=r.subset_size,
+                              n_subsets=r.n_subsets, seed=r.seed, ks=tuple(r.topk))
+    results = {s: _retrieval(p["pred"], p["target"], cfg) for s, p in preds.items()}
+    test_set = cfg.test_set or dm.store.meta.get("provenance", {}).get("test_set")
+    return results, report, {"input": str(cfg.ckpt), "store": str(store), "test_set": test_set}
+
+
+# ---- outputs --------------------------------------------------------------------------------
+
+def _per_image_csv(per_image: dict[str, dict[str, np.ndarray]], names: dict[str, list[str]]) -> str:
+    keys = sorted({k for v in per_image.values() for k in v})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["subject", "image", *keys])
+    for s, vals in sorted(per_image.items()):
+        for i, name in enumerate(names[s]):
+            w.writerow([s, name, *[f"{vals[k][i]:.6g}" if k in vals else "" for k in keys]])
+    return buf.getvalue()
+
+
+def _log(cfg: DictConfig, out_dir: Path, table: dict[str, Any]) -> None:
+    metrics = flat_metrics(table)
+    for node in (cfg.get("logger") or {}).values():
+        if node is None:
+            continue
+        logger = instantiate(node, save_dir=str(out_dir))
+        logger.log_hyperparams({"input": table["protocol"].get("input"), "test_set": table["test_set"]})
+        logger.log_metrics(metrics, step=0)
+        logger.finalize("success")
+
+
+def _plots(cfg: DictConfig, out_dir: Path, table: dict[str, Any], per_image: dict[str, dict[str, np.ndarray]],
+           pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], suite: ImageMetricSuite | None,
+           chance: float | None) -> list[Path]:
+    from braindecode_fw.viz.plots import (
+        best_worst_grid,
+        metric_bars,
+        metric_boxes,
+        retrieval_curves,
+    )
+
+    paths = [metric_bars(table, out_dir / "metrics_bars.png")]
+    if per_image and suite is not None:
+        labels = {k: suite.info(k).label for k in suite.metric_keys}
+        paths.append(metric_boxes(per_image, labels, out_dir / "metrics_boxes.png"))
+        key = cfg.plots.best_worst_metric
+        for subject, (recons, gts) in pairs.items():
+            if key not in per_image[subject]:
+                key = next(iter(per_image[subject]))
+            info = suite.info(key)
+            paths.append(best_worst_grid(
+                suite.prepare(recons, "reconstructions"), suite.prepare(gts, "ground truth"), per_image[subject][key],
+                out_dir / f"best_worst_{subject}.png", k=cfg.plots.best_worst_k,
+                title=f"{subject}: best and worst by {info.label}", higher_is_better=info.higher_is_better))
+    if table["topk"] and chance:
+        paths.append(retrieval_curves(table["topk"], {"chance": chance}, out_dir / "retrieval_topk.png"))
+    return paths
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    modes = [m for m in ("run", "recon_dir", "ckpt") if cfg.get(m)]
+    if len(modes) != 1 or (cfg.get("recon_dir") is None) != (cfg.get("gt_dir") is None):
+        raise ValueError("give exactly one input: run=<bdf-reconstruct folder>, recon_dir=<folder> gt_dir=<folder>, "
+                         f"or ckpt=<decoder checkpoint> (got {modes or 'none'}"
+                         f"{'; gt_dir without recon_dir' if cfg.get('gt_dir') and not cfg.get('recon_dir') else ''})")
     out_dir = Path(cfg.paths.output_dir)
-    paths = write_report(report, out_dir)
-    print(format_table(report))
-    print(f"results: {', '.join(map(str, paths))}")
-    return report
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_image: dict[str, dict[str, np.ndarray]] = {}
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    suite = None
+    written: list[Path] = []
+    if modes[0] == "ckpt":
+        retrieval, report, info = retrieval_from_checkpoint(cfg)
+        written += write_report(report, out_dir)
+        print(format_table(report))
+    else:
+        pairs, retrieval, info = pairs_from_run(cfg) if modes[0] == "run" else pairs_from_folders(cfg)
+        suite = ImageMetricSuite(cfg.metrics)
+        for subject, (recons, gts) in pairs.items():
+            log.info("%s: %d image pairs", subject, len(recons))
+            per_image[subject] = suite(recons, gts)
+        names = {s: [str(i) for i in range(len(p[0]))] for s, p in pairs.items()}
+        written.append(atomic_write_text(out_dir / "per_image.csv", _per_image_csv(per_image, names)))
+    infos = [suite.info(k) for k in suite.metric_keys] if suite else []
+    protocol = {**info, "eval_size": cfg.metrics.eval_size, "antialias": cfg.metrics.antialias,
+                "ssim_legacy_skimage_multichannel": bool((cfg.metrics.get("ssim") or {}).get(
+                    "legacy_skimage_multichannel", False)),
+                "blend_lowlevel": cfg.get("blend_lowlevel"), "sample": cfg.get("sample"),
+                "retrieval": OmegaConf.to_container(cfg.retrieval), "timings_s": suite.timings if suite else {}}
+    table = build_table(per_image, infos, retrieval=retrieval, test_set=info.get("test_set"), protocol=protocol)
+    written += write_table(table, out_dir)
+    chance = 1.0 / min(cfg.retrieval.subset_size, min(r.n_items for r in retrieval.values())) if retrieval else None
+    if cfg.plots.enabled:
+        written += _plots(cfg, out_dir, table, per_image, pairs, suite, chance)
+    _log(cfg, out_dir, table)
+    print(markdown_table(table))
+    print(f"results: {out_dir}")
+    return table

@@ -107,9 +107,9 @@ def test_train_checkpoint_evaluate_round_trip(tmp_path):
     assert rows["mean"]["chance_top1"] == pytest.approx(1 / 20)
     assert 0 < rows["mean"]["oracle_brain_to_image_top1"] <= 1
 
-    ev = _run("bdf-evaluate", [f"ckpt={ckpt}"], tmp_path)
+    ev = _run("bdf-evaluate", [f"ckpt={ckpt}", "retrieval.subset_size=20", "retrieval.n_subsets=5"], tmp_path)
     assert ev.returncode == 0, ev.stderr[-4000:]
-    ev_dir = Path(ev.stdout.split("results: ")[1].split(",")[0]).parent
+    ev_dir = Path(ev.stdout.split("results: ")[1].split()[0])
     again = json.loads((ev_dir / "retrieval.json").read_text())
     assert again["rows"] == trained["rows"]  # the checkpoint reproduces the training-time evaluation
     csv_text = (ev_dir / "retrieval.csv").read_text().splitlines()
