@@ -159,6 +159,12 @@ def _evaluate(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
+def _reconstruct(cfg: DictConfig) -> None:
+    from braindecode_fw.tasks.reconstruct import reconstruct
+
+    reconstruct(cfg)
+
+
 def _prepare(cfg: DictConfig) -> None:
     from braindecode_fw.tasks.prepare import describe, prepare
 
@@ -179,6 +185,10 @@ def train_main() -> None:
 
 def evaluate_main() -> None:
     run_app("evaluate", _evaluate, "bdf-evaluate")
+
+
+def reconstruct_main() -> None:
+    run_app("reconstruct", _reconstruct, "bdf-reconstruct")
 
 
 def prepare_main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning as L
@@ -134,18 +134,30 @@ class DecoderModule(L.LightningModule):
 
 @torch.no_grad()
 def predict(decoder: Decoder, batches: Iterable[Batch], target: str,
-            device: str | torch.device | None = None) -> dict[str, dict[str, np.ndarray]]:
+            device: str | torch.device | None = None,
+            outputs: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Run the decoder over ``batches`` (on ``device``, default: where its parameters are); per
-    subject: ``pred`` ``(n, *shape)``, ``target`` and ``image_index``, in loader order."""
+    subject: ``pred`` ``(n, *shape)`` (the ``target`` output), ``target`` (its true value) and
+    ``image_index``, in loader order; plus ``outputs[name]`` for every other requested decoder
+    output (e.g. the embeddings a generator needs)."""
     device = device or next(decoder.parameters()).device
     decoder.eval().to(device)
     acc: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for batch in batches:
         mask = batch.repeat_mask.to(device) if batch.repeat_mask is not None else None
-        pred = decoder(batch.responses.to(device), batch.subject, mask)[target].float().cpu()
+        out = decoder(batch.responses.to(device), batch.subject, mask)
+        missing = [n for n in (target, *outputs) if n not in out]
+        if missing:
+            raise KeyError(f"decoder outputs {sorted(out)}; requested {missing}")
+        pred = out[target].float().cpu()
+        extra = {n: out[n].float().cpu() for n in outputs}
         for i, s in enumerate(batch.subject):
             acc[s]["pred"].append(pred[i])
             acc[s]["target"].append(batch.targets[target][i])
             acc[s]["image_index"].append(int(batch.image_index[i]))
+            for n, v in extra.items():
+                acc[s][f"output:{n}"].append(v[i])
     return {s: {"pred": torch.stack(v["pred"]).numpy(), "target": torch.stack(v["target"]).numpy(),
-                "image_index": np.asarray(v["image_index"])} for s, v in acc.items()}
+                "image_index": np.asarray(v["image_index"]),
+                "outputs": {n: torch.stack(v[f"output:{n}"]).numpy() for n in outputs}}
+            for s, v in acc.items()}
