@@ -92,6 +92,13 @@ class ImageMetricSuite:
         keys = [k for k in ("pixcorr", "ssim") if (self.cfg.get(k) or {}).get("enabled", False)]
         return keys + list(self.feature_metrics)
 
+    @property
+    def random_weight_metrics(self) -> list[str]:
+        """Metrics whose network has random weights: their numbers are plumbing, not similarity."""
+        from braindecode_fw.metrics.weights import is_random
+
+        return [k for k, m in self.feature_metrics.items() if is_random(self.cfg.extractors[m.extractor].weights)]
+
     def info(self, key: str) -> MetricInfo:
         for m in PAPER_METRICS:
             if m.key == key:

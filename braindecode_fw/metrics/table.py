@@ -65,7 +65,10 @@ def build_table(
             mean[f"{c}_ci95"] = float(np.sqrt(np.sum(cis**2)) / len(cis))
         rows.append(mean)
     topk = {s: {d: {int(k): r.mean(d, k) for k in r.values[d]} for d in DIRECTIONS} for s, r in retrieval.items()}
-    comparison = [{"method": p.method, "source": p.source, **p.values} for p in published_rows(test_set)]
+    random_metrics = (protocol or {}).get("random_weight_metrics") or []
+    # numbers from random-weight networks are never put next to published ones
+    comparison = [] if random_metrics else [{"method": p.method, "source": p.source, **p.values}
+                                            for p in published_rows(test_set)]
     return {"columns": columns, "labels": {c: _info(c, infos).label for c in columns},
             "higher_is_better": {c: _info(c, infos).higher_is_better for c in columns},
             "rows": rows, "topk": topk, "test_set": test_set,
@@ -101,6 +104,10 @@ def markdown_table(table: dict[str, Any]) -> str:
         cells = [f"**{r['subject']}**" if r["subject"] == "mean" else r["subject"], str(r["n_images"])]
         cells += [_fmt(c, r[c], r[f"{c}_ci95"]) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
+    random_metrics = table["protocol"].get("random_weight_metrics") or []
+    if random_metrics:
+        lines += ["", "Columns from random-weight networks (plumbing checks, not comparable with publications): "
+                  + ", ".join(table["labels"].get(k, k) for k in random_metrics) + "."]
     if table["comparison"]:
         ours = table["rows"][-1]
         lines += ["", f"Published results on the same test set ({table['test_set_description']}); "

@@ -226,6 +226,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                     "legacy_skimage_multichannel", False)),
                 "blend_lowlevel": cfg.get("blend_lowlevel"), "sample": cfg.get("sample"),
                 "retrieval": OmegaConf.to_container(cfg.retrieval), "timings_s": suite.timings if suite else {}}
+    random_metrics = suite.random_weight_metrics if suite else []
+    protocol["random_weight_metrics"] = random_metrics
+    if random_metrics:
+        log.warning("random-weight networks for %s: those columns are not comparable with any publication "
+                    "(set metrics=literature or real weights)", random_metrics)
     table = build_table(per_image, infos, retrieval=retrieval, test_set=info.get("test_set"), protocol=protocol)
     written += write_table(table, out_dir)
     chance = 1.0 / min(cfg.retrieval.subset_size, min(r.n_items for r in retrieval.values())) if retrieval else None

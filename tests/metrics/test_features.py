@@ -154,3 +154,18 @@ def test_hub_id_offline_and_bad_config_errors(monkeypatch):
         ExtractorSpec(arch="alexnet", name="x")
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         FeatureExtractor(ExtractorSpec(arch="torchvision:alexnet", weights="/nowhere/alex.pth"), ["features.4"])
+
+
+def test_timm_architecture_and_local_weights(tmp_path):
+    import timm
+
+    src = timm.create_model("resnet18", pretrained=False)
+    torch.save(src.state_dict(), tmp_path / "r18.pth")
+    ext = FeatureExtractor(ExtractorSpec(arch="timm:resnet18", weights=str(tmp_path / "r18.pth"), resize=224),
+                           ["global_pool"])
+    x = _images(n=2)
+    z = (torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+         - IMAGENET[0]) / IMAGENET[1]
+    with torch.no_grad():
+        ref = src.eval().forward_head(src.forward_features(z), pre_logits=True)
+    np.testing.assert_allclose(ext(x)["global_pool"].numpy(), ref.numpy(), atol=1e-5)

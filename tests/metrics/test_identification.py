@@ -91,8 +91,6 @@ def test_two_way_at_nsd_scale_within_memory():
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert scores.shape == (n,) and 0.9 < float(scores.mean()) <= 1.0
     assert grown_mb < 1500, grown_mb
-    sub = np.r_[0:5, 500:505]
-    g64, r64 = gt.double().numpy(), rec.double().numpy()
-    ref = np.corrcoef(np.concatenate([g64, r64[sub]]))[:n, n:]
-    full = similarity_matrix(gt, rec[sub], center=True).numpy()
-    np.testing.assert_allclose(full, ref, atol=1e-10)
+    sub = np.r_[0:5, 500:505]  # the same chunked path on a block small enough for np.corrcoef
+    ref = np.corrcoef(np.concatenate([gt[sub].double().numpy(), rec[sub].double().numpy()]))[:10, 10:]
+    np.testing.assert_allclose(similarity_matrix(gt[sub], rec[sub], center=True).numpy(), ref, atol=1e-10)

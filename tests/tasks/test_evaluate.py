@@ -100,9 +100,17 @@ def test_evaluate_reconstruction_folder(recon_run, tmp_path):
 
     blended = _evaluate([f"run={run}", "blend_lowlevel=0.25", "test_set=nsd_new_1000", "plots.enabled=false"],
                         tmp_path / "eval_blend")
+    pixel_only = _evaluate([f"run={run}", "test_set=nsd_new_1000", "plots.enabled=false",
+                            "metrics.feature_metrics.alexnet2=null", "metrics.feature_metrics.alexnet5=null",
+                            "metrics.feature_metrics.clip=null"],
+                           tmp_path / "eval_pixel")
+    assert pixel_only["comparison"] and "MindEye2, 40 sessions" in (tmp_path / "eval_pixel" / "metrics.md").read_text()
     brow = {r["subject"]: r for r in blended["rows"]}
     assert brow["subj02"]["pixcorr"] > rows["subj02"]["pixcorr"]  # the clean low-level image helps
-    assert "MindEye2, 40 sessions" in (tmp_path / "eval_blend" / "metrics.md").read_text()
+    md = (tmp_path / "eval_blend" / "metrics.md").read_text()
+    # AlexNet is random-weight in the synthetic suite: flagged, and no published rows beside it
+    assert "random-weight networks (plumbing checks, not comparable with publications): Alex(2), Alex(5), CLIP" in md
+    assert "MindEye2, 40 sessions" not in md
     assert json.loads((tmp_path / "eval_blend" / "metrics.json").read_text())["protocol"]["blend_lowlevel"] == 0.25
 
 
