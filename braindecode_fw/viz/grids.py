@@ -9,7 +9,6 @@ import torch
 
 from braindecode_fw.io import atomic_write_bytes
 
-
 HEADER = 14
 
 
