@@ -39,6 +39,9 @@ TINY_MODEL = [
     "evaluation.subset_size=20",
     "evaluation.n_subsets=5",
     "trainer.max_epochs=2",
+    "generator.build_tiny.cross_attention_dim=32",
+    "generator.build_tiny.image_size=32",
+    "generator.steps=2",
 ]
 
 

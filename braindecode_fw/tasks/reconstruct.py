@@ -50,17 +50,49 @@ def image_seed(base: int, image_index: int, sample: int) -> int:
     return int(base) + 1000 * int(image_index) + int(sample)
 
 
-def _log_grid(cfg: DictConfig, out_dir: Path, grid: np.ndarray) -> None:
-    for node in (cfg.get("logger") or {}).values():
-        if node is None:
-            continue
-        logger = instantiate(node, save_dir=str(out_dir))
+def log_grid(loggers: list[Any], grid: np.ndarray, key: str = "reconstruct/grid") -> None:
+    """Send a grid image to every logger that takes images (TensorBoard; W&B/MLflow-style)."""
+    for logger in loggers:
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_image"):  # TensorBoard
-            experiment.add_image("reconstruct/grid", grid, 0, dataformats="HWC")
-        elif hasattr(logger, "log_image"):  # W&B, MLflow-style loggers
-            logger.log_image(key="reconstruct/grid", images=[grid])
-        logger.finalize("success")
+            experiment.add_image(key, grid, 0, dataformats="HWC")
+        elif hasattr(logger, "log_image"):
+            logger.log_image(key=key, images=[grid])
+
+
+def _loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
+    return [instantiate(node, save_dir=str(out_dir)) for node in (cfg.get("logger") or {}).values()
+            if node is not None]
+
+
+def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: Path, *, n_images: int = 8,
+                 seed: int = 0, loggers: list[Any] | None = None) -> Path | None:
+    """After training: reconstruct the first ``n_images`` test images of the first subject and save
+    a ground truth | final grid. Skipped with a warning when the generator does not fit the target."""
+    from braindecode_fw.lit import predict
+
+    generator = build_generator(gen_cfg)
+    provides = {k: tuple(v) for k, v in dm.target_shapes.items()}
+    try:
+        generator.check(provides)
+    except ValueError as e:
+        log.warning("no reconstruction grid: %s", e)
+        return None
+    names = [n for n in list(generator.needs()) + list(generator.optional()) if n in provides]
+    preds = predict(decoder, dm.test_dataloader(), target, outputs=[n for n in names if n != target])
+    p = preds[sorted(preds)[0]]
+    rows = np.argsort(p["image_index"], kind="stable")[:n_images]
+    idx = p["image_index"][rows]
+    inputs = {n: torch.from_numpy((p["pred"] if n == target else p["outputs"][n])[rows]) for n in names}
+    out = generator.reconstruct(inputs, [image_seed(seed, i, 0) for i in idx])
+    columns = {"ground truth": as_float_images(dm.store.images[idx])}
+    if "lowlevel" in out:
+        columns["low-level"] = out["lowlevel"]
+    columns["final"] = out["final"]
+    grid = comparison_grid(columns)
+    save_png(grid, path)
+    log_grid(loggers or [], grid)
+    return path
 
 
 def reconstruct(cfg: DictConfig) -> dict[str, Any]:
@@ -156,7 +188,10 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
         grid_rows["final"] = load_images([out_dir / i.path for i in items], size)
         grid = comparison_grid({k: v for k, v in grid_rows.items() if len(v)}, cell=size)
         grid_path = save_png(grid, out_dir / "grid.png")
-        _log_grid(cfg, Path(cfg.paths.output_dir), grid)
+        loggers = _loggers(cfg, Path(cfg.paths.output_dir))
+        log_grid(loggers, grid)
+        for logger in loggers:
+            logger.finalize("success")
     else:
         grid_path = None
     elapsed = time.perf_counter() - t_start

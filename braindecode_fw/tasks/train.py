@@ -149,6 +149,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for row in report["rows"][:-1]:
         for d in ("brain_to_image_top1", "image_to_brain_top1"):
             metrics[f"test/{d}/{row['subject']}"] = float(row[d])
+    grid = None
+    rc = cfg.get("reconstruction")
+    if rc is not None and rc.enabled and cfg.get("generator") is not None:
+        from braindecode_fw.tasks.reconstruct import preview_grid
+
+        grid = preview_grid(cfg.generator, dm, module.decoder, target, run_dir / "reconstructions_grid.png",
+                            n_images=rc.n_images, seed=rc.seed, loggers=loggers)
     for lg in loggers:
         lg.log_metrics(metrics, step=trainer.global_step)
         lg.save()
@@ -159,6 +166,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     print(f"run directory : {run_dir}")
     print(f"checkpoint    : {eval_ckpt or '(checkpointing disabled)'}")
     print(f"results       : {run_dir / 'retrieval.json'}, {run_dir / 'retrieval.csv'}")
+    if grid is not None:
+        print(f"reconstructions: {grid}")
     if any(type(lg).__name__ == "TensorBoardLogger" for lg in loggers):
         print(f"dashboard     : tensorboard --logdir {run_dir / 'tensorboard'}")
     print(f"wall time     : {elapsed:.0f} s")

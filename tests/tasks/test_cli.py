@@ -99,6 +99,10 @@ def test_train_checkpoint_evaluate_round_trip(tmp_path):
     assert ckpt.exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "config_resolved.yaml").exists()
     assert (run_dir / "csv" / "metrics.csv").exists()
+    from PIL import Image
+
+    grid = Image.open(run_dir / "reconstructions_grid.png")  # the tiny generator's preview after training
+    assert grid.size == (2 + 2 * 98, 14 + 8 * 98 + 2) and "reconstructions: " in out
     loaded = torch.load(ckpt, map_location="cpu", weights_only=True)  # safe loading works
     assert loaded["braindecode_fw"]["n_features"] == {"subj01": 60, "subj02": 90}
     trained = json.loads((run_dir / "retrieval.json").read_text())
