@@ -85,7 +85,7 @@ def retrieval_curves(topk: dict[str, dict[str, dict[int, float]]], chance: dict[
             ks = sorted(next(iter(topk.values()))[d])
             ax.plot(ks, [min(1.0, k * next(iter(chance.values()))) for k in ks], "k--", lw=1, label="chance")
         ax.set_xlabel("k")
-        ax.set_title(d.replace("_", " → ", 1).replace("_", " "), fontsize=9)
+        ax.set_title({"brain_to_image": "brain → image", "image_to_brain": "image → brain"}[d], fontsize=9)
         ax.set_ylim(0, 1.02)
     axes[0].set_ylabel("top-k accuracy")
     axes[1].legend(fontsize=7)
