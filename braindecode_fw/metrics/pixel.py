@@ -108,4 +108,6 @@ def _check_pair(recons: torch.Tensor, gts: torch.Tensor) -> None:
         raise ValueError(f"expected (n, 3, h, w) images, got {tuple(recons.shape)}")
     if len(recons) == 0:
         raise ValueError("no images to evaluate")
-    assert math.isfinite(float(recons.sum())) and math.isfinite(float(gts.sum())), "non-finite pixel values"
+    for name, x in (("reconstructions", recons), ("ground truths", gts)):
+        if not math.isfinite(float(x.sum())):
+            raise ValueError(f"{name} contain non-finite pixel values")

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from braindecode_fw.io import atomic_write_text
@@ -158,11 +157,10 @@ def _per_image_csv(per_image: dict[str, dict[str, np.ndarray]], names: dict[str,
 
 
 def _log(cfg: DictConfig, out_dir: Path, table: dict[str, Any]) -> None:
+    from braindecode_fw.tasks.train import build_loggers
+
     metrics = flat_metrics(table)
-    for node in (cfg.get("logger") or {}).values():
-        if node is None:
-            continue
-        logger = instantiate(node, save_dir=str(out_dir))
+    for logger in build_loggers(cfg, out_dir):
         logger.log_hyperparams({"input": table["protocol"].get("input"), "test_set": table["test_set"]})
         logger.log_metrics(metrics, step=0)
         logger.finalize("success")

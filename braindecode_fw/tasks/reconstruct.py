@@ -60,11 +60,6 @@ def log_grid(loggers: list[Any], grid: np.ndarray, key: str = "reconstruct/grid"
             logger.log_image(key=key, images=[grid])
 
 
-def _loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
-    return [instantiate(node, save_dir=str(out_dir)) for node in (cfg.get("logger") or {}).values()
-            if node is not None]
-
-
 def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: Path, *, n_images: int = 8,
                  seed: int = 0, loggers: list[Any] | None = None) -> Path | None:
     """After training: reconstruct the first ``n_images`` test images of the first subject and save
@@ -188,7 +183,9 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
         grid_rows["final"] = load_images([out_dir / i.path for i in items], size)
         grid = comparison_grid({k: v for k, v in grid_rows.items() if len(v)}, cell=size)
         grid_path = save_png(grid, out_dir / "grid.png")
-        loggers = _loggers(cfg, Path(cfg.paths.output_dir))
+        from braindecode_fw.tasks.train import build_loggers
+
+        loggers = build_loggers(cfg, Path(cfg.paths.output_dir))
         log_grid(loggers, grid)
         for logger in loggers:
             logger.finalize("success")

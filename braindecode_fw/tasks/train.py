@@ -76,7 +76,8 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[L.Callback], Any]:
     return callbacks, checkpoint
 
 
-def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    """The configured loggers (``cfg.logger``), writing inside ``run_dir``."""
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         if node is not None:
@@ -124,7 +125,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         },
     )
     callbacks, checkpoint = _callbacks(cfg, run_dir)
-    loggers = _loggers(cfg, run_dir)
+    loggers = build_loggers(cfg, run_dir)
     trainer: L.Trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
         enable_progress_bar=sys.stdout.isatty(), use_distributed_sampler=False,
