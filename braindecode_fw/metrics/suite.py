@@ -85,7 +85,10 @@ class ImageMetricSuite:
                                  f"metrics.extractors ({sorted(cfg.get('extractors') or {})})")
             self.feature_metrics[key] = m
         self._extractors: dict[str, FeatureExtractor] = {}
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}  # seconds per stage, summed over calls
+
+    def _add_time(self, stage: str, t0: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
 
     @property
     def metric_keys(self) -> list[str]:
@@ -114,7 +117,7 @@ class ImageMetricSuite:
             nodes = [m.node for m in self.feature_metrics.values() if m.extractor == name]
             t0 = time.perf_counter()
             self._extractors[name] = FeatureExtractor(ExtractorSpec(name=name, **spec_cfg), nodes, self.device)
-            self.timings[f"build_{name}"] = time.perf_counter() - t0
+            self._add_time(f"build_{name}", t0)
         return self._extractors[name]
 
     def prepare(self, images: torch.Tensor, name: str) -> torch.Tensor:
@@ -130,14 +133,14 @@ class ImageMetricSuite:
         if (self.cfg.get("pixcorr") or {}).get("enabled", False):
             t0 = time.perf_counter()
             out["pixcorr"] = pixcorr(recons, gts, size=self.cfg.pixcorr.size, antialias=self.antialias).numpy()
-            self.timings["pixcorr"] = time.perf_counter() - t0
+            self._add_time("pixcorr", t0)
         if (self.cfg.get("ssim") or {}).get("enabled", False):
             s = self.cfg.ssim
             t0 = time.perf_counter()
             out["ssim"] = ssim(recons, gts, size=s.size, sigma=s.sigma,
                                legacy_skimage_multichannel=s.legacy_skimage_multichannel,
                                antialias=self.antialias).numpy()
-            self.timings["ssim"] = time.perf_counter() - t0
+            self._add_time("ssim", t0)
         by_extractor: dict[str, list[str]] = {}
         for key, m in self.feature_metrics.items():
             by_extractor.setdefault(m.extractor, []).append(key)
@@ -145,7 +148,7 @@ class ImageMetricSuite:
             ext = self.extractor(name)
             t0 = time.perf_counter()
             feats_gt, feats_rec = ext(gts), ext(recons)
-            self.timings[f"features_{name}"] = time.perf_counter() - t0
+            self._add_time(f"features_{name}", t0)
             for key in keys:
                 m = self.feature_metrics[key]
                 t0 = time.perf_counter()
@@ -157,5 +160,5 @@ class ImageMetricSuite:
                 else:
                     values = correlation_distance(feats_gt[m.node], feats_rec[m.node])
                 out[key] = values.numpy()
-                self.timings[key] = time.perf_counter() - t0
+                self._add_time(key, t0)
         return out

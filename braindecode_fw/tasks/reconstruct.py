@@ -60,6 +60,14 @@ def log_grid(loggers: list[Any], grid: np.ndarray, key: str = "reconstruct/grid"
             logger.log_image(key=key, images=[grid])
 
 
+def _grid_columns(gts: torch.Tensor, lowlevel: torch.Tensor | None, final: torch.Tensor) -> dict[str, torch.Tensor]:
+    columns = {"ground truth": gts}
+    if lowlevel is not None:
+        columns["low-level"] = lowlevel
+    columns["final"] = final
+    return columns
+
+
 def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: Path, *, n_images: int = 8,
                  seed: int = 0, loggers: list[Any] | None = None) -> Path | None:
     """After training: reconstruct the first ``n_images`` test images of the first subject and save
@@ -80,11 +88,7 @@ def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: 
     idx = p["image_index"][rows]
     inputs = {n: torch.from_numpy((p["pred"] if n == target else p["outputs"][n])[rows]) for n in names}
     out = generator.reconstruct(inputs, [image_seed(seed, i, 0) for i in idx])
-    columns = {"ground truth": as_float_images(dm.store.images[idx])}
-    if "lowlevel" in out:
-        columns["low-level"] = out["lowlevel"]
-    columns["final"] = out["final"]
-    grid = comparison_grid(columns)
+    grid = comparison_grid(_grid_columns(as_float_images(dm.store.images[idx]), out.get("lowlevel"), out["final"]))
     save_png(grid, path)
     log_grid(loggers or [], grid)
     return path
@@ -129,7 +133,6 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
         config={"reconstruct": OmegaConf.to_container(cfg, resolve=True), "train": extra["config"]})
     encoder = instantiate(train_cfg.target) if cfg.select_best and cfg.n_samples > 1 else None
     ids = dm.store.image_metadata["ids"]
-    grid_rows: dict[str, list[torch.Tensor]] = {"ground truth": [], "low-level": [], "final": []}
     n_written = 0
     for subject in subjects:
         p = preds[subject]
@@ -177,11 +180,11 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
     items = recs.select(subjects[0])[: cfg.grid.n]
     if items:
         size = cfg.grid.cell
-        grid_rows["ground truth"] = as_float_images(dm.store.images[np.array([i.image_index for i in items])])
-        if all(i.lowlevel_path for i in items):
-            grid_rows["low-level"] = load_images([out_dir / i.lowlevel_path for i in items], size)
-        grid_rows["final"] = load_images([out_dir / i.path for i in items], size)
-        grid = comparison_grid({k: v for k, v in grid_rows.items() if len(v)}, cell=size)
+        gts = as_float_images(dm.store.images[np.array([i.image_index for i in items])])
+        low = (load_images([out_dir / i.lowlevel_path for i in items], size)
+               if all(i.lowlevel_path for i in items) else None)
+        grid = comparison_grid(_grid_columns(gts, low, load_images([out_dir / i.path for i in items], size)),
+                               cell=size)
         grid_path = save_png(grid, out_dir / "grid.png")
         from braindecode_fw.tasks.train import build_loggers
 
