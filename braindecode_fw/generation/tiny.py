@@ -14,17 +14,46 @@ from typing import Any
 
 import torch
 
-KINDS = ("embeds", "unclip")
+KINDS = ("embeds", "unclip", "versatile", "controlnet")
+
+
+_UNET = dict(in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), attention_head_dim=8,
+             norm_num_groups=8)
 
 
 def _unet(image_size: int, cross_attention_dim: int, **extra: Any):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        sample_size=image_size // 4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8, norm_num_groups=8, **extra)
+        **_UNET, **extra)
+
+
+def _text_unet(image_size: int, cross_attention_dim: int):
+    """Versatile Diffusion's text UNet: the image UNet's layout with flat (1×1) blocks, so every
+    cross-attention transformer has a partner at the same module path."""
+    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import (
+        UNetFlatConditionModel,
+    )
+
+    return UNetFlatConditionModel(
+        sample_size=image_size // 4, down_block_types=("CrossAttnDownBlockFlat", "DownBlockFlat"),
+        up_block_types=("UpBlockFlat", "CrossAttnUpBlockFlat"), mid_block_type="UNetMidBlockFlatCrossAttn",
+        cross_attention_dim=cross_attention_dim, **_UNET)
+
+
+def _controlnet(unet):
+    """A ControlNet copy of ``unet``'s encoder. diffusers zero-initialises its output convolutions
+    (a fresh ControlNet changes nothing); the tiny one gets small random ones instead so that the
+    control map visibly modulates the images, as a trained one does."""
+    from diffusers import ControlNetModel
+
+    # the hint encoder downsamples by 4 like the tiny VAE (SD: 8, with four levels)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16))
+    for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+        torch.nn.init.normal_(conv.weight, std=0.2)
+    return net
 
 
 def _vae(image_size: int):
@@ -38,14 +67,18 @@ def _vae(image_size: int):
 
 def build_tiny_pipeline(kind: str, folder: str | Path, *, image_size: int = 64, cross_attention_dim: int = 128,
                         embed_dim: int = 128, seed: int = 0) -> Path:
-    """Build and save a tiny ``StableDiffusionPipeline`` (``kind="embeds"``: token-conditioned) or
-    ``StableUnCLIPImg2ImgPipeline`` (``kind="unclip"``: conditioned on an ``embed_dim`` image
-    embedding). Returns the folder."""
+    """Build and save a tiny pipeline of the real class: ``kind="embeds"``: ``StableDiffusionPipeline``
+    (token-conditioned); ``"unclip"``: ``StableUnCLIPImg2ImgPipeline`` (conditioned on an
+    ``embed_dim`` image embedding); ``"versatile"``: ``VersatileDiffusionPipeline`` (image + text
+    UNets, saved as the universal checkpoint the hub holds); ``"controlnet"``:
+    ``StableDiffusionControlNetPipeline``. Returns the folder."""
     from diffusers import (
         DDIMScheduler,
         DDPMScheduler,
+        StableDiffusionControlNetPipeline,
         StableDiffusionPipeline,
         StableUnCLIPImg2ImgPipeline,
+        VersatileDiffusionPipeline,
     )
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
         StableUnCLIPImageNormalizer,
@@ -65,6 +98,17 @@ def build_tiny_pipeline(kind: str, folder: str | Path, *, image_size: int = 64, 
                 vae=_vae(image_size), text_encoder=None, tokenizer=None,
                 unet=_unet(image_size, cross_attention_dim), scheduler=DDIMScheduler(**scheduler_kw),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        elif kind == "versatile":
+            pipe = VersatileDiffusionPipeline(
+                tokenizer=None, image_feature_extractor=None, text_encoder=None, image_encoder=None,
+                image_unet=_unet(image_size, cross_attention_dim), text_unet=_text_unet(image_size, cross_attention_dim),
+                vae=_vae(image_size), scheduler=DDIMScheduler(**scheduler_kw))
+        elif kind == "controlnet":
+            unet = _unet(image_size, cross_attention_dim)
+            pipe = StableDiffusionControlNetPipeline(
+                vae=_vae(image_size), text_encoder=None, tokenizer=None, unet=unet, controlnet=_controlnet(unet),
+                scheduler=DDIMScheduler(**scheduler_kw), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
         else:
             from transformers import (
                 CLIPImageProcessor,

@@ -241,6 +241,87 @@ def render_evaluation_markdown(result: dict[str, Any], machine: dict[str, Any], 
     return "\n".join(lines)
 
 
+def _fill_shape(name: str, shape: tuple[int | None, ...] | None, gen, token_lengths: dict[str, int]) -> tuple:
+    """A concrete decoder-output shape for a generator's declared need (open sizes filled in)."""
+    if shape is None:
+        raise ValueError(f"generation: generator {gen.name} accepts any shape for {name}; nothing to benchmark")
+    if len(shape) == 2 and shape[0] is None:
+        return (int(token_lengths.get(name, 77)), shape[1])
+    if len(shape) == 3 and shape[1] is None:  # low-level latent or image
+        side = gen.image_size // gen.vae_scale if shape[0] != 3 else gen.image_size
+        return (shape[0], side, side)
+    return tuple(shape)
+
+
+def bench_generation(gc: DictConfig, device: str, cache_dir: Path) -> dict[str, Any]:
+    """Seconds per image and peak memory of each configured generator on random decoder outputs of
+    the shapes it needs (tokens of ``token_lengths``). Real weights by default (their hub cache or
+    local folders); ``tiny`` builds each generator's tiny pipeline instead (CPU smoke numbers)."""
+    from braindecode_fw.tasks.reconstruct import build_generator
+
+    rows = []
+    for name, spec in gc.generators.items():
+        if spec is None:
+            continue
+        overrides = [f"generator={name}", f"generator.device={device}", f"generator.batch_size={gc.batch_size}",
+                     *(spec.get("overrides") or [])]
+        if gc.tiny:
+            tiny = ",".join(f"{k}:{v}" for k, v in {"kind": spec.kind, **gc.tiny}.items())
+            overrides += [f"generator.build_tiny={{{tiny}}}", f"generator.model={cache_dir}/bench_{name}_{spec.kind}",
+                          *(spec.get("tiny_overrides") or [])]
+        cfg = compose("reconstruct", overrides=overrides)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        gen = build_generator(cfg.generator)
+        load_s = time.perf_counter() - t0
+        needs = {**gen.needs(), **gen.optional()}
+        gen_rng = torch.Generator().manual_seed(0)
+        outputs = {k: torch.randn(gc.batch_size, *_fill_shape(k, v, gen, gc.token_lengths), generator=gen_rng)
+                   for k, v in needs.items()}
+        gen.reconstruct(outputs, list(range(gc.batch_size)))  # warm-up (kernels, allocator)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b in range(gc.timed_batches):
+            gen.reconstruct(outputs, [gc.batch_size * (b + 1) + i for i in range(gc.batch_size)])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        per_image = (time.perf_counter() - t0) / (gc.timed_batches * gc.batch_size)
+        params = sum(p.numel() for c in gen.pipe.components.values() if isinstance(c, torch.nn.Module)
+                     for p in c.parameters())
+        rows.append({"generator": name, "class": type(gen).__name__, "model": str(cfg.generator.model),
+                     "image_size": gen.image_size, "steps": gen.steps, "guidance_scale": gen.guidance_scale,
+                     "dtype": str(gen.dtype).removeprefix("torch."), "params_m": round(params / 1e6, 2),
+                     "inputs": {k: list(v.shape[1:]) for k, v in outputs.items()}, "load_s": round(load_s, 2),
+                     "s_per_image": round(per_image, 3),
+                     "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None,
+                     "peak_rss_mb": round(peak_rss_mb())})
+        log.info("generation: %s", rows[-1])
+        del gen
+    return {"device": device, "batch_size": gc.batch_size, "timed_batches": gc.timed_batches,
+            "tiny": OmegaConf.to_container(gc.tiny) if gc.tiny else None, "rows": rows}
+
+
+def render_generation_markdown(result: dict[str, Any], machine: dict[str, Any], command: str) -> str:
+    weights = (f"tiny pipelines built from each config's `build_tiny` ({result['tiny']}), random weights: the "
+               f"sampling loop's cost at small size, not the real models'" if result["tiny"] else "real weights")
+    lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} with `{command}` on: {machine['cpu']}, "
+             f"{machine['cores']} cores, GPU: {machine['gpu'] or 'none'}, torch {machine['torch']}; device "
+             f"{result['device']}, batch {result['batch_size']}, {weights}.", "",
+             "| generator | model | params (M) | dtype | image | steps | inputs | load s | s / image | "
+             "peak GPU MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        inputs = ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in r["inputs"].items())
+        lines.append(f"| {r['generator']} | `{Path(r['model']).name if result['tiny'] else r['model']}` | "
+                     f"{r['params_m']} | {r['dtype']} | {r['image_size']}² | {r['steps']} | {inputs} | {r['load_s']} | "
+                     f"{r['s_per_image']} | {r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '—'} | "
+                     f"{r['peak_rss_mb']} |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
 def _write_section(md: Path, tag: str, section: str) -> None:
     begin, end = BEGIN.replace("begin", f"{tag}-begin"), END.replace("end", f"{tag}-end")
     section = section.replace(BEGIN, begin).replace(END, end)
@@ -273,6 +354,15 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
         json_path = out / f"benchmarks_evaluation_{tag}.json"
         atomic_write_json(json_path, {"machine": machine, "result": result})
         _write_section(md, f"evaluation-{tag}", render_evaluation_markdown(result, machine, cfg.command_label))
+        print(f"wrote {json_path} and {md}")
+        results.append(result)
+    if cfg.generation.enabled:
+        result = bench_generation(cfg.generation, device, Path(cfg.paths.cache_dir) / "generators")
+        suffix = "tiny_" if cfg.generation.tiny else ""
+        json_path = out / f"benchmarks_generation_{suffix}{tag}.json"
+        atomic_write_json(json_path, {"machine": machine, "result": result})
+        _write_section(md, f"generation-{suffix.replace('_', '-')}{tag}",
+                       render_generation_markdown(result, machine, cfg.command_label))
         print(f"wrote {json_path} and {md}")
         results.append(result)
     return results

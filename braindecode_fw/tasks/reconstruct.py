@@ -40,8 +40,8 @@ def build_generator(gen_cfg: DictConfig) -> Reconstructor:
     if tiny is not None and not (Path(gen_cfg.model) / "model_index.json").is_file():
         log.info("building the tiny %s pipeline into %s", tiny.kind, gen_cfg.model)
         Path(gen_cfg.model).parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_pipeline(tiny.kind, gen_cfg.model, image_size=tiny.image_size,
-                            cross_attention_dim=tiny.cross_attention_dim, embed_dim=tiny.embed_dim, seed=tiny.seed)
+        spec = OmegaConf.to_container(tiny, resolve=True)
+        build_tiny_pipeline(spec.pop("kind"), gen_cfg.model, **spec)
     return instantiate(gen_cfg)
 
 
@@ -197,7 +197,8 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
     elapsed = time.perf_counter() - t_start
     summary = {"out": str(out_dir), "written": n_written, "items": len(recs.items), "grid": str(grid_path),
                "seconds": round(elapsed, 1)}
-    print(f"reconstructions: {out_dir} ({n_written} new images, {len(recs.items)} in total, {elapsed:.0f} s)")
+    per_image = f", {elapsed / n_written:.2f} s per image" if n_written else ""
+    print(f"reconstructions: {out_dir} ({n_written} new images, {len(recs.items)} in total, {elapsed:.0f} s{per_image})")
     print(f"grid          : {grid_path}")
     if cfg.evaluate:
         from braindecode_fw.tasks.evaluate import evaluate

@@ -51,3 +51,29 @@ def test_bench_writes_results(tmp_path):
     proc = _run("bdf-bench", args, tmp_path)
     assert proc.returncode == 0
     assert (tmp_path / "docs" / "benchmarks.md").read_text().count("bdf-bench:cpu-begin") == 1
+
+
+def test_bench_generation_tiny(tmp_path):
+    """The generator section: one row per configured generator with its inputs at the requested
+    token lengths, parameter counts of the loaded components, and a markdown section."""
+    steps = "overrides=['generator.steps=2']"
+    args = [
+        f"output_dir={tmp_path}/docs", f"paths.cache_dir={tmp_path}/cache", "run_worlds=false",
+        "evaluation.enabled=false", "generation.enabled=true", "generation.batch_size=2",
+        "generation.timed_batches=1", "generation.tiny={image_size:32,cross_attention_dim:16,embed_dim:8}",
+        "generation.token_lengths.clip_text_tokens=5", "generation.token_lengths.clip_image_tokens=9",
+        "generation.generators.sd21_unclip=null", "generation.generators.sd_img2img=null",
+        f"generation.generators.versatile_dual.{steps}",
+        "generation.generators.controlnet_modulated.overrides=['generator.steps=2','generator.controlnet=from_unet']",
+    ]
+    proc = _run("bdf-bench", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "docs" / "benchmarks_generation_tiny_cpu.json").read_text())["result"]
+    rows = {r["generator"]: r for r in result["rows"]}
+    assert sorted(rows) == ["controlnet_modulated", "versatile_dual"]
+    assert rows["versatile_dual"]["inputs"] == {"clip_image_tokens": [9, 16], "clip_text_tokens": [5, 16]}
+    assert rows["controlnet_modulated"]["inputs"] == {"clip_text_tokens": [5, 16], "control_map": [32, 8, 8]}
+    for r in rows.values():
+        assert r["s_per_image"] > 0 and r["params_m"] > 0 and r["steps"] == 2 and r["image_size"] == 32
+    md = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert md.count("bdf-bench:generation-tiny-cpu-begin") == 1 and "| versatile_dual |" in md
