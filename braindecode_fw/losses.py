@@ -59,3 +59,89 @@ class InfoNCELoss(nn.Module):
         logits = p @ t.T * self.log_scale.exp()
         labels = torch.arange(len(p), device=p.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# MixCo / BiMixCo (MindEye2 §3.4) and the loss pieces of MindBridge (§4.3)
+
+
+def mixco_permutation(subjects: list[str], *, generator: torch.Generator | None = None,
+                      original_label_bug: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-subject partner permutation for MixCo. Returns ``(mix_partner, label_column)``, both
+    ``(B,)`` long: row ``i`` is mixed with row ``mix_partner[i]`` (always the same subject: voxel
+    spaces differ between subjects) and its soft label points at column ``label_column[i]``.
+
+    MindEye2 drew a local permutation per subject and concatenated them without an offset, so
+    mixed rows of every subject but the first point at the first subject's columns (methods.md §3.4);
+    ``original_label_bug=True`` reproduces that (rows are assumed grouped by subject, as ME2's
+    concatenated per-subject batches were); the default points the label at the true partner."""
+    partner = torch.empty(len(subjects), dtype=torch.long)
+    label = torch.empty(len(subjects), dtype=torch.long)
+    for s in dict.fromkeys(subjects):
+        rows = torch.tensor([i for i, x in enumerate(subjects) if x == s])
+        local = torch.randperm(len(rows), generator=generator)
+        partner[rows] = rows[local]
+        label[rows] = local if original_label_bug else rows[local]
+    return partner, label
+
+
+def mixco_inputs(x: torch.Tensor, partner: torch.Tensor, *, beta_alpha: float = 0.15, select_prob: float = 0.5,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixCo on the inputs (voxels before the subject adapter): ``x`` ``(B, F)`` -> (mixed ``x``,
+    ``beta`` ``(B,)``). Each row is selected with probability ``select_prob``; selected rows become
+    ``β·x_i + (1−β)·x_partner(i)`` with ``β ~ Beta(α, α)``; unselected rows keep ``β = 1``."""
+    b = len(x)
+    beta = _beta_sample(beta_alpha, b, generator).to(x.device)
+    selected = torch.rand(b, generator=generator).to(x.device) < select_prob
+    beta = torch.where(selected, beta, torch.ones_like(beta)).to(x.dtype)
+    shape = (b,) + (1,) * (x.ndim - 1)
+    mixed = beta.view(shape) * x + (1 - beta.view(shape)) * x[partner.to(x.device)]
+    return mixed, beta
+
+
+def _beta_sample(alpha: float, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Beta(α, α) from two Gamma draws (torch's Beta sampler takes no generator)."""
+    g1 = torch._standard_gamma(torch.full((n,), alpha), generator=generator)
+    g2 = torch._standard_gamma(torch.full((n,), alpha), generator=generator)
+    return g1 / (g1 + g2)
+
+
+def mixco_soft_labels(beta: torch.Tensor, label_column: torch.Tensor) -> torch.Tensor:
+    """``(B, B)`` soft labels: ``diag(β)``, then ``P[i, label(i)] = 1 − β_i`` *assigned* (ME2's
+    semantics: where ``label(i) = i`` the diagonal is overwritten, so an unmixed row that drew itself
+    gets an all-zero row)."""
+    p = torch.diag(beta.float())
+    p[torch.arange(len(beta)), label_column.to(beta.device)] = 1 - beta.float()
+    return p
+
+
+def bimixco_loss(pred: torch.Tensor, target: torch.Tensor, soft_labels: torch.Tensor,
+                 temperature: float = 0.006) -> torch.Tensor:
+    """BiMixCo: ``½[−mean_i Σ_j P_ij log softmax(S)_ij − mean_i Σ_j Pᵀ_ij log softmax(Sᵀ)_ij]`` with
+    ``S = p̂·tᵀ/τ`` over L2-normalised flattened ``pred``/``target`` ``(B, *shape)``."""
+    p, t = _flat_normalised(pred), _flat_normalised(target)
+    logits = p @ t.T / temperature
+    rows = -(soft_labels * logits.log_softmax(-1)).sum(-1).mean()
+    cols = -(soft_labels.T * logits.T.log_softmax(-1)).sum(-1).mean()
+    return (rows + cols) / 2
+
+
+def soft_clip_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Functional :class:`SoftCLIPLoss` with a temperature chosen per call (schedules)."""
+    p, t = _flat_normalised(pred), _flat_normalised(target)
+    logits = p @ t.T / temperature
+    soft = (t @ t.T / temperature).softmax(-1)
+    return (-(soft * logits.log_softmax(-1)).sum(-1).mean() - (soft * logits.T.log_softmax(-1)).sum(-1).mean()) / 2
+
+
+def cosine_temperature(progress: float, start: float, end: float) -> float:
+    """MindEye2's SoftCLIP temperature over the SoftCLIP phase, ``progress`` in [0, 1]:
+    ``τ = end + (start − end)/2·(1 + cos(π·progress))`` (rises from ``start`` to ``end``)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return end + (start - end) / 2 * (1 + math.cos(math.pi * progress))
+
+
+def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Element-mean squared error between the L2-normalised flattened vectors (MindBridge's MSE term,
+    weighted 1e4 because each element is ~1/D)."""
+    return F.mse_loss(_flat_normalised(pred), _flat_normalised(target))
