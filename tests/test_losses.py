@@ -1,4 +1,5 @@
-"""SoftCLIP and InfoNCE against independent reference computations."""
+"""SoftCLIP, InfoNCE, BiMixCo/MixCo, temperature schedule and normalised MSE against independent
+reference computations."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from braindecode_fw.losses import InfoNCELoss, SoftCLIPLoss
+from braindecode_fw.losses import (
+    InfoNCELoss,
+    SoftCLIPLoss,
+    bimixco_loss,
+    cosine_temperature,
+    mixco_inputs,
+    mixco_permutation,
+    mixco_soft_labels,
+    normalized_mse,
+    soft_clip_loss,
+)
 
 
 def _norm(x):
@@ -57,3 +68,88 @@ def test_aligned_predictions_score_better():
         assert loss(t + 0.1 * torch.randn_like(t), t) < loss(t[torch.randperm(16)], t)
     with pytest.raises(ValueError, match="loss.temperature"):
         SoftCLIPLoss(0.0)
+
+
+def _bimixco_reference(pred, target, beta, label, tau):
+    """Loop-by-loop BiMixCo as MindEye2 writes it (numpy float64)."""
+    p = pred.reshape(len(pred), -1).double().numpy()
+    t = target.reshape(len(target), -1).double().numpy()
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    s = p @ t.T / tau
+    n = len(p)
+    labels = np.zeros((n, n))
+    for i in range(n):
+        labels[i, i] = beta[i]
+    for i in range(n):
+        labels[i, label[i]] = 1 - beta[i]  # an assignment: overwrites the diagonal when label[i] == i
+
+    def log_softmax(m):
+        m = m - m.max(1, keepdims=True)
+        return m - np.log(np.exp(m).sum(1, keepdims=True))
+
+    rows = -np.mean([(labels[i] * log_softmax(s)[i]).sum() for i in range(n)])
+    cols = -np.mean([(labels.T[i] * log_softmax(s.T)[i]).sum() for i in range(n)])
+    return (rows + cols) / 2
+
+
+def test_bimixco_matches_loop_reference_including_self_partner():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(6, 4, 5, generator=g), torch.randn(6, 4, 5, generator=g)
+    beta = torch.tensor([1.0, 0.3, 1.0, 0.8, 0.5, 1.0])
+    label = torch.tensor([0, 2, 1, 3, 5, 4])  # rows 0 (unmixed) and 3 (mixed) drew themselves
+    soft = mixco_soft_labels(beta, label)
+    assert soft[0].sum() == 0 and soft[3, 3] == pytest.approx(0.2)  # ME2's overwrite semantics
+    ours = bimixco_loss(pred, target, soft, temperature=0.05)
+    assert float(ours) == pytest.approx(_bimixco_reference(pred, target, beta.numpy(), label.numpy(), 0.05), rel=1e-5)
+
+
+def test_mixco_partners_stay_within_subject_and_the_original_label_bug():
+    subjects = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    partner, label = mixco_permutation(subjects, generator=torch.Generator().manual_seed(1))
+    for i, j in enumerate(partner.tolist()):
+        assert subjects[i] == subjects[j]  # voxel spaces differ: never mix across subjects
+    assert torch.equal(partner, label)  # fixed: the soft label points at the true partner
+    _, buggy = mixco_permutation(subjects, generator=torch.Generator().manual_seed(1), original_label_bug=True)
+    assert torch.equal(buggy, partner - torch.tensor([0] * 4 + [4] * 4 + [8] * 4))  # local indices, no offset
+    assert (buggy[4:] < 4).all()  # subjects b and c point at subject a's columns, as in ME2 pretraining
+
+
+def test_mixco_inputs_mix_selected_rows_only():
+    x = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
+    partner = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])
+    mixed, beta = mixco_inputs(x, partner, generator=torch.Generator().manual_seed(3))
+    for i in range(8):
+        assert torch.allclose(mixed[i], beta[i] * x[i] + (1 - beta[i]) * x[partner[i]], atol=1e-6)
+    assert (beta == 1).any() and (beta < 1).any() and ((beta > 0) & (beta <= 1)).all()
+    again, beta2 = mixco_inputs(x, partner, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, mixed) and torch.equal(beta, beta2)  # seeded
+
+
+def test_beta_sampler_moments():
+    from braindecode_fw.losses import _beta_sample
+
+    x = _beta_sample(0.15, 200_000, torch.Generator().manual_seed(0)).double()
+    assert float(x.mean()) == pytest.approx(0.5, abs=0.01)
+    assert float(x.var()) == pytest.approx(1 / (4 * (2 * 0.15 + 1)), rel=0.02)  # Beta(α, α) variance
+
+
+def test_cosine_temperature_schedule_and_functional_softclip():
+    # MindEye2: τ_e = 0.0075 + (0.004 − 0.0075)/2·(1 + cos(π·e/100)), rising from 0.004 to 0.0075
+    assert cosine_temperature(0.0, 0.004, 0.0075) == pytest.approx(0.004)
+    assert cosine_temperature(1.0, 0.004, 0.0075) == pytest.approx(0.0075)
+    e = 37
+    ref = 0.0075 + (0.004 - 0.0075) / 2 * (1 + math.cos(math.pi * e / 100))
+    assert cosine_temperature(e / 100, 0.004, 0.0075) == pytest.approx(ref)
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    assert torch.allclose(soft_clip_loss(pred, target, 0.01), SoftCLIPLoss(0.01)(pred, target))
+
+
+def test_normalized_mse_matches_manual():
+    g = torch.Generator().manual_seed(4)
+    pred, target = torch.randn(3, 2, 6, generator=g), 5 * torch.randn(3, 2, 6, generator=g)
+    p = pred.reshape(3, -1) / pred.reshape(3, -1).norm(dim=1, keepdim=True)
+    t = target.reshape(3, -1) / target.reshape(3, -1).norm(dim=1, keepdim=True)
+    assert torch.allclose(normalized_mse(pred, target), ((p - t) ** 2).mean())
+    assert float(normalized_mse(pred, 3 * pred)) == pytest.approx(0.0, abs=1e-7)  # scale-free
