@@ -143,7 +143,17 @@ def run_app(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> N
 def _train(cfg: DictConfig) -> float | None:
     from braindecode_fw.tasks.train import train
 
-    result = train(cfg)
+    return _optimized(cfg, train(cfg))
+
+
+def _adapt(cfg: DictConfig) -> float | None:
+    from braindecode_fw.tasks.adapt import adapt
+
+    return _optimized(cfg, adapt(cfg))
+
+
+def _optimized(cfg: DictConfig, result: dict) -> float | None:
+    """The value a sweeper optimises (``optimized_metric``), with a clear error when absent."""
     name = cfg.get("optimized_metric")
     if not name:
         return None
@@ -181,6 +191,10 @@ def _bench(cfg: DictConfig) -> None:
 
 def train_main() -> None:
     run_app("train", _train, "bdf-train")
+
+
+def adapt_main() -> None:
+    run_app("adapt", _adapt, "bdf-adapt")
 
 
 def evaluate_main() -> None:

@@ -19,12 +19,15 @@ from torch import nn
 from braindecode_fw.data.datamodule import Batch
 from braindecode_fw.metrics.retrieval import DIRECTIONS, retrieval_accuracy
 from braindecode_fw.models.decoder import Decoder
+from braindecode_fw.objectives import Objective, PairObjective
 
 log = logging.getLogger(__name__)
 
 
 class DecoderModule(L.LightningModule):
-    """Trains a :class:`Decoder` against one target with a contrastive loss.
+    """Trains a :class:`Decoder` with an :class:`~braindecode_fw.objectives.Objective` (a plain pair
+    loss such as InfoNCE is wrapped into a :class:`PairObjective` on ``target``). ``target`` is the
+    primary target: validation retrieval and checkpoint selection use it.
 
     optimizer: partial ``torch.optim`` constructor (Hydra ``_partial_``); weight decay is applied
     to adapters (MindEye2's ridge, bias included) and to weight matrices of the shared parts, not
@@ -46,7 +49,7 @@ class DecoderModule(L.LightningModule):
     ):
         super().__init__()
         self.decoder = decoder
-        self.loss_fn = loss
+        self.objective = loss if isinstance(loss, Objective) else PairObjective(loss, target)
         self.target = target
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -65,17 +68,28 @@ class DecoderModule(L.LightningModule):
                 "trainer.precision=32-true, or run with debug=anomaly to locate it"
             )
 
+    def progress(self, batch_idx: int) -> float:
+        """Fraction of training done (epochs, fractional within an epoch), for loss schedules."""
+        trainer = self._trainer
+        if trainer is None or not trainer.max_epochs or trainer.max_epochs < 1:
+            return 0.0
+        n = trainer.num_training_batches
+        within = batch_idx / n if isinstance(n, int | float) and 0 < n < float("inf") else 0.0
+        return min(1.0, (self.current_epoch + within) / trainer.max_epochs)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        out = self(batch)
-        loss = self.loss_fn(out[self.target], batch.targets[self.target])
+        loss, parts = self.objective(self.decoder, batch, self.progress(batch_idx))
         self._check_finite(loss, "train")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=len(batch))
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        loss, _ = self.objective(self.decoder, batch, 1.0)
+        self.log("val/loss", loss, batch_size=len(batch))
         out = self(batch)
         pred, tgt = out[self.target].float(), batch.targets[self.target].float()
-        self.log("val/loss", self.loss_fn(pred, tgt), batch_size=len(batch))
         for s in dict.fromkeys(batch.subject):
             rows = torch.tensor([i for i, x in enumerate(batch.subject) if x == s], device=pred.device)
             self._val_outputs[s].append((pred[rows].cpu(), tgt[rows].cpu()))
@@ -121,6 +135,9 @@ class DecoderModule(L.LightningModule):
         # RNG state (dropout) so that a resumed run continues bitwise like an uninterrupted one;
         # batch order is already reproducible from (seed, epoch) by the sampler
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        generator = getattr(self.objective, "generator", None)
+        if isinstance(generator, torch.Generator):  # the objective's own draws (MixCo) resume too
+            checkpoint["rng_state"]["objective"] = generator.get_state()
         if torch.cuda.is_available():
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
@@ -128,6 +145,9 @@ class DecoderModule(L.LightningModule):
         rng = checkpoint.get("rng_state")
         if rng:
             torch.set_rng_state(rng["torch"])
+            generator = getattr(self.objective, "generator", None)
+            if "objective" in rng and isinstance(generator, torch.Generator):
+                generator.set_state(rng["objective"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
 

@@ -234,6 +234,8 @@ class BrainDataModule(L.LightningDataModule):
         target_dtype: str = "float32",
         pin_memory: bool = False,
         check_finite: bool = True,
+        train_sessions: dict[str, int] | None = None,
+        eval_subjects: list[str] | None = None,
     ):
         super().__init__()
         if repeat_averaging not in REPEAT_AVERAGING:
@@ -246,6 +248,9 @@ class BrainDataModule(L.LightningDataModule):
         self.repeat_averaging, self.seed = repeat_averaging, seed
         self.cache_dir = Path(cache_dir) if cache_dir else self.store_path.parent / "target_cache"
         self.target_dtype, self.pin_memory, self.check_finite = target_dtype, pin_memory, check_finite
+        # budgets: subject -> keep only the training trials of its first k sessions (adaptation)
+        self.train_sessions = {str(k): int(v) for k, v in (train_sessions or {}).items()}
+        self.eval_subjects = list(eval_subjects) if eval_subjects else None
         self.store: PreparedStore | None = None
         self._ready = False
 
@@ -262,6 +267,14 @@ class BrainDataModule(L.LightningDataModule):
                 f"data.subjects: unknown subject(s) {unknown}; the store {self.store_path} has {available}"
             )
         self.subjects = subjects
+        for key, names in (("data.train_sessions", list(self.train_sessions)),
+                           ("data.eval_subjects", self.eval_subjects or [])):
+            stray = [s for s in names if s not in subjects]
+            if stray:
+                raise ValueError(f"{key}: subject(s) {stray} are not among the data's subjects {subjects}")
+        bad = {s: k for s, k in self.train_sessions.items() if k < 1}
+        if bad:
+            raise ValueError(f"data.train_sessions: budgets must be >= 1 session, got {bad}")
         self.readers: list[_SubjectReader] = []
         self.stats: dict[str, SessionStats] = {}
         for s in subjects:
@@ -294,8 +307,13 @@ class BrainDataModule(L.LightningDataModule):
         pos, rows, imgs, groups = [], [], [], []
         offset = 0
         for p, s in enumerate(self.subjects):
+            if split != "train" and self.eval_subjects is not None and s not in self.eval_subjects:
+                continue
             t = self.store.subjects[s].trials
             r = np.flatnonzero(t.split == split)
+            if split == "train" and s in self.train_sessions:
+                kept = np.unique(t.session[r])[: self.train_sessions[s]]
+                r = r[np.isin(t.session[r], kept)]
             pos.append(np.full(len(r), p))
             rows.append(r)
             imgs.append(t.image_index[r])
@@ -311,6 +329,8 @@ class BrainDataModule(L.LightningDataModule):
         pos, rows, imgs = [], [], []
         per_subject = []
         for p, s in enumerate(self.subjects):
+            if self.eval_subjects is not None and s not in self.eval_subjects:
+                continue
             t = self.store.subjects[s].trials
             r = np.flatnonzero(t.split == split)
             order = np.lexsort((t.repeat[r], t.image_index[r]))

@@ -23,15 +23,23 @@ class Decoder(nn.Module):
         self.encoder = encoder
         self.heads = nn.ModuleDict(dict(heads))
 
-    def forward(self, responses: torch.Tensor, subjects: Sequence[str],
-                repeat_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, responses: torch.Tensor, subjects: Sequence[str], repeat_mask: torch.Tensor | None = None,
+                targets: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``targets`` (training and validation only) lets a decoder compute auxiliary losses that
+        need them (``outputs["loss/<name>"]``, e.g. a diffusion prior's); prediction passes none."""
         if repeat_mask is not None:
             b, r = responses.shape[:2]
             flat_subjects = [s for s in subjects for _ in range(r)]
-            out = self.forward(responses.reshape(b * r, -1), flat_subjects)
+            out = self.compute(responses.reshape(b * r, *responses.shape[2:]), flat_subjects, None)
             w = repeat_mask.to(responses.dtype)
             w = w / w.sum(1, keepdim=True).clamp(min=1)
-            return {k: torch.einsum("br...,br->b...", v.reshape(b, r, *v.shape[1:]), w) for k, v in out.items()}
+            return {k: torch.einsum("br...,br->b...", v.reshape(b, r, *v.shape[1:]), w) for k, v in out.items()
+                    if not k.startswith("loss/")}
+        return self.compute(responses, subjects, targets)
+
+    def compute(self, responses: torch.Tensor, subjects: Sequence[str],
+                targets: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """One response per row: ``(B, F)`` -> outputs (subclasses add auxiliary losses)."""
         h = self.encoder(self.adapter(responses, subjects))
         return {name: head(h) for name, head in self.heads.items()}
 
@@ -50,4 +58,69 @@ def build_decoder(
         adapter=adapter(n_features=n_features, hidden=hidden),
         encoder=encoder(hidden=hidden),
         heads={name: head(hidden=hidden, target_shape=shape) for name, shape in target_shapes.items()},
+    )
+
+
+class BridgeDecoder(Decoder):
+    """MindBridge (methods.md §4.2–4.3): pooled per-subject embedders -> shared translator -> heads,
+    plus per-subject builders that map the shared embedding back to a subject's pooled voxels.
+
+    With ``targets`` given (training/validation) it adds two auxiliary losses:
+    ``loss/reconstruction`` = MSE(x, B_s(E_s(x))) over the batch's pooled inputs, and ``loss/cycle``
+    = MSE(e_a, E_b(B_b(e_a))) for one pair of distinct subjects (a, b) of the batch: a random pair
+    (training from scratch), or ``cycle_target`` as b (adaptation: source -> new subject). A batch
+    with one subject has no cycle term (0).
+    """
+
+    def __init__(self, adapter: nn.Module, encoder: nn.Module, heads: Mapping[str, nn.Module], builder: nn.Module,
+                 cycle_target: str | None = None):
+        super().__init__(adapter, encoder, heads)
+        self.builder = builder
+        self.cycle_target = cycle_target
+
+    def compute(self, responses, subjects, targets):
+        pooled = self.adapter.pool(responses, subjects)
+        embedded = self.adapter.embed(pooled, subjects)
+        h = self.encoder(embedded)
+        out = {name: head(h) for name, head in self.heads.items()}
+        if targets is not None:
+            out["loss/reconstruction"] = nn.functional.mse_loss(self.builder(embedded, subjects), pooled)
+            out["loss/cycle"] = self.cycle_loss(embedded, subjects)
+        return out
+
+    def cycle_loss(self, embedded: torch.Tensor, subjects: Sequence[str]) -> torch.Tensor:
+        present = list(dict.fromkeys(subjects))
+        if len(present) < 2:
+            return embedded.new_zeros(())
+        if self.cycle_target is not None and self.cycle_target in present:
+            b = self.cycle_target
+            sources = [s for s in present if s != b]
+            a = sources[int(torch.randint(len(sources), ()))]
+        else:
+            i, j = torch.randperm(len(present))[:2].tolist()
+            a, b = present[i], present[j]
+        rows = torch.tensor([k for k, s in enumerate(subjects) if s == a], device=embedded.device)
+        e_a = embedded.index_select(0, rows)
+        as_b = [b] * len(rows)
+        e_b = self.adapter.embed(self.builder(e_a, as_b), as_b)
+        return nn.functional.mse_loss(e_b, e_a)
+
+
+def build_bridge_decoder(
+    n_features: Mapping[str, int],
+    target_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    adapter: Callable[..., nn.Module],
+    encoder: Callable[..., nn.Module],
+    head: Callable[..., nn.Module],
+    builder: Callable[..., nn.Module],
+    hidden: int,
+) -> BridgeDecoder:
+    """:func:`build_decoder` plus the per-subject builders (their pool size is the adapter's)."""
+    adapter_module = adapter(n_features=n_features, hidden=hidden)
+    return BridgeDecoder(
+        adapter=adapter_module,
+        encoder=encoder(hidden=hidden),
+        heads={name: head(hidden=hidden, target_shape=shape) for name, shape in target_shapes.items()},
+        builder=builder(subjects=list(n_features), hidden=hidden, pool_size=adapter_module.pool_size),
     )

@@ -35,3 +35,20 @@ class ResidualMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.blocks(x))
+
+
+class PostNormResidualMLP(nn.Module):
+    """MindBridge's translator (methods.md §4.2): ``n_blocks`` × ``x + Dropout(GELU(LayerNorm(W·x)))``
+    (post-norm ordering), ``(..., hidden) -> (..., hidden)``; 4 blocks of 2048 at real scale."""
+
+    def __init__(self, hidden: int, n_blocks: int = 4, dropout: float = 0.15):
+        super().__init__()
+        self.hidden = hidden
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout))
+            for _ in range(n_blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x

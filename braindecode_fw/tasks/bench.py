@@ -103,7 +103,7 @@ def bench_world(name: str, world: DictConfig, device: str) -> dict[str, Any]:
     def step(batch) -> None:
         batch.responses = batch.responses.to(device)
         batch.targets = {k: v.to(device) for k, v in batch.targets.items()}
-        loss = module.loss_fn(module(batch)[module.target], batch.targets[module.target])
+        loss, _ = module.objective(module.decoder, batch, 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -107,9 +107,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     store = ensure_store(cfg.dataset)
     dm = build_datamodule(cfg, store)
     decoder = build_model(cfg, dm.n_features, dm.target_shapes)
-    target = cfg.target.feature_name
     resolved = OmegaConf.to_container(cfg, resolve=True)
     _save_config(resolved, run_dir / "config_resolved.yaml")
+    return fit_and_evaluate(cfg, dm, decoder, run_dir=run_dir, checkpoint_config=resolved, t_start=t_start)
+
+
+def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, run_dir: Path,
+                     checkpoint_config: dict[str, Any], t_start: float,
+                     n_features: dict[str, int] | None = None) -> dict[str, Any]:
+    """Train ``decoder`` on ``dm`` with ``cfg.loss``/``cfg.optim``/``cfg.trainer``, reload the best
+    checkpoint, evaluate retrieval on the test split, write the report and the preview grid, and
+    return the test metrics (shared by ``bdf-train`` and ``bdf-adapt``). ``n_features`` (default: the
+    data's subjects) is what the checkpoint records as the decoder's subjects."""
+    target = cfg.target.feature_name
     module = DecoderModule(
         decoder,
         loss=instantiate(cfg.loss),
@@ -118,8 +128,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         val_subset_size=cfg.evaluation.subset_size,
         checkpoint_extra={
-            "config": resolved,
-            "n_features": dm.n_features,
+            "config": checkpoint_config,
+            "n_features": n_features or dm.n_features,
             "target_shapes": {k: list(v) for k, v in dm.target_shapes.items()},
             "dataset_version": dm.store.version if dm.store else None,
         },
@@ -132,7 +142,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     n_params = count_parameters(decoder)
     for lg in loggers:
-        lg.log_hyperparams({**_flatten(resolved), "params/total": n_params["total"],
+        lg.log_hyperparams({**_flatten(checkpoint_config), "params/total": n_params["total"],
                             "params/trainable": n_params["trainable"]})
     log.info("decoder: %s parameters; subjects %s; target %s %s", f"{n_params['total']:,}",
              dm.n_features, target, dm.target_shapes[target])

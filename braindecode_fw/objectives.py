@@ -1,0 +1,157 @@
+"""Training objectives: what one optimisation step computes from a decoder and a batch.
+
+The LightningModule calls ``objective(decoder, batch, progress) -> (loss, parts)`` and never
+branches on the method; a method is a model config plus an objective config.
+
+- :class:`PairObjective`: one contrastive pair loss (InfoNCE, SoftCLIP) between the decoder's
+  output for the primary target and that target (the foundation default).
+- :class:`TermsObjective`: a weighted sum of named terms (methods.md §3.4, §4.3, §7.3):
+  contrastive terms (BiMixCo during the first ``mixco.until`` of training, SoftCLIP afterwards, with
+  a fixed or cosine-scheduled temperature), regression terms (normalised MSE, MSE, L1) and the
+  decoder's auxiliary losses (``outputs["loss/<name>"]``: cycle, brain reconstruction, prior).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from braindecode_fw.data.datamodule import Batch
+from braindecode_fw.losses import (
+    bimixco_loss,
+    cosine_temperature,
+    mixco_inputs,
+    mixco_permutation,
+    mixco_soft_labels,
+    normalized_mse,
+    soft_clip_loss,
+)
+
+KINDS = ("contrastive", "normalized_mse", "mse", "l1", "aux")
+AUX_PREFIX = "loss/"
+
+
+class Objective(nn.Module):
+    """``forward(decoder, batch, progress)`` -> (scalar loss, {part name: detached value}).
+    ``progress`` is the fraction of training done, in [0, 1] (epoch-based schedules)."""
+
+    def forward(self, decoder: nn.Module, batch: Batch, progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class PairObjective(Objective):
+    """A pair loss ``loss(pred, target)`` on the output named ``target``."""
+
+    def __init__(self, loss: nn.Module, target: str):
+        super().__init__()
+        self.loss = loss
+        self.target = target
+
+    def forward(self, decoder, batch, progress):
+        out = decoder(batch.responses, batch.subject, batch.repeat_mask)
+        loss = self.loss(out[self.target], batch.targets[self.target])
+        return loss, {}
+
+
+@dataclass
+class Term:
+    """One weighted term. ``output``: decoder output key; ``target``: batch target key (for
+    ``aux`` terms: the name of the decoder's ``loss/<name>`` output)."""
+
+    kind: str
+    weight: float = 1.0
+    output: str | None = None
+    target: str | None = None
+
+
+class TermsObjective(Objective):
+    """Weighted terms with MindEye2's contrastive schedule.
+
+    ``mixco``: ``{until: 0.33, temperature: 0.006, beta_alpha: 0.15, select_prob: 0.5,
+    original_label_bug: false, mix_regression_targets: true}`` or None (no BiMixCo phase).
+    While ``progress < until`` the responses are MixCo-mixed within each subject before the
+    decoder and contrastive terms use BiMixCo with the mixing's soft labels; regression targets are
+    mixed with the same β and partners (``mix_regression_targets``; MindEye2 mixed its VAE targets
+    only after the L1 had been computed, i.e. not at all: ``false`` reproduces that).
+    ``softclip``: ``{temperature: 0.005}`` (fixed, MindBridge) or ``{start: 0.004, end: 0.0075}``
+    (cosine over the SoftCLIP phase, MindEye2).
+    """
+
+    def __init__(self, terms: Mapping[str, Mapping[str, Any]], softclip: Mapping[str, float] | None = None,
+                 mixco: Mapping[str, Any] | None = None, seed: int = 0):
+        super().__init__()
+        self.terms: dict[str, Term] = {}
+        for name, spec in terms.items():
+            if spec is None:
+                continue
+            term = Term(**dict(spec))
+            if term.kind not in KINDS:
+                raise ValueError(f"loss.terms.{name}.kind: one of {KINDS}, got {term.kind!r}")
+            if term.kind != "aux" and (term.output is None or term.target is None):
+                raise ValueError(f"loss.terms.{name}: a {term.kind} term needs `output` and `target`")
+            self.terms[name] = term
+        if not self.terms:
+            raise ValueError("loss.terms: no terms configured")
+        self.softclip = dict(softclip or {"temperature": 0.005})
+        if "temperature" not in self.softclip and not {"start", "end"} <= set(self.softclip):
+            raise ValueError("loss.softclip: give `temperature`, or `start` and `end` for the cosine schedule")
+        self.mixco = dict(mixco) if mixco else None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def outputs_needed(self) -> list[str]:
+        return sorted({t.output for t in self.terms.values() if t.output})
+
+    def softclip_temperature(self, progress: float) -> float:
+        if "temperature" in self.softclip:
+            return float(self.softclip["temperature"])
+        until = self.mixco["until"] if self.mixco else 0.0
+        phase = (progress - until) / max(1e-12, 1 - until)
+        return cosine_temperature(phase, self.softclip["start"], self.softclip["end"])
+
+    def forward(self, decoder, batch, progress):
+        responses, targets = batch.responses, dict(batch.targets)
+        soft_labels = None
+        mixing = self.mixco is not None and progress < self.mixco["until"] and self.training
+        if mixing:
+            partner, label = mixco_permutation(batch.subject, generator=self.generator,
+                                               original_label_bug=self.mixco.get("original_label_bug", False))
+            responses, beta = mixco_inputs(responses, partner, beta_alpha=self.mixco.get("beta_alpha", 0.15),
+                                           select_prob=self.mixco.get("select_prob", 0.5), generator=self.generator)
+            soft_labels = mixco_soft_labels(beta, label).to(responses.device)
+            if self.mixco.get("mix_regression_targets", True):
+                for t in self.terms.values():
+                    if t.kind in ("normalized_mse", "mse", "l1") and t.target in targets:
+                        y = targets[t.target]
+                        b = beta.view(-1, *[1] * (y.ndim - 1)).to(y.dtype)
+                        targets[t.target] = b * y + (1 - b) * y[partner.to(y.device)]
+        out = decoder(responses, batch.subject, targets=targets)
+        total = responses.new_zeros(())
+        parts: dict[str, torch.Tensor] = {}
+        tau = self.softclip_temperature(progress)
+        for name, t in self.terms.items():
+            if t.kind == "aux":
+                key = AUX_PREFIX + (t.target or name)
+                if key not in out:
+                    raise KeyError(f"loss.terms.{name}: the decoder has no auxiliary output {key!r}; "
+                                   f"it provides {sorted(k for k in out if k.startswith(AUX_PREFIX))}")
+                value = out[key]
+            else:
+                pred, y = out[t.output].float(), targets[t.target].float()
+                if t.kind == "contrastive":
+                    value = (bimixco_loss(pred, y, soft_labels, self.mixco.get("temperature", 0.006))
+                             if soft_labels is not None else soft_clip_loss(pred, y, tau))
+                elif t.kind == "normalized_mse":
+                    value = normalized_mse(pred, y)
+                elif t.kind == "mse":
+                    value = F.mse_loss(pred, y)
+                else:
+                    value = F.l1_loss(pred, y)
+            parts[name] = value.detach()
+            total = total + t.weight * value
+        parts["temperature"] = torch.tensor(tau if soft_labels is None else self.mixco.get("temperature", 0.006))
+        return total, parts

@@ -1,0 +1,52 @@
+"""bdf-adapt on the tiny world: MindBridge trained on subj01, subj02 added from one session with
+reset-tuning; frozen parts unchanged, budget respected, checkpoint reusable; one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from braindecode_fw.data.store import open_store
+from tests.conftest import TINY_MODEL, TINY_WORLD
+from tests.tasks.test_cli import _assert_one_line_error, _run
+
+MB_TINY = ["experiment=mindbridge_synthetic", "model.adapter.pool_size=32", "model.adapter.bottleneck=4",
+           "model.builder.bottleneck=4", "logger=csv", "reconstruction.enabled=false"]
+
+
+@pytest.mark.slow
+def test_adapt_new_subject_reset_tuning(tmp_path):
+    train = _run("bdf-train", [*TINY_WORLD, *TINY_MODEL, *MB_TINY, "data.subjects=[subj01]"], tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    src = train.stdout.split("checkpoint    :")[1].split()[0]
+    args = [f"ckpt={src}", "subject=subj02", "sessions=1", "adaptation=reset_tuning", "trainer.max_epochs=2",
+            "logger=csv", "batch_size=16"]
+    proc = _run("bdf-adapt", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "subj02" in proc.stdout.split("Retrieval on held-out")[1] and "subj01  " not in proc.stdout
+    store = open_store(tmp_path / "data" / "prepared" / "synthetic")
+    t = store.subjects["subj02"].trials
+    train_rows = t.split == "train"
+    first = np.unique(t.session[train_rows])[0]
+    n_budget = int((train_rows & (t.session == first)).sum())
+    assert f"adapting to subj02: {n_budget} training trials (1 sessions), sources ['subj01']" in proc.stdout + proc.stderr
+    ckpt = proc.stdout.split("checkpoint    :")[1].split()[0]
+    before = torch.load(src, weights_only=True)["state_dict"]
+    after = torch.load(ckpt, weights_only=True)
+    assert after["braindecode_fw"]["n_features"] == {"subj01": 60, "subj02": 90}
+    assert after["braindecode_fw"]["config"]["adaptation"]["subject"] == "subj02"
+    shared = [k for k in before if "subj02" not in k]
+    assert shared and all(torch.equal(before[k], after["state_dict"][k]) for k in shared)  # frozen
+    new = [k for k in after["state_dict"] if ".subj02." in k]
+    assert any(k.startswith("decoder.builder.builders.subj02.") for k in new)
+    assert any(k.startswith("decoder.adapter.embedders.subj02.") for k in new)
+    # the adapted checkpoint is an ordinary one
+    ev = _run("bdf-evaluate", [f"ckpt={ckpt}"], tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+
+    again = _run("bdf-adapt", [f"ckpt={src}", "subject=subj01", "trainer.max_epochs=1"], tmp_path)
+    _assert_one_line_error(again, "subject: subj01 is already in the checkpoint (subjects ['subj01'])")
+    ridge = _run("bdf-adapt", [f"ckpt={src}", "subject=subj02", "adaptation=finetune_all", "trainer.max_epochs=1"],
+                 tmp_path)
+    _assert_one_line_error(ridge, "adaptation.init_bias_from: only a linear (ridge) adapter has a bias to copy")

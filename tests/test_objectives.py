@@ -1,0 +1,102 @@
+"""Training objectives: the MindEye2 schedule (BiMixCo phase, then SoftCLIP with a cosine
+temperature), regression-target mixing and its original-behaviour flag, auxiliary terms, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from braindecode_fw.data.datamodule import Batch
+from braindecode_fw.losses import InfoNCELoss, bimixco_loss, mixco_soft_labels, soft_clip_loss
+from braindecode_fw.objectives import PairObjective, TermsObjective
+
+
+class Recorder(nn.Module):
+    """A decoder stand-in: outputs are fixed functions of the (possibly mixed) responses, and it
+    keeps what it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, responses, subjects, repeat_mask=None, targets=None):
+        self.seen = responses.clone()
+        out = {"emb": responses @ self.w, "low": (responses @ self.w)[:, :2]}
+        if targets is not None:
+            out["loss/cycle"] = responses.square().mean()
+        return out
+
+
+def _batch(n=8):
+    g = torch.Generator().manual_seed(1)
+    return Batch(subject=["a"] * (n // 2) + ["b"] * (n // 2), responses=torch.randn(n, 6, generator=g),
+                 image_index=torch.arange(n),
+                 targets={"emb": torch.randn(n, 4, generator=g), "low": torch.randn(n, 2, generator=g)})
+
+
+ME2 = dict(terms={"clip": {"kind": "contrastive", "output": "emb", "target": "emb"},
+                  "blur": {"kind": "l1", "output": "low", "target": "low", "weight": 0.5},
+                  "cycle": {"kind": "aux", "weight": 2.0}},
+           softclip={"start": 0.004, "end": 0.0075}, mixco={"until": 0.33, "temperature": 0.006})
+
+
+def test_mixco_phase_uses_bimixco_on_mixed_inputs_and_mixes_regression_targets():
+    obj, dec, batch = TermsObjective(**ME2, seed=3), Recorder(), _batch()
+    loss, parts = obj(dec, batch, progress=0.1)
+    # replay the objective's draws to rebuild the mixing it applied
+    replay = TermsObjective(**ME2, seed=3)
+    from braindecode_fw.losses import mixco_inputs, mixco_permutation
+
+    partner, label = mixco_permutation(batch.subject, generator=replay.generator)
+    mixed, beta = mixco_inputs(batch.responses, partner, generator=replay.generator)
+    assert torch.equal(dec.seen, mixed) and not torch.equal(mixed, batch.responses)
+    assert all(batch.subject[i] == batch.subject[j] for i, j in enumerate(partner.tolist()))
+    out = dec(mixed, batch.subject, targets={})
+    soft = mixco_soft_labels(beta, label)
+    clip = bimixco_loss(out["emb"], batch.targets["emb"], soft, 0.006)
+    low_t = batch.targets["low"]
+    mixed_low = beta[:, None] * low_t + (1 - beta[:, None]) * low_t[partner]
+    blur = torch.nn.functional.l1_loss(out["low"], mixed_low)
+    torch.testing.assert_close(parts["clip"], clip.detach())
+    torch.testing.assert_close(parts["blur"], blur.detach())
+    torch.testing.assert_close(loss, clip + 0.5 * blur + 2.0 * out["loss/cycle"])
+    assert float(parts["temperature"]) == pytest.approx(0.006)
+
+
+def test_original_behaviour_leaves_regression_targets_unmixed():
+    cfg = {**ME2, "mixco": {"until": 0.33, "mix_regression_targets": False}}
+    obj, dec, batch = TermsObjective(**cfg, seed=3), Recorder(), _batch()
+    _, parts = obj(dec, batch, progress=0.0)
+    out = dec(dec.seen, batch.subject, targets={})
+    torch.testing.assert_close(parts["blur"], torch.nn.functional.l1_loss(out["low"], batch.targets["low"]).detach())
+
+
+def test_softclip_phase_with_cosine_temperature():
+    obj, dec, batch = TermsObjective(**ME2), Recorder(), _batch()
+    progress = 0.33 + 0.5 * 0.67  # half-way through the SoftCLIP phase
+    _, parts = obj(dec, batch, progress=progress)
+    assert torch.equal(dec.seen, batch.responses)  # no mixing after the BiMixCo phase
+    tau = 0.0075 + (0.004 - 0.0075) / 2 * (1 + torch.cos(torch.tensor(torch.pi * 0.5))).item()
+    assert float(parts["temperature"]) == pytest.approx(tau)
+    out = dec(batch.responses, batch.subject, targets={})
+    torch.testing.assert_close(parts["clip"], soft_clip_loss(out["emb"], batch.targets["emb"], tau).detach())
+    obj.eval()  # evaluation never mixes, whatever the progress
+    obj(dec, batch, progress=0.0)
+    assert torch.equal(dec.seen, batch.responses)
+
+
+def test_pair_objective_and_errors():
+    dec, batch = Recorder(), _batch()
+    loss, _ = PairObjective(InfoNCELoss(0.1), "emb")(dec, batch, 0.5)
+    torch.testing.assert_close(loss, InfoNCELoss(0.1)(dec(batch.responses, batch.subject)["emb"], batch.targets["emb"]))
+    with pytest.raises(ValueError, match=r"loss.terms.x.kind: one of .*, got 'hinge'"):
+        TermsObjective({"x": {"kind": "hinge", "output": "emb", "target": "emb"}})
+    with pytest.raises(ValueError, match="loss.terms.x: a contrastive term needs `output` and `target`"):
+        TermsObjective({"x": {"kind": "contrastive"}})
+    with pytest.raises(ValueError, match="loss.terms: no terms configured"):
+        TermsObjective({"x": None})
+    obj = TermsObjective({"prior": {"kind": "aux"}})
+    with pytest.raises(KeyError, match=r"loss.terms.prior: the decoder has no auxiliary output 'loss/prior'; "
+                                        r"it provides \['loss/cycle'\]"):
+        obj(dec, batch, 0.5)
