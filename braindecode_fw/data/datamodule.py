@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from braindecode_fw.data.normalization import SessionStats, fit_session_stats
 from braindecode_fw.data.store import PreparedStore, open_store
 from braindecode_fw.targets.cache import load_or_compute_targets
-from braindecode_fw.targets.encoders import ImageEncoder
+from braindecode_fw.targets.encoders import TargetEncoder
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,9 @@ class BrainDataModule(L.LightningDataModule):
     def __init__(
         self,
         store: str | Path,
-        target_encoder: ImageEncoder | None = None,
+        target_encoder: TargetEncoder | None = None,
         *,
+        extra_target_encoders: list[TargetEncoder] | None = None,
         subjects: list[str] | None = None,
         batch_size: int = 64,
         eval_batch_size: int = 256,
@@ -242,6 +243,11 @@ class BrainDataModule(L.LightningDataModule):
             raise ValueError(f"data.repeat_averaging must be one of {REPEAT_AVERAGING}, got {repeat_averaging!r}")
         self.store_path = Path(store)
         self.target_encoder = target_encoder
+        self.extra_target_encoders = list(extra_target_encoders or [])
+        names = [e.feature_name for e in ([target_encoder] if target_encoder else []) + self.extra_target_encoders]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"extra_targets: feature name(s) {duplicates} appear twice; every target needs its own")
         self.requested_subjects = list(subjects) if subjects is not None else None
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.zscore = num_workers, zscore
@@ -286,10 +292,11 @@ class BrainDataModule(L.LightningDataModule):
             self.stats[s] = st
             self.readers.append(_SubjectReader(sd.directory / "responses.npy", st, sd.trials.session))
         self.targets: dict[str, np.ndarray] = {}
-        if self.target_encoder is not None:
-            arr = load_or_compute_targets(self.store, self.target_encoder, self.cache_dir, dtype=self.target_dtype)
+        encoders = ([self.target_encoder] if self.target_encoder is not None else []) + self.extra_target_encoders
+        for encoder in encoders:
+            arr = load_or_compute_targets(self.store, encoder, self.cache_dir, dtype=self.target_dtype)
             # small target sets are loaded into RAM; large ones stay memory-mapped
-            self.targets[self.target_encoder.feature_name] = np.asarray(arr) if arr.nbytes < 2**30 else arr
+            self.targets[encoder.feature_name] = np.asarray(arr) if arr.nbytes < 2**30 else arr
         self._ready = True
 
     @property

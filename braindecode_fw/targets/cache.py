@@ -17,18 +17,18 @@ import numpy as np
 
 from braindecode_fw.data.store import PreparedStore
 from braindecode_fw.io import atomic_write_json
-from braindecode_fw.targets.encoders import ImageEncoder
+from braindecode_fw.targets.encoders import TargetEncoder
 
 log = logging.getLogger(__name__)
 
 
-def target_cache_path(cache_dir: str | Path, store: PreparedStore, encoder: ImageEncoder) -> Path:
+def target_cache_path(cache_dir: str | Path, store: PreparedStore, encoder: TargetEncoder) -> Path:
     return Path(cache_dir) / f"{store.name}-{store.version}" / f"{encoder.feature_name}-{encoder.encoder_id}.npy"
 
 
 def load_or_compute_targets(
     store: PreparedStore,
-    encoder: ImageEncoder,
+    encoder: TargetEncoder,
     cache_dir: str | Path,
     *,
     dtype: str = "float32",
@@ -44,15 +44,15 @@ def load_or_compute_targets(
         log.info("targets %s: cache hit %s", encoder.feature_name, path)
         return np.load(path, mmap_mode="r")
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = store.images.shape[0]
+    n = encoder.n_items(store)
     t0 = time.perf_counter()
-    first = encoder.encode(np.asarray(store.images[: min(chunk, n)]))
+    first = encoder.encode_store(store, 0, min(chunk, n))
     tmp = path.with_name(f"{path.stem}.partial-{os.getpid()}.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, *first.shape[1:]))
     try:
         out[: len(first)] = first.numpy()
         for start in range(len(first), n, chunk):
-            out[start : start + chunk] = encoder.encode(np.asarray(store.images[start : start + chunk])).numpy()
+            out[start : start + chunk] = encoder.encode_store(store, start, min(start + chunk, n)).numpy()
         out.flush()
         del out
         os.replace(tmp, path)

@@ -12,7 +12,9 @@ config. Two backends:
 
 ``output="pooled"`` gives ``(n, embed_dim)``; ``output="tokens"`` gives the last-layer token
 sequence ``(n, n_tokens, width)`` (open_clip: patch tokens after ``ln_post``; transformers:
-``last_hidden_state`` including the class token).
+``last_hidden_state`` including the class token); transformers' ``output="tokens_vd"`` gives
+Versatile Diffusion's normalised projected tokens (257×768 for ViT-L/14). Caption targets are in
+:mod:`braindecode_fw.targets.text`, VAE latents in :mod:`braindecode_fw.targets.latents`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("pooled", "tokens")
+_LATER_OPTIONS = ("align_corners", "mindeye2_half_shift")
 
 
 @dataclass
@@ -42,13 +45,19 @@ class Preprocess:
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     interpolation: str = "bicubic"
     antialias: bool = True
+    align_corners: bool = False
+    # MindEye2's OpenCLIP embedder maps its input with (x+1)/2 although its images are already in
+    # [0, 1], so bigG sees [0.5, 1] (methods.md §3.1). Needed to match ME2's released checkpoints.
+    mindeye2_half_shift: bool = False
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``(n, h, w, 3)`` uint8 -> ``(n, 3, image_size, image_size)`` float32, normalised."""
         x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode=self.interpolation,
-                              antialias=self.antialias, align_corners=False).clamp(0, 1)
+                              antialias=self.antialias, align_corners=self.align_corners).clamp(0, 1)
+        if self.mindeye2_half_shift:
+            x = (x + 1) / 2
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -65,31 +74,56 @@ def _weights_fingerprint(ref: str | None) -> Any:
     return str(ref)
 
 
-class ImageEncoder(torch.nn.Module):
-    """Base class: a frozen image encoder producing one named target feature."""
+class TargetEncoder(torch.nn.Module):
+    """A frozen encoder producing one named target feature for every stimulus of a store
+    (images, or their captions). Subclasses give :meth:`identity` (part of the cache key),
+    :meth:`n_items` and :meth:`encode_store`."""
 
     feature_name: str
     output: str
 
+    def identity(self) -> dict[str, Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def id_blob(self) -> dict[str, Any]:
+        return {"feature": self.feature_name, "output": self.output, **self.identity()}
+
+    @property
+    def encoder_id(self) -> str:
+        return hashlib.sha256(json.dumps(self.id_blob(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def n_items(self, store) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def encode_store(self, store, start: int, stop: int) -> torch.Tensor:  # pragma: no cover - overridden
+        """Targets of stimuli ``start:stop`` of ``store``: ``(stop - start, *output_shape)``."""
+        raise NotImplementedError
+
+
+class ImageEncoder(TargetEncoder):
+    """Base class: a frozen image encoder producing one named target feature."""
+
     def __init__(self, feature_name: str, output: str, preprocess: Preprocess | dict, batch_size: int = 128,
-                 device: str = "cpu"):
+                 device: str = "cpu", outputs: tuple[str, ...] = OUTPUTS):
         super().__init__()
-        if output not in OUTPUTS:
-            raise ValueError(f"target.output must be one of {OUTPUTS}, got {output!r}")
+        if output not in outputs:
+            raise ValueError(f"target.output must be one of {outputs}, got {output!r}")
         self.feature_name = feature_name
         self.output = output
         self.preprocess = preprocess if isinstance(preprocess, Preprocess) else Preprocess(**dict(preprocess))
         self.batch_size = batch_size
         self.device_name = device
 
-    def identity(self) -> dict[str, Any]:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def id_blob(self) -> dict[str, Any]:
+        # options added later enter the id only when set, so existing cache keys stay valid
+        pre = {k: v for k, v in self.preprocess.__dict__.items() if not (k in _LATER_OPTIONS and v is False)}
+        return {**super().id_blob(), "preprocess": pre}
 
-    @property
-    def encoder_id(self) -> str:
-        blob = {"feature": self.feature_name, "output": self.output, "preprocess": self.preprocess.__dict__,
-                **self.identity()}
-        return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def n_items(self, store) -> int:
+        return int(store.images.shape[0])
+
+    def encode_store(self, store, start: int, stop: int) -> torch.Tensor:
+        return self.encode(np.asarray(store.images[start:stop]))
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -168,7 +202,8 @@ class HFClipImageEncoder(ImageEncoder):
         batch_size: int = 64,
         device: str = "cpu",
     ):
-        super().__init__(feature_name, output, preprocess or Preprocess(), batch_size, device)
+        super().__init__(feature_name, output, preprocess or Preprocess(), batch_size, device,
+                         outputs=(*OUTPUTS, "tokens_vd"))
         from transformers import CLIPVisionModelWithProjection
 
         self.model_id = model_id
@@ -182,6 +217,11 @@ class HFClipImageEncoder(ImageEncoder):
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels)
+        if self.output == "tokens_vd":
+            # Versatile Diffusion's image context (MindBridge/STTM targets, methods.md §4.1): every
+            # token through post_layernorm + visual_projection, divided by the class token's norm
+            tokens = self.model.visual_projection(self.model.vision_model.post_layernorm(out.last_hidden_state))
+            return tokens / tokens[:, :1].norm(dim=-1, keepdim=True)
         return out.last_hidden_state if self.output == "tokens" else out.image_embeds
 
 

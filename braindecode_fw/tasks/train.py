@@ -26,9 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig, store: Path | None = None) -> BrainDataModule:
-    """Target encoder + datamodule from ``cfg.target`` / ``cfg.data``, set up (targets cached)."""
+    """Target encoders + datamodule from ``cfg.target`` (the primary target), ``cfg.extra_targets``
+    (further targets some methods train on: text tokens, VAE latents, ...) and ``cfg.data``, set up
+    (targets cached)."""
     encoder = instantiate(cfg.target)
-    dm = instantiate(cfg.data, store=str(store or cfg.dataset.store), target_encoder=encoder, seed=cfg.seed)
+    extras = [instantiate(node) for node in (cfg.get("extra_targets") or {}).values() if node is not None]
+    dm = instantiate(cfg.data, store=str(store or cfg.dataset.store), target_encoder=encoder,
+                     extra_target_encoders=extras, seed=cfg.seed)
     dm.setup()
     return dm
 
