@@ -2,7 +2,7 @@
 # Cross-subject vs single-subject at a small budget on the synthetic world (docs/experiments.md):
 # for each method, (1) train on subj01-03, (2) adapt to subj04 from 1 of its 12 training sessions,
 # (3) train on subj04 alone with the same session, (4) train on subj04 alone with all its data.
-# Usage: bash experiments/cross_subject_synthetic.sh <out dir> [method ...]   (methods: mindbridge ridge)
+# Usage: bash experiments/cross_subject_synthetic.sh <out dir> [method ...]   (mindbridge ridge mindeye2)
 set -euo pipefail
 out=${1:?output directory}; shift
 methods=${*:-mindbridge ridge}
@@ -13,6 +13,7 @@ for m in $methods; do
     # target-only routes get ~300 steps of 128 (2 batches per epoch from one session)
     mindbridge) model=(experiment=mindbridge_synthetic); preset=reset_tuning; adapt_epochs=12 ;;
     ridge)      model=();                                 preset=finetune_all; adapt_epochs=150 ;;
+    mindeye2)   model=(experiment=mindeye2_synthetic);   preset=finetune_all; adapt_epochs=150 ;;
     *) echo "unknown method $m" >&2; exit 2 ;;
   esac
   common=("${model[@]}" reconstruction.enabled=false)

@@ -34,9 +34,10 @@ def test_every_group_option_composes(group, option):
     assert node is not None and len(node) > 0
 
 
-@pytest.mark.parametrize("name", ["evaluate", "prepare", "bench"])
+@pytest.mark.parametrize("name", ["evaluate", "prepare", "bench", "adapt"])
 def test_other_primary_configs_compose(name):
-    overrides = ["ckpt=x.ckpt"] if name == "evaluate" else []
+    overrides = ["ckpt=x.ckpt"] if name in ("evaluate", "adapt") else []
+    overrides += ["subject=subj09"] if name == "adapt" else []
     cfg = compose_config(name, overrides)
     assert cfg.task_name == name
 
@@ -76,3 +77,34 @@ def test_nsd_scale_preset_has_nsd_shapes():
     assert world.subjects[-1] == "subj08"
     runs = (np.arange(750) * world.runs_per_session) // world.session_length
     assert sorted(set(np.bincount(runs).tolist())) == [62, 63]  # NSD's runs of 62/63 trials
+
+
+@pytest.mark.parametrize("option", _options("adaptation"))
+def test_adaptation_presets_compose(option):
+    cfg = compose_config("adapt", ["ckpt=x.ckpt", "subject=subj09", f"adaptation={option}"])
+    assert cfg.adaptation.trainable in ("new_subject", "all") and cfg.adaptation.sources in ("none", "all")
+
+
+@pytest.mark.parametrize(("experiment", "extra"), [("mindbridge_synthetic", []), ("mindeye2_synthetic", []),
+                                                   ("mindeye2_nsd", ["vae_latent"]),
+                                                   ("mindbridge_nsd", ["clip_text_tokens"])])
+def test_method_experiments_build_their_decoders(experiment, extra):
+    """The method recipes compose, name their extra targets, and their decoders build (real-scale
+    recipes on the meta device) with the loss's outputs present."""
+    import torch
+
+    cfg = compose_config("train", [f"experiment={experiment}"])
+    assert sorted(n.feature_name for n in cfg.extra_targets.values()) == extra
+    shapes = {"clip_image_tokens": (64, 128), "clip_text_tokens": (16, 128), "vae_latent": (4, 28, 28)}
+    if experiment.endswith("_nsd"):
+        shapes["clip_image_tokens"] = (256, 1664) if "mindeye2" in experiment else (257, 768)
+        shapes["clip_text_tokens"] = (77, 768)
+    wanted = {"clip_image_tokens", *extra}
+    with torch.device("meta"):
+        decoder = instantiate(cfg.model)(n_features={"subj01": 1200, "subj02": 1600},
+                                         target_shapes={k: v for k, v in shapes.items() if k in wanted})
+        out = decoder(torch.zeros(2, 1600), ["subj01", "subj02"], targets={k: torch.zeros(2, *shapes[k]) for k in wanted})
+    objective = instantiate(cfg.loss)
+    for name, term in objective.terms.items():
+        key = term.output if term.kind != "aux" else f"loss/{term.target or name}"
+        assert key in out, (name, key, sorted(out))

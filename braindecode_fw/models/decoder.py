@@ -95,9 +95,9 @@ class BridgeDecoder(Decoder):
         if self.cycle_target is not None and self.cycle_target in present:
             b = self.cycle_target
             sources = [s for s in present if s != b]
-            a = sources[int(torch.randint(len(sources), ()))]
+            a = sources[int(torch.randint(len(sources), (), device="cpu"))]
         else:
-            i, j = torch.randperm(len(present))[:2].tolist()
+            i, j = torch.randperm(len(present), device="cpu")[:2].tolist()
             a, b = present[i], present[j]
         rows = torch.tensor([k for k, s in enumerate(subjects) if s == a], device=embedded.device)
         e_a = embedded.index_select(0, rows)
@@ -124,3 +124,71 @@ def build_bridge_decoder(
         heads={name: head(hidden=hidden, target_shape=shape) for name, shape in target_shapes.items()},
         builder=builder(subjects=list(n_features), hidden=hidden, pool_size=adapter_module.pool_size),
     )
+
+
+class MindEye2Decoder(Decoder):
+    """MindEye2 (methods.md §3.2–3.4): ridge adapter -> residual MLP backbone -> token head
+    (``Linear(hidden -> T·W)``, the "backbone" tokens the prior reads) -> per-token projector (the
+    retrieval/contrastive output); optional low-level head and diffusion prior.
+
+    Outputs: ``<target>`` (projected tokens), ``<target>/backbone``; with a low-level head
+    ``<lowlevel_target>`` (predicted VAE latent) and ``lowlevel_aux_tokens``; with ``targets`` and a
+    prior, ``loss/prior``. :meth:`sample_prior` turns backbone tokens into predicted image tokens.
+    """
+
+    def __init__(self, adapter: nn.Module, encoder: nn.Module, token_head: nn.Module, projector: nn.Module, *,
+                 target: str, target_shape: tuple[int, int], lowlevel: nn.Module | None = None,
+                 lowlevel_target: str = "vae_latent", prior: nn.Module | None = None):
+        heads: dict[str, nn.Module] = {"tokens": token_head, "projector": projector}
+        if lowlevel is not None:
+            heads["lowlevel"] = lowlevel
+        super().__init__(adapter, encoder, heads)
+        self.prior = prior
+        self.target, self.target_shape, self.lowlevel_target = target, tuple(target_shape), lowlevel_target
+
+    def compute(self, responses, subjects, targets):
+        h = self.encoder(self.adapter(responses, subjects))
+        backbone = self.heads["tokens"](h).view(len(h), *self.target_shape)
+        out = {self.target: self.heads["projector"](backbone), f"{self.target}/backbone": backbone}
+        if "lowlevel" in self.heads:
+            low = self.heads["lowlevel"](h)
+            out[self.lowlevel_target] = low["latent"]
+            if "aux_tokens" in low:
+                out["lowlevel_aux_tokens"] = low["aux_tokens"]
+        if targets is not None and self.prior is not None and self.target in targets:
+            out["loss/prior"] = self.prior.loss(backbone, targets[self.target].to(backbone.dtype))
+        return out
+
+    @torch.no_grad()
+    def sample_prior(self, backbone: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.prior is None:
+            raise ValueError("model.prior: this decoder has no diffusion prior")
+        return self.prior.sample(backbone, generator=generator)
+
+
+def build_mindeye2_decoder(
+    n_features: Mapping[str, int],
+    target_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    adapter: Callable[..., nn.Module],
+    encoder: Callable[..., nn.Module],
+    projector: Callable[..., nn.Module],
+    hidden: int,
+    target: str = "clip_image_tokens",
+    lowlevel: Callable[..., nn.Module] | None = None,
+    lowlevel_target: str = "vae_latent",
+    prior: Callable[..., nn.Module] | None = None,
+) -> MindEye2Decoder:
+    """Sizes from the data: the token head and prior from ``target_shapes[target]`` (T, W), the
+    low-level head from ``target_shapes[lowlevel_target]`` when that target is trained."""
+    if target not in target_shapes or len(target_shapes[target]) != 2:
+        raise ValueError(f"model.target: {target!r} must be a token target (T, W); targets {dict(target_shapes)}")
+    n_tokens, width = (int(v) for v in target_shapes[target])
+    low = None
+    if lowlevel is not None and lowlevel_target in target_shapes:
+        low = lowlevel(hidden=hidden, latent_shape=tuple(target_shapes[lowlevel_target]))
+    return MindEye2Decoder(
+        adapter(n_features=n_features, hidden=hidden), encoder(hidden=hidden),
+        nn.Linear(hidden, n_tokens * width), projector(width=width), target=target, target_shape=(n_tokens, width),
+        lowlevel=low, lowlevel_target=lowlevel_target,
+        prior=prior(dim=width, n_tokens=n_tokens) if prior is not None else None)

@@ -27,11 +27,13 @@ class ResidualMLP(nn.Module):
     Real scale (MindEye2): hidden 4096, 4 blocks; the synthetic default is much smaller.
     """
 
-    def __init__(self, hidden: int, n_blocks: int = 4, expansion: float = 1.0, dropout: float = 0.15):
+    def __init__(self, hidden: int, n_blocks: int = 4, expansion: float = 1.0, dropout: float = 0.15,
+                 final_norm: bool = True):
         super().__init__()
         self.hidden = hidden
         self.blocks = nn.Sequential(*[ResidualMLPBlock(hidden, expansion, dropout) for _ in range(n_blocks)])
-        self.norm = nn.LayerNorm(hidden)
+        # MindEye2's backbone feeds the last block straight into its heads (final_norm: false)
+        self.norm = nn.LayerNorm(hidden) if final_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.blocks(x))

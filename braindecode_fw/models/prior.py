@@ -1,0 +1,216 @@
+"""MindEye2's diffusion prior (methods.md §3.3): brain tokens -> CLIP image tokens by x0-prediction
+diffusion, after dalle2-pytorch's ``DiffusionPrior`` with ME2's ``PriorNetwork``.
+
+- Schedule: cosine β (s = 0.008, β clipped at 0.999), ``timesteps`` = 100 training steps.
+- Network (:class:`PriorNetwork`): sequence [brain tokens (T); time token (1); noised image tokens
+  + learned position embedding (T)] through a non-causal transformer of ``depth`` layers
+  (pre-LN multi-query cosine-similarity attention, scale 16, rotary on 32 dims, a learned null
+  key/value, T5-style relative position bias; SwiGLU feed-forward ×4), a "stable" final LayerNorm
+  and a linear output; the last T tokens are the predicted clean image tokens.
+- Training: ``loss = MSE(x̂0, x0)`` on raw targets (ME2 leaves ``image_embed_scale`` out); brain
+  tokens and noised image tokens are each replaced by learned nulls with probability
+  ``cond_drop_prob`` (0.2).
+- Sampling (:meth:`DiffusionPrior.sample`): DDIM over ``sample_steps`` (20) of the 100, ``eta``
+  (ME2: 1), optional classifier-free guidance ``cond_scale`` (ME2: 1 = none).
+
+Real scale: dim 1664, 256 tokens, depth 6, 32 heads × 52: ≈ 259.9 M parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """ᾱ_t for t = 1..T of the cosine schedule (Nichol & Dhariwal), from β_t clipped at 0.999,
+    float64 ``(T,)``."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64)
+    f = torch.cos((steps / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(0, 0.999)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+class GainLayerNorm(nn.Module):
+    """LayerNorm with a gain and no bias (dalle2); ``stable`` divides by the max first."""
+
+    def __init__(self, dim: int, stable: bool = False, eps: float = 1e-5):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(dim))
+        self.stable, self.eps = stable, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stable:
+            x = x / x.amax(dim=-1, keepdim=True).detach()
+        var = x.var(dim=-1, unbiased=False, keepdim=True)
+        return (x - x.mean(dim=-1, keepdim=True)) * (var + self.eps).rsqrt() * self.gain
+
+
+def _rotate(x: torch.Tensor, rot_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding on the first ``rot_dim`` features of ``(..., n, d)``."""
+    n = x.shape[-2]
+    freqs = base ** (-torch.arange(0, rot_dim, 2, device=x.device, dtype=torch.float32) / rot_dim)
+    angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * freqs[None]  # (n, rot/2)
+    angles = angles.repeat_interleave(2, dim=-1)
+    rot, rest = x[..., :rot_dim], x[..., rot_dim:]
+    pairs = rot.unflatten(-1, (-1, 2))
+    rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    rot = rot * angles.cos().to(x.dtype) + rotated_half * angles.sin().to(x.dtype)
+    return torch.cat((rot, rest), dim=-1)
+
+
+class RelativePositionBias(nn.Module):
+    """T5-style bucketed relative position bias, one scalar per head (dalle2's ``RelPosBias``:
+    distances to later keys share bucket 0)."""
+
+    def __init__(self, heads: int, num_buckets: int = 32, max_distance: int = 128):
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.embedding = nn.Embedding(num_buckets, heads)
+
+    def bucket(self, relative: torch.Tensor) -> torch.Tensor:
+        n = (-relative).clamp(min=0)
+        exact = self.num_buckets // 2
+        is_small = n < exact
+        large = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+                         * (self.num_buckets - exact)).long()
+        return torch.where(is_small, n, large.clamp(max=self.num_buckets - 1))
+
+    def forward(self, i: int, j: int, device: torch.device) -> torch.Tensor:
+        rel = torch.arange(j, device=device)[None, :] - torch.arange(i, device=device)[:, None]
+        return self.embedding(self.bucket(rel)).permute(2, 0, 1)  # (heads, i, j)
+
+
+class CosineMultiQueryAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, rot_dim: int = 32, scale: float = 16.0):
+        super().__init__()
+        self.heads, self.dim_head, self.rot_dim, self.scale = heads, dim_head, min(rot_dim, dim_head), scale
+        self.norm = GainLayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim_head, bias=False)  # one shared key/value head
+        self.null_kv = nn.Parameter(torch.randn(2, dim_head))
+        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim, bias=False), GainLayerNorm(dim))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        x = self.norm(x)
+        q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)  # (b, h, n, d)
+        k, v = self.to_kv(x).chunk(2, dim=-1)  # (b, n, d)
+        q, k = _rotate(q, self.rot_dim), _rotate(k, self.rot_dim)
+        nk, nv = (t.expand(b, 1, self.dim_head) for t in self.null_kv.unbind(0))
+        k, v = torch.cat((nk, k), dim=1), torch.cat((nv, v), dim=1)  # (b, n + 1, d)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        logits = torch.einsum("bhid,bjd->bhij", q, k).float() * self.scale + bias.float()
+        attn = logits.softmax(dim=-1).to(v.dtype)
+        out = torch.einsum("bhij,bjd->bhid", attn, v).transpose(1, 2).reshape(b, n, -1)
+        return self.to_out(out)
+
+
+class SwiGLUFeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.norm = GainLayerNorm(dim)
+        self.proj_in = nn.Linear(dim, 2 * mult * dim, bias=False)
+        self.proj_out = nn.Linear(mult * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj_in(self.norm(x)).chunk(2, dim=-1)
+        return self.proj_out(a * F.silu(gate))
+
+
+class PriorNetwork(nn.Module):
+    """``(brain (B, T, D), noised image (B, T, D), t (B,)) -> x̂0 (B, T, D)``."""
+
+    def __init__(self, dim: int, n_tokens: int, depth: int = 6, heads: int = 32, dim_head: int = 52,
+                 ff_mult: int = 4):
+        super().__init__()
+        self.dim, self.n_tokens = dim, n_tokens
+        self.time_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, 2 * dim), nn.SiLU(),
+                                      nn.Linear(2 * dim, dim))
+        self.image_pos = nn.Parameter(torch.randn(n_tokens, dim) * dim ** -0.5)
+        self.null_brain = nn.Parameter(torch.randn(n_tokens, dim))
+        self.null_image = nn.Parameter(torch.randn(n_tokens, dim))
+        self.rel_pos = RelativePositionBias(heads)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([CosineMultiQueryAttention(dim, heads, dim_head), SwiGLUFeedForward(dim, ff_mult)])
+            for _ in range(depth))
+        self.final_norm = GainLayerNorm(dim, stable=True)
+        self.project_out = nn.Linear(dim, dim, bias=False)
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+        args = t.float()[:, None] * freqs[None]
+        return self.time_mlp(torch.cat((args.sin(), args.cos()), dim=-1).to(self.image_pos.dtype))
+
+    def forward(self, brain: torch.Tensor, noised: torch.Tensor, t: torch.Tensor,
+                drop_brain: torch.Tensor | None = None, drop_image: torch.Tensor | None = None) -> torch.Tensor:
+        """``drop_*``: ``(B,)`` bool, rows whose brain / noised-image tokens become the learned nulls."""
+        if drop_brain is not None:
+            brain = torch.where(drop_brain[:, None, None], self.null_brain.to(brain.dtype), brain)
+        if drop_image is not None:
+            noised = torch.where(drop_image[:, None, None], self.null_image.to(noised.dtype), noised)
+        x = torch.cat((brain, self.time_embedding(t)[:, None], noised + self.image_pos), dim=1)
+        bias = self.rel_pos(x.shape[1], x.shape[1] + 1, x.device)
+        for attn, ff in self.layers:
+            x = x + attn(x, bias)
+            x = x + ff(x)
+        return self.project_out(self.final_norm(x[:, -self.n_tokens:]))
+
+
+class DiffusionPrior(nn.Module):
+    """x0-prediction diffusion over CLIP image tokens conditioned on brain tokens."""
+
+    def __init__(self, dim: int, n_tokens: int, *, depth: int = 6, heads: int = 32, dim_head: int = 52,
+                 timesteps: int = 100, cond_drop_prob: float = 0.2, sample_steps: int = 20, eta: float = 1.0,
+                 cond_scale: float = 1.0):
+        super().__init__()
+        self.net = PriorNetwork(dim, n_tokens, depth, heads, dim_head)
+        self.timesteps, self.cond_drop_prob = timesteps, cond_drop_prob
+        self.sample_steps, self.eta, self.cond_scale = sample_steps, eta, cond_scale
+        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(timesteps).float(), persistent=False)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod[t].view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def loss(self, brain: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Training objective: ``MSE(x̂0(brain, q(x0, t), t), x0)``, t uniform in [0, T)."""
+        b = len(target)
+        t = torch.randint(0, self.timesteps, (b,), device=target.device)
+        noised = self.q_sample(target, t, torch.randn_like(target))
+        drop_b = torch.rand(b, device=target.device) < self.cond_drop_prob if self.training else None
+        drop_i = torch.rand(b, device=target.device) < self.cond_drop_prob if self.training else None
+        return F.mse_loss(self.net(brain, noised, t, drop_b, drop_i), target)
+
+    def predict_x0(self, brain: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x0 = self.net(brain, x, t)
+        if self.cond_scale != 1.0:
+            null = torch.ones(len(x), dtype=torch.bool, device=x.device)
+            x0_null = self.net(brain, x, t, drop_brain=null)
+            x0 = x0_null + self.cond_scale * (x0 - x0_null)
+        return x0
+
+    @torch.no_grad()
+    def sample(self, brain: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDIM from noise over ``sample_steps`` evenly spaced steps of the ``timesteps``-step
+        schedule: ``(B, T, D)`` brain tokens -> ``(B, T, D)`` predicted image tokens."""
+        x = torch.randn(brain.shape, generator=generator, device="cpu").to(brain.device, brain.dtype)
+        times = torch.linspace(-1, self.timesteps - 1, self.sample_steps + 1).round().long().flip(0)
+        for t_now, t_next in zip(times[:-1].tolist(), times[1:].tolist(), strict=True):
+            a = self.alphas_cumprod[t_now]
+            a_next = self.alphas_cumprod[t_next] if t_next >= 0 else torch.ones((), device=a.device)
+            tt = torch.full((len(x),), t_now, device=x.device, dtype=torch.long)
+            x0 = self.predict_x0(brain, x, tt)
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            if t_next < 0:
+                x = x0
+                continue
+            sigma = self.eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)).sqrt()
+            direction = (1 - a_next - sigma ** 2).clamp(min=0).sqrt() * eps
+            noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
+            x = a_next.sqrt() * x0 + direction + sigma * noise
+        return x
