@@ -16,13 +16,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from braindecode_fw.models.decoder import BridgeDecoder, Decoder
 from braindecode_fw.tasks.evaluate import load_checkpoint
-from braindecode_fw.tasks.train import _save_config, build_datamodule, build_model, fit_and_evaluate
+from braindecode_fw.tasks.train import (
+    _save_config,
+    build_datamodule,
+    build_model,
+    fit_and_evaluate,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +71,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"adaptation.trainable: one of {TRAINABLE}, got {ad.trainable!r}")
     if ad.sources not in SOURCES:
         raise ValueError(f"adaptation.sources: one of {SOURCES}, got {ad.sources!r}")
-    run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.get("matmul_precision"):
-        torch.set_float32_matmul_precision(cfg.matmul_precision)
+    run_dir = start_run(cfg)
 
     ckpt = load_checkpoint(cfg.ckpt)
     extra = ckpt["braindecode_fw"]

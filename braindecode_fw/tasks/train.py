@@ -99,15 +99,20 @@ def evaluate_predictions(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder)
                             n_subsets=ev.n_subsets, seed=ev.seed, ks=tuple(ev.topk))
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; returns the test metrics (``test/...``) plus paths."""
-    t_start = time.perf_counter()
+def start_run(cfg: DictConfig) -> Path:
+    """The run directory (created), global seeds and matmul precision of a training-like task."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
+    return run_dir
 
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job; returns the test metrics (``test/...``) plus paths."""
+    t_start = time.perf_counter()
+    run_dir = start_run(cfg)
     store = ensure_store(cfg.dataset)
     dm = build_datamodule(cfg, store)
     decoder = build_model(cfg, dm.n_features, dm.target_shapes)
