@@ -241,6 +241,77 @@ def render_evaluation_markdown(result: dict[str, Any], machine: dict[str, Any], 
     return "\n".join(lines)
 
 
+def _bench_model_case(name: str, case: DictConfig, n_features: dict[str, int], mc: DictConfig,
+                      device: str) -> dict[str, Any]:
+    from braindecode_fw.data.datamodule import Batch
+    from braindecode_fw.lit import DecoderModule
+
+    cfg = compose("train", overrides=[f"model={case.model}", f"loss={case.loss}", *(case.get("overrides") or [])])
+    shapes = {k: tuple(int(x) for x in v) for k, v in case.targets.items()}
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    decoder = instantiate(cfg.model)(n_features=n_features, target_shapes=shapes).to(device)
+    module = DecoderModule(decoder, loss=instantiate(cfg.loss), target=next(iter(shapes)),
+                           optimizer=instantiate(cfg.optim.optimizer)).to(device).train()
+    optimizer = module.configure_optimizers()
+    b, subjects = mc.batch_size, list(n_features)
+    batch = Batch(subject=[subjects[i % len(subjects)] for i in range(b)],
+                  responses=torch.randn(b, max(n_features.values()), device=device), image_index=torch.arange(b),
+                  targets={k: torch.randn(b, *v, device=device) for k, v in shapes.items()})
+
+    def step() -> None:
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss, _ = module.objective(decoder, batch, 0.5)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up (allocations, optimiser state)
+    t0 = time.perf_counter()
+    for _ in range(mc.steps):
+        step()
+    return {"case": name, "model": case.model, "params_m": round(sum(p.numel() for p in decoder.parameters()) / 1e6, 1),
+            "targets": {k: list(v) for k, v in shapes.items()}, "batch_size": b,
+            "samples_per_s": round(mc.steps * b / (time.perf_counter() - t0), 2),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None,
+            "peak_rss_mb": round(peak_rss_mb())}
+
+
+def bench_models(mc: DictConfig, device: str) -> dict[str, Any]:
+    """Training steps of the method decoders at NSD shapes without a store: random responses with
+    each subject's real voxel count, random targets of the real shapes, the method's objective,
+    AdamW. Reports parameters, samples/s (forward + backward + optimiser step) and peak memory
+    (peak RSS is the process's, so it only grows from case to case)."""
+    n_features = {str(k): int(v) for k, v in mc.n_features.items()}
+    rows = []
+    for name, case in mc.cases.items():
+        if case is not None:
+            rows.append(_bench_model_case(name, case, n_features, mc, device))
+            log.info("models: %s", rows[-1])
+    return {"device": device, "n_features": n_features, "rows": rows}
+
+
+def render_models_markdown(result: dict[str, Any], machine: dict[str, Any], command: str) -> str:
+    voxels = ", ".join(f"{s} {n:,}" for s, n in result["n_features"].items())
+    lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} with `{command}` on: {machine['cpu']}, "
+             f"{machine['cores']} cores, GPU: {machine['gpu'] or 'none'}, torch {machine['torch']}; device "
+             f"{result['device']}; subjects with NSD voxel counts ({voxels}); random data of the real shapes; "
+             f"one training step = forward + backward + AdamW.", "",
+             "| case | model | parameters (M) | targets | batch | samples/s | peak GPU MB | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        targets = ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in r["targets"].items())
+        lines.append(f"| {r['case']} | {r['model']} | {r['params_m']:,} | {targets} | {r['batch_size']} | "
+                     f"{r['samples_per_s']} | {r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '—'} | "
+                     f"{r['peak_rss_mb']:,} |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
 def _fill_shape(name: str, shape: tuple[int | None, ...] | None, gen, token_lengths: dict[str, int]) -> tuple:
     """A concrete decoder-output shape for a generator's declared need (open sizes filled in)."""
     if shape is None:
@@ -354,6 +425,13 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
         json_path = out / f"benchmarks_evaluation_{tag}.json"
         atomic_write_json(json_path, {"machine": machine, "result": result})
         _write_section(md, f"evaluation-{tag}", render_evaluation_markdown(result, machine, cfg.command_label))
+        print(f"wrote {json_path} and {md}")
+        results.append(result)
+    if cfg.models.enabled:
+        result = bench_models(cfg.models, device)
+        json_path = out / f"benchmarks_models_{tag}.json"
+        atomic_write_json(json_path, {"machine": machine, "result": result})
+        _write_section(md, f"models-{tag}", render_models_markdown(result, machine, cfg.command_label))
         print(f"wrote {json_path} and {md}")
         results.append(result)
     if cfg.generation.enabled:

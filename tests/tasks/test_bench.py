@@ -77,3 +77,36 @@ def test_bench_generation_tiny(tmp_path):
         assert r["s_per_image"] > 0 and r["params_m"] > 0 and r["steps"] == 2 and r["image_size"] == 32
     md = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert md.count("bdf-bench:generation-tiny-cpu-begin") == 1 and "| versatile_dual |" in md
+
+
+def test_bench_models_section(tmp_path):
+    """The method-decoder section on small shapes: one row per case with its parameter count
+    (checked against building the same decoder directly), samples/s and memory."""
+    mb = ("{model:mindbridge,loss:mindbridge,overrides:['model.hidden=16','model.adapter.pool_size=32',"
+          "'model.adapter.bottleneck=4','model.builder.bottleneck=4'],"
+          "targets:{clip_image_tokens:[5,8],clip_text_tokens:[3,8]}}")
+    me2 = ("{model:mindeye2,loss:mindeye2,overrides:['model.hidden=16','model.lowlevel=null','loss.terms.blur=null',"
+           "'model.prior.depth=1','model.prior.heads=2','model.prior.dim_head=8'],targets:{clip_image_tokens:[5,8]}}")
+    args = [f"output_dir={tmp_path}/docs", "run_worlds=false", "evaluation.enabled=false", "models.enabled=true",
+            "models.steps=1", "models.batch_size=4", "~models.n_features", "+models.n_features={a:40,b:30}",
+            f"models.cases.mindeye2_h1024={me2}", f"models.cases.mindbridge={mb}"]
+    proc = _run("bdf-bench", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["case"]: r for r in json.loads((tmp_path / "docs" / "benchmarks_models_cpu.json").read_text())["result"]["rows"]}
+    assert sorted(rows) == ["mindbridge", "mindeye2_h1024"]
+    import functools
+
+    from braindecode_fw.models.adapters import PooledSubjectEmbedder, SubjectBuilder
+    from braindecode_fw.models.decoder import build_bridge_decoder
+    from braindecode_fw.models.encoders import PostNormResidualMLP
+    from braindecode_fw.models.heads import ProjectionHead
+
+    ref = build_bridge_decoder({"a": 40, "b": 30}, {"clip_image_tokens": (5, 8), "clip_text_tokens": (3, 8)},
+                               adapter=functools.partial(PooledSubjectEmbedder, pool_size=32, bottleneck=4),
+                               encoder=PostNormResidualMLP, head=ProjectionHead,
+                               builder=functools.partial(SubjectBuilder, bottleneck=4), hidden=16)
+    assert rows["mindbridge"]["params_m"] == round(sum(p.numel() for p in ref.parameters()) / 1e6, 1)
+    for r in rows.values():
+        assert r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["batch_size"] == 4
+    md = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert md.count("bdf-bench:models-cpu-begin") == 1 and "| mindbridge | mindbridge |" in md
