@@ -78,7 +78,7 @@ class DecoderModule(L.LightningModule):
         return min(1.0, (self.current_epoch + within) / trainer.max_epochs)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss, parts = self.objective(self.decoder, batch, self.progress(batch_idx))
+        loss, parts, _ = self.objective(self.decoder, batch, self.progress(batch_idx))
         self._check_finite(loss, "train")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         for name, value in parts.items():
@@ -86,9 +86,8 @@ class DecoderModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        loss, _ = self.objective(self.decoder, batch, 1.0)
+        loss, _, out = self.objective(self.decoder, batch, 1.0)
         self.log("val/loss", loss, batch_size=len(batch))
-        out = self(batch)
         pred, tgt = out[self.target].float(), batch.targets[self.target].float()
         for s in dict.fromkeys(batch.subject):
             rows = torch.tensor([i for i, x in enumerate(batch.subject) if x == s], device=pred.device)

@@ -1,6 +1,6 @@
 """Training objectives: what one optimisation step computes from a decoder and a batch.
 
-The LightningModule calls ``objective(decoder, batch, progress) -> (loss, parts)`` and never
+The LightningModule calls ``objective(decoder, batch, progress) -> (loss, parts, outputs)`` and never
 branches on the method; a method is a model config plus an objective config.
 
 - :class:`PairObjective`: one contrastive pair loss (InfoNCE, SoftCLIP) between the decoder's
@@ -37,10 +37,12 @@ AUX_PREFIX = "loss/"
 
 
 class Objective(nn.Module):
-    """``forward(decoder, batch, progress)`` -> (scalar loss, {part name: detached value}).
-    ``progress`` is the fraction of training done, in [0, 1] (epoch-based schedules)."""
+    """``forward(decoder, batch, progress)`` -> (scalar loss, {part name: detached value}, the
+    decoder's outputs). ``progress`` is the fraction of training done, in [0, 1] (epoch-based
+    schedules). Validation reuses the returned outputs for retrieval instead of a second forward."""
 
-    def forward(self, decoder: nn.Module, batch: Batch, progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, decoder: nn.Module, batch: Batch,
+                progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         raise NotImplementedError
 
 
@@ -55,7 +57,7 @@ class PairObjective(Objective):
     def forward(self, decoder, batch, progress):
         out = decoder(batch.responses, batch.subject, batch.repeat_mask)
         loss = self.loss(out[self.target], batch.targets[self.target])
-        return loss, {}
+        return loss, {}, out
 
 
 @dataclass
@@ -129,13 +131,17 @@ class TermsObjective(Objective):
                         y = targets[t.target]
                         b = beta.view(-1, *[1] * (y.ndim - 1)).to(y.dtype)
                         targets[t.target] = b * y + (1 - b) * y[partner.to(y.device)]
-        out = decoder(responses, batch.subject, targets=targets)
+        # repeated test responses (validation without a val split) are averaged in output space; the
+        # decoder then has no auxiliary losses, and evaluation skips those terms
+        out = decoder(responses, batch.subject, batch.repeat_mask, targets=targets)
         total = responses.new_zeros(())
         parts: dict[str, torch.Tensor] = {}
         tau = self.softclip_temperature(progress)
         for name, t in self.terms.items():
             if t.kind == "aux":
                 key = AUX_PREFIX + (t.target or name)
+                if key not in out and not self.training:
+                    continue
                 if key not in out:
                     raise KeyError(f"loss.terms.{name}: the decoder has no auxiliary output {key!r}; "
                                    f"it provides {sorted(k for k in out if k.startswith(AUX_PREFIX))}")
@@ -154,4 +160,4 @@ class TermsObjective(Objective):
             parts[name] = value.detach()
             total = total + t.weight * value
         parts["temperature"] = torch.tensor(tau if soft_labels is None else self.mixco.get("temperature", 0.006))
-        return total, parts
+        return total, parts, out

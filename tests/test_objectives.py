@@ -43,7 +43,7 @@ ME2 = dict(terms={"clip": {"kind": "contrastive", "output": "emb", "target": "em
 
 def test_mixco_phase_uses_bimixco_on_mixed_inputs_and_mixes_regression_targets():
     obj, dec, batch = TermsObjective(**ME2, seed=3), Recorder(), _batch()
-    loss, parts = obj(dec, batch, progress=0.1)
+    loss, parts, _ = obj(dec, batch, progress=0.1)
     # replay the objective's draws to rebuild the mixing it applied
     replay = TermsObjective(**ME2, seed=3)
     from braindecode_fw.losses import mixco_inputs, mixco_permutation
@@ -67,7 +67,7 @@ def test_mixco_phase_uses_bimixco_on_mixed_inputs_and_mixes_regression_targets()
 def test_original_behaviour_leaves_regression_targets_unmixed():
     cfg = {**ME2, "mixco": {"until": 0.33, "mix_regression_targets": False}}
     obj, dec, batch = TermsObjective(**cfg, seed=3), Recorder(), _batch()
-    _, parts = obj(dec, batch, progress=0.0)
+    _, parts, _ = obj(dec, batch, progress=0.0)
     out = dec(dec.seen, batch.subject, targets={})
     torch.testing.assert_close(parts["blur"], torch.nn.functional.l1_loss(out["low"], batch.targets["low"]).detach())
 
@@ -75,7 +75,7 @@ def test_original_behaviour_leaves_regression_targets_unmixed():
 def test_softclip_phase_with_cosine_temperature():
     obj, dec, batch = TermsObjective(**ME2), Recorder(), _batch()
     progress = 0.33 + 0.5 * 0.67  # half-way through the SoftCLIP phase
-    _, parts = obj(dec, batch, progress=progress)
+    _, parts, _ = obj(dec, batch, progress=progress)
     assert torch.equal(dec.seen, batch.responses)  # no mixing after the BiMixCo phase
     tau = 0.0075 + (0.004 - 0.0075) / 2 * (1 + torch.cos(torch.tensor(torch.pi * 0.5))).item()
     assert float(parts["temperature"]) == pytest.approx(tau)
@@ -88,7 +88,8 @@ def test_softclip_phase_with_cosine_temperature():
 
 def test_pair_objective_and_errors():
     dec, batch = Recorder(), _batch()
-    loss, _ = PairObjective(InfoNCELoss(0.1), "emb")(dec, batch, 0.5)
+    loss, _, out = PairObjective(InfoNCELoss(0.1), "emb")(dec, batch, 0.5)
+    assert set(out) == {"emb", "low"}
     torch.testing.assert_close(loss, InfoNCELoss(0.1)(dec(batch.responses, batch.subject)["emb"], batch.targets["emb"]))
     with pytest.raises(ValueError, match=r"loss.terms.x.kind: one of .*, got 'hinge'"):
         TermsObjective({"x": {"kind": "hinge", "output": "emb", "target": "emb"}})
@@ -100,3 +101,29 @@ def test_pair_objective_and_errors():
     with pytest.raises(KeyError, match=r"loss.terms.prior: the decoder has no auxiliary output 'loss/prior'; "
                                         r"it provides \['loss/cycle'\]"):
         obj(dec, batch, 0.5)
+
+
+def test_validation_on_repeated_responses_skips_auxiliary_terms():
+    """Without a val split, validation runs on test repetitions (B, R, F) averaged in output space:
+    the decoder then reports no auxiliary losses and evaluation leaves those terms out."""
+    import functools
+
+    from braindecode_fw.models.adapters import PooledSubjectEmbedder, SubjectBuilder
+    from braindecode_fw.models.decoder import build_bridge_decoder
+    from braindecode_fw.models.encoders import PostNormResidualMLP
+    from braindecode_fw.models.heads import ProjectionHead
+
+    dec = build_bridge_decoder({"a": 6, "b": 6}, {"emb": (4,)}, hidden=8, head=ProjectionHead,
+                               adapter=functools.partial(PooledSubjectEmbedder, pool_size=4, bottleneck=2),
+                               encoder=PostNormResidualMLP, builder=functools.partial(SubjectBuilder, bottleneck=2))
+    obj = TermsObjective({"clip": {"kind": "contrastive", "output": "emb", "target": "emb"},
+                          "cycle": {"kind": "aux"}})
+    batch = Batch(subject=["a", "b", "a"], responses=torch.randn(3, 3, 6), image_index=torch.arange(3),
+                  targets={"emb": torch.randn(3, 4)}, repeat_mask=torch.ones(3, 3, dtype=torch.bool))
+    obj.eval()
+    loss, parts, out = obj(dec.eval(), batch, 1.0)
+    assert "cycle" not in parts and out["emb"].shape == (3, 4)
+    torch.testing.assert_close(loss, soft_clip_loss(out["emb"], batch.targets["emb"], 0.005))
+    obj.train()
+    with pytest.raises(KeyError, match="no auxiliary output 'loss/cycle'"):
+        obj(dec, batch, 1.0)  # in training a missing auxiliary loss is a configuration error

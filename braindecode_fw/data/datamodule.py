@@ -330,6 +330,12 @@ class BrainDataModule(L.LightningDataModule):
                           np.concatenate(imgs), self.targets, self.zscore)
         return ds, groups
 
+    def trial_counts(self, split: str = "train") -> dict[str, int]:
+        """Trials per subject in ``split`` after budgets (``train_sessions``) and ``eval_subjects``."""
+        _, groups = self._trial_dataset(split)
+        kept = [s for s in self.subjects if split == "train" or self.eval_subjects is None or s in self.eval_subjects]
+        return {s: len(g) for s, g in zip(kept, groups, strict=True)}
+
     def repeated_dataset(self, split: str = "test") -> RepeatedTrialDataset:
         """(subject, image) items with every repetition of that image in ``split``."""
         assert self.store is not None

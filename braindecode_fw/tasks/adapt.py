@@ -110,7 +110,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     prefixes = add_subject(decoder, subject, dm.n_features[subject], init_from)
     trainable = freeze_except(decoder, prefixes) if ad.trainable == "new_subject" else \
         sum(p.numel() for p in decoder.parameters())
-    n_train = int(sum(len(g) for g in dm._trial_dataset("train")[1][-1:]))
+    n_train = dm.trial_counts("train")[subject]
     log.info("adapting to %s: %d training trials (%s sessions), sources %s, %s trainable parameters",
              subject, n_train, cfg.sessions or "all", sources or "none", f"{trainable:,}")
     resolved = OmegaConf.to_container(run_cfg, resolve=True)

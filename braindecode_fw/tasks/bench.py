@@ -103,7 +103,7 @@ def bench_world(name: str, world: DictConfig, device: str) -> dict[str, Any]:
     def step(batch) -> None:
         batch.responses = batch.responses.to(device)
         batch.targets = {k: v.to(device) for k, v in batch.targets.items()}
-        loss, _ = module.objective(module.decoder, batch, 0.0)
+        loss, _, _ = module.objective(module.decoder, batch, 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -263,7 +263,7 @@ def _bench_model_case(name: str, case: DictConfig, n_features: dict[str, int], m
 
     def step() -> None:
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss, _ = module.objective(decoder, batch, 0.5)
+            loss, _, _ = module.objective(decoder, batch, 0.5)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -96,3 +96,31 @@ def test_pickles_without_copying_memmaps(dm):
     blob = pickle.dumps(ds)
     assert len(blob) < 2_000_000
     assert all(r._arr is None for r in pickle.loads(blob).readers)
+
+
+def test_session_budget_and_eval_subjects(tiny_store, tmp_path):
+    """`train_sessions` keeps a subject's first k training sessions; `eval_subjects` restricts
+    validation and test; bad budgets name the key."""
+    store = open_store(tiny_store)
+    t = store.subjects["subj02"].trials
+    train = t.split == "train"
+    first_two = np.unique(t.session[train])[:2]
+    dm = BrainDataModule(tiny_store, None, batch_size=8, train_sessions={"subj02": 2}, eval_subjects=["subj02"],
+                         cache_dir=tmp_path)
+    dm.setup()
+    counts = dm.trial_counts("train")
+    assert counts["subj02"] == int((train & np.isin(t.session, first_two)).sum()) < int(train.sum())
+    assert counts["subj01"] == int((store.subjects["subj01"].trials.split == "train").sum())  # no budget
+    seen = set()
+    for batch in dm.train_dataloader():
+        for s, i in zip(batch.subject, batch.image_index.tolist(), strict=True):
+            if s == "subj02":
+                seen.add(i)
+    allowed = set(t.image_index[train & np.isin(t.session, first_two)].tolist())
+    assert seen and seen <= allowed
+    assert set(next(iter(dm.test_dataloader())).subject) == {"subj02"}
+    assert list(dm.trial_counts("val")) == ["subj02"]
+    with pytest.raises(ValueError, match=r"data.train_sessions: subject\(s\) \['subj09'\] are not among"):
+        BrainDataModule(tiny_store, None, train_sessions={"subj09": 1}, cache_dir=tmp_path).setup()
+    with pytest.raises(ValueError, match=r"data.train_sessions: budgets must be >= 1 session, got \{'subj01': 0\}"):
+        BrainDataModule(tiny_store, None, train_sessions={"subj01": 0}, cache_dir=tmp_path).setup()
