@@ -105,9 +105,6 @@ class TermsObjective(Objective):
         self.mixco = dict(mixco) if mixco else None
         self.generator = torch.Generator().manual_seed(seed)
 
-    def outputs_needed(self) -> list[str]:
-        return sorted({t.output for t in self.terms.values() if t.output})
-
     def softclip_temperature(self, progress: float) -> float:
         if "temperature" in self.softclip:
             return float(self.softclip["temperature"])

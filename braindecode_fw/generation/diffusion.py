@@ -110,13 +110,9 @@ class DiffusersReconstructor(Reconstructor):
         raise NotImplementedError
 
     @torch.no_grad()
-    def decode_lowlevel(self, latents: torch.Tensor) -> torch.Tensor:
-        """Predicted VAE latents ``(n, c, h, w)`` -> blurry images ``(n, 3, 8h, 8w)`` in [0, 1]
-        (MindEye2's low-level branch: latents are stored multiplied by the VAE scaling factor)."""
-        return self.decode_latents(latents, scale=self.lowlevel_scale)
-
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """VAE latents ``(n, c, h, w)`` stored multiplied by ``scale`` (default: the VAE's scaling
+        factor) -> images ``(n, 3, f·h, f·w)`` in [0, 1] (MindEye2's blurry image for predicted latents)."""
         vae = self.pipe.vae
         scale = vae.config.scaling_factor if scale is None else scale
         x = vae.decode(latents.to(self.device, vae.dtype) / scale).sample
@@ -138,7 +134,7 @@ class DiffusersReconstructor(Reconstructor):
             return None
         value = outputs[self.lowlevel_target].float()
         if self.lowlevel_kind == "latent":
-            return self.decode_lowlevel(value)
+            return self.decode_latents(value, scale=self.lowlevel_scale)
         return value.clamp(0, 1)
 
     def latent_shape(self, n: int) -> tuple[int, int, int, int]:

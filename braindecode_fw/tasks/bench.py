@@ -420,27 +420,20 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
                                       "config": OmegaConf.to_container(cfg.worlds)})
         _write_section(md, tag, render_markdown(results, machine, cfg.command_label))
         print(f"wrote {json_path} and {md}")
+
+    def publish(section: str, result: dict[str, Any], render) -> None:
+        """``benchmarks_<section>_<tag>.json`` + the ``<section>-<tag>`` part of benchmarks.md."""
+        json_path = out / f"benchmarks_{section}_{tag}.json"
+        atomic_write_json(json_path, {"machine": machine, "result": result})
+        _write_section(md, f"{section.replace('_', '-')}-{tag}", render(result, machine, cfg.command_label))
+        print(f"wrote {json_path} and {md}")
+        results.append(result)
+
     if cfg.evaluation.enabled:
-        result = bench_evaluation(cfg.evaluation, device)
-        json_path = out / f"benchmarks_evaluation_{tag}.json"
-        atomic_write_json(json_path, {"machine": machine, "result": result})
-        _write_section(md, f"evaluation-{tag}", render_evaluation_markdown(result, machine, cfg.command_label))
-        print(f"wrote {json_path} and {md}")
-        results.append(result)
+        publish("evaluation", bench_evaluation(cfg.evaluation, device), render_evaluation_markdown)
     if cfg.models.enabled:
-        result = bench_models(cfg.models, device)
-        json_path = out / f"benchmarks_models_{tag}.json"
-        atomic_write_json(json_path, {"machine": machine, "result": result})
-        _write_section(md, f"models-{tag}", render_models_markdown(result, machine, cfg.command_label))
-        print(f"wrote {json_path} and {md}")
-        results.append(result)
+        publish("models", bench_models(cfg.models, device), render_models_markdown)
     if cfg.generation.enabled:
         result = bench_generation(cfg.generation, device, Path(cfg.paths.cache_dir) / "generators")
-        suffix = "tiny_" if cfg.generation.tiny else ""
-        json_path = out / f"benchmarks_generation_{suffix}{tag}.json"
-        atomic_write_json(json_path, {"machine": machine, "result": result})
-        _write_section(md, f"generation-{suffix.replace('_', '-')}{tag}",
-                       render_generation_markdown(result, machine, cfg.command_label))
-        print(f"wrote {json_path} and {md}")
-        results.append(result)
+        publish("generation_tiny" if cfg.generation.tiny else "generation", result, render_generation_markdown)
     return results
