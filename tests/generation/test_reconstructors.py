@@ -253,3 +253,10 @@ def test_unclip_img2img_from_lowlevel(unclip_pipe):
     assert torch.allclose(no_init, full.reconstruct({"clip_image_pooled": emb, "vae_latent": -latents}, [1, 2])["final"])
     assert not torch.allclose(out["final"], half.reconstruct({"clip_image_pooled": emb, "vae_latent": -latents},
                                                              [1, 2])["final"])
+
+
+def test_option_values_are_checked(embeds_pipe, versatile_pipe):
+    with pytest.raises(ValueError, match=r"generator \(t\).lowlevel_kind: one of \('latent', 'image'\), got 'mask'"):
+        EmbedsConditionedReconstructor("t", str(embeds_pipe), lowlevel_kind="mask")
+    with pytest.raises(ValueError, match=r"generator \(versatile_dual\).renormalize: one of \('token0', 'none'\)"):
+        _vd(versatile_pipe, renormalize="cls")

@@ -88,3 +88,8 @@ def test_prior_loss_is_x0_mse_and_ddim_recovers_a_perfect_prediction():
     for eta in (0.0, 1.0):
         prior.eta = eta
         torch.testing.assert_close(prior.sample(brain, generator=torch.Generator().manual_seed(0)), target)
+
+
+def test_target_must_be_tokens():
+    with pytest.raises(ValueError, match=r"model.target: 'clip_image_tokens' must be a token target \(T, W\)"):
+        _build({"a": 10}, {"clip_image_tokens": (16,)}, hidden=8, lowlevel=False, prior=False)

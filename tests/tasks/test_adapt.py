@@ -3,6 +3,8 @@ reset-tuning; frozen parts unchanged, budget respected, checkpoint reusable; one
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -50,3 +52,16 @@ def test_adapt_new_subject_reset_tuning(tmp_path):
     ridge = _run("bdf-adapt", [f"ckpt={src}", "subject=subj02", "adaptation=finetune_all", "trainer.max_epochs=1"],
                  tmp_path)
     _assert_one_line_error(ridge, "adaptation.init_bias_from: only a linear (ridge) adapter has a bias to copy")
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("trainable", "some", "adaptation.trainable: one of ('new_subject', 'all'), got 'some'"),
+    ("sources", "few", "adaptation.sources: one of ('none', 'all'), got 'few'"),
+])
+def test_adaptation_options_are_checked(key, value, message):
+    from braindecode_fw.tasks.adapt import adapt
+    from tests.conftest import compose_config
+
+    cfg = compose_config("adapt", ["ckpt=x.ckpt", "subject=subj09", f"adaptation.{key}={value}"])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        adapt(cfg)
