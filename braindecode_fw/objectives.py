@@ -63,12 +63,21 @@ class PairObjective(Objective):
 @dataclass
 class Term:
     """One weighted term. ``output``: decoder output key; ``target``: batch target key (for
-    ``aux`` terms: the name of the decoder's ``loss/<name>`` output)."""
+    ``aux`` terms: the name of the decoder's ``loss/<name>`` output). ``output_index`` /
+    ``target_index`` pick one token of a token output/target (STTM's global terms use token 0, the
+    class-token slot). ``mixco_weight``: the weight during the BiMixCo phase, if it differs (STTM:
+    0.5 then 0.2)."""
 
     kind: str
     weight: float = 1.0
     output: str | None = None
     target: str | None = None
+    output_index: int | None = None
+    target_index: int | None = None
+    mixco_weight: float | None = None
+
+    def weight_at(self, mixing: bool) -> float:
+        return self.mixco_weight if mixing and self.mixco_weight is not None else self.weight
 
 
 class TermsObjective(Objective):
@@ -82,10 +91,16 @@ class TermsObjective(Objective):
     only after the L1 had been computed, i.e. not at all: ``false`` reproduces that).
     ``softclip``: ``{temperature: 0.005}`` (fixed, MindBridge) or ``{start: 0.004, end: 0.0075}``
     (cosine over the SoftCLIP phase, MindEye2).
+    ``random_weighting``: groups of term names, e.g. ``[[clip, global_image, global_text], [prior]]``;
+    every training step the group sums are weighted by ``softmax(randn(n_groups))`` (STTM's loss,
+    methods.md §7.3), drawn from the objective's own seeded generator; terms outside every group
+    keep weight 1. ``input_noise``: the standard deviation of Gaussian noise added to the responses
+    while training (STTM: 0.01).
     """
 
     def __init__(self, terms: Mapping[str, Mapping[str, Any]], softclip: Mapping[str, float] | None = None,
-                 mixco: Mapping[str, Any] | None = None, seed: int = 0):
+                 mixco: Mapping[str, Any] | None = None, seed: int = 0,
+                 random_weighting: list[list[str]] | None = None, input_noise: float = 0.0):
         super().__init__()
         self.terms: dict[str, Term] = {}
         for name, spec in terms.items():
@@ -103,6 +118,13 @@ class TermsObjective(Objective):
         if "temperature" not in self.softclip and not {"start", "end"} <= set(self.softclip):
             raise ValueError("loss.softclip: give `temperature`, or `start` and `end` for the cosine schedule")
         self.mixco = dict(mixco) if mixco else None
+        self.groups = [list(g) for g in (random_weighting or [])]
+        grouped = [n for g in self.groups for n in g]
+        unknown = sorted(set(grouped) - set(self.terms))
+        if unknown or len(grouped) != len(set(grouped)):
+            raise ValueError(f"loss.random_weighting: every name once and among the terms {sorted(self.terms)}; "
+                             f"got {self.groups}")
+        self.input_noise = float(input_noise)
         self.generator = torch.Generator().manual_seed(seed)
 
     def softclip_temperature(self, progress: float) -> float:
@@ -116,6 +138,9 @@ class TermsObjective(Objective):
         responses, targets = batch.responses, dict(batch.targets)
         soft_labels = None
         mixing = self.mixco is not None and progress < self.mixco["until"] and self.training
+        if self.input_noise and self.training:
+            noise = torch.randn(responses.shape, generator=self.generator)
+            responses = responses + self.input_noise * noise.to(responses.device, responses.dtype)
         if mixing:
             partner, label = mixco_permutation(batch.subject, generator=self.generator,
                                                original_label_bug=self.mixco.get("original_label_bug", False))
@@ -131,8 +156,13 @@ class TermsObjective(Objective):
         # repeated test responses (validation without a val split) are averaged in output space; the
         # decoder then has no auxiliary losses, and evaluation skips those terms
         out = decoder(responses, batch.subject, batch.repeat_mask, targets=targets)
+        scales = {}
+        if self.groups and self.training:
+            weights = torch.softmax(torch.randn(len(self.groups), generator=self.generator), 0)
+            scales = {n: float(w) for g, w in zip(self.groups, weights, strict=True) for n in g}
+        parts: dict[str, torch.Tensor] = {f"group_weight/{g[0]}": torch.tensor(scales[g[0]]) for g in self.groups
+                                          if g and g[0] in scales}
         total = responses.new_zeros(())
-        parts: dict[str, torch.Tensor] = {}
         tau = self.softclip_temperature(progress)
         for name, t in self.terms.items():
             if t.kind == "aux":
@@ -145,6 +175,10 @@ class TermsObjective(Objective):
                 value = out[key]
             else:
                 pred, y = out[t.output].float(), targets[t.target].float()
+                if t.output_index is not None:
+                    pred = pred[:, t.output_index]
+                if t.target_index is not None:
+                    y = y[:, t.target_index]
                 if t.kind == "contrastive":
                     value = (bimixco_loss(pred, y, soft_labels, self.mixco.get("temperature", 0.006))
                              if soft_labels is not None else soft_clip_loss(pred, y, tau))
@@ -155,6 +189,6 @@ class TermsObjective(Objective):
                 else:
                     value = F.l1_loss(pred, y)
             parts[name] = value.detach()
-            total = total + t.weight * value
+            total = total + scales.get(name, 1.0) * t.weight_at(soft_labels is not None) * value
         parts["temperature"] = torch.tensor(tau if soft_labels is None else self.mixco.get("temperature", 0.006))
         return total, parts, out

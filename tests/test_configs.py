@@ -87,7 +87,9 @@ def test_adaptation_presets_compose(option):
 
 @pytest.mark.parametrize(("experiment", "extra"), [("mindbridge_synthetic", []), ("mindeye2_synthetic", []),
                                                    ("mindeye2_nsd", ["vae_latent"]),
-                                                   ("mindbridge_nsd", ["clip_text_tokens"])])
+                                                   ("mindbridge_nsd", ["clip_text_tokens"]),
+                                                   ("sttm_synthetic", ["clip_image", "clip_text"]),
+                                                   ("sttm_nsd", ["clip_text"])])
 def test_method_experiments_build_their_decoders(experiment, extra):
     """The method recipes compose, name their extra targets, and their decoders build (real-scale
     recipes on the meta device) with the loss's outputs present."""
@@ -95,10 +97,11 @@ def test_method_experiments_build_their_decoders(experiment, extra):
 
     cfg = compose_config("train", [f"experiment={experiment}"])
     assert sorted(n.feature_name for n in cfg.extra_targets.values()) == extra
-    shapes = {"clip_image_tokens": (64, 128), "clip_text_tokens": (16, 128), "vae_latent": (4, 28, 28)}
+    shapes = {"clip_image_tokens": (64, 128), "clip_text_tokens": (16, 128), "vae_latent": (4, 28, 28),
+              "clip_image": (128,), "clip_text": (128,)}
     if experiment.endswith("_nsd"):
         shapes["clip_image_tokens"] = (256, 1664) if "mindeye2" in experiment else (257, 768)
-        shapes["clip_text_tokens"] = (77, 768)
+        shapes["clip_text_tokens"], shapes["clip_text"] = (77, 768), (768,)
     wanted = {"clip_image_tokens", *extra}
     with torch.device("meta"):
         decoder = instantiate(cfg.model)(n_features={"subj01": 1200, "subj02": 1600},
@@ -108,3 +111,8 @@ def test_method_experiments_build_their_decoders(experiment, extra):
     for name, term in objective.terms.items():
         key = term.output if term.kind != "aux" else f"loss/{term.target or name}"
         assert key in out, (name, key, sorted(out))
+        if term.kind != "aux":  # the output (or its selected token) matches the target's shape
+            pred = out[key] if term.output_index is None else out[key][:, term.output_index]
+            y = torch.zeros(2, *shapes[term.target])
+            y = y if term.target_index is None else y[:, term.target_index]
+            assert pred.shape == y.shape, (name, pred.shape, y.shape)

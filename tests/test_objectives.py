@@ -127,3 +127,66 @@ def test_validation_on_repeated_responses_skips_auxiliary_terms():
     obj.train()
     with pytest.raises(KeyError, match="no auxiliary output 'loss/cycle'"):
         obj(dec, batch, 1.0)  # in training a missing auxiliary loss is a configuration error
+
+
+class TokenRecorder(nn.Module):
+    """Token outputs ``(B, 3, 4)`` for STTM-style terms."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 12, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, responses, subjects, repeat_mask=None, targets=None):
+        self.seen = responses.clone()
+        out = {"tok": (responses @ self.w).view(len(responses), 3, 4)}
+        if targets is not None:
+            out["loss/prior"] = responses.abs().mean()
+        return out
+
+
+STTM = dict(terms={"tokens": {"kind": "contrastive", "output": "tok", "target": "tok"},
+                   "global_image": {"kind": "contrastive", "output": "tok", "output_index": 0, "target": "tok",
+                                    "target_index": 0, "weight": 0.2, "mixco_weight": 0.5},
+                   "global_text": {"kind": "contrastive", "output": "tok", "output_index": 0, "target": "txt",
+                                   "weight": 0.2, "mixco_weight": 0.5},
+                   "prior": {"kind": "aux", "weight": 30.0}},
+            softclip={"start": 0.004, "end": 0.006}, mixco={"until": 0.35, "temperature": 0.006},
+            random_weighting=[["tokens", "global_image", "global_text"], ["prior"]], input_noise=0.01)
+
+
+def _token_batch(n=8):
+    g = torch.Generator().manual_seed(2)
+    return Batch(subject=["a"] * (n // 2) + ["b"] * (n // 2), responses=torch.randn(n, 6, generator=g),
+                 image_index=torch.arange(n),
+                 targets={"tok": torch.randn(n, 3, 4, generator=g), "txt": torch.randn(n, 4, generator=g)})
+
+
+def test_sttm_terms_token_selection_phase_weights_random_weighting_and_noise():
+    """STTM (methods.md §7.3): global terms on token 0, weights 0.5 in the BiMixCo phase and 0.2
+    after, L = w0·L_c + w1·30·L_prior with (w0, w1) = softmax(randn(2)) per step, σ-noise on inputs."""
+    obj, dec, batch = TermsObjective(**STTM, seed=7), TokenRecorder(), _token_batch()
+    loss, parts, _ = obj(dec, batch, progress=0.5)  # SoftCLIP phase
+    replay = torch.Generator().manual_seed(7)  # the objective's draws, in order: noise, then weights
+    noised = batch.responses + 0.01 * torch.randn(batch.responses.shape, generator=replay)
+    w0, w1 = torch.softmax(torch.randn(2, generator=replay), 0).tolist()
+    assert torch.equal(dec.seen, noised)
+    out = dec(noised, batch.subject)
+    tau = obj.softclip_temperature(0.5)
+    tok, txt = out["tok"], batch.targets["txt"]
+    contrast = (soft_clip_loss(tok, batch.targets["tok"], tau) + 0.2 * soft_clip_loss(tok[:, 0], batch.targets["tok"][:, 0], tau)
+                + 0.2 * soft_clip_loss(tok[:, 0], txt, tau))
+    expected = w0 * contrast + w1 * 30.0 * noised.abs().mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert float(parts["group_weight/tokens"]) == pytest.approx(w0)
+    assert float(parts["group_weight/prior"]) == pytest.approx(w1)
+    # BiMixCo phase: the global terms weigh 0.5
+    term = obj.terms["global_text"]
+    assert term.weight_at(True) == 0.5 and term.weight_at(False) == 0.2
+    obj.eval()  # evaluation: no noise, no random weights
+    loss_eval, parts_eval, _ = obj(dec, batch, progress=0.5)
+    assert torch.equal(dec.seen, batch.responses) and "group_weight/tokens" not in parts_eval
+
+
+def test_random_weighting_names_are_checked():
+    with pytest.raises(ValueError, match=r"loss.random_weighting: every name once and among the terms"):
+        TermsObjective(**{**STTM, "random_weighting": [["tokens"], ["tokens", "nope"]]})

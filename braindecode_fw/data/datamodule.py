@@ -15,15 +15,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from braindecode_fw.data.budget import Budget, budget_mask, chronological_order
 from braindecode_fw.data.normalization import SessionStats, fit_session_stats
 from braindecode_fw.data.store import PreparedStore, open_store
 from braindecode_fw.targets.cache import load_or_compute_targets
@@ -235,7 +237,8 @@ class BrainDataModule(L.LightningDataModule):
         target_dtype: str = "float32",
         pin_memory: bool = False,
         check_finite: bool = True,
-        train_sessions: dict[str, int] | None = None,
+        train_budget: Mapping[str, Mapping[str, Any]] | None = None,
+        trial_seconds: float = 4.0,
         eval_subjects: list[str] | None = None,
     ):
         super().__init__()
@@ -254,8 +257,11 @@ class BrainDataModule(L.LightningDataModule):
         self.repeat_averaging, self.seed = repeat_averaging, seed
         self.cache_dir = Path(cache_dir) if cache_dir else self.store_path.parent / "target_cache"
         self.target_dtype, self.pin_memory, self.check_finite = target_dtype, pin_memory, check_finite
-        # budgets: subject -> keep only the training trials of its first k sessions (adaptation)
-        self.train_sessions = {str(k): int(v) for k, v in (train_sessions or {}).items()}
+        # budgets: subject -> {sessions|minutes|trials: amount}; only the training/validation trials
+        # inside it are used (data/budget.py)
+        self.train_budget = {str(s): Budget.parse(spec, f"data.train_budget.{s}")
+                             for s, spec in (train_budget or {}).items()}
+        self.trial_seconds = float(trial_seconds)
         self.eval_subjects = list(eval_subjects) if eval_subjects else None
         self.store: PreparedStore | None = None
         self._ready = False
@@ -273,14 +279,17 @@ class BrainDataModule(L.LightningDataModule):
                 f"data.subjects: unknown subject(s) {unknown}; the store {self.store_path} has {available}"
             )
         self.subjects = subjects
-        for key, names in (("data.train_sessions", list(self.train_sessions)),
+        for key, names in (("data.train_budget", list(self.train_budget)),
                            ("data.eval_subjects", self.eval_subjects or [])):
             stray = [s for s in names if s not in subjects]
             if stray:
                 raise ValueError(f"{key}: subject(s) {stray} are not among the data's subjects {subjects}")
-        bad = {s: k for s, k in self.train_sessions.items() if k < 1}
-        if bad:
-            raise ValueError(f"data.train_sessions: budgets must be >= 1 session, got {bad}")
+        self.budget_masks = {}
+        for s, budget in self.train_budget.items():
+            try:
+                self.budget_masks[s] = budget_mask(self.store.subjects[s].trials, budget, self.trial_seconds)
+            except ValueError as err:
+                raise ValueError(f"data.train_budget.{s}: {err}") from None
         self.readers: list[_SubjectReader] = []
         self.stats: dict[str, SessionStats] = {}
         for s in subjects:
@@ -318,9 +327,8 @@ class BrainDataModule(L.LightningDataModule):
                 continue
             t = self.store.subjects[s].trials
             r = np.flatnonzero(t.split == split)
-            if split == "train" and s in self.train_sessions:
-                kept = np.unique(t.session[r])[: self.train_sessions[s]]
-                r = r[np.isin(t.session[r], kept)]
+            if split in ("train", "val") and s in self.budget_masks:
+                r = r[self.budget_masks[s][r]]
             pos.append(np.full(len(r), p))
             rows.append(r)
             imgs.append(t.image_index[r])
@@ -331,10 +339,27 @@ class BrainDataModule(L.LightningDataModule):
         return ds, groups
 
     def trial_counts(self, split: str = "train") -> dict[str, int]:
-        """Trials per subject in ``split`` after budgets (``train_sessions``) and ``eval_subjects``."""
+        """Trials per subject in ``split`` after budgets (``train_budget``) and ``eval_subjects``."""
         _, groups = self._trial_dataset(split)
         kept = [s for s in self.subjects if split == "train" or self.eval_subjects is None or s in self.eval_subjects]
         return {s: len(g) for s, g in zip(kept, groups, strict=True)}
+
+    def describe_budgets(self) -> dict[str, str]:
+        return {s: b.describe() for s, b in self.train_budget.items()}
+
+    def budget_trials(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per budgeted subject, the trials the run may learn from (training and validation):
+        ``trial_id``, ``row`` (in the store's trial table), ``session``, ``run``, ``image_index``,
+        ``split``, in presentation order — saved with an adaptation run."""
+        assert self.store is not None
+        out = {}
+        for s, inside in self.budget_masks.items():
+            t = self.store.subjects[s].trials
+            order = chronological_order(t)
+            rows = order[inside[order] & np.isin(t.split[order], ("train", "val"))]
+            out[s] = {"trial_id": t.trial_id[rows], "row": rows, "session": t.session[rows], "run": t.run[rows],
+                      "image_index": t.image_index[rows], "split": t.split[rows]}
+        return out
 
     def repeated_dataset(self, split: str = "test") -> RepeatedTrialDataset:
         """(subject, image) items with every repetition of that image in ``split``."""
@@ -382,6 +407,9 @@ class BrainDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         ds, _ = self._trial_dataset("val")
+        if len(ds) == 0 and self.budget_masks:
+            raise ValueError(f"data.train_budget: the budgets {self.describe_budgets()} leave no validation trial, "
+                             f"so model selection would read the test split; give a larger budget")
         if len(ds) == 0:  # no validation split: validate on the test repetitions
             return self._eval_loader(self.repeated_dataset("test"))
         return self._eval_loader(ds)

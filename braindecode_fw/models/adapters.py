@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from braindecode_fw.models.encoders import PostNormResidualBlock
+
 
 class SubjectLinearAdapter(nn.Module):
     """One linear map per subject, ``(batch, n_voxels_s) -> (batch, hidden)``.
@@ -62,6 +64,36 @@ def _route(x: torch.Tensor, subjects: Sequence[str], modules: Mapping[str, nn.Mo
             part = part[..., : crop[s]]
         out = out.index_copy(0, rows, modules[s](part).to(out.dtype))
     return out
+
+
+class SubjectMLPAdapter(nn.Module):
+    """STTM's shallow per-subject adapter (methods.md §7.2), ``(B, F_max) -> (B, hidden)``:
+    ``Linear(n_voxels_s -> hidden) -> LayerNorm -> GELU -> Dropout(0.5)`` then ``n_blocks``
+    post-norm residual blocks (1 at real scale, hidden 4096, block dropout 0.15)."""
+
+    def __init__(self, n_features: Mapping[str, int], hidden: int, n_blocks: int = 1, dropout: float = 0.5,
+                 block_dropout: float = 0.15):
+        super().__init__()
+        self.n_features = dict(n_features)
+        self.hidden, self.n_blocks, self.dropout, self.block_dropout = hidden, n_blocks, dropout, block_dropout
+        self.mlps = nn.ModuleDict({s: self._mlp(n) for s, n in self.n_features.items()})
+
+    def _mlp(self, n_features: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(n_features, self.hidden), nn.LayerNorm(self.hidden), nn.GELU(),
+                             nn.Dropout(self.dropout),
+                             *[PostNormResidualBlock(self.hidden, self.block_dropout) for _ in range(self.n_blocks)])
+
+    @property
+    def subjects(self) -> list[str]:
+        return list(self.n_features)
+
+    def add_subject(self, subject: str, n_features: int) -> None:
+        """A freshly initialised adapter for a new subject (STTM's transfer)."""
+        self.n_features[subject] = n_features
+        self.mlps[subject] = self._mlp(n_features)
+
+    def forward(self, responses: torch.Tensor, subjects: Sequence[str]) -> torch.Tensor:
+        return _route(responses, subjects, self.mlps, self.hidden, crop=self.n_features)
 
 
 class LowRankResidualAdapter(nn.Module):

@@ -126,14 +126,21 @@ def build_bridge_decoder(
     )
 
 
-class MindEye2Decoder(Decoder):
-    """MindEye2 (methods.md §3.2–3.4): ridge adapter -> residual MLP backbone -> token head
-    (``Linear(hidden -> T·W)``, the "backbone" tokens the prior reads) -> per-token projector (the
-    retrieval/contrastive output); optional low-level head and diffusion prior.
+class TokenDecoder(Decoder):
+    """Token-space decoders: adapter -> shared trunk -> token head -> per-token projector, with an
+    optional low-level head and diffusion prior.
 
-    Outputs: ``<target>`` (projected tokens), ``<target>/backbone``; with a low-level head
-    ``<lowlevel_target>`` (predicted VAE latent) and ``lowlevel_aux_tokens``; with ``targets`` and a
-    prior, ``loss/prior``. :meth:`sample_prior` turns backbone tokens into predicted image tokens.
+    - MindEye2 (methods.md §3.2–3.4): ridge adapter, residual MLP, token head
+      ``Linear(hidden -> T·W)`` (the "backbone" tokens the prior reads), 3-layer projector,
+      VAE-latent low-level head, dalle2-style prior.
+    - STTM (methods.md §7.2): 2-layer MLP adapters, post-norm residual MLP, token-attention head
+      (:class:`~braindecode_fw.models.heads.TokenAttentionHead`), ME1-style projector,
+      ``nn.TransformerDecoder`` prior.
+
+    Outputs: ``<target>`` (projected tokens ``(B, T, W)``), ``<target>/backbone``; with a low-level
+    head ``<lowlevel_target>`` (predicted VAE latent) and ``lowlevel_aux_tokens``; with ``targets``
+    and a prior, ``loss/prior``. :meth:`sample_prior` turns backbone tokens into predicted image
+    tokens.
     """
 
     def __init__(self, adapter: nn.Module, encoder: nn.Module, token_head: nn.Module, projector: nn.Module, *,
@@ -166,7 +173,7 @@ class MindEye2Decoder(Decoder):
         return self.prior.sample(backbone, generator=generator)
 
 
-def build_mindeye2_decoder(
+def build_token_decoder(
     n_features: Mapping[str, int],
     target_shapes: Mapping[str, tuple[int, ...]],
     *,
@@ -175,20 +182,28 @@ def build_mindeye2_decoder(
     projector: Callable[..., nn.Module],
     hidden: int,
     target: str = "clip_image_tokens",
+    token_head: Callable[..., nn.Module] | None = None,
     lowlevel: Callable[..., nn.Module] | None = None,
     lowlevel_target: str = "vae_latent",
     prior: Callable[..., nn.Module] | None = None,
-) -> MindEye2Decoder:
+) -> TokenDecoder:
     """Sizes from the data: the token head and prior from ``target_shapes[target]`` (T, W), the
-    low-level head from ``target_shapes[lowlevel_target]`` when that target is trained."""
+    low-level head from ``target_shapes[lowlevel_target]`` when that target is trained.
+    ``token_head`` (a partial taking ``hidden, n_tokens, width``) defaults to MindEye2's linear map."""
     if target not in target_shapes or len(target_shapes[target]) != 2:
         raise ValueError(f"model.target: {target!r} must be a token target (T, W); targets {dict(target_shapes)}")
     n_tokens, width = (int(v) for v in target_shapes[target])
     low = None
     if lowlevel is not None and lowlevel_target in target_shapes:
         low = lowlevel(hidden=hidden, latent_shape=tuple(target_shapes[lowlevel_target]))
-    return MindEye2Decoder(
+    head = (token_head(hidden=hidden, n_tokens=n_tokens, width=width) if token_head is not None
+            else nn.Linear(hidden, n_tokens * width))
+    return TokenDecoder(
         adapter(n_features=n_features, hidden=hidden), encoder(hidden=hidden),
-        nn.Linear(hidden, n_tokens * width), projector(width=width), target=target, target_shape=(n_tokens, width),
+        head, projector(width=width), target=target, target_shape=(n_tokens, width),
         lowlevel=low, lowlevel_target=lowlevel_target,
         prior=prior(dim=width, n_tokens=n_tokens) if prior is not None else None)
+
+
+# the name checkpoints written before STTM shared this builder carry as their model `_target_`
+build_mindeye2_decoder = build_token_decoder

@@ -39,18 +39,25 @@ class ResidualMLP(nn.Module):
         return self.norm(self.blocks(x))
 
 
+class PostNormResidualBlock(nn.Sequential):
+    """``x + Dropout(GELU(LayerNorm(W·x)))`` on ``(..., hidden)`` (post-norm ordering: MindBridge's
+    translator block, STTM's adapter and shared blocks, methods.md §4.2, §7.2)."""
+
+    def __init__(self, hidden: int, dropout: float = 0.15):
+        super().__init__(nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
 class PostNormResidualMLP(nn.Module):
-    """MindBridge's translator (methods.md §4.2): ``n_blocks`` × ``x + Dropout(GELU(LayerNorm(W·x)))``
-    (post-norm ordering), ``(..., hidden) -> (..., hidden)``; 4 blocks of 2048 at real scale."""
+    """``n_blocks`` × :class:`PostNormResidualBlock`, ``(..., hidden) -> (..., hidden)``: MindBridge's
+    translator (4 blocks of 2048 at real scale) and STTM's shared MLP (4 blocks of 4096)."""
 
     def __init__(self, hidden: int, n_blocks: int = 4, dropout: float = 0.15):
         super().__init__()
         self.hidden = hidden
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout))
-            for _ in range(n_blocks))
+        self.blocks = nn.Sequential(*[PostNormResidualBlock(hidden, dropout) for _ in range(n_blocks)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = x + block(x)
-        return x
+        return self.blocks(x)

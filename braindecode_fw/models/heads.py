@@ -33,18 +33,55 @@ class ProjectionHead(nn.Module):
 
 
 class TokenProjector(nn.Module):
-    """Per-token MLP ``n_layers`` × (LayerNorm -> GELU -> Linear(width, width)), ``(..., width)``:
-    MindEye2's ``clip_proj`` retrieval head (3 layers, methods.md §3.2)."""
+    """Per-token MLP ``n_layers`` × (LayerNorm -> GELU -> Linear), ``(..., width) -> (..., width)``.
 
-    def __init__(self, width: int, n_layers: int = 3):
+    MindEye2's ``clip_proj`` retrieval head keeps the width (3 layers, methods.md §3.2); with
+    ``inner`` the hidden layers are ``inner`` wide (STTM / MindEye1: 768 -> 2048 -> 2048 -> 768,
+    methods.md §7.2)."""
+
+    def __init__(self, width: int, n_layers: int = 3, inner: int | None = None):
         super().__init__()
+        sizes = [width, *[inner or width] * (n_layers - 1), width]
         layers: list[nn.Module] = []
-        for _ in range(n_layers):
-            layers += [nn.LayerNorm(width), nn.GELU(), nn.Linear(width, width)]
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.LayerNorm(a), nn.GELU(), nn.Linear(a, b)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class TokenAttentionHead(nn.Module):
+    """STTM's token head (methods.md §7.2), ``(B, hidden) -> (B, T, width)``.
+
+    ``LayerNorm -> GELU -> Linear(hidden -> T·token_dim)`` gives ``T`` narrow tokens (257 × 128 at
+    real scale); a pre-norm self-attention block (``heads`` heads, q/k/v projected to
+    ``attention_dim`` = 768, output projected back to ``token_dim``) mixes them with a residual;
+    ``LayerNorm -> Linear(token_dim -> mlp_dim) -> LayerNorm -> GELU -> Dropout -> Linear(mlp_dim
+    -> width)`` widens each token to the target width (128 -> 1536 -> 768).
+    """
+
+    def __init__(self, hidden: int, n_tokens: int, width: int, token_dim: int = 128, attention_dim: int | None = None,
+                 heads: int = 8, mlp_dim: int | None = None, dropout: float = 0.15):
+        super().__init__()
+        attention_dim = attention_dim or width
+        mlp_dim = mlp_dim or 2 * width
+        if attention_dim % heads:
+            raise ValueError(f"model.token_head: attention_dim {attention_dim} is not divisible by heads {heads}")
+        self.n_tokens, self.token_dim, self.heads = n_tokens, token_dim, heads
+        self.to_tokens = nn.Sequential(nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, n_tokens * token_dim))
+        self.attention_norm = nn.LayerNorm(token_dim)
+        self.qkv = nn.Linear(token_dim, 3 * attention_dim)
+        self.attention_out = nn.Linear(attention_dim, token_dim)
+        self.widen = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, mlp_dim), nn.LayerNorm(mlp_dim),
+                                   nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.to_tokens(h).view(len(h), self.n_tokens, self.token_dim)
+        q, k, v = self.qkv(self.attention_norm(x)).view(len(h), self.n_tokens, 3, self.heads, -1).unbind(2)
+        attended = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + self.attention_out(attended.transpose(1, 2).flatten(2))
+        return self.widen(x)
 
 
 class LowLevelHead(nn.Module):

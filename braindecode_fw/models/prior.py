@@ -1,5 +1,6 @@
-"""MindEye2's diffusion prior (methods.md §3.3): brain tokens -> CLIP image tokens by x0-prediction
-diffusion, after dalle2-pytorch's ``DiffusionPrior`` with ME2's ``PriorNetwork``.
+"""Diffusion priors: brain tokens -> CLIP image tokens by x0-prediction diffusion, after
+dalle2-pytorch's ``DiffusionPrior``; MindEye2's network (methods.md §3.3) or STTM's
+``nn.TransformerDecoder`` network (§7.2, :class:`TransformerDecoderPriorNetwork`).
 
 - Schedule: cosine β (s = 0.008, β clipped at 0.999), ``timesteps`` = 100 training steps.
 - Network (:class:`PriorNetwork`): sequence [brain tokens (T); time token (1); noised image tokens
@@ -13,12 +14,13 @@ diffusion, after dalle2-pytorch's ``DiffusionPrior`` with ME2's ``PriorNetwork``
 - Sampling (:meth:`DiffusionPrior.sample`): DDIM over ``sample_steps`` (20) of the 100, ``eta``
   (ME2: 1), optional classifier-free guidance ``cond_scale`` (ME2: 1 = none).
 
-Real scale: dim 1664, 256 tokens, depth 6, 32 heads × 52: ≈ 259.9 M parameters.
+Real scale: dim 1664, 256 tokens, depth 6, 32 heads × 52: ≈ 259.9 M parameters (MindEye2).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -161,14 +163,77 @@ class PriorNetwork(nn.Module):
         return self.project_out(self.final_norm(x[:, -self.n_tokens:]))
 
 
+class TransformerDecoderPriorNetwork(nn.Module):
+    """STTM's prior network (methods.md §7.2): ``nn.TransformerDecoder`` (6 layers, d 768, 12 heads,
+    FF 3072, GELU, dropout 0 at real scale). The decoded sequence is [time token; noised image
+    tokens + learned positions] and the output its last ``T`` positions; the memory is the brain
+    tokens + a separate learned position embedding. While training, a random ``brain_token_drop``
+    share of the memory tokens (drawn per batch between the two bounds, 60–65%) is removed, a
+    different random subset for every sample.
+    ``(brain (B, T, D), noised (B, T, D), t (B,)) -> x̂0 (B, T, D)``."""
+
+    def __init__(self, dim: int, n_tokens: int, depth: int = 6, heads: int = 12, ff_dim: int | None = None,
+                 brain_token_drop: tuple[float, float] | list[float] | None = (0.6, 0.65)):
+        super().__init__()
+        self.dim, self.n_tokens = dim, n_tokens
+        self.brain_token_drop = tuple(brain_token_drop) if brain_token_drop else None
+        self.time_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+        self.image_pos = nn.Parameter(torch.randn(n_tokens, dim) * dim ** -0.5)
+        self.brain_pos = nn.Parameter(torch.randn(n_tokens, dim) * dim ** -0.5)
+        self.null_brain = nn.Parameter(torch.randn(n_tokens, dim))
+        self.null_image = nn.Parameter(torch.randn(n_tokens, dim))
+        layer = nn.TransformerDecoderLayer(dim, heads, ff_dim or 4 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, depth)
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+        args = t.float()[:, None] * freqs[None]
+        return self.time_mlp(torch.cat((args.sin(), args.cos()), dim=-1).to(self.image_pos.dtype))
+
+    def kept_brain_tokens(self, brain: torch.Tensor) -> torch.Tensor:
+        """Training: a random subset of each sample's (position-embedded) brain tokens."""
+        if not self.training or self.brain_token_drop is None:
+            return brain
+        t = brain.shape[1]
+        low, high = (int(f * t) for f in self.brain_token_drop)
+        n_drop = int(torch.randint(low, high + 1, (), device="cpu"))
+        keep = torch.rand(brain.shape[:2], device=brain.device).argsort(dim=1)[:, : t - n_drop]
+        return brain.gather(1, keep[..., None].expand(-1, -1, brain.shape[2]))
+
+    def forward(self, brain: torch.Tensor, noised: torch.Tensor, t: torch.Tensor,
+                drop_brain: torch.Tensor | None = None, drop_image: torch.Tensor | None = None) -> torch.Tensor:
+        if drop_brain is not None:
+            brain = torch.where(drop_brain[:, None, None], self.null_brain.to(brain.dtype), brain)
+        if drop_image is not None:
+            noised = torch.where(drop_image[:, None, None], self.null_image.to(noised.dtype), noised)
+        memory = self.kept_brain_tokens(brain + self.brain_pos)
+        x = torch.cat((self.time_embedding(t)[:, None], noised + self.image_pos), dim=1)
+        return self.decoder(x, memory)[:, -self.n_tokens:]
+
+
 class DiffusionPrior(nn.Module):
-    """x0-prediction diffusion over CLIP image tokens conditioned on brain tokens."""
+    """x0-prediction diffusion over CLIP image tokens conditioned on brain tokens (cosine schedule,
+    classifier-free condition dropout, DDIM sampling; methods.md §3.3 and §7.2).
+
+    ``network``: a partial taking ``dim, n_tokens`` (e.g. :class:`TransformerDecoderPriorNetwork`);
+    None builds MindEye2's :class:`PriorNetwork` from ``depth, heads, dim_head``. ``embed_scale``
+    multiplies the target tokens before diffusion and divides samples after (dalle2's
+    ``image_embed_scale``; STTM uses √768, ``"sqrt_dim"``)."""
 
     def __init__(self, dim: int, n_tokens: int, *, depth: int = 6, heads: int = 32, dim_head: int = 52,
                  timesteps: int = 100, cond_drop_prob: float = 0.2, sample_steps: int = 20, eta: float = 1.0,
-                 cond_scale: float = 1.0):
+                 cond_scale: float = 1.0, network: Callable[..., nn.Module] | None = None,
+                 embed_scale: float | str = 1.0):
         super().__init__()
-        self.net = PriorNetwork(dim, n_tokens, depth, heads, dim_head)
+        self.net = network(dim=dim, n_tokens=n_tokens) if network is not None else \
+            PriorNetwork(dim, n_tokens, depth, heads, dim_head)
+        if embed_scale == "sqrt_dim":
+            embed_scale = math.sqrt(dim)
+        if isinstance(embed_scale, str) or embed_scale <= 0:
+            raise ValueError(f"model.prior.embed_scale: a positive number or 'sqrt_dim', got {embed_scale!r}")
+        self.embed_scale = float(embed_scale)
         self.timesteps, self.cond_drop_prob = timesteps, cond_drop_prob
         self.sample_steps, self.eta, self.cond_scale = sample_steps, eta, cond_scale
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(timesteps).float(), persistent=False)
@@ -178,7 +243,9 @@ class DiffusionPrior(nn.Module):
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def loss(self, brain: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Training objective: ``MSE(x̂0(brain, q(x0, t), t), x0)``, t uniform in [0, T)."""
+        """Training objective: ``MSE(x̂0(brain, q(x0, t), t), x0)``, t uniform in [0, T), on the
+        targets times ``embed_scale``."""
+        target = target * self.embed_scale
         b = len(target)
         t = torch.randint(0, self.timesteps, (b,), device=target.device)
         noised = self.q_sample(target, t, torch.randn_like(target))
@@ -213,4 +280,4 @@ class DiffusionPrior(nn.Module):
             direction = (1 - a_next - sigma ** 2).clamp(min=0).sqrt() * eps
             noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
             x = a_next.sqrt() * x0 + direction + sigma * noise
-        return x
+        return x / self.embed_scale

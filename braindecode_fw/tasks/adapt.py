@@ -1,12 +1,15 @@
-"""``bdf-adapt ckpt=<checkpoint> subject=<new> sessions=<k>``: a new subject from a small budget.
+"""``bdf-adapt ckpt=<checkpoint> subject=<new> budget.sessions=<k>``: a new subject from a small budget.
 
 The decoder, its targets, loss and evaluation protocol come from the checkpoint's config; the
 adaptation preset (``conf/adaptation/``) decides what is trained (the new subject's parts only, or
 everything), whether the source subjects share the batches (MindBridge's reset-tuning with its
 cycle loss toward the new subject) and how the new parts start (MindEye2 copies a pretrained ridge
-bias). Only the new subject's first ``sessions`` training sessions are used; validation and test use
-the new subject only. The result is an ordinary checkpoint that ``bdf-evaluate``/``bdf-reconstruct``
-read, with the new subject added.
+bias; ``init: ridge`` solves the new linear adapter in closed form). Only the new subject's trials
+inside ``budget`` (sessions, minutes of scanning or training trials; data/budget.py) are learned
+from, and their list is saved with the run (``adaptation_trials.tsv``); validation and test use the
+new subject only. The result is an ordinary checkpoint that ``bdf-evaluate``/``bdf-reconstruct``
+read, with the new subject added, and ``adaptation_report.{json,md}`` compares the new subject's
+retrieval with the pretrained subjects' (the same decoder on their test sets).
 """
 
 from __future__ import annotations
@@ -16,15 +19,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from braindecode_fw.data.datamodule import BrainDataModule
+from braindecode_fw.io import atomic_write_json, atomic_write_text
+from braindecode_fw.models.adapters import SubjectLinearAdapter
 from braindecode_fw.models.decoder import BridgeDecoder, Decoder
+from braindecode_fw.models.ridge import fit_ridge
 from braindecode_fw.tasks.evaluate import load_checkpoint
 from braindecode_fw.tasks.train import (
     _save_config,
     build_datamodule,
     build_model,
+    evaluate_predictions,
     fit_and_evaluate,
     start_run,
 )
@@ -33,6 +42,7 @@ log = logging.getLogger(__name__)
 
 TRAINABLE = ("new_subject", "all")
 SOURCES = ("none", "all")
+INITS = (None, "ridge")
 
 
 def add_subject(decoder: Decoder, subject: str, n_features: int, init_bias_from: str | None) -> list[str]:
@@ -42,7 +52,7 @@ def add_subject(decoder: Decoder, subject: str, n_features: int, init_bias_from:
     if not hasattr(adapter, "add_subject"):
         raise ValueError(f"model.adapter: {type(adapter).__name__} cannot add subjects")
     adapter.add_subject(subject, n_features)
-    prefixes = [f"adapter.linears.{subject}.", f"adapter.embedders.{subject}."]
+    prefixes = [f"adapter.{name}.{subject}." for name in ("linears", "embedders", "mlps")]
     if isinstance(decoder, BridgeDecoder):
         decoder.builder.add_subject(subject)
         decoder.cycle_target = subject
@@ -64,6 +74,87 @@ def freeze_except(decoder: Decoder, prefixes: list[str]) -> int:
     return n
 
 
+def ridge_initialise(decoder: Decoder, subject: str, new_dm: BrainDataModule, source_dm: BrainDataModule,
+                     target: str, spec: DictConfig) -> dict[str, Any]:
+    """Closed-form start for a new subject's linear adapter (``adaptation.init: ridge``).
+
+    The frozen shared part expects, for an image, the hidden vectors the source subjects' adapters
+    produce for it. (1) A ridge map from target embeddings to those hidden vectors is fitted on the
+    source subjects' training trials (up to ``max_source_trials``); (2) it gives "pseudo-hidden"
+    vectors for the new subject's budget images; (3) the new adapter is the ridge solution from the
+    new subject's responses to them. Penalties are chosen by leave-one-out error (models/ridge.py).
+    """
+    adapter = decoder.adapter
+    if not isinstance(adapter, SubjectLinearAdapter):
+        raise ValueError(f"adaptation.init: ridge needs a linear (ridge) adapter, the model has {type(adapter).__name__}")
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    xs, ys = [], []
+    with torch.no_grad():
+        sources = source_dm.subjects
+        per_source = max(1, int(spec.max_source_trials) // len(sources))
+        for s in sources:
+            x, y = _train_arrays(source_dm, s, target, per_source, rng)
+            xs.append(adapter(x, [s] * len(x)).double())
+            ys.append(y)
+        to_hidden = fit_ridge(torch.cat(ys), torch.cat(xs), list(spec.target_alphas))
+        x_new, y_new = _train_arrays(new_dm, subject, target, None, rng)
+        pseudo_hidden = to_hidden.predict(y_new)
+        voxel_map = fit_ridge(x_new, pseudo_hidden, list(spec.voxel_alphas))
+        linear = adapter.linears[subject]
+        linear.weight.copy_(voxel_map.weight.T.to(linear.weight.dtype))
+        linear.bias.copy_(voxel_map.bias.to(linear.bias.dtype))
+    for name, fit in (("target_alphas", to_hidden), ("voxel_alphas", voxel_map)):
+        if fit.alpha in (min(fit.alphas), max(fit.alphas)):
+            log.warning("adaptation.ridge.%s: the chosen penalty %g is at the end of the grid %s; widen it",
+                        name, fit.alpha, fit.alphas)
+    info = {"source_trials": int(sum(len(x) for x in xs)), "target_alpha": to_hidden.alpha,
+            "voxel_alpha": voxel_map.alpha, "budget_trials": len(x_new)}
+    log.info("ridge initialisation of %s: target->hidden alpha %g (%d source trials), voxels->hidden alpha %g "
+             "(%d trials)", subject, to_hidden.alpha, info["source_trials"], voxel_map.alpha, len(x_new))
+    return info
+
+
+def _train_arrays(dm: BrainDataModule, subject: str, target: str, limit: int | None,
+                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A subject's (budgeted) training responses ``(N, F_s)`` and flattened targets ``(N, D)``,
+    at most ``limit`` trials drawn at random."""
+    ds, groups = dm._trial_dataset("train")
+    index = groups[dm.subjects.index(subject)]
+    if limit is not None and len(index) > limit:
+        index = np.sort(rng.choice(index, limit, replace=False))
+    batch = ds.__getitems__(index.tolist())
+    return batch.responses[:, : dm.n_features[subject]], batch.targets[target].flatten(1)
+
+
+def comparison_report(cfg: DictConfig, decoder: Decoder, new_report: dict[str, Any], source_dm: BrainDataModule,
+                      subject: str, budget: str, run_dir: Path) -> dict[str, Any]:
+    """The adapted subject next to the pretrained subjects, all through the adapted decoder
+    (with ``trainable: all`` this also shows what the source subjects lost)."""
+    source_rows = evaluate_predictions(cfg, source_dm, decoder)["rows"][:-1]
+    new_rows = [r for r in new_report["rows"] if r["subject"] == subject]
+    rows = [{**r, "role": "pretrained", "training_data": "all"} for r in source_rows]
+    rows += [{**r, "role": "adapted", "training_data": budget} for r in new_rows]
+    out = {"subject": subject, "rows": rows}
+    atomic_write_json(run_dir / "adaptation_report.json", out)
+    lines = ["| subject | role | training data | brain→image top-1 | image→brain top-1 | oracle b→i |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['subject']} | {r['role']} | {r['training_data']} | {r['brain_to_image_top1']:.3f} | "
+                     f"{r['image_to_brain_top1']:.3f} | {r['oracle_brain_to_image_top1']:.3f} |")
+    atomic_write_text(run_dir / "adaptation_report.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out
+
+
+def _save_trials(dm: BrainDataModule, subject: str, path: Path) -> None:
+    table = dm.budget_trials().get(subject)
+    if table is None:  # no budget: every training/validation trial
+        return
+    cols = list(table)
+    rows = ["\t".join(cols)] + ["\t".join(str(table[c][i]) for c in cols) for i in range(len(table["row"]))]
+    atomic_write_text(path, "\n".join(rows) + "\n")
+
+
 def adapt(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     ad = cfg.adaptation
@@ -71,6 +162,9 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"adaptation.trainable: one of {TRAINABLE}, got {ad.trainable!r}")
     if ad.sources not in SOURCES:
         raise ValueError(f"adaptation.sources: one of {SOURCES}, got {ad.sources!r}")
+    if ad.get("init") not in INITS:
+        raise ValueError(f"adaptation.init: one of {INITS}, got {ad.get('init')!r}")
+    budget = {k: v for k, v in OmegaConf.to_container(cfg.budget).items() if v is not None} if cfg.budget else {}
     run_dir = start_run(cfg)
 
     ckpt = load_checkpoint(cfg.ckpt)
@@ -92,33 +186,46 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = OmegaConf.merge(train_cfg, {k: cfg[k] for k in ("optim", "trainer", "logger", "callbacks", "paths",
                                                               "seed", "reconstruction", "generator")})
     with open_dict(run_cfg):
+        run_cfg.data.pop("train_sessions", None)  # checkpoints before budgets had this key
         run_cfg.data.subjects = [*sources, subject]
-        run_cfg.data.train_sessions = {subject: cfg.sessions} if cfg.sessions else None
+        run_cfg.data.train_budget = {subject: budget} if budget else None
         run_cfg.data.eval_subjects = [subject]
+        if cfg.get("trial_seconds"):
+            run_cfg.data.trial_seconds = cfg.trial_seconds
         if cfg.batch_size:
             run_cfg.data.batch_size = cfg.batch_size
         run_cfg.adaptation = {**OmegaConf.to_container(ad), "from": str(cfg.ckpt), "subject": subject,
-                              "sessions": cfg.sessions, "sources": sources}
+                              "budget": budget or "all", "sources": sources}
     store = Path(cfg.store or train_cfg.dataset.store)
     dm = build_datamodule(run_cfg, store)
     if subject not in dm.n_features:
         raise ValueError(f"subject: {subject} is not in the store {store}")
+    source_cfg = run_cfg.copy()
+    with open_dict(source_cfg):
+        source_cfg.data.subjects, source_cfg.data.train_budget, source_cfg.data.eval_subjects = list(old), None, None
+    source_dm = build_datamodule(source_cfg, store)
     shapes = {k: tuple(v) for k, v in extra["target_shapes"].items()}
     decoder = build_model(train_cfg, old, shapes)
     decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in ckpt["state_dict"].items()
                              if k.startswith("decoder.")})
     prefixes = add_subject(decoder, subject, dm.n_features[subject], init_from)
+    init_info = None
+    if ad.get("init") == "ridge":
+        init_info = ridge_initialise(decoder.eval(), subject, dm, source_dm, train_cfg.target.feature_name, ad.ridge)
     trainable = freeze_except(decoder, prefixes) if ad.trainable == "new_subject" else \
         sum(p.numel() for p in decoder.parameters())
     n_train = dm.trial_counts("train")[subject]
-    log.info("adapting to %s: %d training trials (%s sessions), sources %s, %s trainable parameters",
-             subject, n_train, cfg.sessions or "all", sources or "none", f"{trainable:,}")
+    budget_text = dm.describe_budgets().get(subject, "all data")
+    log.info("adapting to %s: %d training trials (%s), sources %s, %s trainable parameters",
+             subject, n_train, budget_text, sources or "none", f"{trainable:,}")
+    _save_trials(dm, subject, run_dir / "adaptation_trials.tsv")
     resolved = OmegaConf.to_container(run_cfg, resolve=True)
     _save_config(resolved, run_dir / "config_resolved.yaml")
     # the checkpoint lists every subject the decoder has (sources and the new one), so that
     # bdf-evaluate / bdf-reconstruct / a further bdf-adapt rebuild the same modules
     result = fit_and_evaluate(run_cfg, dm, decoder, run_dir=run_dir, checkpoint_config=resolved, t_start=t_start,
                               n_features={**old, subject: dm.n_features[subject]})
-    result["adaptation"] = {"subject": subject, "sessions": cfg.sessions, "train_trials": n_train,
-                            "trainable_parameters": trainable, "sources": sources}
+    comparison_report(run_cfg, decoder, result["report"], source_dm, subject, budget_text, run_dir)
+    result["adaptation"] = {"subject": subject, "budget": budget_text, "train_trials": n_train,
+                            "trainable_parameters": trainable, "sources": sources, "init": init_info}
     return result

@@ -99,14 +99,14 @@ def test_pickles_without_copying_memmaps(dm):
 
 
 def test_session_budget_and_eval_subjects(tiny_store, tmp_path):
-    """`train_sessions` keeps a subject's first k training sessions; `eval_subjects` restricts
-    validation and test; bad budgets name the key."""
+    """`train_budget` keeps a subject's first k sessions (training and validation trials);
+    `eval_subjects` restricts validation and test; bad budgets name the key."""
     store = open_store(tiny_store)
     t = store.subjects["subj02"].trials
     train = t.split == "train"
-    first_two = np.unique(t.session[train])[:2]
-    dm = BrainDataModule(tiny_store, None, batch_size=8, train_sessions={"subj02": 2}, eval_subjects=["subj02"],
-                         cache_dir=tmp_path)
+    first_two = np.unique(t.session)[:2]
+    dm = BrainDataModule(tiny_store, None, batch_size=8, train_budget={"subj02": {"sessions": 2}},
+                         eval_subjects=["subj02"], cache_dir=tmp_path)
     dm.setup()
     counts = dm.trial_counts("train")
     assert counts["subj02"] == int((train & np.isin(t.session, first_two)).sum()) < int(train.sum())
@@ -119,8 +119,34 @@ def test_session_budget_and_eval_subjects(tiny_store, tmp_path):
     allowed = set(t.image_index[train & np.isin(t.session, first_two)].tolist())
     assert seen and seen <= allowed
     assert set(next(iter(dm.test_dataloader())).subject) == {"subj02"}
-    assert list(dm.trial_counts("val")) == ["subj02"]
-    with pytest.raises(ValueError, match=r"data.train_sessions: subject\(s\) \['subj09'\] are not among"):
-        BrainDataModule(tiny_store, None, train_sessions={"subj09": 1}, cache_dir=tmp_path).setup()
-    with pytest.raises(ValueError, match=r"data.train_sessions: budgets must be >= 1 session, got \{'subj01': 0\}"):
-        BrainDataModule(tiny_store, None, train_sessions={"subj01": 0}, cache_dir=tmp_path).setup()
+    assert dm.trial_counts("val") == {"subj02": int(((t.split == "val") & np.isin(t.session, first_two)).sum())}
+    saved = dm.budget_trials()["subj02"]
+    assert set(saved["session"].tolist()) <= set(first_two.tolist()) and set(saved["split"].tolist()) == {"train", "val"}
+    assert len(saved["row"]) == counts["subj02"] + dm.trial_counts("val")["subj02"]
+    with pytest.raises(ValueError, match=r"data.train_budget: subject\(s\) \['subj09'\] are not among"):
+        BrainDataModule(tiny_store, None, train_budget={"subj09": {"sessions": 1}}, cache_dir=tmp_path).setup()
+    with pytest.raises(ValueError, match=r"data.train_budget.subj01.sessions: a positive whole number, got 0"):
+        BrainDataModule(tiny_store, None, train_budget={"subj01": {"sessions": 0}}, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"data.train_budget.subj01: give exactly one of \['sessions', 'minutes', "
+                                         r"'trials'\], got \{'sessions': 1, 'trials': 5\}"):
+        BrainDataModule(tiny_store, None, train_budget={"subj01": {"sessions": 1, "trials": 5}}, cache_dir=tmp_path)
+
+
+def test_trial_and_minute_budgets_follow_presentation_order(tiny_store, tmp_path):
+    """`trials: n` = the first n training trials in presentation order; `minutes: m` = every trial
+    of the first m·60/trial_seconds presented; validation stops at the same point."""
+    t = open_store(tiny_store).subjects["subj01"].trials
+    order = np.lexsort((np.arange(len(t)), t.run, t.session))  # independent of the module
+    train_in_order = order[t.split[order] == "train"]
+    dm = BrainDataModule(tiny_store, None, train_budget={"subj01": {"trials": 7}}, cache_dir=tmp_path)
+    dm.setup()
+    saved = dm.budget_trials()["subj01"]
+    assert sorted(saved["row"][saved["split"] == "train"].tolist()) == sorted(train_in_order[:7].tolist())
+    last = int(np.flatnonzero(order == train_in_order[6])[0])
+    assert set(saved["row"].tolist()) == {int(r) for r in order[: last + 1] if t.split[r] in ("train", "val")}
+    assert dm.trial_counts("train")["subj01"] == 7
+    dm = BrainDataModule(tiny_store, None, train_budget={"subj01": {"minutes": 1.5}}, trial_seconds=6,
+                         cache_dir=tmp_path)  # 15 trials presented
+    dm.setup()
+    first = order[:15]
+    assert dm.trial_counts("train")["subj01"] == int((t.split[first] == "train").sum())

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from braindecode_fw.models.adapters import SubjectLinearAdapter
-from braindecode_fw.models.decoder import build_mindeye2_decoder
+from braindecode_fw.models.decoder import build_token_decoder
 from braindecode_fw.models.encoders import ResidualMLP
 from braindecode_fw.models.heads import LowLevelHead, TokenProjector
 from braindecode_fw.models.prior import DiffusionPrior, cosine_alphas_cumprod
 
 
 def _build(n_features, target_shapes, hidden, lowlevel=True, prior=True, **prior_kw):
-    return build_mindeye2_decoder(
+    return build_token_decoder(
         n_features, target_shapes, hidden=hidden,
         adapter=SubjectLinearAdapter, encoder=functools.partial(ResidualMLP, n_blocks=4, final_norm=False),
         projector=TokenProjector, lowlevel=LowLevelHead if lowlevel else None,

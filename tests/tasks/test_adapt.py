@@ -4,6 +4,7 @@ reset-tuning; frozen parts unchanged, budget respected, checkpoint reusable; one
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ def test_adapt_new_subject_reset_tuning(tmp_path):
     train = _run("bdf-train", [*TINY_WORLD, *TINY_MODEL, *MB_TINY, "data.subjects=[subj01]"], tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     src = train.stdout.split("checkpoint    :")[1].split()[0]
-    args = [f"ckpt={src}", "subject=subj02", "sessions=1", "adaptation=reset_tuning", "trainer.max_epochs=2",
+    args = [f"ckpt={src}", "subject=subj02", "budget.sessions=1", "adaptation=reset_tuning", "trainer.max_epochs=2",
             "logger=csv", "batch_size=16"]
     proc = _run("bdf-adapt", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,6 +35,7 @@ def test_adapt_new_subject_reset_tuning(tmp_path):
     n_budget = int((train_rows & (t.session == first)).sum())
     assert f"adapting to subj02: {n_budget} training trials (1 sessions), sources ['subj01']" in proc.stdout + proc.stderr
     ckpt = proc.stdout.split("checkpoint    :")[1].split()[0]
+    assert Path(ckpt).exists()
     before = torch.load(src, weights_only=True)["state_dict"]
     after = torch.load(ckpt, weights_only=True)
     assert after["braindecode_fw"]["n_features"] == {"subj01": 60, "subj02": 90}
@@ -43,6 +45,12 @@ def test_adapt_new_subject_reset_tuning(tmp_path):
     new = [k for k in after["state_dict"] if ".subj02." in k]
     assert any(k.startswith("decoder.builder.builders.subj02.") for k in new)
     assert any(k.startswith("decoder.adapter.embedders.subj02.") for k in new)
+    # the trials learned from, and the comparison with the pretrained subject
+    run_dir = Path(ckpt).parents[1]
+    table = np.genfromtxt(run_dir / "adaptation_trials.tsv", delimiter="\t", names=True, dtype=None, encoding="utf-8")
+    assert set(table["session"].tolist()) == {first} and int((table["split"] == "train").sum()) == n_budget
+    report = (run_dir / "adaptation_report.md").read_text()
+    assert "| subj01 | pretrained | all |" in report and "| subj02 | adapted | 1 sessions |" in report
     # the adapted checkpoint is an ordinary one
     ev = _run("bdf-evaluate", [f"ckpt={ckpt}"], tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -52,11 +60,33 @@ def test_adapt_new_subject_reset_tuning(tmp_path):
     ridge = _run("bdf-adapt", [f"ckpt={src}", "subject=subj02", "adaptation=finetune_all", "trainer.max_epochs=1"],
                  tmp_path)
     _assert_one_line_error(ridge, "adaptation.init_bias_from: only a linear (ridge) adapter has a bias to copy")
+    ridge = _run("bdf-adapt", [f"ckpt={src}", "subject=subj02", "adaptation.init=ridge", "trainer.max_epochs=1"],
+                 tmp_path)
+    _assert_one_line_error(ridge, "adaptation.init: ridge needs a linear (ridge) adapter, the model has "
+                                  "PooledSubjectEmbedder")
+
+
+@pytest.mark.slow
+def test_adapt_ridge_initialisation_from_a_trial_budget(tmp_path):
+    """`adaptation.init=ridge` solves the new linear adapter in closed form before training;
+    a `trials` budget keeps exactly that many training trials."""
+    train = _run("bdf-train", [*TINY_WORLD, *TINY_MODEL, "logger=csv", "reconstruction.enabled=false",
+                               "data.subjects=[subj01]"], tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    src = train.stdout.split("checkpoint    :")[1].split()[0]
+    proc = _run("bdf-adapt", [f"ckpt={src}", "subject=subj02", "budget.sessions=null", "budget.trials=40",
+                              "adaptation.init=ridge", "trainer.max_epochs=1", "logger=csv"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "adapting to subj02: 40 training trials (40 trials)" in log
+    assert re.search(r"ridge initialisation of subj02: target->hidden alpha \S+ \(\d+ source trials\), "
+                     r"voxels->hidden alpha \S+ \(40 trials\)", log)
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("trainable", "some", "adaptation.trainable: one of ('new_subject', 'all'), got 'some'"),
     ("sources", "few", "adaptation.sources: one of ('none', 'all'), got 'few'"),
+    ("init", "pca", "adaptation.init: one of (None, 'ridge'), got 'pca'"),
 ])
 def test_adaptation_options_are_checked(key, value, message):
     from braindecode_fw.tasks.adapt import adapt

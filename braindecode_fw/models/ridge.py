@@ -1,0 +1,71 @@
+"""Closed-form ridge regression with leave-one-out selection of the penalty.
+
+Used to initialise a new subject's linear adapter from a small budget (``adaptation.init: ridge``,
+docs/decoders.md): with a few hundred trials and thousands of voxels, the exact ridge solution with
+a penalty chosen by leave-one-out error is the best linear map the trials can determine, and
+gradient descent from a random start does not reach it in the few hundred steps a budget allows.
+
+Both sides are centred (the intercept is unpenalised). The fit works in whichever of the primal
+(``F × F``) or dual (``N × N``) space is smaller, from one eigendecomposition shared by every
+penalty, and the leave-one-out residuals come from the hat matrix' diagonal,
+``e_i = (y_i − ŷ_i) / (1 − H_ii)`` (exact for the centred problem; the centring itself is not
+redone per left-out row, a negligible difference at these sizes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RidgeFit:
+    """``Y ≈ X @ weight + bias``: ``weight`` ``(F, D)``, ``bias`` ``(D,)``; ``alpha`` the chosen
+    penalty; ``loo_mse`` the mean leave-one-out squared error for every candidate in ``alphas``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    alpha: float
+    alphas: list[float]
+    loo_mse: list[float]
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.weight.dtype) @ self.weight + self.bias
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, alphas: Sequence[float]) -> RidgeFit:
+    """Ridge regression of ``y`` ``(N, D)`` on ``x`` ``(N, F)`` (float64 internally) for every
+    penalty in ``alphas``, keeping the one with the smallest leave-one-out MSE."""
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"fit_ridge: x (N, F) and y (N, D) with the same N, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if len(x) < 3:
+        raise ValueError(f"fit_ridge: at least 3 samples are needed, got {len(x)}")
+    if not alphas or min(alphas) <= 0:
+        raise ValueError(f"fit_ridge: positive penalties are needed, got {list(alphas)}")
+    x, y = x.double(), y.double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    n, f = xc.shape
+    dual = n <= f
+    # one eigendecomposition for every alpha: K = XXᵀ = U S Uᵀ (dual) or XᵀX = V S Vᵀ (primal)
+    s, u = torch.linalg.eigh(xc @ xc.T if dual else xc.T @ xc)
+    s = s.clamp(min=0)
+    basis = u if dual else xc @ u  # rows of the hat matrix live in this basis
+    rotated = basis.T @ yc  # (k, D)
+    losses = []
+    for alpha in alphas:
+        shrink = (s / (s + alpha)) if dual else 1 / (s + alpha)
+        fitted = basis @ (shrink[:, None] * rotated)
+        hat_diag = (basis ** 2) @ shrink
+        residual = (yc - fitted) / (1 - hat_diag).clamp(min=1e-12)[:, None]
+        losses.append(float(residual.pow(2).mean()))
+    best = int(torch.tensor(losses).argmin())
+    alpha = float(alphas[best])
+    if dual:
+        weight = xc.T @ (u @ ((1 / (s + alpha))[:, None] * (u.T @ yc)))
+    else:
+        weight = u @ ((1 / (s + alpha))[:, None] * (u.T @ (xc.T @ yc)))
+    return RidgeFit(weight=weight, bias=y_mean - x_mean @ weight, alpha=alpha, alphas=[float(a) for a in alphas],
+                    loo_mse=losses)
