@@ -87,13 +87,17 @@ def test_bench_models_section(tmp_path):
           "targets:{clip_image_tokens:[5,8],clip_text_tokens:[3,8]}}")
     me2 = ("{model:mindeye2,loss:mindeye2,overrides:['model.hidden=16','model.lowlevel=null','loss.terms.blur=null',"
            "'model.prior.depth=1','model.prior.heads=2','model.prior.dim_head=8'],targets:{clip_image_tokens:[5,8]}}")
+    sttm = ("{model:sttm,loss:sttm,overrides:['model.hidden=16','model.token_head.token_dim=4',"
+            "'model.token_head.attention_dim=8','model.token_head.heads=2','model.token_head.mlp_dim=8',"
+            "'model.projector.inner=8','model.prior.network.depth=1','model.prior.network.heads=2',"
+            "'model.prior.network.ff_dim=8'],targets:{clip_image_tokens:[5,8],clip_text:[8]}}")
     args = [f"output_dir={tmp_path}/docs", "run_worlds=false", "evaluation.enabled=false", "models.enabled=true",
             "models.steps=1", "models.batch_size=4", "~models.n_features", "+models.n_features={a:40,b:30}",
-            f"models.cases.mindeye2_h1024={me2}", f"models.cases.mindbridge={mb}"]
+            f"models.cases.mindeye2_h1024={me2}", f"models.cases.mindbridge={mb}", f"models.cases.sttm={sttm}"]
     proc = _run("bdf-bench", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["case"]: r for r in json.loads((tmp_path / "docs" / "benchmarks_models_cpu.json").read_text())["result"]["rows"]}
-    assert sorted(rows) == ["mindbridge", "mindeye2_h1024"]
+    assert sorted(rows) == ["mindbridge", "mindeye2_h1024", "sttm"]
     import functools
 
     from braindecode_fw.models.adapters import PooledSubjectEmbedder, SubjectBuilder
