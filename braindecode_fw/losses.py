@@ -134,6 +134,14 @@ def soft_clip_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float)
     return (-(soft * logits.log_softmax(-1)).sum(-1).mean() - (soft * logits.T.log_softmax(-1)).sum(-1).mean()) / 2
 
 
+def soft_token_contrast(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """MindEye2's ``soft_cont_loss`` (methods.md §3.4) with the clean teacher on both sides: SoftCLIP
+    over every spatial token of the batch as its own row, ``(B, N, C)`` -> ``(B·N, C)`` rows of the
+    student (the low-level head's auxiliary tokens) against the teacher's (ConvNeXt tokens)."""
+    return soft_clip_loss(student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]),
+                          temperature)
+
+
 def cosine_temperature(progress: float, start: float, end: float) -> float:
     """MindEye2's SoftCLIP temperature over the SoftCLIP phase, ``progress`` in [0, 1]:
     ``τ = end + (start − end)/2·(1 + cos(π·progress))`` (rises from ``start`` to ``end``)."""

@@ -7,7 +7,8 @@ branches on the method; a method is a model config plus an objective config.
   output for the primary target and that target (the foundation default).
 - :class:`TermsObjective`: a weighted sum of named terms (methods.md §3.4, §4.3, §7.3):
   contrastive terms (BiMixCo during the first ``mixco.until`` of training, SoftCLIP afterwards, with
-  a fixed or cosine-scheduled temperature), regression terms (normalised MSE, MSE, L1) and the
+  a fixed or cosine-scheduled temperature), token-level soft distillation (``token_contrast``:
+  every token a row, the term's own τ), regression terms (normalised MSE, MSE, L1) and the
   decoder's auxiliary losses (``outputs["loss/<name>"]``: cycle, brain reconstruction, prior).
 """
 
@@ -30,9 +31,11 @@ from braindecode_fw.losses import (
     mixco_soft_labels,
     normalized_mse,
     soft_clip_loss,
+    soft_token_contrast,
 )
 
-KINDS = ("contrastive", "normalized_mse", "mse", "l1", "aux")
+KINDS = ("contrastive", "token_contrast", "normalized_mse", "mse", "l1", "aux")
+REGRESSION_KINDS = ("token_contrast", "normalized_mse", "mse", "l1")
 AUX_PREFIX = "loss/"
 
 
@@ -66,7 +69,8 @@ class Term:
     ``aux`` terms: the name of the decoder's ``loss/<name>`` output). ``output_index`` /
     ``target_index`` pick one token of a token output/target (STTM's global terms use token 0, the
     class-token slot). ``mixco_weight``: the weight during the BiMixCo phase, if it differs (STTM:
-    0.5 then 0.2)."""
+    0.5 then 0.2). ``temperature``: a ``token_contrast`` term's own τ (MindEye2's ConvNeXt
+    distillation: 0.2)."""
 
     kind: str
     weight: float = 1.0
@@ -75,6 +79,7 @@ class Term:
     output_index: int | None = None
     target_index: int | None = None
     mixco_weight: float | None = None
+    temperature: float = 0.2
 
     def weight_at(self, mixing: bool) -> float:
         return self.mixco_weight if mixing and self.mixco_weight is not None else self.weight
@@ -149,7 +154,7 @@ class TermsObjective(Objective):
             soft_labels = mixco_soft_labels(beta, label).to(responses.device)
             if self.mixco.get("mix_regression_targets", True):
                 for t in self.terms.values():
-                    if t.kind in ("normalized_mse", "mse", "l1") and t.target in targets:
+                    if t.kind in REGRESSION_KINDS and t.target in targets:
                         y = targets[t.target]
                         b = beta.view(-1, *[1] * (y.ndim - 1)).to(y.dtype)
                         targets[t.target] = b * y + (1 - b) * y[partner.to(y.device)]
@@ -182,6 +187,8 @@ class TermsObjective(Objective):
                 if t.kind == "contrastive":
                     value = (bimixco_loss(pred, y, soft_labels, self.mixco.get("temperature", 0.006))
                              if soft_labels is not None else soft_clip_loss(pred, y, tau))
+                elif t.kind == "token_contrast":
+                    value = soft_token_contrast(pred, y, t.temperature)
                 elif t.kind == "normalized_mse":
                     value = normalized_mse(pred, y)
                 elif t.kind == "mse":

@@ -86,7 +86,7 @@ def test_adaptation_presets_compose(option):
 
 
 @pytest.mark.parametrize(("experiment", "extra"), [("mindbridge_synthetic", []), ("mindeye2_synthetic", []),
-                                                   ("mindeye2_nsd", ["vae_latent"]),
+                                                   ("mindeye2_nsd", ["convnext_tokens", "vae_latent"]),
                                                    ("mindbridge_nsd", ["clip_text_tokens"]),
                                                    ("sttm_synthetic", ["clip_image", "clip_text"]),
                                                    ("sttm_nsd", ["clip_text"])])
@@ -98,7 +98,7 @@ def test_method_experiments_build_their_decoders(experiment, extra):
     cfg = compose_config("train", [f"experiment={experiment}"])
     assert sorted(n.feature_name for n in cfg.extra_targets.values()) == extra
     shapes = {"clip_image_tokens": (64, 128), "clip_text_tokens": (16, 128), "vae_latent": (4, 28, 28),
-              "clip_image": (128,), "clip_text": (128,)}
+              "clip_image": (128,), "clip_text": (128,), "convnext_tokens": (49, 512)}
     if experiment.endswith("_nsd"):
         shapes["clip_image_tokens"] = (256, 1664) if "mindeye2" in experiment else (257, 768)
         shapes["clip_text_tokens"], shapes["clip_text"] = (77, 768), (768,)

@@ -185,17 +185,30 @@ def build_token_decoder(
     token_head: Callable[..., nn.Module] | None = None,
     lowlevel: Callable[..., nn.Module] | None = None,
     lowlevel_target: str = "vae_latent",
+    lowlevel_teacher: str = "convnext_tokens",
     prior: Callable[..., nn.Module] | None = None,
 ) -> TokenDecoder:
     """Sizes from the data: the token head and prior from ``target_shapes[target]`` (T, W), the
-    low-level head from ``target_shapes[lowlevel_target]`` when that target is trained.
-    ``token_head`` (a partial taking ``hidden, n_tokens, width``) defaults to MindEye2's linear map."""
+    low-level head from ``target_shapes[lowlevel_target]`` when that target is trained, and its
+    auxiliary token head (width ``C``) only when the teacher target ``lowlevel_teacher`` (N, C) is
+    trained too. ``token_head`` (a partial taking ``hidden, n_tokens, width``) defaults to
+    MindEye2's linear map."""
     if target not in target_shapes or len(target_shapes[target]) != 2:
         raise ValueError(f"model.target: {target!r} must be a token target (T, W); targets {dict(target_shapes)}")
     n_tokens, width = (int(v) for v in target_shapes[target])
     low = None
     if lowlevel is not None and lowlevel_target in target_shapes:
-        low = lowlevel(hidden=hidden, latent_shape=tuple(target_shapes[lowlevel_target]))
+        aux_dim = None
+        if lowlevel_teacher in target_shapes:
+            if len(target_shapes[lowlevel_teacher]) != 2:
+                raise ValueError(f"model.lowlevel_teacher: {lowlevel_teacher!r} must be tokens (N, C), got "
+                                 f"{tuple(target_shapes[lowlevel_teacher])}")
+            aux_dim = int(target_shapes[lowlevel_teacher][-1])
+        low = lowlevel(hidden=hidden, latent_shape=tuple(target_shapes[lowlevel_target]), aux_dim=aux_dim)
+        if aux_dim is not None and low.seed ** 2 != target_shapes[lowlevel_teacher][0]:
+            raise ValueError(f"model.lowlevel_teacher: the auxiliary head makes {low.seed ** 2} tokens "
+                             f"({low.seed}×{low.seed}); the teacher {lowlevel_teacher!r} has "
+                             f"{target_shapes[lowlevel_teacher][0]}")
     head = (token_head(hidden=hidden, n_tokens=n_tokens, width=width) if token_head is not None
             else nn.Linear(hidden, n_tokens * width))
     return TokenDecoder(

@@ -29,7 +29,8 @@ def _m(module) -> float:
 
 
 def test_parameter_counts_at_real_scale():
-    shapes = {"clip_image_tokens": (256, 1664), "vae_latent": (4, 28, 28)}
+    # ME2's ConvNeXt teacher tokens are 49 × 512; the auxiliary head's width follows the teacher
+    shapes = {"clip_image_tokens": (256, 1664), "vae_latent": (4, 28, 28), "convnext_tokens": (49, 512)}
     with torch.device("meta"):
         big = _build({"subj01": 15724}, shapes, hidden=4096)
         small = _build({"subj01": 15724}, {"clip_image_tokens": (256, 1664)}, hidden=1024)
@@ -47,12 +48,17 @@ def test_parameter_counts_at_real_scale():
 
 def test_forward_shapes_and_prior_loss():
     torch.manual_seed(0)
-    shapes = {"clip_image_tokens": (8, 16), "vae_latent": (4, 8, 8)}
+    shapes = {"clip_image_tokens": (8, 16), "vae_latent": (4, 8, 8), "convnext_tokens": (4, 24)}
     dec = _build({"a": 30, "b": 20}, shapes, hidden=32, depth=1, heads=2, dim_head=8)
     x = torch.randn(3, 30)
     out = dec(x, ["a", "b", "a"], targets={"clip_image_tokens": torch.randn(3, 8, 16)})
     assert out["clip_image_tokens"].shape == (3, 8, 16) and out["clip_image_tokens/backbone"].shape == (3, 8, 16)
-    assert out["vae_latent"].shape == (3, 4, 8, 8) and out["lowlevel_aux_tokens"].shape == (3, 4, 512)
+    assert out["vae_latent"].shape == (3, 4, 8, 8) and out["lowlevel_aux_tokens"].shape == (3, 4, 24)
+    no_teacher = _build({"a": 30}, {k: v for k, v in shapes.items() if k != "convnext_tokens"}, hidden=32,
+                        prior=False)
+    assert "lowlevel_aux_tokens" not in no_teacher(x, ["a", "a", "a"])  # the aux head needs a teacher
+    with pytest.raises(ValueError, match=r"the auxiliary head makes 4 tokens \(2×2\); the teacher 'convnext_tokens' has 9"):
+        _build({"a": 30}, {**shapes, "convnext_tokens": (9, 24)}, hidden=32, prior=False)
     assert out["loss/prior"].ndim == 0 and out["loss/prior"] > 0
     out["loss/prior"].backward()
     assert dec.heads["tokens"].weight.grad is not None  # the prior loss trains the backbone too

@@ -86,6 +86,7 @@ def test_bench_models_section(tmp_path):
           "'model.adapter.bottleneck=4','model.builder.bottleneck=4'],"
           "targets:{clip_image_tokens:[5,8],clip_text_tokens:[3,8]}}")
     me2 = ("{model:mindeye2,loss:mindeye2,overrides:['model.hidden=16','model.lowlevel=null','loss.terms.blur=null',"
+           "'loss.terms.blur_cont=null',"
            "'model.prior.depth=1','model.prior.heads=2','model.prior.dim_head=8'],targets:{clip_image_tokens:[5,8]}}")
     sttm = ("{model:sttm,loss:sttm,overrides:['model.hidden=16','model.token_head.token_dim=4',"
             "'model.token_head.attention_dim=8','model.token_head.heads=2','model.token_head.mlp_dim=8',"
