@@ -179,6 +179,13 @@ class TermsObjective(Objective):
                                    f"it provides {sorted(k for k in out if k.startswith(AUX_PREFIX))}")
                 value = out[key]
             else:
+                if t.output not in out:
+                    raise KeyError(f"loss.terms.{name}: the decoder has no output {t.output!r}; it provides "
+                                   f"{sorted(k for k in out if not k.startswith(AUX_PREFIX))} (drop the term with "
+                                   f"loss.terms.{name}=null, or train the target that head needs)")
+                if t.target not in targets:
+                    raise KeyError(f"loss.terms.{name}: no target {t.target!r} in the batch; the run trains "
+                                   f"{sorted(targets)} (add it under extra_targets)")
                 pred, y = out[t.output].float(), targets[t.target].float()
                 if t.output_index is not None:
                     pred = pred[:, t.output_index]

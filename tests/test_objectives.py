@@ -190,3 +190,13 @@ def test_sttm_terms_token_selection_phase_weights_random_weighting_and_noise():
 def test_random_weighting_names_are_checked():
     with pytest.raises(ValueError, match=r"loss.random_weighting: every name once and among the terms"):
         TermsObjective(**{**STTM, "random_weighting": [["tokens"], ["tokens", "nope"]]})
+
+
+def test_missing_outputs_and_targets_name_the_term():
+    obj = TermsObjective(terms={"blur_cont": {"kind": "token_contrast", "output": "aux", "target": "emb"}})
+    with pytest.raises(KeyError, match=r"loss.terms.blur_cont: the decoder has no output 'aux'; it provides "
+                                       r"\['emb', 'low'\]"):
+        obj(Recorder(), _batch(), progress=0.5)
+    obj = TermsObjective(terms={"t": {"kind": "mse", "output": "emb", "target": "teacher"}})
+    with pytest.raises(KeyError, match=r"loss.terms.t: no target 'teacher' in the batch; the run trains \['emb', 'low'\]"):
+        obj(Recorder(), _batch(), progress=0.5)

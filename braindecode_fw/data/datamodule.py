@@ -344,6 +344,20 @@ class BrainDataModule(L.LightningDataModule):
         kept = [s for s in self.subjects if split == "train" or self.eval_subjects is None or s in self.eval_subjects]
         return {s: len(g) for s, g in zip(kept, groups, strict=True)}
 
+    def subject_arrays(self, subject: str, target: str, split: str = "train", limit: int | None = None,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One subject's single trials of ``split`` (after budgets): responses ``(N, F_s)`` and the
+        flattened ``target`` ``(N, D)``; at most ``limit`` trials, drawn at random with ``seed``."""
+        ds, groups = self._trial_dataset(split)
+        kept = [s for s in self.subjects if split == "train" or self.eval_subjects is None or s in self.eval_subjects]
+        if subject not in kept:
+            raise KeyError(f"subject {subject!r} has no {split} trials here; subjects {kept}")
+        index = groups[kept.index(subject)]
+        if limit is not None and len(index) > limit:
+            index = np.sort(np.random.default_rng(seed).choice(index, limit, replace=False))
+        batch = ds.__getitems__(index.tolist())
+        return batch.responses[:, : self.n_features[subject]], batch.targets[target].flatten(1)
+
     def describe_budgets(self) -> dict[str, str]:
         return {s: b.describe() for s, b in self.train_budget.items()}
 

@@ -123,11 +123,11 @@ class SwiGLUFeedForward(nn.Module):
         return self.proj_out(a * F.silu(gate))
 
 
-class PriorNetwork(nn.Module):
-    """``(brain (B, T, D), noised image (B, T, D), t (B,)) -> x̂0 (B, T, D)``."""
+class DenoiserBase(nn.Module):
+    """What both prior networks share: the time token (sinusoidal embedding of t through dalle2's
+    MLP, SiLU, expansion 2), learned image-token positions and the learned classifier-free nulls."""
 
-    def __init__(self, dim: int, n_tokens: int, depth: int = 6, heads: int = 32, dim_head: int = 52,
-                 ff_mult: int = 4):
+    def __init__(self, dim: int, n_tokens: int):
         super().__init__()
         self.dim, self.n_tokens = dim, n_tokens
         self.time_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, 2 * dim), nn.SiLU(),
@@ -135,12 +135,6 @@ class PriorNetwork(nn.Module):
         self.image_pos = nn.Parameter(torch.randn(n_tokens, dim) * dim ** -0.5)
         self.null_brain = nn.Parameter(torch.randn(n_tokens, dim))
         self.null_image = nn.Parameter(torch.randn(n_tokens, dim))
-        self.rel_pos = RelativePositionBias(heads)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([CosineMultiQueryAttention(dim, heads, dim_head), SwiGLUFeedForward(dim, ff_mult)])
-            for _ in range(depth))
-        self.final_norm = GainLayerNorm(dim, stable=True)
-        self.project_out = nn.Linear(dim, dim, bias=False)
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
@@ -148,13 +142,32 @@ class PriorNetwork(nn.Module):
         args = t.float()[:, None] * freqs[None]
         return self.time_mlp(torch.cat((args.sin(), args.cos()), dim=-1).to(self.image_pos.dtype))
 
-    def forward(self, brain: torch.Tensor, noised: torch.Tensor, t: torch.Tensor,
-                drop_brain: torch.Tensor | None = None, drop_image: torch.Tensor | None = None) -> torch.Tensor:
+    def with_nulls(self, brain: torch.Tensor, noised: torch.Tensor, drop_brain: torch.Tensor | None,
+                   drop_image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``drop_*``: ``(B,)`` bool, rows whose brain / noised-image tokens become the learned nulls."""
         if drop_brain is not None:
             brain = torch.where(drop_brain[:, None, None], self.null_brain.to(brain.dtype), brain)
         if drop_image is not None:
             noised = torch.where(drop_image[:, None, None], self.null_image.to(noised.dtype), noised)
+        return brain, noised
+
+
+class PriorNetwork(DenoiserBase):
+    """``(brain (B, T, D), noised image (B, T, D), t (B,)) -> x̂0 (B, T, D)``."""
+
+    def __init__(self, dim: int, n_tokens: int, depth: int = 6, heads: int = 32, dim_head: int = 52,
+                 ff_mult: int = 4):
+        super().__init__(dim, n_tokens)
+        self.rel_pos = RelativePositionBias(heads)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([CosineMultiQueryAttention(dim, heads, dim_head), SwiGLUFeedForward(dim, ff_mult)])
+            for _ in range(depth))
+        self.final_norm = GainLayerNorm(dim, stable=True)
+        self.project_out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, brain: torch.Tensor, noised: torch.Tensor, t: torch.Tensor,
+                drop_brain: torch.Tensor | None = None, drop_image: torch.Tensor | None = None) -> torch.Tensor:
+        brain, noised = self.with_nulls(brain, noised, drop_brain, drop_image)
         x = torch.cat((brain, self.time_embedding(t)[:, None], noised + self.image_pos), dim=1)
         bias = self.rel_pos(x.shape[1], x.shape[1] + 1, x.device)
         for attn, ff in self.layers:
@@ -163,7 +176,7 @@ class PriorNetwork(nn.Module):
         return self.project_out(self.final_norm(x[:, -self.n_tokens:]))
 
 
-class TransformerDecoderPriorNetwork(nn.Module):
+class TransformerDecoderPriorNetwork(DenoiserBase):
     """STTM's prior network (methods.md §7.2): ``nn.TransformerDecoder`` (6 layers, d 768, 12 heads,
     FF 3072, GELU, dropout 0 at real scale). The decoded sequence is [time token; noised image
     tokens + learned positions] and the output its last ``T`` positions; the memory is the brain
@@ -174,23 +187,12 @@ class TransformerDecoderPriorNetwork(nn.Module):
 
     def __init__(self, dim: int, n_tokens: int, depth: int = 6, heads: int = 12, ff_dim: int | None = None,
                  brain_token_drop: tuple[float, float] | list[float] | None = (0.6, 0.65)):
-        super().__init__()
-        self.dim, self.n_tokens = dim, n_tokens
+        super().__init__(dim, n_tokens)
         self.brain_token_drop = tuple(brain_token_drop) if brain_token_drop else None
-        self.time_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
-        self.image_pos = nn.Parameter(torch.randn(n_tokens, dim) * dim ** -0.5)
         self.brain_pos = nn.Parameter(torch.randn(n_tokens, dim) * dim ** -0.5)
-        self.null_brain = nn.Parameter(torch.randn(n_tokens, dim))
-        self.null_image = nn.Parameter(torch.randn(n_tokens, dim))
         layer = nn.TransformerDecoderLayer(dim, heads, ff_dim or 4 * dim, dropout=0.0, activation="gelu",
                                            batch_first=True)
         self.decoder = nn.TransformerDecoder(layer, depth)
-
-    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
-        args = t.float()[:, None] * freqs[None]
-        return self.time_mlp(torch.cat((args.sin(), args.cos()), dim=-1).to(self.image_pos.dtype))
 
     def kept_brain_tokens(self, brain: torch.Tensor) -> torch.Tensor:
         """Training: a random subset of each sample's (position-embedded) brain tokens."""
@@ -204,10 +206,7 @@ class TransformerDecoderPriorNetwork(nn.Module):
 
     def forward(self, brain: torch.Tensor, noised: torch.Tensor, t: torch.Tensor,
                 drop_brain: torch.Tensor | None = None, drop_image: torch.Tensor | None = None) -> torch.Tensor:
-        if drop_brain is not None:
-            brain = torch.where(drop_brain[:, None, None], self.null_brain.to(brain.dtype), brain)
-        if drop_image is not None:
-            noised = torch.where(drop_image[:, None, None], self.null_image.to(noised.dtype), noised)
+        brain, noised = self.with_nulls(brain, noised, drop_brain, drop_image)
         memory = self.kept_brain_tokens(brain + self.brain_pos)
         x = torch.cat((self.time_embedding(t)[:, None], noised + self.image_pos), dim=1)
         return self.decoder(x, memory)[:, -self.n_tokens:]

@@ -36,23 +36,26 @@ class RidgeFit:
 
 
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, alphas: Sequence[float]) -> RidgeFit:
-    """Ridge regression of ``y`` ``(N, D)`` on ``x`` ``(N, F)`` (float64 internally) for every
-    penalty in ``alphas``, keeping the one with the smallest leave-one-out MSE."""
+    """Ridge regression of ``y`` ``(N, D)`` on ``x`` ``(N, F)`` for every penalty in ``alphas``,
+    keeping the one with the smallest leave-one-out MSE. ``x`` is used in its own dtype (it may be a
+    flattened token target); the Gram matrix, its eigendecomposition and the solution are float64."""
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
         raise ValueError(f"fit_ridge: x (N, F) and y (N, D) with the same N, got {tuple(x.shape)} and {tuple(y.shape)}")
     if len(x) < 3:
         raise ValueError(f"fit_ridge: at least 3 samples are needed, got {len(x)}")
     if not alphas or min(alphas) <= 0:
         raise ValueError(f"fit_ridge: positive penalties are needed, got {list(alphas)}")
-    x, y = x.double(), y.double()
+    # the (possibly huge) design matrix stays in its own dtype; everything of size min(N, F)² or
+    # smaller is float64
+    y = y.double()
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = x - x_mean, y - y_mean
     n, f = xc.shape
     dual = n <= f
     # one eigendecomposition for every alpha: K = XXᵀ = U S Uᵀ (dual) or XᵀX = V S Vᵀ (primal)
-    s, u = torch.linalg.eigh(xc @ xc.T if dual else xc.T @ xc)
+    s, u = torch.linalg.eigh((xc @ xc.T if dual else xc.T @ xc).double())
     s = s.clamp(min=0)
-    basis = u if dual else xc @ u  # rows of the hat matrix live in this basis
+    basis = u if dual else (xc @ u.to(xc.dtype)).double()  # rows of the hat matrix live in this basis
     rotated = basis.T @ yc  # (k, D)
     losses = []
     for alpha in alphas:
@@ -64,8 +67,8 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, alphas: Sequence[float]) -> Ridg
     best = int(torch.tensor(losses).argmin())
     alpha = float(alphas[best])
     if dual:
-        weight = xc.T @ (u @ ((1 / (s + alpha))[:, None] * (u.T @ yc)))
+        weight = (xc.T @ (u @ ((1 / (s + alpha))[:, None] * (u.T @ yc))).to(xc.dtype)).double()
     else:
-        weight = u @ ((1 / (s + alpha))[:, None] * (u.T @ (xc.T @ yc)))
-    return RidgeFit(weight=weight, bias=y_mean - x_mean @ weight, alpha=alpha, alphas=[float(a) for a in alphas],
+        weight = u @ ((1 / (s + alpha))[:, None] * (u.T @ (xc.T @ yc.to(xc.dtype)).double()))
+    return RidgeFit(weight=weight, bias=y_mean - x_mean.double() @ weight, alpha=alpha, alphas=[float(a) for a in alphas],
                     loo_mse=losses)

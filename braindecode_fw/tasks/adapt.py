@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -87,17 +86,17 @@ def ridge_initialise(decoder: Decoder, subject: str, new_dm: BrainDataModule, so
     adapter = decoder.adapter
     if not isinstance(adapter, SubjectLinearAdapter):
         raise ValueError(f"adaptation.init: ridge needs a linear (ridge) adapter, the model has {type(adapter).__name__}")
-    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    seed = int(spec.get("seed", 0))
     xs, ys = [], []
     with torch.no_grad():
         sources = source_dm.subjects
         per_source = max(1, int(spec.max_source_trials) // len(sources))
-        for s in sources:
-            x, y = _train_arrays(source_dm, s, target, per_source, rng)
-            xs.append(adapter(x, [s] * len(x)).double())
+        for i, s in enumerate(sources):
+            x, y = source_dm.subject_arrays(s, target, limit=per_source, seed=seed + i)
+            xs.append(adapter(x, [s] * len(x)))
             ys.append(y)
         to_hidden = fit_ridge(torch.cat(ys), torch.cat(xs), list(spec.target_alphas))
-        x_new, y_new = _train_arrays(new_dm, subject, target, None, rng)
+        x_new, y_new = new_dm.subject_arrays(subject, target)
         pseudo_hidden = to_hidden.predict(y_new)
         voxel_map = fit_ridge(x_new, pseudo_hidden, list(spec.voxel_alphas))
         linear = adapter.linears[subject]
@@ -112,18 +111,6 @@ def ridge_initialise(decoder: Decoder, subject: str, new_dm: BrainDataModule, so
     log.info("ridge initialisation of %s: target->hidden alpha %g (%d source trials), voxels->hidden alpha %g "
              "(%d trials)", subject, to_hidden.alpha, info["source_trials"], voxel_map.alpha, len(x_new))
     return info
-
-
-def _train_arrays(dm: BrainDataModule, subject: str, target: str, limit: int | None,
-                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A subject's (budgeted) training responses ``(N, F_s)`` and flattened targets ``(N, D)``,
-    at most ``limit`` trials drawn at random."""
-    ds, groups = dm._trial_dataset("train")
-    index = groups[dm.subjects.index(subject)]
-    if limit is not None and len(index) > limit:
-        index = np.sort(rng.choice(index, limit, replace=False))
-    batch = ds.__getitems__(index.tolist())
-    return batch.responses[:, : dm.n_features[subject]], batch.targets[target].flatten(1)
 
 
 def comparison_report(cfg: DictConfig, decoder: Decoder, new_report: dict[str, Any], source_dm: BrainDataModule,
