@@ -8,8 +8,8 @@ gradient descent from a random start does not reach it in the few hundred steps 
 Both sides are centred (the intercept is unpenalised). The fit works in whichever of the primal
 (``F × F``) or dual (``N × N``) space is smaller, from one eigendecomposition shared by every
 penalty, and the leave-one-out residuals come from the hat matrix' diagonal,
-``e_i = (y_i − ŷ_i) / (1 − H_ii)`` (exact for the centred problem; the centring itself is not
-redone per left-out row, a negligible difference at these sizes).
+``e_i = (y_i − ŷ_i) / (1 − H_ii)`` with ``H = 11ᵀ/N + X_c (X_cᵀX_c + αI)⁻¹ X_cᵀ`` — exact for
+penalised least squares, the intercept (the centring) refitted without the left-out row too.
 """
 
 from __future__ import annotations
@@ -34,6 +34,18 @@ class RidgeFit:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.weight.dtype) @ self.weight + self.bias
 
+    def still_improving_at_edge(self, tolerance: float = 0.01) -> bool:
+        """The chosen penalty is the grid's smallest or largest and beats its neighbour by more
+        than ``tolerance`` (relative): a wider grid would likely choose beyond it. (With more
+        features than trials the error is flat for penalties far below the data's own noise
+        eigenvalues, and an edge choice there means nothing.)"""
+        order = sorted(range(len(self.alphas)), key=lambda i: self.alphas[i])
+        best = order.index(self.alphas.index(self.alpha))
+        if len(order) < 2 or best not in (0, len(order) - 1):
+            return False
+        neighbour = self.loo_mse[order[1 if best == 0 else -2]]
+        return self.loo_mse[order[best]] < (1 - tolerance) * neighbour
+
 
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, alphas: Sequence[float]) -> RidgeFit:
     """Ridge regression of ``y`` ``(N, D)`` on ``x`` ``(N, F)`` for every penalty in ``alphas``,
@@ -55,15 +67,24 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, alphas: Sequence[float]) -> Ridg
     # one eigendecomposition for every alpha: K = XXᵀ = U S Uᵀ (dual) or XᵀX = V S Vᵀ (primal)
     s, u = torch.linalg.eigh((xc @ xc.T if dual else xc.T @ xc).double())
     s = s.clamp(min=0)
-    basis = u if dual else (xc @ u.to(xc.dtype)).double()  # rows of the hat matrix live in this basis
-    rotated = basis.T @ yc  # (k, D)
+    null = s <= 1e-10 * s.max()  # the centring's constant direction (and any other exact null space)
+    basis = None if dual else (xc @ u.to(xc.dtype)).double()  # primal: the hat matrix is B diag(1/(s+α)) Bᵀ
+    rotated = (u if dual else basis).T @ yc  # (k, D)
     losses = []
     for alpha in alphas:
-        shrink = (s / (s + alpha)) if dual else 1 / (s + alpha)
-        fitted = basis @ (shrink[:, None] * rotated)
-        hat_diag = (basis ** 2) @ shrink
-        residual = (yc - fitted) / (1 - hat_diag).clamp(min=1e-12)[:, None]
-        losses.append(float(residual.pow(2).mean()))
+        if dual:
+            # I − H_c = U diag(α / (s + α)) Uᵀ, summed directly: no cancellation when the fit
+            # (nearly) interpolates; the constant eigenvector (s = 0) gives the 1/N the intercept takes
+            keep = torch.where(null, 1.0, alpha / (s + alpha))
+            residual = u @ (keep[:, None] * rotated)
+            one_minus_hat = (u ** 2) @ keep - 1 / n
+        else:
+            residual = yc - basis @ ((1 / (s + alpha))[:, None] * rotated)
+            one_minus_hat = 1 - 1 / n - (basis ** 2) @ (1 / (s + alpha))
+        # the unpenalised intercept adds 11ᵀ/N to the hat matrix; leaving it out would let the
+        # left-out row leak through the centring (exactly so once N < F and the fit interpolates)
+        loo = residual / one_minus_hat.clamp(min=1e-12)[:, None]
+        losses.append(float(loo.pow(2).mean()))
     best = int(torch.tensor(losses).argmin())
     alpha = float(alphas[best])
     if dual:

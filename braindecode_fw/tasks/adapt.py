@@ -103,9 +103,9 @@ def ridge_initialise(decoder: Decoder, subject: str, new_dm: BrainDataModule, so
         linear.weight.copy_(voxel_map.weight.T.to(linear.weight.dtype))
         linear.bias.copy_(voxel_map.bias.to(linear.bias.dtype))
     for name, fit in (("target_alphas", to_hidden), ("voxel_alphas", voxel_map)):
-        if fit.alpha in (min(fit.alphas), max(fit.alphas)):
-            log.warning("adaptation.ridge.%s: the chosen penalty %g is at the end of the grid %s; widen it",
-                        name, fit.alpha, fit.alphas)
+        if fit.still_improving_at_edge():
+            log.warning("adaptation.ridge.%s: the leave-one-out error still falls at the end of the grid %s "
+                        "(chosen %g); widen it", name, fit.alphas, fit.alpha)
     info = {"source_trials": int(sum(len(x) for x in xs)), "target_alpha": to_hidden.alpha,
             "voxel_alpha": voxel_map.alpha, "budget_trials": len(x_new)}
     log.info("ridge initialisation of %s: target->hidden alpha %g (%d source trials), voxels->hidden alpha %g "
