@@ -108,6 +108,7 @@ class TermsObjective(Objective):
                  random_weighting: list[list[str]] | None = None, input_noise: float = 0.0):
         super().__init__()
         self.terms: dict[str, Term] = {}
+        dropped = {name for name, spec in terms.items() if spec is None}
         for name, spec in terms.items():
             if spec is None:
                 continue
@@ -123,7 +124,8 @@ class TermsObjective(Objective):
         if "temperature" not in self.softclip and not {"start", "end"} <= set(self.softclip):
             raise ValueError("loss.softclip: give `temperature`, or `start` and `end` for the cosine schedule")
         self.mixco = dict(mixco) if mixco else None
-        self.groups = [list(g) for g in (random_weighting or [])]
+        # a term set to null leaves its group; a group left empty goes
+        self.groups = [g for g in ([n for n in group if n not in dropped] for group in (random_weighting or [])) if g]
         grouped = [n for g in self.groups for n in g]
         unknown = sorted(set(grouped) - set(self.terms))
         if unknown or len(grouped) != len(set(grouped)):

@@ -190,6 +190,9 @@ def test_sttm_terms_token_selection_phase_weights_random_weighting_and_noise():
 def test_random_weighting_names_are_checked():
     with pytest.raises(ValueError, match=r"loss.random_weighting: every name once and among the terms"):
         TermsObjective(**{**STTM, "random_weighting": [["tokens"], ["tokens", "nope"]]})
+    # terms set to null leave their groups (and empty groups go)
+    obj = TermsObjective(**{**STTM, "terms": {**STTM["terms"], "global_text": None, "prior": None}})
+    assert obj.groups == [["tokens", "global_image"]]
 
 
 def test_missing_outputs_and_targets_name_the_term():
