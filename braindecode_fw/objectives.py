@@ -155,11 +155,12 @@ class TermsObjective(Objective):
                                            select_prob=self.mixco.get("select_prob", 0.5), generator=self.generator)
             soft_labels = mixco_soft_labels(beta, label).to(responses.device)
             if self.mixco.get("mix_regression_targets", True):
-                for t in self.terms.values():
-                    if t.kind in REGRESSION_KINDS and t.target in targets:
-                        y = targets[t.target]
+                # each target once, however many terms read it
+                for key in dict.fromkeys(t.target for t in self.terms.values() if t.kind in REGRESSION_KINDS):
+                    if key in targets:
+                        y = targets[key]
                         b = beta.view(-1, *[1] * (y.ndim - 1)).to(y.dtype)
-                        targets[t.target] = b * y + (1 - b) * y[partner.to(y.device)]
+                        targets[key] = b * y + (1 - b) * y[partner.to(y.device)]
         # repeated test responses (validation without a val split) are averaged in output space; the
         # decoder then has no auxiliary losses, and evaluation skips those terms
         out = decoder(responses, batch.subject, batch.repeat_mask, targets=targets)

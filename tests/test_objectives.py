@@ -203,3 +203,20 @@ def test_missing_outputs_and_targets_name_the_term():
     obj = TermsObjective(terms={"t": {"kind": "mse", "output": "emb", "target": "teacher"}})
     with pytest.raises(KeyError, match=r"loss.terms.t: no target 'teacher' in the batch; the run trains \['emb', 'low'\]"):
         obj(Recorder(), _batch(), progress=0.5)
+
+
+def test_a_target_read_by_two_regression_terms_is_mixed_once():
+    terms = {"clip": {"kind": "contrastive", "output": "emb", "target": "emb"},
+             "l1": {"kind": "l1", "output": "low", "target": "low"},
+             "mse": {"kind": "mse", "output": "low", "target": "low"}}
+    obj, dec, batch = TermsObjective(terms=terms, mixco={"until": 1.0, "temperature": 0.006}, seed=4), Recorder(), _batch()
+    _, parts, _ = obj(dec, batch, progress=0.0)
+    from braindecode_fw.losses import mixco_inputs, mixco_permutation
+
+    replay = TermsObjective(terms=terms, mixco={"until": 1.0, "temperature": 0.006}, seed=4)
+    partner, _ = mixco_permutation(batch.subject, generator=replay.generator)
+    mixed, beta = mixco_inputs(batch.responses, partner, generator=replay.generator)
+    low = batch.targets["low"]
+    once = beta[:, None] * low + (1 - beta[:, None]) * low[partner]
+    out = dec(mixed, batch.subject)
+    torch.testing.assert_close(parts["mse"], torch.nn.functional.mse_loss(out["low"], once))
