@@ -168,8 +168,8 @@ class TermsObjective(Objective):
         if self.groups and self.training:
             weights = torch.softmax(torch.randn(len(self.groups), generator=self.generator), 0)
             scales = {n: float(w) for g, w in zip(self.groups, weights, strict=True) for n in g}
-        parts: dict[str, torch.Tensor] = {f"group_weight/{g[0]}": torch.tensor(scales[g[0]]) for g in self.groups
-                                          if g and g[0] in scales}
+        parts: dict[str, torch.Tensor] = {f"group_weight/{g[0]}": torch.tensor(scales[g[0]])
+                                          for g in (self.groups if scales else [])}
         total = responses.new_zeros(())
         tau = self.softclip_temperature(progress)
         for name, t in self.terms.items():

@@ -318,13 +318,19 @@ class BrainDataModule(L.LightningDataModule):
     def target_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape[1:]) for k, v in self.targets.items()}
 
+    def split_subjects(self, split: str) -> list[str]:
+        """The subjects whose trials ``split`` reads: all for training, ``eval_subjects`` otherwise."""
+        if split == "train" or self.eval_subjects is None:
+            return list(self.subjects)
+        return [s for s in self.subjects if s in self.eval_subjects]
+
     def _trial_dataset(self, split: str) -> tuple[TrialDataset, list[np.ndarray]]:
+        """Single trials of ``split``; ``groups[i]`` indexes the trials of ``split_subjects(split)[i]``."""
         assert self.store is not None
         pos, rows, imgs, groups = [], [], [], []
         offset = 0
-        for p, s in enumerate(self.subjects):
-            if split != "train" and self.eval_subjects is not None and s not in self.eval_subjects:
-                continue
+        for s in self.split_subjects(split):
+            p = self.subjects.index(s)
             t = self.store.subjects[s].trials
             r = np.flatnonzero(t.split == split)
             if split in ("train", "val") and s in self.budget_masks:
@@ -341,15 +347,14 @@ class BrainDataModule(L.LightningDataModule):
     def trial_counts(self, split: str = "train") -> dict[str, int]:
         """Trials per subject in ``split`` after budgets (``train_budget``) and ``eval_subjects``."""
         _, groups = self._trial_dataset(split)
-        kept = [s for s in self.subjects if split == "train" or self.eval_subjects is None or s in self.eval_subjects]
-        return {s: len(g) for s, g in zip(kept, groups, strict=True)}
+        return {s: len(g) for s, g in zip(self.split_subjects(split), groups, strict=True)}
 
     def subject_arrays(self, subject: str, target: str, split: str = "train", limit: int | None = None,
                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """One subject's single trials of ``split`` (after budgets): responses ``(N, F_s)`` and the
         flattened ``target`` ``(N, D)``; at most ``limit`` trials, drawn at random with ``seed``."""
         ds, groups = self._trial_dataset(split)
-        kept = [s for s in self.subjects if split == "train" or self.eval_subjects is None or s in self.eval_subjects]
+        kept = self.split_subjects(split)
         if subject not in kept:
             raise KeyError(f"subject {subject!r} has no {split} trials here; subjects {kept}")
         index = groups[kept.index(subject)]

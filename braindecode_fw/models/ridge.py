@@ -87,9 +87,9 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, alphas: Sequence[float]) -> Ridg
         losses.append(float(loo.pow(2).mean()))
     best = int(torch.tensor(losses).argmin())
     alpha = float(alphas[best])
-    if dual:
-        weight = (xc.T @ (u @ ((1 / (s + alpha))[:, None] * (u.T @ yc))).to(xc.dtype)).double()
-    else:
-        weight = u @ ((1 / (s + alpha))[:, None] * (u.T @ (xc.T @ yc.to(xc.dtype)).double()))
+    # W = X_cᵀ U (S + α)⁻¹ Uᵀ Y_c (dual) or V (S + α)⁻¹ Vᵀ X_cᵀ Y_c (primal); both Uᵀ Y_c and
+    # Vᵀ X_cᵀ Y_c are `rotated`
+    solved = (1 / (s + alpha))[:, None] * rotated
+    weight = (xc.T @ (u @ solved).to(xc.dtype)).double() if dual else u @ solved
     return RidgeFit(weight=weight, bias=y_mean - x_mean.double() @ weight, alpha=alpha, alphas=[float(a) for a in alphas],
                     loo_mse=losses)

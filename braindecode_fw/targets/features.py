@@ -30,14 +30,14 @@ class FeatureMapTokenEncoder(ImageEncoder):
     def __init__(self, arch: str, node: str, *, weights: str = "random", feature_name: str = "convnext_tokens",
                  image_size: int = 224, normalize: str = "imagenet", arch_kwargs: dict[str, Any] | None = None,
                  batch_size: int = 64, device: str = "cpu"):
-        mean, std = NORMALIZATIONS[normalize] if normalize in NORMALIZATIONS else (None, None)
-        if mean is None:
+        if normalize not in NORMALIZATIONS:
             raise ValueError(f"target.normalize: one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
+        mean, std = NORMALIZATIONS[normalize]
         pre = Preprocess(image_size=image_size, mean=list(mean), std=list(std), interpolation="bicubic")
         super().__init__(feature_name, "tokens", pre, batch_size, device, outputs=("tokens",))
-        spec = ExtractorSpec(arch=arch, weights=weights, resize=image_size, normalize="none",
-                             arch_kwargs=dict(arch_kwargs or {}), name=f"target ({feature_name})")
         self.arch, self.node, self.weights_ref, self.arch_kwargs = arch, node, weights, dict(arch_kwargs or {})
+        spec = ExtractorSpec(arch=arch, weights=weights, resize=image_size, normalize="none",
+                             arch_kwargs=self.arch_kwargs, name=f"target ({feature_name})")
         # the extractor's graph gives the node's activation with its spatial shape; the
         # preprocessing above replaces the extractor's own (targets share one Preprocess)
         self.body = FeatureExtractor(spec, [node], device=device).body

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from braindecode_fw.data.budget import Budget
 from braindecode_fw.data.datamodule import BrainDataModule
 from braindecode_fw.io import atomic_write_json, atomic_write_text
 from braindecode_fw.models.adapters import SubjectLinearAdapter
@@ -152,6 +153,8 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     if ad.get("init") not in INITS:
         raise ValueError(f"adaptation.init: one of {INITS}, got {ad.get('init')!r}")
     budget = {k: v for k, v in OmegaConf.to_container(cfg.budget).items() if v is not None} if cfg.budget else {}
+    if budget:
+        Budget.parse(budget, "budget")  # fail before loading anything, naming this task's key
     run_dir = start_run(cfg)
 
     ckpt = load_checkpoint(cfg.ckpt)

@@ -87,11 +87,14 @@ def test_adapt_ridge_initialisation_from_a_trial_budget(tmp_path):
     ("trainable", "some", "adaptation.trainable: one of ('new_subject', 'all'), got 'some'"),
     ("sources", "few", "adaptation.sources: one of ('none', 'all'), got 'few'"),
     ("init", "pca", "adaptation.init: one of (None, 'ridge'), got 'pca'"),
+    ("budget.sessions", "0", "budget.sessions: a positive whole number, got 0"),
+    ("budget.trials", "5", "budget: give exactly one of ['sessions', 'minutes', 'trials'], got {'sessions': 1, 'trials': 5}"),
 ])
 def test_adaptation_options_are_checked(key, value, message):
     from braindecode_fw.tasks.adapt import adapt
     from tests.conftest import compose_config
 
-    cfg = compose_config("adapt", ["ckpt=x.ckpt", "subject=subj09", f"adaptation.{key}={value}"])
+    override = f"{key}={value}" if key.startswith("budget.") else f"adaptation.{key}={value}"
+    cfg = compose_config("adapt", ["ckpt=x.ckpt", "subject=subj09", override])
     with pytest.raises(ValueError, match=re.escape(message)):
         adapt(cfg)
