@@ -41,7 +41,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
     from braindecode_fw.data.store import StoreValidationError
 
-    return (ValueError, KeyError, FileNotFoundError, FileExistsError, StoreValidationError, HydraException)
+    # FloatingPointError: the NaN guard (lit.NonFiniteLossError) names the step and the batch
+    return (ValueError, KeyError, FileNotFoundError, FileExistsError, StoreValidationError, HydraException,
+            FloatingPointError)
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -128,6 +130,8 @@ def run_app(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> N
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
+        from braindecode_fw.ops.loggers import finish_wandb
+
         try:
             return task(cfg)
         except _user_error_types() as e:
@@ -135,8 +139,16 @@ def run_app(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> N
                 raise
             log.debug("error details", exc_info=True)
             _fail(prog, _describe_error(e))
+        except Exception:
+            log.exception("%s failed (run directory %s)", prog, cfg.paths.get("output_dir", "?"))
+            raise
+        finally:
+            finish_wandb()  # a failed job must not leave a W&B run open for the next job of a sweep
 
-    sys.argv[0] = prog
+    if not Path(sys.argv[0]).is_file():
+        # keep a real script path when there is one: Lightning's DDP launcher re-runs sys.argv[0]
+        # for the other ranks
+        sys.argv[0] = prog
     _main()
 
 
@@ -187,6 +199,16 @@ def _bench(cfg: DictConfig) -> None:
     from braindecode_fw.tasks.bench import bench
 
     bench(cfg)
+
+
+def _dashboard(cfg: DictConfig) -> None:
+    from braindecode_fw.ops.dashboard import dashboard
+
+    dashboard(cfg.tool, cfg.run, port=cfg.port, host=cfg.host, print_only=cfg.print_only)
+
+
+def dashboard_main() -> None:
+    run_app("dashboard", _dashboard, "bdf-dashboard")
 
 
 def train_main() -> None:

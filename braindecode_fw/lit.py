@@ -24,6 +24,10 @@ from braindecode_fw.objectives import Objective, PairObjective
 log = logging.getLogger(__name__)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN/Inf; the message names the batch (subjects, image indices)."""
+
+
 class DecoderModule(L.LightningModule):
     """Trains a :class:`Decoder` with an :class:`~braindecode_fw.objectives.Objective` (a plain pair
     loss such as InfoNCE is wrapped into a :class:`PairObjective` on ``target``). ``target`` is the
@@ -61,11 +65,20 @@ class DecoderModule(L.LightningModule):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.decoder(batch.responses, batch.subject, batch.repeat_mask)
 
-    def _check_finite(self, loss: torch.Tensor, stage: str) -> None:
+    def _check_finite(self, loss: torch.Tensor, stage: str, batch: Batch, batch_idx: int) -> None:
+        """NaN guard: stop at the first non-finite loss, naming the batch (subjects, image indices)."""
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{stage} loss is {loss.item()} at step {self.global_step}; lower optim.lr, use "
-                "trainer.precision=32-true, or run with debug=anomaly to locate it"
+            subjects = ", ".join(f"{s}×{batch.subject.count(s)}" for s in dict.fromkeys(batch.subject))
+            images = batch.image_index.tolist()
+            shown = ", ".join(map(str, images[:8])) + (", ..." if len(images) > 8 else "")
+            bad_inputs = sorted({s for s, row in zip(batch.subject, batch.responses, strict=True)
+                                 if not torch.isfinite(row).all()})
+            raise NonFiniteLossError(
+                f"{stage} loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(batch {batch_idx}: subjects {subjects}; images {shown}"
+                + (f"; non-finite inputs from {bad_inputs}" if bad_inputs else "")
+                + "); lower optim.optimizer.lr, use trainer.precision=32-true, or rerun with debug=anomaly "
+                "to find the operation"
             )
 
     def progress(self, batch_idx: int) -> float:
@@ -79,7 +92,7 @@ class DecoderModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, parts, _ = self.objective(self.decoder, batch, self.progress(batch_idx))
-        self._check_finite(loss, "train")
+        self._check_finite(loss, "train", batch, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=len(batch))

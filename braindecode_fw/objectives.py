@@ -33,6 +33,7 @@ from braindecode_fw.losses import (
     soft_clip_loss,
     soft_token_contrast,
 )
+from braindecode_fw.ops.distributed import gather_block_diagonal, gather_rows
 
 KINDS = ("contrastive", "token_contrast", "normalized_mse", "mse", "l1", "aux")
 REGRESSION_KINDS = ("token_contrast", "normalized_mse", "mse", "l1")
@@ -50,17 +51,24 @@ class Objective(nn.Module):
 
 
 class PairObjective(Objective):
-    """A pair loss ``loss(pred, target)`` on the output named ``target``."""
+    """A pair loss ``loss(pred, target)`` on the output named ``target``. While training under DDP
+    the pairs of all ranks are gathered (:func:`~braindecode_fw.ops.distributed.gather_rows`), so a
+    contrastive loss sees the global batch as candidates; ``negatives`` (logged as
+    ``train/negatives``) is the number of negatives per row actually used."""
 
-    def __init__(self, loss: nn.Module, target: str):
+    def __init__(self, loss: nn.Module, target: str, gather: bool = True):
         super().__init__()
         self.loss = loss
         self.target = target
+        self.gather = gather
 
     def forward(self, decoder, batch, progress):
         out = decoder(batch.responses, batch.subject, batch.repeat_mask)
-        loss = self.loss(out[self.target], batch.targets[self.target])
-        return loss, {}, out
+        pred, y = out[self.target], batch.targets[self.target]
+        if self.training and self.gather:
+            pred, y = gather_rows(pred), gather_rows(y)
+        loss = self.loss(pred, y)
+        return loss, {"negatives": torch.tensor(float(len(pred) - 1))}, out
 
 
 @dataclass
@@ -101,12 +109,18 @@ class TermsObjective(Objective):
     methods.md §7.3), drawn from the objective's own seeded generator; terms outside every group
     keep weight 1. ``input_noise``: the standard deviation of Gaussian noise added to the responses
     while training (STTM: 0.01).
+    ``gather``: under DDP, contrastive and token-contrast terms run over the rows of all ranks (the
+    BiMixCo soft labels become block-diagonal: partners stay on their rank), so the negatives do
+    not depend on the GPU count; regression terms stay per rank (DDP's gradient average already
+    makes them global means). ``negatives`` is logged.
     """
 
     def __init__(self, terms: Mapping[str, Mapping[str, Any]], softclip: Mapping[str, float] | None = None,
                  mixco: Mapping[str, Any] | None = None, seed: int = 0,
-                 random_weighting: list[list[str]] | None = None, input_noise: float = 0.0):
+                 random_weighting: list[list[str]] | None = None, input_noise: float = 0.0,
+                 gather: bool = True):
         super().__init__()
+        self.gather = gather
         self.terms: dict[str, Term] = {}
         dropped = {name for name, spec in terms.items() if spec is None}
         for name, spec in terms.items():
@@ -172,6 +186,9 @@ class TermsObjective(Objective):
                                           for g in (self.groups if scales else [])}
         total = responses.new_zeros(())
         tau = self.softclip_temperature(progress)
+        gather = self.gather and self.training
+        if gather and soft_labels is not None:
+            soft_labels = gather_block_diagonal(soft_labels)
         for name, t in self.terms.items():
             if t.kind == "aux":
                 key = AUX_PREFIX + (t.target or name)
@@ -194,7 +211,10 @@ class TermsObjective(Objective):
                     pred = pred[:, t.output_index]
                 if t.target_index is not None:
                     y = y[:, t.target_index]
+                if gather and t.kind in ("contrastive", "token_contrast"):
+                    pred, y = gather_rows(pred), gather_rows(y)
                 if t.kind == "contrastive":
+                    parts.setdefault("negatives", torch.tensor(float(len(pred) - 1)))
                     value = (bimixco_loss(pred, y, soft_labels, self.mixco.get("temperature", 0.006))
                              if soft_labels is not None else soft_clip_loss(pred, y, tau))
                 elif t.kind == "token_contrast":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from braindecode_fw.data.datamodule import BrainDataModule
-from braindecode_fw.lit import DecoderModule
+from braindecode_fw.lit import DecoderModule, NonFiniteLossError
 from braindecode_fw.losses import InfoNCELoss
 from braindecode_fw.models.adapters import SubjectLinearAdapter
 from braindecode_fw.models.decoder import build_decoder
@@ -66,9 +66,14 @@ def test_nan_loss_fails_loudly(tiny_store, tmp_path, encoder):
     dm.setup()
     module = _module(dm)
     batch = next(iter(dm.train_dataloader()))
-    batch.responses[:] = float("nan")
-    with pytest.raises(FloatingPointError, match="train loss is nan at step 0; lower optim.lr"):
-        module.training_step(batch, 0)
+    batch.responses[batch.subject.index("subj02")] = float("nan")  # one bad trial of one subject
+    images = ", ".join(str(i) for i in batch.image_index.tolist()[:8])
+    with pytest.raises(NonFiniteLossError) as err:
+        module.training_step(batch, 3)
+    message = str(err.value)
+    assert message.startswith("train loss is nan at epoch 0, step 0 (batch 3: subjects subj01×8, subj02×8; "
+                              f"images {images}, ...; non-finite inputs from ['subj02'])")
+    assert "debug=anomaly" in message
 
 
 def test_bf16_and_workers(tiny_store, tmp_path, encoder):

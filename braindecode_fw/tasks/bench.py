@@ -153,7 +153,7 @@ def bench_world(name: str, world: DictConfig, device: str) -> dict[str, Any]:
         "loader_samples_per_s": round(loader_sps, 1),
         "train_step_samples_per_s": round(step_sps, 1),
         "train_samples_per_s": round(train_sps, 1),
-        "eval_s": round(t_eval, 2),
+        "eval_s": round(t_eval, 4),  # tiny worlds evaluate in milliseconds
         "peak_rss_mb": round(peak_rss_mb(), 0),
     }
     log.info("%s: %s", name, result)

@@ -157,10 +157,10 @@ def _per_image_csv(per_image: dict[str, dict[str, np.ndarray]], names: dict[str,
 
 
 def _log(cfg: DictConfig, out_dir: Path, table: dict[str, Any]) -> None:
-    from braindecode_fw.tasks.train import build_loggers
+    from braindecode_fw.ops.loggers import build_loggers
 
     metrics = flat_metrics(table)
-    for logger in build_loggers(cfg, out_dir):
+    for logger in build_loggers(cfg.get("logger"), out_dir):
         logger.log_hyperparams({"input": table["protocol"].get("input"), "test_set": table["test_set"]})
         logger.log_metrics(metrics, step=0)
         logger.finalize("success")

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from braindecode_fw.data.reconstructions import ReconstructionWriter
 from braindecode_fw.generation.reconstructor import Reconstructor, select_best_samples
 from braindecode_fw.metrics.images import as_float_images
+from braindecode_fw.ops.loggers import build_loggers, log_image
 from braindecode_fw.viz.grids import comparison_grid, save_png
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,6 @@ def build_generator(gen_cfg: DictConfig) -> Reconstructor:
 def image_seed(base: int, image_index: int, sample: int) -> int:
     """Seed of one sample: fixed per (image, sample), independent of batching, subjects and resumes."""
     return int(base) + 1000 * int(image_index) + int(sample)
-
-
-def log_grid(loggers: list[Any], grid: np.ndarray, key: str = "reconstruct/grid") -> None:
-    """Send a grid image to every logger that takes images (TensorBoard; W&B/MLflow-style)."""
-    for logger in loggers:
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_image"):  # TensorBoard
-            experiment.add_image(key, grid, 0, dataformats="HWC")
-        elif hasattr(logger, "log_image"):
-            logger.log_image(key=key, images=[grid])
 
 
 def _grid_columns(gts: torch.Tensor, lowlevel: torch.Tensor | None, final: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -90,7 +81,7 @@ def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: 
     out = generator.reconstruct(inputs, [image_seed(seed, i, 0) for i in idx])
     grid = comparison_grid(_grid_columns(as_float_images(dm.store.images[idx]), out.get("lowlevel"), out["final"]))
     save_png(grid, path)
-    log_grid(loggers or [], grid)
+    log_image(loggers or [], "reconstruct/grid", grid)
     return path
 
 
@@ -186,10 +177,8 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
         grid = comparison_grid(_grid_columns(gts, low, load_images([out_dir / i.path for i in items], size)),
                                cell=size)
         grid_path = save_png(grid, out_dir / "grid.png")
-        from braindecode_fw.tasks.train import build_loggers
-
-        loggers = build_loggers(cfg, Path(cfg.paths.output_dir))
-        log_grid(loggers, grid)
+        loggers = build_loggers(cfg.get("logger"), Path(cfg.paths.output_dir))
+        log_image(loggers, "reconstruct/grid", grid)
         for logger in loggers:
             logger.finalize("success")
     else:

@@ -15,10 +15,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from braindecode_fw.data.datamodule import BrainDataModule
-from braindecode_fw.io import atomic_write_text
+from braindecode_fw.io import atomic_write_json, atomic_write_text
 from braindecode_fw.lit import DecoderModule, predict
 from braindecode_fw.metrics.report import format_table, retrieval_report, write_report
 from braindecode_fw.models.decoder import Decoder
+from braindecode_fw.ops.distributed import is_rank_zero
+from braindecode_fw.ops.loggers import build_loggers
+from braindecode_fw.ops.resume import AtomicCheckpointIO, config_differences, resolve_resume
 from braindecode_fw.tasks.evaluate import load_checkpoint
 from braindecode_fw.tasks.prepare import ensure_store
 
@@ -66,9 +69,12 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[L.Callback], Any]:
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
             continue
-        if name == "model_checkpoint":
-            checkpoint = instantiate(node, dirpath=str(run_dir / "checkpoints"))
-            callbacks.append(checkpoint)
+        if str(node.get("_target_", "")).endswith("ModelCheckpoint"):
+            callbacks.append(instantiate(node, dirpath=str(run_dir / "checkpoints")))
+            if name == "model_checkpoint":  # the best-by-validation one the test evaluation reloads
+                checkpoint = callbacks[-1]
+        elif name == "image_grid":  # draws reconstructions with the run's generator
+            callbacks.append(instantiate(node, generator=cfg.get("generator"), _recursive_=False))
         else:
             callbacks.append(instantiate(node))
     if sys.stdout.isatty():
@@ -78,15 +84,6 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[L.Callback], Any]:
     else:
         callbacks.append(EpochLogger())
     return callbacks, checkpoint
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    """The configured loggers (``cfg.logger``), writing inside ``run_dir``."""
-    loggers = []
-    for node in (cfg.get("logger") or {}).values():
-        if node is not None:
-            loggers.append(instantiate(node, save_dir=str(run_dir)))
-    return loggers
 
 
 def evaluate_predictions(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder) -> dict[str, Any]:
@@ -102,7 +99,8 @@ def evaluate_predictions(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder)
 def start_run(cfg: DictConfig) -> Path:
     """The run directory (created), global seeds and matmul precision of a training-like task."""
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -113,21 +111,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job; returns the test metrics (``test/...``) plus paths."""
     t_start = time.perf_counter()
     run_dir = start_run(cfg)
+    resume_from, run_dir = resolve_resume(cfg.get("ckpt_path"), cfg.get("resume", "auto"), run_dir,
+                                          Path(cfg.paths.log_dir) / cfg.task_name)
     store = ensure_store(cfg.dataset)
     dm = build_datamodule(cfg, store)
     decoder = build_model(cfg, dm.n_features, dm.target_shapes)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    _save_config(resolved, run_dir / "config_resolved.yaml")
-    return fit_and_evaluate(cfg, dm, decoder, run_dir=run_dir, checkpoint_config=resolved, t_start=t_start)
+    previous = run_dir / "config_resolved.yaml"
+    if resume_from and previous.is_file():
+        changed = config_differences(OmegaConf.to_container(OmegaConf.load(previous)), resolved)
+        if changed:
+            log.warning("continuing %s with a different config than it started with: %s", run_dir, changed)
+    if is_rank_zero():
+        _save_config(resolved, previous)
+    return fit_and_evaluate(cfg, dm, decoder, run_dir=run_dir, checkpoint_config=resolved, t_start=t_start,
+                            resume_from=resume_from)
 
 
 def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, run_dir: Path,
                      checkpoint_config: dict[str, Any], t_start: float,
-                     n_features: dict[str, int] | None = None) -> dict[str, Any]:
-    """Train ``decoder`` on ``dm`` with ``cfg.loss``/``cfg.optim``/``cfg.trainer``, reload the best
-    checkpoint, evaluate retrieval on the test split, write the report and the preview grid, and
-    return the test metrics (shared by ``bdf-train`` and ``bdf-adapt``). ``n_features`` (default: the
-    data's subjects) is what the checkpoint records as the decoder's subjects."""
+                     n_features: dict[str, int] | None = None, resume_from: str | None = None) -> dict[str, Any]:
+    """Train ``decoder`` on ``dm`` with ``cfg.loss``/``cfg.optim``/``cfg.trainer`` (continuing from
+    the checkpoint ``resume_from``, if given), reload the best checkpoint, evaluate retrieval on the
+    test split, write the report, the preview grid and ``result.json`` (rank zero only), and return
+    the test metrics (shared by ``bdf-train`` and ``bdf-adapt``). ``n_features`` (default: the data's
+    subjects) is what the checkpoint records as the decoder's subjects."""
     target = cfg.target.feature_name
     module = DecoderModule(
         decoder,
@@ -144,18 +152,20 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
         },
     )
     callbacks, checkpoint = _callbacks(cfg, run_dir)
-    loggers = build_loggers(cfg, run_dir)
+    loggers = build_loggers(cfg.get("logger"), run_dir, resume_from=resume_from)
     trainer: L.Trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
-        enable_progress_bar=sys.stdout.isatty(), use_distributed_sampler=False,
+        enable_progress_bar=sys.stdout.isatty(), use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
     )
     n_params = count_parameters(decoder)
     for lg in loggers:
+        if resume_from and type(lg).__name__ in ("WandbLogger", "MLFlowLogger"):
+            continue  # a continued W&B / MLflow run has its parameters (MLflow refuses changed ones)
         lg.log_hyperparams({**_flatten(checkpoint_config), "params/total": n_params["total"],
                             "params/trainable": n_params["trainable"]})
     log.info("decoder: %s parameters; subjects %s; target %s %s", f"{n_params['total']:,}",
              dm.n_features, target, dm.target_shapes[target])
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
 
     best = checkpoint.best_model_path if checkpoint is not None else ""
     last = str(run_dir / "checkpoints" / "last.ckpt")
@@ -169,6 +179,9 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     for row in report["rows"][:-1]:
         for d in ("brain_to_image_top1", "image_to_brain_top1"):
             metrics[f"test/{d}/{row['subject']}"] = float(row[d])
+    result = {**metrics, "run_dir": str(run_dir), "checkpoint": eval_ckpt, "report": report}
+    if not trainer.is_global_zero:  # run-level files and the summary are rank zero's
+        return result
     grid = None
     rc = cfg.get("reconstruction")
     if rc is not None and rc.enabled and cfg.get("generator") is not None:
@@ -189,9 +202,29 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     if grid is not None:
         print(f"reconstructions: {grid}")
     if any(type(lg).__name__ == "TensorBoardLogger" for lg in loggers):
-        print(f"dashboard     : tensorboard --logdir {run_dir / 'tensorboard'}")
+        print(f"dashboard     : bdf-dashboard run={run_dir}")
     print(f"wall time     : {elapsed:.0f} s")
-    return {**metrics, "run_dir": str(run_dir), "checkpoint": eval_ckpt, "report": report}
+    write_result(cfg, run_dir, metrics)
+    return result
+
+
+def write_result(cfg: DictConfig, run_dir: Path, metrics: dict[str, float]) -> Path | None:
+    """``<run dir>/result.json``: the optimised metric and every test metric of a finished job, what
+    sweep summaries and searches read (written last, atomically: its presence means success). Not
+    written when ``optimized_metric`` names no produced metric (the CLI then fails naming it)."""
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics:
+        return None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not running under Hydra (tests calling train() directly)
+        overrides = []
+    return atomic_write_json(run_dir / "result.json", {
+        "task": cfg.get("task_name"), "optimized_metric": name, "value": metrics.get(name) if name else None,
+        "metrics": metrics, "overrides": overrides, "run_dir": str(run_dir),
+    })
 
 
 def _save_config(config: dict[str, Any], path: Path) -> None:

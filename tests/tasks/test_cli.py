@@ -18,8 +18,8 @@ from tests.conftest import TINY_MODEL, TINY_WORLD
 BIN = Path(sys.executable).parent
 
 
-def _run(cmd: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BDF_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+def _run(cmd: str, args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BDF_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
     env.pop("BDF_DEBUG", None)
     exe = BIN / cmd if (BIN / cmd).exists() else shutil.which(cmd)
     assert exe, f"{cmd} is not installed (pip install -e .)"

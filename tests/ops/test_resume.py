@@ -1,0 +1,142 @@
+"""Resume: which checkpoint and run directory, crash-safe checkpoint files, and a run killed with
+SIGKILL then continued with ckpt_path=last ends bitwise equal to an uninterrupted run — parameters,
+test metrics — while W&B, MLflow, CSV and TensorBoard continue the same run without doubled steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from braindecode_fw.ops.resume import (
+    AtomicCheckpointIO,
+    config_differences,
+    latest_checkpoint,
+    resolve_resume,
+)
+from tests.conftest import TINY_MODEL, TINY_WORLD
+from tests.ops.test_loggers import OFFLINE, _csv_epochs, _scalars
+from tests.tasks.test_cli import _run
+
+
+def _touch_ckpt(path: Path, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_resolve_resume(tmp_path):
+    task = tmp_path / "logs" / "train"
+    fresh = task / "runs" / "new"
+    assert resolve_resume(None, "auto", fresh, task) == (None, fresh)
+    own = _touch_ckpt(fresh / "checkpoints" / "last.ckpt", 100)  # a requeued job finds its own checkpoint
+    assert resolve_resume(None, "auto", fresh, task) == (str(own), fresh)
+    assert resolve_resume(None, "never", fresh, task) == (None, fresh)
+    newest = _touch_ckpt(task / "multiruns" / "sweep" / "3" / "checkpoints" / "last.ckpt", 200)
+    assert latest_checkpoint(task) == newest
+    assert resolve_resume("last", "auto", tmp_path / "other", task) == (str(newest), newest.parent.parent)
+    assert resolve_resume(str(own), "auto", tmp_path / "other", task) == (str(own), tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no run under .*empty has checkpoints/last.ckpt"):
+        resolve_resume("last", "auto", fresh, tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="ckpt_path: checkpoint not found at .*missing.ckpt"):
+        resolve_resume(str(tmp_path / "missing.ckpt"), "auto", fresh, task)
+    with pytest.raises(ValueError, match="resume: one of"):
+        resolve_resume(None, "always", fresh, task)
+
+
+def test_atomic_checkpoint_keeps_the_previous_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt  # stands in for a kill during the write
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary left behind
+
+
+def test_config_differences():
+    old = {"model": {"hidden": 32, "depth": 2}, "seed": 1, "paths": {"output_dir": "a"}, "ckpt_path": None}
+    new = {"model": {"hidden": 64, "depth": 2}, "seed": 1, "paths": {"output_dir": "b"}, "ckpt_path": "last",
+           "extra": 1}
+    assert config_differences(old, new) == ["extra", "model.hidden"]
+
+
+ARGS = [*TINY_WORLD, *TINY_MODEL, "logger=many", "trainer.max_epochs=8", "callbacks.image_grid.every_n_epochs=2"]
+
+
+def _start(tmp_path: Path, args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "BDF_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1", **OFFLINE}
+    exe = Path(sys.executable).parent / "bdf-train"
+    return subprocess.Popen([str(exe), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _final(run_dir: Path) -> tuple[dict, dict, list]:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    result = json.loads((run_dir / "result.json").read_text())
+    rows = json.loads((run_dir / "retrieval.json").read_text())["rows"]
+    return ckpt["state_dict"], result["metrics"], rows
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    full = _run("bdf-train", ARGS, tmp_path / "full", env=OFFLINE)
+    assert full.returncode == 0, full.stderr[-4000:]
+    full_dir = Path(full.stdout.split("run directory :")[1].split()[0])
+
+    # the same run, killed (SIGKILL: no clean-up of any kind) once epoch 3 has been checkpointed
+    proc = _start(tmp_path / "killed", ARGS)
+    runs = tmp_path / "killed" / "logs" / "train" / "runs"
+    killed_at = None
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        last = list(runs.glob("*/checkpoints/last.ckpt"))
+        if last:
+            epoch = torch.load(last[0], map_location="cpu", weights_only=True, mmap=True)["epoch"]
+            if epoch >= 3:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed_at = epoch
+                break
+        time.sleep(0.05)
+    assert killed_at is not None, "the run ended before it could be killed"
+    (run_dir,) = runs.iterdir()
+    assert not (run_dir / "result.json").exists()
+
+    resumed = _run("bdf-train", [*ARGS, "ckpt_path=last"], tmp_path / "killed", env=OFFLINE)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert Path(resumed.stdout.split("run directory :")[1].split()[0]) == run_dir  # continued in place
+
+    params_full, metrics_full, rows_full = _final(full_dir)
+    params_res, metrics_res, rows_res = _final(run_dir)
+    assert params_full.keys() == params_res.keys()
+    for name in params_full:
+        assert torch.equal(params_full[name], params_res[name]), name  # bitwise
+    assert metrics_res == metrics_full and rows_res == rows_full
+
+    # the dashboards continue the same run: one W&B id, one MLflow run, every epoch once
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # two processes, one run id
+    wandb_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    assert all(p.name.endswith(wandb_id) for p in (run_dir / "wandb").glob("offline-run-*"))
+    db = sqlite3.connect(run_dir / "mlflow.db")
+    assert db.execute("select count(*) from runs").fetchone() == (1,)
+    steps = [s for (s,) in db.execute("select step from metrics where key='val/brain_to_image_top1'")]
+    db.close()
+    assert len(set(steps)) == 8
+    assert _csv_epochs(run_dir, "val/brain_to_image_top1") == list(range(8))
+    assert _scalars(run_dir, "val/brain_to_image_top1") == _scalars(full_dir, "val/brain_to_image_top1")
