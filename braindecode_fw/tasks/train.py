@@ -173,7 +173,6 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     if eval_ckpt:
         module.load_state_dict(load_checkpoint(eval_ckpt)["state_dict"])
     report = evaluate_predictions(cfg, dm, module.decoder)
-    write_report(report, run_dir)
     mean = report["rows"][-1]
     metrics = {f"test/{k}": float(v) for k, v in mean.items() if isinstance(v, float)}
     for row in report["rows"][:-1]:
@@ -182,6 +181,7 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     result = {**metrics, "run_dir": str(run_dir), "checkpoint": eval_ckpt, "report": report}
     if not trainer.is_global_zero:  # run-level files and the summary are rank zero's
         return result
+    write_report(report, run_dir)
     grid = None
     rc = cfg.get("reconstruction")
     if rc is not None and rc.enabled and cfg.get("generator") is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.trial import TrialState
+
+from braindecode_fw.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -361,16 +362,6 @@ def write_results(study: optuna.Study, sweep_dir: Path, *, n_this_run: int, n_fa
         "n_trials_this_run": n_this_run,
         "n_failed_this_run": n_failed_this_run,
     }
-    _atomic_write_text(sweep_dir / RESULTS_FILE, OmegaConf.to_yaml(OmegaConf.create(summary)))
+    atomic_write_text(sweep_dir / RESULTS_FILE, OmegaConf.to_yaml(OmegaConf.create(summary)))
     return summary
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Readers see the old file or the complete new one (temp file + ``os.replace``)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -106,3 +106,26 @@ def test_ddp_two_processes_same_negatives_as_doubled_batch(tmp_path):
     one_run = next((tmp_path / "one" / "logs" / "train" / "runs").iterdir())
     assert _negatives(ddp_runs[0]) == _negatives(one_run) == {15.0}
     assert (ddp_runs[0] / "result.json").is_file() and ddp.stdout.count("run directory :") == 1
+
+
+def test_fsdp_and_ddp_presets_build():
+    """trainer=fsdp builds its strategy with a size-based wrap policy (FSDP itself needs GPUs: Lightning
+    refuses the CPU); trainer=ddp asks for all GPUs of the node."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from tests.conftest import compose_config
+
+    GlobalHydra.instance().clear()
+    cfg = compose_config("train", ["trainer=fsdp"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    big, small = torch.nn.Linear(4000, 4000), torch.nn.Linear(10, 10)
+    assert policy(module=big, recurse=False, nonwrapped_numel=sum(p.numel() for p in big.parameters()))
+    assert not policy(module=small, recurse=False, nonwrapped_numel=110)
+    GlobalHydra.instance().clear()
+    ddp = compose_config("train", ["trainer=ddp"]).trainer
+    assert (ddp.strategy, ddp.devices, ddp.accelerator) == ("ddp", -1, "gpu")
+    GlobalHydra.instance().clear()
