@@ -191,7 +191,10 @@ def _prepare(cfg: DictConfig) -> None:
     from braindecode_fw.tasks.prepare import describe, prepare
 
     summary = prepare(cfg.dataset, overwrite=cfg.overwrite)
-    print(describe(summary) if "subjects" in summary else summary)
+    if "report" in summary:  # real-data converters
+        print(summary["report"])
+    else:
+        print(describe(summary) if "subjects" in summary else summary)
     print(f"prepared store: {cfg.dataset.store}")
 
 

@@ -34,6 +34,15 @@ from braindecode_fw.targets.encoders import TargetEncoder
 log = logging.getLogger(__name__)
 
 REPEAT_AVERAGING = ("inputs", "outputs")
+ZSCORE_MODES = (True, False, "auto")
+
+
+def resolve_zscore(setting: bool | str, provenance: Mapping[str, Any]) -> bool:
+    """``data.zscore``: ``true``/``false`` as given; ``auto`` z-scores unless the store's provenance
+    says its responses are already normalised (``zscore_at_load: false``, e.g. MindEye2's release)."""
+    if setting == "auto":
+        return bool(provenance.get("zscore_at_load", True))
+    return bool(setting)
 
 
 @dataclass
@@ -230,7 +239,7 @@ class BrainDataModule(L.LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int = 256,
         num_workers: int = 0,
-        zscore: bool = True,
+        zscore: bool | str = "auto",
         repeat_averaging: str = "inputs",
         seed: int = 0,
         cache_dir: str | Path | None = None,
@@ -242,6 +251,8 @@ class BrainDataModule(L.LightningDataModule):
         eval_subjects: list[str] | None = None,
     ):
         super().__init__()
+        if zscore not in ZSCORE_MODES:
+            raise ValueError(f"data.zscore must be true, false or auto, got {zscore!r}")
         if repeat_averaging not in REPEAT_AVERAGING:
             raise ValueError(f"data.repeat_averaging must be one of {REPEAT_AVERAGING}, got {repeat_averaging!r}")
         self.store_path = Path(store)
@@ -253,7 +264,8 @@ class BrainDataModule(L.LightningDataModule):
             raise ValueError(f"extra_targets: feature name(s) {duplicates} appear twice; every target needs its own")
         self.requested_subjects = list(subjects) if subjects is not None else None
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.zscore = num_workers, zscore
+        self.num_workers, self.zscore_setting = num_workers, zscore
+        self.zscore = zscore is True  # resolved against the store's provenance in setup()
         self.repeat_averaging, self.seed = repeat_averaging, seed
         self.cache_dir = Path(cache_dir) if cache_dir else self.store_path.parent / "target_cache"
         self.target_dtype, self.pin_memory, self.check_finite = target_dtype, pin_memory, check_finite
@@ -271,6 +283,10 @@ class BrainDataModule(L.LightningDataModule):
         if self._ready:
             return
         self.store = open_store(self.store_path, check_finite=self.check_finite)
+        self.zscore = resolve_zscore(self.zscore_setting, self.store.meta.get("provenance", {}))
+        if not self.zscore and self.zscore_setting == "auto":
+            log.info("%s: responses already normalised (provenance %s); not z-scoring again",
+                     self.store_path, self.store.meta["provenance"].get("normalisation", "zscore_at_load=false"))
         available = list(self.store.subjects)
         subjects = self.requested_subjects or available
         unknown = [s for s in subjects if s not in available]

@@ -116,6 +116,46 @@ class TrialTable:
 # --------------------------------------------------------------------------------------------
 
 
+class ImageStream:
+    """Writes ``images/images.npy`` through a memory map and fingerprints it block by block; from
+    :meth:`StoreWriter.open_images`. ``append`` blocks in order, then ``close`` with the metadata."""
+
+    def __init__(self, writer: StoreWriter, n_images: int, height: int, width: int):
+        self.writer = writer
+        self.array = np.lib.format.open_memmap(writer.partial / "images" / "images.npy", mode="w+",
+                                               dtype=np.uint8, shape=(n_images, height, width, 3))
+        self.filled = 0
+
+    def append(self, block: np.ndarray) -> None:
+        """``block``: uint8 ``(k, height, width, 3)``, the next ``k`` images."""
+        if block.dtype != np.uint8 or block.shape[1:] != self.array.shape[1:]:
+            raise ValueError(f"images must be uint8 (k, {', '.join(map(str, self.array.shape[1:]))}), "
+                             f"got {block.dtype} {block.shape}")
+        if self.filled + len(block) > len(self.array):
+            raise ValueError(f"images: {self.filled + len(block)} images for {len(self.array)} rows")
+        self.array[self.filled : self.filled + len(block)] = block
+        self.writer._hash.update(np.ascontiguousarray(block).tobytes())
+        self.filled += len(block)
+
+    def close(self, ids: list[str], captions: list[str] | None = None, source_ids: list[Any] | None = None) -> None:
+        n = len(self.array)
+        if self.filled != n:
+            raise ValueError(f"images: {self.filled} of {n} images written")
+        for fname, values in (("ids", ids), ("captions", captions), ("source_ids", source_ids)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"images/metadata.json: {fname} has {len(values)} entries, expected {n}")
+        self.array.flush()
+        del self.array
+        meta = {
+            "ids": list(ids),
+            "captions": list(captions) if captions is not None else None,
+            "source_ids": list(source_ids) if source_ids is not None else None,
+        }
+        atomic_write_json(self.writer.partial / "images" / "metadata.json", meta)
+        self.writer._n_images = n
+        self.writer._hash.update(json.dumps(meta).encode())
+
+
 class StoreWriter:
     """Builds a prepared store in a temporary directory and publishes it atomically.
 
@@ -161,23 +201,17 @@ class StoreWriter:
         captions: list[str] | None = None,
         source_ids: list[Any] | None = None,
     ) -> None:
-        """images: uint8 ``(n_images, height, width, 3)``."""
+        """images: uint8 ``(n_images, height, width, 3)``, all at once (small sets)."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 (n, h, w, 3), got {images.dtype} {images.shape}")
-        n = images.shape[0]
-        for fname, values in (("ids", ids), ("captions", captions), ("source_ids", source_ids)):
-            if values is not None and len(values) != n:
-                raise ValueError(f"images/metadata.json: {fname} has {len(values)} entries, expected {n}")
-        np.save(self.partial / "images" / "images.npy", images)
-        meta = {
-            "ids": list(ids),
-            "captions": list(captions) if captions is not None else None,
-            "source_ids": list(source_ids) if source_ids is not None else None,
-        }
-        atomic_write_json(self.partial / "images" / "metadata.json", meta)
-        self._n_images = n
-        self._hash.update(np.ascontiguousarray(images).tobytes())
-        self._hash.update(json.dumps(meta).encode())
+        stream = self.open_images(*images.shape[:3])
+        stream.append(images)
+        stream.close(ids, captions, source_ids)
+
+    def open_images(self, n_images: int, height: int, width: int) -> ImageStream:
+        """Stream ``n_images`` uint8 ``(height, width, 3)`` images into ``images/images.npy`` block by
+        block (a full NSD/MindEye2 image set is ~11 GB at 224 px); close it with the metadata."""
+        return ImageStream(self, n_images, height, width)
 
     def subject_dir(self, subject: str) -> Path:
         d = self.partial / "subjects" / subject

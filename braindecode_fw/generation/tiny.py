@@ -8,6 +8,7 @@ random (seeded) until a trained tiny generator ships; the pictures then show the
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -127,10 +128,16 @@ def build_tiny_pipeline(kind: str, folder: str | Path, *, image_size: int = 64, 
                 unet=_unet(image_size, cross_attention_dim, class_embed_type="projection",
                            projection_class_embeddings_input_dim=2 * embed_dim),
                 scheduler=DDIMScheduler(**scheduler_kw, prediction_type="v_prediction"), vae=_vae(image_size))
-    tmp = folder.with_name(f".{folder.name}.partial")
+    # a private temporary name per process: parallel jobs of a sweep may build the same cache folder
+    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
     if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / "model_index.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process published it meanwhile
     return folder

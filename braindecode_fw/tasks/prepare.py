@@ -11,7 +11,14 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-PREPARERS = ("synthetic_fmri",)
+# dataset.kind -> "module:function" converting ``dataset_cfg`` into ``dataset_cfg.store``; each returns
+# a summary dict whose "report" (if any) bdf-prepare prints
+CONVERTERS = {
+    "nsd": "braindecode_fw.data.convert.nsd:convert_nsd",
+    "mindeye2": "braindecode_fw.data.convert.mindeye:convert_mindeye2",
+    "mindeye1_avg": "braindecode_fw.data.convert.mindeye:convert_mindeye1_avg",
+}
+PREPARERS = ("synthetic_fmri", *CONVERTERS)
 
 
 def _world_config(dataset_cfg: DictConfig):
@@ -27,6 +34,11 @@ def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any
         from braindecode_fw.data.synthetic.world import generate_world
 
         return generate_world(_world_config(dataset_cfg), dataset_cfg.store, name=dataset_cfg.name, overwrite=overwrite)
+    if kind in CONVERTERS:
+        import importlib
+
+        module, function = CONVERTERS[kind].split(":")
+        return getattr(importlib.import_module(module), function)(dataset_cfg)
     raise ValueError(f"dataset.kind: no preparer for {kind!r}; available: {list(PREPARERS)}")
 
 
