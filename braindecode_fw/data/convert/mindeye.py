@@ -44,11 +44,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from braindecode_fw.data.convert.common import is_val_image, remove_stale_partials
 from braindecode_fw.data.store import ImageStream, StoreWriter, TrialTable
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: validation images by the shared hash rule (convert.common)
 N_IMAGES_73K = 73000
 TRIALS_PER_SESSION = 750
 BEHAV_COLUMNS = 17
@@ -167,16 +168,6 @@ def _repeat_counts(id73k: np.ndarray) -> np.ndarray:
         repeat[t] = seen.get(i, 0)
         seen[i] = repeat[t] + 1
     return repeat
-
-
-def _val_images(train_ids: np.ndarray, fraction: float, seed: int, subject: int) -> np.ndarray:
-    """The validation images: ``round(fraction * n)`` of the subject's sorted unique training 73k ids,
-    drawn without replacement with ``numpy.random.default_rng([seed, subject])``."""
-    uniq = np.unique(train_ids)
-    n_val = int(round(fraction * len(uniq)))
-    if n_val == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.sort(np.random.default_rng([seed, subject]).choice(uniq, n_val, replace=False))
 
 
 def _val_options(cfg: Any) -> tuple[float, int]:
@@ -331,8 +322,7 @@ def _me2_real_problems(s: _Me2Subject, convention: str) -> list[str]:
 
 def _me2_trials(s: _Me2Subject, used_ids: np.ndarray, val_fraction: float, val_seed: int) -> TrialTable:
     ids = s.behav[:, COL_ID73K].astype(np.int64)
-    val = _val_images(ids[~s.is_test], val_fraction, val_seed, s.subject)
-    split = np.where(s.is_test, "test", np.where(np.isin(ids, val), "val", "train"))
+    split = np.where(s.is_test, "test", np.where(is_val_image(ids, val_fraction, val_seed), "val", "train"))
     return TrialTable(
         trial_id=s.behav[:, COL_GLOBAL_TRIAL].astype(np.int64),
         image_index=np.searchsorted(used_ids, ids).astype(np.int64),
@@ -431,6 +421,7 @@ def convert_mindeye2(dataset_cfg: Any) -> dict[str, Any]:
     options = {"name": name, "subjects": subjects, "test_convention": convention, "image_size": image_size,
                "val_fraction": val_fraction, "val_seed": val_seed}
     fingerprint = _fingerprint(options, sources)
+    remove_stale_partials(store)
     existing = _existing_store(store, converter, fingerprint)
     if existing is not None and not force:
         return {"report": f"{store}: up to date (built from the same files and options, version "
@@ -484,8 +475,8 @@ def convert_mindeye2(dataset_cfg: Any) -> dict[str, Any]:
             "test_convention": convention,
             "split_rule": f"test = the trials of wds/subjXX/{test_dir}/0.tar (shared1000); train = the trials of "
                           f"wds/subjXX/train/*.tar; val = whole training images, see val_rule",
-            "val_rule": f"round({val_fraction} * n) of the subject's sorted unique training 73k ids, drawn without "
-                        f"replacement with numpy.random.default_rng([{val_seed}, subject]); every presentation of "
+            "val_rule": f"training 73k ids whose splitmix64 uniform (seed {val_seed}) is < {val_fraction} "
+                        f"(convert/common.is_val_image, the rule of the raw-NSD converter); every presentation of "
                         f"a val image is val",
             "repeat_rule": "0-based count of earlier presentations of the image among the subject's imported "
                            "trials, in global-trial order",
@@ -722,6 +713,7 @@ def convert_mindeye1_avg(dataset_cfg: Any) -> dict[str, Any]:
     options = {"name": name, "subjects": subjects, "layouts": layouts, "image_size": image_size,
                "zscore_at_load": zscore_at_load}
     fingerprint = _fingerprint(options, sources)
+    remove_stale_partials(store)
     existing = _existing_store(store, converter, fingerprint)
     if existing is not None and not force:
         return {"report": f"{store}: up to date (built from the same files and options, version "

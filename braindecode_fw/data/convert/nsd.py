@@ -21,9 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -33,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from braindecode_fw.data.convert.common import is_val_image, remove_stale_partials
 from braindecode_fw.data.normalization import ncsnr_from_repeats
 from braindecode_fw.data.store import StoreWriter, TrialTable
 
@@ -431,16 +430,6 @@ class SubjectPlan:
     brainmask_file: Path | None
 
 
-def _hash_uniform(ids: np.ndarray, seed: int) -> np.ndarray:
-    """A stable uniform [0, 1) per id (splitmix64 of id and seed): same answer for any subset."""
-    with np.errstate(over="ignore"):
-        z = (ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
 def _sessions_on_disk(beta_dir: Path, ext: str) -> list[int]:
     pat = re.compile(rf"betas_session(\d+){re.escape(ext)}$")
     return sorted(int(m.group(1)) for p in beta_dir.glob(f"betas_session*{ext}") if (m := pat.match(p.name)))
@@ -519,37 +508,6 @@ def _plan_subject(cfg: NSDConvertConfig, root: Path, subject: int, design: ExpDe
 # ---------------------------------------------------------------------------------------------
 # Resume / no-op
 # ---------------------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid < 2**22  # PermissionError: exists (another user); Overflow: impossible pid
-    return True
-
-
-def remove_stale_partials(store: Path) -> list[Path]:
-    """Remove ``<store>.partial-<pid>`` / ``.replaced-<pid>`` folders left by dead conversions."""
-    removed = []
-    if not store.parent.exists():
-        return removed
-    for p in store.parent.glob(f"{store.name}.*-*"):
-        m = re.fullmatch(re.escape(store.name) + r"\.(partial|replaced)-(\d+)", p.name)
-        if not m:
-            continue
-        pid = int(m.group(2))
-        if pid == os.getpid() or _pid_alive(pid):
-            if pid != os.getpid():
-                raise RuntimeError(f"{p}: another conversion (pid {pid}) is writing this store; wait for it "
-                                   "or stop it first")
-            continue
-        log.warning("removing %s left by an interrupted conversion (pid %d)", p, pid)
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
 
 
 def _existing_fingerprint(store: Path) -> str | None:
@@ -701,7 +659,7 @@ def _convert_subject(writer: StoreWriter, plan: SubjectPlan, cfg: NSDConvertConf
     for t, i in enumerate(plan.id73k.tolist()):
         repeat[t] = seen.get(i, 0)
         seen[i] = repeat[t] + 1
-    is_val = ~plan.is_test & (_hash_uniform(plan.id73k, cfg.val_seed) < cfg.val_fraction)
+    is_val = ~plan.is_test & is_val_image(plan.id73k, cfg.val_fraction, cfg.val_seed)
     split = np.where(plan.is_test, "test", np.where(is_val, "val", "train"))
     trials = TrialTable(
         trial_id=plan.g.astype(np.int64), image_index=image_index.astype(np.int64),
