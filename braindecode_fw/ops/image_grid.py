@@ -10,7 +10,6 @@ Only rank zero draws it.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,6 @@ import torch.nn.functional as F
 from braindecode_fw.metrics.images import as_float_images
 from braindecode_fw.ops.loggers import log_image
 from braindecode_fw.viz.grids import comparison_grid, save_png
-
-log = logging.getLogger(__name__)
 
 
 class ImageGridCallback(L.Callback):
@@ -103,17 +100,13 @@ class ImageGridCallback(L.Callback):
     def _reconstruct(self, dm: Any, out: dict[str, torch.Tensor], images: list[int]) -> torch.Tensor | None:
         if not self.reconstruct or self.generator_cfg is None:
             return None
-        from braindecode_fw.tasks.reconstruct import build_generator, image_seed
+        from braindecode_fw.tasks.reconstruct import fitting_generator, generator_inputs, image_seed
 
         if self._generator is None:
-            generator = build_generator(self.generator_cfg)
-            try:
-                generator.check({k: tuple(v) for k, v in dm.target_shapes.items()})
-            except ValueError as e:
-                log.warning("image grid without reconstructions: %s", e)
+            self._generator = fitting_generator(self.generator_cfg, dm.target_shapes,
+                                                "image grid without reconstructions")
+            if self._generator is None:
                 self.reconstruct = False
                 return None
-            self._generator = generator
-        names = [n for n in list(self._generator.needs()) + list(self._generator.optional()) if n in out]
-        inputs = {n: out[n].float().cpu() for n in names}
+        inputs = {n: out[n].float().cpu() for n in generator_inputs(self._generator, out)}
         return self._generator.reconstruct(inputs, [image_seed(self.seed, i, 0) for i in images])["final"]

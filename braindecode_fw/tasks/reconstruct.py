@@ -59,20 +59,33 @@ def _grid_columns(gts: torch.Tensor, lowlevel: torch.Tensor | None, final: torch
     return columns
 
 
+def fitting_generator(gen_cfg: DictConfig, target_shapes: dict[str, Any], what: str) -> Reconstructor | None:
+    """The generator of ``gen_cfg`` when the decoder's outputs (``target_shapes``) provide what it
+    needs; otherwise None, with a warning that ``what`` is skipped (training-time previews)."""
+    generator = build_generator(gen_cfg)
+    try:
+        generator.check({k: tuple(v) for k, v in target_shapes.items()})
+    except ValueError as e:
+        log.warning("%s: %s", what, e)
+        return None
+    return generator
+
+
+def generator_inputs(generator: Reconstructor, available: Any) -> list[str]:
+    """The outputs ``generator`` reads (required, then optional) among ``available``."""
+    return [n for n in list(generator.needs()) + list(generator.optional()) if n in available]
+
+
 def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: Path, *, n_images: int = 8,
                  seed: int = 0, loggers: list[Any] | None = None) -> Path | None:
     """After training: reconstruct the first ``n_images`` test images of the first subject and save
     a ground truth | final grid. Skipped with a warning when the generator does not fit the target."""
     from braindecode_fw.lit import predict
 
-    generator = build_generator(gen_cfg)
-    provides = {k: tuple(v) for k, v in dm.target_shapes.items()}
-    try:
-        generator.check(provides)
-    except ValueError as e:
-        log.warning("no reconstruction grid: %s", e)
+    generator = fitting_generator(gen_cfg, dm.target_shapes, "no reconstruction grid")
+    if generator is None:
         return None
-    names = [n for n in list(generator.needs()) + list(generator.optional()) if n in provides]
+    names = generator_inputs(generator, dm.target_shapes)
     preds = predict(decoder, dm.test_dataloader(), target, outputs=[n for n in names if n != target])
     p = preds[sorted(preds)[0]]
     rows = np.argsort(p["image_index"], kind="stable")[:n_images]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,3 +64,17 @@ def remove_stale_partials(store: Path) -> list[Path]:
     return removed
 
 
+
+
+def matching_store(store: Path, fingerprint: str, **provenance: Any) -> dict[str, Any] | None:
+    """``dataset.json`` of the complete store at ``store`` when its ``provenance.config_fingerprint``
+    is ``fingerprint`` and every given provenance field matches (e.g. ``source="nsd"``); else None:
+    a re-run with the same inputs and options is then a no-op."""
+    try:
+        meta = json.loads((store / "dataset.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    prov = meta.get("provenance") or {}
+    if prov.get("config_fingerprint") != fingerprint or any(prov.get(k) != v for k, v in provenance.items()):
+        return None
+    return meta

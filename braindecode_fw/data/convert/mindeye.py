@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from braindecode_fw.data.convert.common import is_val_image, remove_stale_partials
+from braindecode_fw.data.convert.common import is_val_image, matching_store, remove_stale_partials
 from braindecode_fw.data.store import ImageStream, StoreWriter, TrialTable
 
 log = logging.getLogger(__name__)
@@ -118,19 +118,14 @@ def _fingerprint(options: dict[str, Any], sources: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _existing_store(store: Path, converter: str, fingerprint: str) -> dict[str, Any] | None:
-    """``dataset.json`` of a complete store built by ``converter`` with ``fingerprint``, else None."""
-    meta_path = store / "dataset.json"
-    if not meta_path.exists():
+def _up_to_date(store: Path, converter: str, fingerprint: str, t0: float) -> dict[str, Any] | None:
+    """The no-op summary when ``store`` was built by ``converter`` from the same files and options."""
+    existing = matching_store(store, fingerprint, converter=converter)
+    if existing is None:
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    prov = meta.get("provenance", {})
-    if prov.get("converter") == converter and prov.get("config_fingerprint") == fingerprint:
-        return meta
-    return None
+    return {"report": f"{store}: up to date (built from the same files and options, version "
+                      f"{existing['version']}); nothing to do (dataset.force=true rebuilds it)",
+            "store": str(store), "skipped": True, "seconds": time.perf_counter() - t0}
 
 
 def _validate(problems: list[str], mode: str, what: str) -> list[str]:
@@ -422,11 +417,9 @@ def convert_mindeye2(dataset_cfg: Any) -> dict[str, Any]:
                "val_fraction": val_fraction, "val_seed": val_seed}
     fingerprint = _fingerprint(options, sources)
     remove_stale_partials(store)
-    existing = _existing_store(store, converter, fingerprint)
-    if existing is not None and not force:
-        return {"report": f"{store}: up to date (built from the same files and options, version "
-                          f"{existing['version']}); nothing to do (dataset.force=true rebuilds it)",
-                "store": str(store), "skipped": True, "seconds": time.perf_counter() - t0}
+    up_to_date = None if force else _up_to_date(store, converter, fingerprint, t0)
+    if up_to_date is not None:
+        return up_to_date
 
     try:
         shared = np.load(shared_path, allow_pickle=False)
@@ -714,11 +707,9 @@ def convert_mindeye1_avg(dataset_cfg: Any) -> dict[str, Any]:
                "zscore_at_load": zscore_at_load}
     fingerprint = _fingerprint(options, sources)
     remove_stale_partials(store)
-    existing = _existing_store(store, converter, fingerprint)
-    if existing is not None and not force:
-        return {"report": f"{store}: up to date (built from the same files and options, version "
-                          f"{existing['version']}); nothing to do (dataset.force=true rebuilds it)",
-                "store": str(store), "skipped": True, "seconds": time.perf_counter() - t0}
+    up_to_date = None if force else _up_to_date(store, converter, fingerprint, t0)
+    if up_to_date is not None:
+        return up_to_date
 
     reader = _Me1Reader()
     summary: dict[str, Any] = {"subjects": {}}

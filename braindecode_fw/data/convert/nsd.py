@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from braindecode_fw.data.convert.common import is_val_image, remove_stale_partials
+from braindecode_fw.data.convert.common import is_val_image, matching_store, remove_stale_partials
 from braindecode_fw.data.normalization import ncsnr_from_repeats
 from braindecode_fw.data.store import StoreWriter, TrialTable
 
@@ -510,15 +510,6 @@ def _plan_subject(cfg: NSDConvertConfig, root: Path, subject: int, design: ExpDe
 # ---------------------------------------------------------------------------------------------
 
 
-def _existing_fingerprint(store: Path) -> str | None:
-    try:
-        meta = json.loads((store / "dataset.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    prov = meta.get("provenance") or {}
-    return prov.get("config_fingerprint") if prov.get("source") == "nsd" else None
-
-
 # ---------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------
@@ -728,7 +719,7 @@ def convert_nsd(dataset_cfg: Any) -> dict[str, Any]:
     remove_stale_partials(store)
     fingerprint = cfg.fingerprint()
     if (store / "dataset.json").exists() and not cfg.force:
-        if _existing_fingerprint(store) == fingerprint:
+        if matching_store(store, fingerprint, source="nsd") is not None:
             summary = {"store": str(store), "noop": True, "config_fingerprint": fingerprint,
                        "seconds": time.perf_counter() - t_start}
             summary["report"] = _report(summary)
