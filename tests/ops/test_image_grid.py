@@ -75,3 +75,8 @@ def test_rows_are_fixed_and_the_nearest_image_is_the_true_one():
 def test_due_every_n_epochs_and_after_the_last(epoch, due):
     trainer = SimpleNamespace(current_epoch=epoch, max_epochs=10)
     assert ImageGridCallback(every_n_epochs=4)._due(trainer) is due
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ValueError, match="callbacks.image_grid: every_n_epochs and n_images must be >= 1"):
+        ImageGridCallback(every_n_epochs=0)

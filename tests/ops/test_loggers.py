@@ -80,3 +80,11 @@ def test_all_loggers_offline_with_images(tmp_path):
     assert test_top1 == [(pytest.approx(result["value"]),)]
     assert len(list((run_dir / "mlflow_artifacts").glob("*/artifacts/val/image_grid/step_*.png"))) == 2
     db.close()
+
+
+def test_wandb_offline_setting_is_checked(tmp_path):
+    from braindecode_fw.ops.loggers import wandb_logger
+
+    with pytest.raises(ValueError, match="logger.wandb.offline: true, false or 'auto', got 'sometimes'"):
+        wandb_logger(str(tmp_path), offline="sometimes")
+    assert not (tmp_path / "wandb_run_id.txt").exists()  # nothing written for a rejected setting
