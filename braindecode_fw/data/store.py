@@ -9,6 +9,8 @@ Layout (documented in ``docs/data_format.md``)::
       subjects/<id>/responses.npy  float16/float32 (trials, voxels) fMRI or (trials, sensors, times) MEG
       subjects/<id>/trials.tsv     trial_id, image_index, session, run, repeat, split
       subjects/<id>/geometry.npz   fMRI: voxel_ijk (voxels, 3), affine (4, 4), volume_shape (3,)
+                                   MEG: sensor_names (sensors,) str, sensor_positions (sensors, 2) in
+                                   [0, 1]² (-0.1 = not in the layout), sfreq (), tmin () seconds
       subjects/<id>/mask.nii.gz    fMRI: the subject's voxel mask as NIfTI
       subjects/<id>/statistics.json   summaries written by the converter (e.g. ncsnr quantiles)
       subjects/<id>/*.npy / *.npz  optional per-voxel extras (ncsnr.npy, simulator truth, ...)
@@ -235,10 +237,16 @@ class StoreWriter:
         voxel_ijk: np.ndarray | None = None,
         affine: np.ndarray | None = None,
         volume_shape: tuple[int, int, int] | None = None,
+        sensor_names: list[str] | None = None,
+        sensor_positions: np.ndarray | None = None,
+        sfreq: float | None = None,
+        tmin: float | None = None,
         statistics: dict[str, Any] | None = None,
         arrays: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Write one subject. ``responses`` may be omitted if :meth:`open_responses` was used."""
+        """Write one subject. ``responses`` may be omitted if :meth:`open_responses` was used.
+        fMRI geometry: ``voxel_ijk`` + ``affine`` + ``volume_shape``; MEG geometry: ``sensor_names``,
+        ``sensor_positions`` ``(sensors, 2)``, ``sfreq`` (Hz) and ``tmin`` (s, first sample's time)."""
         d = self.subject_dir(subject)
         if responses is not None:
             np.save(d / "responses.npy", responses)
@@ -252,6 +260,14 @@ class StoreWriter:
                      affine=np.asarray(affine, dtype=np.float64),
                      volume_shape=np.asarray(volume_shape, dtype=np.int32))
             _write_mask_nifti(d / "mask.nii.gz", voxel_ijk, affine, volume_shape)
+        if sensor_names is not None:
+            if sensor_positions is None or sfreq is None or tmin is None:
+                raise ValueError("sensor_names needs sensor_positions, sfreq and tmin too")
+            positions = np.asarray(sensor_positions, dtype=np.float32)
+            if positions.shape != (len(sensor_names), 2):
+                raise ValueError(f"sensor_positions: expected ({len(sensor_names)}, 2), got {positions.shape}")
+            np.savez(d / "geometry.npz", sensor_names=np.asarray(sensor_names, dtype=str),
+                     sensor_positions=positions, sfreq=np.float64(sfreq), tmin=np.float64(tmin))
         if statistics is not None:
             atomic_write_json(d / "statistics.json", statistics)
         for key, value in (arrays or {}).items():
@@ -314,6 +330,17 @@ class SubjectData:
     @property
     def n_features(self) -> int:
         return int(self.responses.shape[1])
+
+    def sensor_geometry(self) -> dict[str, Any]:
+        """MEG: ``{"names": [str], "positions": (sensors, 2) float32, "sfreq": float, "tmin": float}``."""
+        path = self.directory / "geometry.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing (MEG subjects need sensor names and positions)")
+        with np.load(path) as g:
+            if "sensor_positions" not in g:
+                raise KeyError(f"{path}: no sensor_positions (is this an fMRI subject?)")
+            return {"names": [str(n) for n in g["sensor_names"]], "positions": g["sensor_positions"].astype(np.float32),
+                    "sfreq": float(g["sfreq"]), "tmin": float(g["tmin"])}
 
     def load_array(self, name: str) -> np.ndarray:
         """An optional per-subject array (``ncsnr``, ``geometry``...)."""
@@ -481,6 +508,22 @@ def open_store(root: str | Path, *, check_finite: bool = True) -> PreparedStore:
                     f"{rel}/trials.tsv: split: unknown value {str(trials.split[bad_split][0])!r}, expected one of {SPLITS}"
                 )
         geo = sdir / "geometry.npz"
+        if meta["modality"] == "meg" and responses is not None and responses.ndim == 3:
+            if not geo.exists():
+                problems.append(f"{rel}/geometry.npz: missing file (MEG needs sensor_names and sensor_positions)")
+            else:
+                with np.load(geo) as g:
+                    missing = [k for k in ("sensor_names", "sensor_positions", "sfreq", "tmin") if k not in g]
+                    if missing:
+                        problems.append(f"{rel}/geometry.npz: missing field(s) {missing}")
+                    else:
+                        n_sensors = responses.shape[1]
+                        if g["sensor_names"].shape != (n_sensors,):
+                            problems.append(f"{rel}/geometry.npz: sensor_names has {g['sensor_names'].shape} "
+                                            f"entries, expected ({n_sensors},) for responses {responses.shape}")
+                        if g["sensor_positions"].shape != (n_sensors, 2):
+                            problems.append(f"{rel}/geometry.npz: sensor_positions shape "
+                                            f"{g['sensor_positions'].shape}, expected ({n_sensors}, 2)")
         if geo.exists() and responses is not None and meta["modality"] == "fmri":
             ijk = np.load(geo)["voxel_ijk"]
             if ijk.shape != (responses.shape[1], 3):
