@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MODALITIES = ("fmri", "meg")
-SPLITS = ("train", "val", "test")
+# test_large: a second held-out set evaluated separately (THINGS-MEG's "large" test set, datasets.md §2.4)
+SPLITS = ("train", "val", "test", "test_large")
 TRIAL_COLUMNS = ("trial_id", "image_index", "session", "run", "repeat", "split")
 RESPONSE_DTYPES = (np.dtype("float16"), np.dtype("float32"))
 _FINITE_CHECK_ROWS = 4096  # rows per chunk when scanning responses for NaN/Inf
@@ -73,7 +74,7 @@ class TrialTable:
     session: np.ndarray  # int64, 0-based
     run: np.ndarray  # int64, 0-based within session
     repeat: np.ndarray  # int64, 0-based presentation count of this image for this subject
-    split: np.ndarray  # str ("train", "val", "test")
+    split: np.ndarray  # str ("train", "val", "test", "test_large")
 
     def __len__(self) -> int:
         return len(self.trial_id)

@@ -17,6 +17,7 @@ CONVERTERS = {
     "nsd": "braindecode_fw.data.convert.nsd:convert_nsd",
     "mindeye2": "braindecode_fw.data.convert.mindeye:convert_mindeye2",
     "mindeye1_avg": "braindecode_fw.data.convert.mindeye:convert_mindeye1_avg",
+    "things_meg": "braindecode_fw.data.convert.things_meg:convert_things_meg",
 }
 PREPARERS = ("synthetic_fmri", *CONVERTERS)
 
