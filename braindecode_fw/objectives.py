@@ -229,3 +229,61 @@ class TermsObjective(Objective):
             total = total + scales.get(name, 1.0) * t.weight_at(soft_labels is not None) * value
         parts["temperature"] = torch.tensor(tau if soft_labels is None else self.mixco.get("temperature", 0.006))
         return total, parts, out
+
+
+class ClipMSEObjective(Objective):
+    """Benchetrit et al. 2023's objective (datasets.md §4.4 b) for decoders with a contrastive and a
+    regression head per target (:class:`~braindecode_fw.models.meg.MEGDecoder`):
+    ``L = Σ_targets λ·L_CLIP(out[name], z) + (1 − λ)·L_MSE(out["regression/<name>"], z)``, with
+    :class:`~braindecode_fw.models.meg.ClipMSELoss`'s learned scale ``exp(t)`` and ``symmetric`` flag.
+
+    ``targets``: the target names to train (default: every output that has a batch target). Under DDP
+    the contrastive term runs over the rows of all ranks (as :class:`PairObjective`); the MSE term
+    stays per rank. Parts logged: ``clip``, ``mse`` (suffixed ``/<name>`` with several targets),
+    ``scale`` (the current ``exp(t)``) and ``negatives``.
+    """
+
+    def __init__(self, lambda_clip: float = 0.75, init_log_scale: float = 5.0, learn_scale: bool = True,
+                 symmetric: bool = True, targets: list[str] | None = None, gather: bool = True):
+        super().__init__()
+        from braindecode_fw.models.meg import ClipMSELoss
+
+        self.loss = ClipMSELoss(lambda_clip, init_log_scale, learn_scale, symmetric)
+        self.targets = list(targets) if targets else None
+        self.gather = gather
+
+    def forward(self, decoder, batch, progress):
+        from braindecode_fw.models.meg import REGRESSION_PREFIX
+
+        out = decoder(batch.responses, batch.subject, batch.repeat_mask)
+        names = self.targets or [k for k in out if k in batch.targets]
+        if not names:
+            raise KeyError(f"loss: no decoder output matches a batch target; outputs {sorted(out)}, "
+                           f"targets {sorted(batch.targets)}")
+        lam = self.loss.lambda_clip
+        total = batch.responses.new_zeros((), dtype=torch.float32)
+        parts: dict[str, torch.Tensor] = {}
+        for name in names:
+            suffix = f"/{name}" if len(names) > 1 else ""
+            if name not in out or name not in batch.targets:
+                raise KeyError(f"loss.targets: {name!r} needs a decoder output and a batch target of that name; "
+                               f"outputs {sorted(out)}, targets {sorted(batch.targets)}")
+            y = batch.targets[name]
+            if lam > 0:
+                pred, yy = out[name], y
+                if self.training and self.gather:
+                    pred, yy = gather_rows(pred), gather_rows(yy)
+                parts.setdefault("negatives", torch.tensor(float(len(pred) - 1)))
+                clip = self.loss.clip_loss(pred, yy)
+                parts["clip" + suffix] = clip.detach()
+                total = total + lam * clip
+            if lam < 1:
+                key = REGRESSION_PREFIX + name
+                if key not in out:
+                    raise KeyError(f"loss.lambda_clip={lam} needs the regression output {key!r}; the decoder has "
+                                   f"{sorted(out)} (set model.regression_heads=true, or loss.lambda_clip=1)")
+                mse = F.mse_loss(out[key].float(), y.float())
+                parts["mse" + suffix] = mse.detach()
+                total = total + (1 - lam) * mse
+        parts["scale"] = self.loss.log_scale.detach().exp()
+        return total, parts, out

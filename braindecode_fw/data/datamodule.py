@@ -64,7 +64,7 @@ class Batch:
 class _SubjectReader:
     """Lazily memory-maps one subject's responses (memory maps must not be pickled into workers)."""
 
-    def __init__(self, path: Path, stats: SessionStats, session: np.ndarray):
+    def __init__(self, path: Path, stats: SessionStats | None, session: np.ndarray):
         self.path = path
         self.stats = stats
         self.session = session
@@ -86,6 +86,7 @@ class _SubjectReader:
         sorted_rows = rows[order]
         block = np.asarray(self.array[sorted_rows], dtype=np.float32)
         if zscore:
+            assert self.stats is not None, "z-scoring needs session statistics"
             block = self.stats.apply(block, self.session[sorted_rows])
         out[order] = block
         return out
@@ -109,11 +110,20 @@ class TrialDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Batch:
         return self.__getitems__([i])
 
+    def _padded_shape(self, pos: np.ndarray) -> tuple[int, ...]:
+        """Per-row response shape of a batch mixing the subjects ``pos``: ``(F,)`` fMRI or ``(C, T)``
+        MEG, with ``F``/``C`` the largest among them (rows zero-padded); ``T`` must agree."""
+        shapes = [self.readers[p].array.shape[1:] for p in np.unique(pos)]
+        rest = {s[1:] for s in shapes}
+        if len(rest) > 1:
+            raise ValueError(f"subjects {[self.subjects[p] for p in np.unique(pos)]} have responses of different "
+                             f"shapes {shapes}: only the first (feature/sensor) axis may differ")
+        return (max(s[0] for s in shapes), *rest.pop())
+
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         idx = np.asarray(indices)
         pos = self.subject_pos[idx]
-        width = max(self.readers[p].array.shape[1] for p in np.unique(pos))
-        responses = np.zeros((len(idx), width), dtype=np.float32)
+        responses = np.zeros((len(idx), *self._padded_shape(pos)), dtype=np.float32)
         for p in np.unique(pos):
             sel = np.flatnonzero(pos == p)
             block = self.readers[p].read(self.rows[idx[sel]], self.zscore)
@@ -139,21 +149,21 @@ class RepeatedTrialDataset(TrialDataset):
         idx = np.asarray(indices)
         pos = self.subject_pos[idx]
         n_rep = self.rows.shape[1]
-        width = max(self.readers[p].array.shape[1] for p in np.unique(pos))
-        responses = np.zeros((len(idx), n_rep, width), dtype=np.float32)
+        responses = np.zeros((len(idx), n_rep, *self._padded_shape(pos)), dtype=np.float32)
         mask = self.rows[idx] >= 0
         for p in np.unique(pos):
             sel = np.flatnonzero(pos == p)
             rows = self.rows[idx[sel]]
             valid = rows >= 0
             block = self.readers[p].read(rows[valid], self.zscore)
-            tmp = np.zeros((len(sel), n_rep, block.shape[1]), dtype=np.float32)
+            tmp = np.zeros((len(sel), n_rep, *block.shape[1:]), dtype=np.float32)
             tmp[valid] = block
             responses[sel, :, : block.shape[1]] = tmp
         mask_t = torch.from_numpy(mask)
         resp = torch.from_numpy(responses)
         if self.average_inputs:
-            resp = (resp * mask_t[..., None]).sum(1) / mask_t.sum(1, keepdim=True).clamp(min=1)
+            w = mask_t.to(resp.dtype).view(*mask_t.shape, *[1] * (resp.ndim - 2))
+            resp = (resp * w).sum(1) / w.sum(1).clamp(min=1)
         images = self.image_index[idx]
         return Batch(
             subject=[self.subjects[p] for p in pos],
@@ -310,11 +320,13 @@ class BrainDataModule(L.LightningDataModule):
         self.stats: dict[str, SessionStats] = {}
         for s in subjects:
             sd = self.store.subjects[s]
-            st = fit_session_stats(sd.responses, sd.trials.session, sd.trials.split == "train")
-            if st.fallback_sessions:
-                log.warning("%s: sessions %s have too few training trials; using subject-wide statistics",
-                            s, st.fallback_sessions)
-            self.stats[s] = st
+            st = None
+            if self.zscore:  # a full pass over the responses: only when they are z-scored
+                st = fit_session_stats(sd.responses, sd.trials.session, sd.trials.split == "train")
+                if st.fallback_sessions:
+                    log.warning("%s: sessions %s have too few training trials; using subject-wide statistics",
+                                s, st.fallback_sessions)
+                self.stats[s] = st
             self.readers.append(_SubjectReader(sd.directory / "responses.npy", st, sd.trials.session))
         self.targets: dict[str, np.ndarray] = {}
         encoders = ([self.target_encoder] if self.target_encoder is not None else []) + self.extra_target_encoders
@@ -329,6 +341,12 @@ class BrainDataModule(L.LightningDataModule):
         """Input size of every subject (voxels, or sensors for MEG)."""
         assert self.store is not None, "call setup() first"
         return {s: self.store.subjects[s].n_features for s in self.subjects}
+
+    @property
+    def response_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-trial response shape of every subject: ``(voxels,)`` fMRI, ``(sensors, times)`` MEG."""
+        assert self.store is not None, "call setup() first"
+        return {s: tuple(self.store.subjects[s].responses.shape[1:]) for s in self.subjects}
 
     @property
     def target_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -378,6 +396,11 @@ class BrainDataModule(L.LightningDataModule):
             index = np.sort(np.random.default_rng(seed).choice(index, limit, replace=False))
         batch = ds.__getitems__(index.tolist())
         return batch.responses[:, : self.n_features[subject]], batch.targets[target].flatten(1)
+
+    def sensor_geometry(self, subject: str) -> dict[str, Any]:
+        """MEG: the subject's sensor names, positions ``(C, 2)``, sampling rate and first sample time."""
+        assert self.store is not None, "call setup() first"
+        return self.store.subjects[subject].sensor_geometry()
 
     def describe_budgets(self) -> dict[str, str]:
         return {s: b.describe() for s, b in self.train_budget.items()}

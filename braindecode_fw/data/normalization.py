@@ -43,8 +43,10 @@ def _moments(responses: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
     feat_shape = responses.shape[1:]
     s = np.zeros(feat_shape, dtype=np.float64)
     ss = np.zeros(feat_shape, dtype=np.float64)
-    for start in range(0, len(rows), _CHUNK_ROWS):
-        chunk = np.asarray(responses[np.sort(rows[start : start + _CHUNK_ROWS])], dtype=np.float64)
+    # ~64 MB of float64 per chunk whatever the row size (an MEG row is sensors × times)
+    step = max(1, min(_CHUNK_ROWS, 2**23 // max(1, int(np.prod(feat_shape)))))
+    for start in range(0, len(rows), step):
+        chunk = np.asarray(responses[np.sort(rows[start : start + step])], dtype=np.float64)
         s += chunk.sum(0)
         ss += np.square(chunk).sum(0)
     return s, ss, len(rows)

@@ -37,6 +37,10 @@ class Decoder(nn.Module):
                     if not k.startswith("loss/")}
         return self.compute(responses, subjects, targets)
 
+    def configure_from_data(self, datamodule) -> None:
+        """Take what the data knows beyond sizes (e.g. MEG sensor positions) once the datamodule is set
+        up, before training; restored from the state dict afterwards. Nothing for fMRI decoders."""
+
     def compute(self, responses: torch.Tensor, subjects: Sequence[str],
                 targets: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """One response per row: ``(B, F)`` -> outputs (subclasses add auxiliary losses)."""

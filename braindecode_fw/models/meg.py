@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.models.decoder import Decoder
+
 # ---------------------------------------------------------------------------------------------
 # Spatial attention (§4.2)
 
@@ -394,3 +396,97 @@ class ClipMSELoss(nn.Module):
 
     def forward(self, pred: Mapping[str, torch.Tensor] | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.parts(pred, target)["loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The brain module as a framework decoder (design.md §4 "Decoder output")
+
+REGRESSION_PREFIX = "regression/"
+
+
+class MEGDecoder(Decoder):
+    """:class:`MEGBrainModule` behind the framework's decoder contract, for every target of the run.
+
+    ``forward(responses, subjects)``: ``(B, C, T)`` MEG windows (``C`` ≤ the largest sensor count of
+    the subjects; rows zero-padded beyond their subject's sensors, as the datamodule delivers them) ->
+    ``{name: (B, *shape)}`` from the contrastive ("CLIP") head and ``{"regression/<name>": (B, *shape)}``
+    from the regression ("MSE") head, one pair of heads per target (Benchetrit et al. 2023,
+    datasets.md §4.3: retrieval uses the CLIP head, generation the MSE head). With ``(B, R, C, T)``
+    and a ``repeat_mask`` the outputs are averaged over repetitions (:class:`Decoder`).
+
+    Each subject's sensor positions (``(C_s, 2)`` in ``[0, 1]²``) live in the buffers
+    ``sensor_positions`` ``(S, C, 2)`` / ``sensor_valid`` ``(S, C)``: set from the data by
+    :meth:`configure_from_data` before training and restored from the state dict afterwards, so a
+    checkpoint carries its geometry. Padded and layout-less channels are invalid: the spatial
+    attention gives them zero weight.
+    """
+
+    def __init__(self, module: MEGBrainModule, target_shapes: Mapping[str, Sequence[int]],
+                 n_features: Mapping[str, int], regression_heads: bool = True):
+        nn.Module.__init__(self)
+        if module.aggregation is None:
+            raise ValueError("MEGDecoder: the brain module needs a temporal aggregation (model.aggregation)")
+        self.module = module
+        self.n_features = {str(s): int(n) for s, n in n_features.items()}
+        self.target_shapes = {name: tuple(int(d) for d in shape) for name, shape in target_shapes.items()}
+        width = module.backbone_head[-1].out_channels
+        self.heads = nn.ModuleDict({n: MEGHead(width, math.prod(s)) for n, s in self.target_shapes.items()})
+        self.regression_heads = nn.ModuleDict(
+            {n: MEGHead(width, math.prod(s)) for n, s in self.target_shapes.items()} if regression_heads else {})
+        subjects = module.subjects
+        self.register_buffer("sensor_positions", torch.full((len(subjects), module.n_sensors, 2), -0.1))
+        self.register_buffer("sensor_valid", torch.zeros(len(subjects), module.n_sensors, dtype=torch.bool))
+        for i, s in enumerate(subjects):  # until configured: the first C_s channels, positions unknown
+            self.sensor_valid[i, : self.n_features.get(s, module.n_sensors)] = True
+
+    def set_sensor_positions(self, subject: str, positions: torch.Tensor | Sequence[Sequence[float]]) -> None:
+        """One subject's ``(C_s, 2)`` positions in ``[0, 1]²``; rows at the sentinel -0.1 are invalid."""
+        pos = torch.as_tensor(positions, dtype=torch.float32)
+        i = self.module.subject_layers.subject_index([subject])[0]
+        if pos.ndim != 2 or pos.shape[1] != 2 or len(pos) > self.module.n_sensors:
+            raise ValueError(f"{subject}: sensor positions must be (C <= {self.module.n_sensors}, 2), got {tuple(pos.shape)}")
+        self.sensor_positions[i] = -0.1
+        self.sensor_valid[i] = False
+        self.sensor_positions[i, : len(pos)] = pos.to(self.sensor_positions)
+        self.sensor_valid[i, : len(pos)] = ~torch.isclose(pos, torch.tensor(-0.1)).all(-1).to(self.sensor_valid.device)
+
+    def configure_from_data(self, datamodule) -> None:
+        """Sensor positions of every subject from the prepared store; checks modality and window length."""
+        store = datamodule.store
+        if store is None or store.modality != "meg":
+            raise ValueError(f"model: the MEG brain module needs an MEG dataset; {datamodule.store_path} holds "
+                             f"{getattr(store, 'modality', 'no')} data (use dataset=synthetic_meg or things_meg)")
+        for s in self.module.subjects:
+            if s not in store.subjects:
+                continue
+            shape = store.subjects[s].responses.shape[1:]
+            if shape[1] != self.module.n_times:
+                raise ValueError(f"model.n_times={self.module.n_times} but {s}'s windows in {datamodule.store_path} "
+                                 f"have {shape[1]} samples; set model.n_times={shape[1]}")
+            self.set_sensor_positions(s, store.subjects[s].sensor_geometry()["positions"])
+
+    def compute(self, responses: torch.Tensor, subjects: Sequence[str],
+                targets: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """``(B, C, T)`` -> outputs; ``C`` is padded up to the model's sensor count."""
+        if responses.ndim != 3:
+            raise ValueError(f"MEGDecoder: expected (B, sensors, times) responses, got {tuple(responses.shape)}")
+        missing = self.module.n_sensors - responses.shape[1]
+        if missing < 0:
+            raise ValueError(f"MEGDecoder: {responses.shape[1]} sensors, the model has {self.module.n_sensors}")
+        x = F.pad(responses, (0, 0, 0, missing)) if missing else responses
+        idx = self.module.subject_layers.subject_index(subjects, x.device)
+        features = self.module.backbone(x, subjects, self.sensor_positions[idx], self.sensor_valid[idx])
+        pooled = self.module.aggregation(features)
+        out = {n: head(pooled).reshape(len(x), *self.target_shapes[n]) for n, head in self.heads.items()}
+        for n, head in self.regression_heads.items():
+            out[REGRESSION_PREFIX + n] = head(pooled).reshape(len(x), *self.target_shapes[n])
+        return out
+
+
+def build_meg_decoder(n_features: Mapping[str, int], target_shapes: Mapping[str, Sequence[int]], *,
+                      n_times: int = 181, regression_heads: bool = True, **module_kwargs) -> MEGDecoder:
+    """Hydra entry point (``model=meg_brainmodule``): sizes from the data, the rest from config
+    (``module_kwargs`` are :class:`MEGBrainModule` arguments; its own heads are not used)."""
+    module = MEGBrainModule(list(n_features), n_sensors=max(n_features.values()), n_times=n_times,
+                            heads=(), out_dim=1, **module_kwargs)
+    return MEGDecoder(module, target_shapes, n_features, regression_heads=regression_heads)

@@ -116,6 +116,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     store = ensure_store(cfg.dataset)
     dm = build_datamodule(cfg, store)
     decoder = build_model(cfg, dm.n_features, dm.target_shapes)
+    decoder.configure_from_data(dm)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     previous = run_dir / "config_resolved.yaml"
     if resume_from and previous.is_file():

@@ -296,3 +296,63 @@ def test_module_training_dropout_reproducible_with_generator():
     torch.testing.assert_close(a, b)
     m.eval()
     torch.testing.assert_close(m(x, ["subj01", "subj02"], pos), m(x, ["subj01", "subj02"], pos))
+
+
+# ---------------------------------------------------------------------------------------------
+# MEGDecoder: the brain module behind the decoder contract, and its objective
+
+
+def _small_decoder(n_features=None, **kw):
+    from braindecode_fw.models.meg import build_meg_decoder
+
+    kw = {"spatial_channels": 16, "n_harmonics": 4, "hidden": 16, "depth": 2, "backbone_out": 32,
+          "n_times": 20, **kw}
+    return build_meg_decoder(n_features or {"s1": 272, "s2": 271}, {"z": (8,)}, **kw)
+
+
+def test_meg_decoder_ignores_padded_sensors_and_round_trips_geometry():
+    from braindecode_fw.data.meg_layout import sensor_positions, things_meg_channel_names
+
+    torch.manual_seed(0)
+    decoder = _small_decoder().eval()
+    names = things_meg_channel_names()
+    decoder.set_sensor_positions("s1", sensor_positions(names))
+    decoder.set_sensor_positions("s2", sensor_positions(names[1:]))  # s2 lacks the first sensor
+    x = torch.randn(3, 272, 20)
+    garbage = x.clone()
+    garbage[:, 271] = 1e3  # s2's 272nd channel is padding: its values must not matter
+    subjects = ["s2", "s2", "s1"]
+    a, b = decoder(x, subjects), decoder(garbage, subjects)
+    torch.testing.assert_close(a["z"][:2], b["z"][:2])
+    torch.testing.assert_close(a["regression/z"][:2], b["regression/z"][:2])
+    assert not torch.allclose(a["z"][2], b["z"][2])  # for s1 the same channel is real
+    # a fresh decoder restores the positions from the state dict (checkpoints carry the geometry)
+    fresh = _small_decoder().eval()
+    fresh.load_state_dict(decoder.state_dict())
+    torch.testing.assert_close(fresh(x, subjects)["z"], a["z"])
+    assert fresh.sensor_valid.sum(1).tolist() == [272, 271]
+    with pytest.raises(KeyError, match="no subject layer for subject 's9'"):
+        decoder(x[:1], ["s9"])
+
+
+def test_clip_mse_objective_equals_the_reference_loss():
+    from braindecode_fw.data.datamodule import Batch
+    from braindecode_fw.objectives import ClipMSEObjective
+
+    torch.manual_seed(1)
+    decoder = _small_decoder({"s1": 10})
+    decoder.set_sensor_positions("s1", torch.rand(10, 2))
+    batch = Batch(subject=["s1"] * 6, responses=torch.randn(6, 10, 20), image_index=torch.arange(6),
+                  targets={"z": torch.randn(6, 8)})
+    objective = ClipMSEObjective(lambda_clip=0.6, init_log_scale=2.0).train()
+    loss, parts, out = objective(decoder, batch, 0.0)
+    reference = ClipMSELoss(lambda_clip=0.6, init_log_scale=2.0)(
+        {"clip": out["z"], "mse": out["regression/z"]}, batch.targets["z"])
+    torch.testing.assert_close(loss, reference)
+    assert parts["negatives"] == 5 and parts["scale"] == pytest.approx(math.exp(2.0))
+    # the learned scale gets a gradient through the objective (the optimiser sees it)
+    loss.backward()
+    assert objective.loss.log_scale.grad is not None and objective.loss.log_scale.grad != 0
+    no_regression = _small_decoder({"s1": 10}, regression_heads=False)
+    with pytest.raises(KeyError, match=r"loss.lambda_clip=0.6 needs the regression output 'regression/z'"):
+        objective(no_regression, batch, 0.0)
