@@ -419,8 +419,9 @@ class BrainDataModule(L.LightningDataModule):
                       "image_index": t.image_index[rows], "split": t.split[rows]}
         return out
 
-    def repeated_dataset(self, split: str = "test") -> RepeatedTrialDataset:
-        """(subject, image) items with every repetition of that image in ``split``."""
+    def repeated_dataset(self, split: str = "test", average_inputs: bool | None = None) -> RepeatedTrialDataset:
+        """(subject, image) items with every repetition of that image in ``split``, averaged in input
+        space or not as ``data.repeat_averaging`` says (``average_inputs`` overrides it)."""
         assert self.store is not None
         pos, rows, imgs = [], [], []
         per_subject = []
@@ -443,7 +444,8 @@ class BrainDataModule(L.LightningDataModule):
             imgs.append(uniq)
         return RepeatedTrialDataset(
             self.readers, self.subjects, np.concatenate(pos), np.concatenate(rows), np.concatenate(imgs),
-            self.targets, self.zscore, average_inputs=self.repeat_averaging == "inputs",
+            self.targets, self.zscore,
+            average_inputs=self.repeat_averaging == "inputs" if average_inputs is None else average_inputs,
         )
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:
@@ -474,3 +476,12 @@ class BrainDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.repeated_dataset("test"))
+
+    def eval_dataloader(self, split: str = "test") -> DataLoader:
+        """(subject, image) items of any held-out ``split`` (``test``, ``test_large``), repetitions together."""
+        return self._eval_loader(self.repeated_dataset(split))
+
+    def has_split(self, split: str) -> bool:
+        """Whether any evaluated subject has trials in ``split``."""
+        assert self.store is not None, "call setup() first"
+        return any((self.store.subjects[s].trials.split == split).any() for s in self.split_subjects(split))

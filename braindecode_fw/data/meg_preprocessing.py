@@ -37,14 +37,23 @@ class RobustScaling:
 
     @classmethod
     def fit(cls, epochs: np.ndarray, eps: float = 1e-20) -> RobustScaling:
-        """Statistics over every epoch and sample of ``epochs`` ``(n, C, T)``, per channel."""
-        x = np.moveaxis(np.asarray(epochs, dtype=np.float64), 1, 0).reshape(epochs.shape[1], -1)
-        q25, q50, q75 = np.percentile(x, [25, 50, 75], axis=1)
-        return cls(median=q50, iqr=np.maximum(q75 - q25, eps))
+        """Statistics over every epoch and sample of ``epochs`` ``(n, C, T)``, per channel (in blocks of
+        channels, so a 2,000-epoch session needs tens of MB, not a float64 copy of the whole array)."""
+        n_channels = epochs.shape[1]
+        q = np.empty((3, n_channels), dtype=np.float64)
+        step = max(1, 2**24 // max(1, epochs.shape[0] * epochs.shape[2]))
+        for start in range(0, n_channels, step):
+            block = np.asarray(epochs[:, start : start + step])
+            block = np.moveaxis(block, 1, 0).reshape(block.shape[1], -1)
+            q[:, start : start + step] = np.percentile(block, [25, 50, 75], axis=1)
+        return cls(median=q[1], iqr=np.maximum(q[2] - q[0], eps))
 
     def apply(self, epochs: np.ndarray, clamp: float | None = None) -> np.ndarray:
         """``(n, C, T)`` -> ``(x - median) / iqr``, clamped to ``±clamp`` (``None``: no clamping), float32."""
-        out = (np.asarray(epochs, dtype=np.float64) - self.median[:, None]) / self.iqr[:, None]
+        # float32 throughout (float32 keeps ~7 significant digits of any scale, Tesla included): no
+        # float64 copy of a whole session
+        out = np.asarray(epochs, dtype=np.float32) - self.median.astype(np.float32)[:, None]
+        out /= self.iqr.astype(np.float32)[:, None]
         if clamp is not None:
             np.clip(out, -clamp, clamp, out=out)
-        return out.astype(np.float32)
+        return out

@@ -9,6 +9,9 @@ config. Two backends:
   ``model_overrides`` to shrink the architecture: the synthetic world's default).
 - :class:`HFClipImageEncoder`: ``transformers`` ``CLIPVisionModelWithProjection`` from a hub id
   or a local folder (e.g. ``openai/clip-vit-large-patch14``: pooled 768, tokens 257×768).
+- :class:`HFDinov2ImageEncoder`: ``transformers`` ``Dinov2Model`` (e.g. ``facebook/dinov2-giant``,
+  the MEG image target of Benchetrit et al. 2023: pooled 1536, tokens 257×1536), with outputs
+  ``pooled``/``mean``/``cls_mean``/``tokens``.
 
 ``output="pooled"`` gives ``(n, embed_dim)``; ``output="tokens"`` gives the last-layer token
 sequence ``(n, n_tokens, width)`` (open_clip: patch tokens after ``ln_post``; transformers:
@@ -33,6 +36,9 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("pooled", "tokens")
+DINOV2_OUTPUTS = ("pooled", "mean", "cls_mean", "tokens")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 _LATER_OPTIONS = ("align_corners", "mindeye2_half_shift")
 
 
@@ -223,6 +229,81 @@ class HFClipImageEncoder(ImageEncoder):
             tokens = self.model.visual_projection(self.model.vision_model.post_layernorm(out.last_hidden_state))
             return tokens / tokens[:, :1].norm(dim=-1, keepdim=True)
         return out.last_hidden_state if self.output == "tokens" else out.image_embeds
+
+
+def dinov2_preprocess(image_size: int = 224) -> Preprocess:
+    """DINOv2's evaluation preprocessing: ImageNet mean/std, bicubic, ``image_size`` square (224 →
+    16×16 patches of 14). transformers' ``BitImageProcessor`` resizes the short side to 256 and
+    centre-crops 224; for square stimuli a direct resize to 224 keeps the whole image instead."""
+    return Preprocess(image_size=image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                      interpolation="bicubic", antialias=True)
+
+
+class HFDinov2ImageEncoder(ImageEncoder):
+    """transformers ``Dinov2Model`` (``AutoModel``) from a hub id or a local folder.
+
+    Outputs (``hidden`` = 1536 for ``facebook/dinov2-giant``; all after the final layernorm):
+
+    - ``pooled``: the class token = ``pooler_output``, ``(n, hidden)``;
+    - ``mean``: mean of the patch tokens, ``(n, hidden)``;
+    - ``cls_mean``: ``[pooled, mean]`` concatenated, ``(n, 2*hidden)`` (DINOv2's linear probes);
+    - ``tokens``: ``last_hidden_state``, ``(n, 1 + n_patches, hidden)`` (257 at 224 px, patch 14).
+
+    Models with register tokens (``dinov2_with_registers``) are accepted too: ``mean`` then
+    averages the patch tokens only, and ``tokens`` keeps the registers after the class token.
+    """
+
+    MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        feature_name: str = "dinov2_image",
+        output: str = "pooled",
+        revision: str | None = None,
+        local_files_only: bool = False,
+        preprocess: Preprocess | dict | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+    ):
+        super().__init__(feature_name, output, preprocess or dinov2_preprocess(), batch_size, device,
+                         outputs=DINOV2_OUTPUTS)
+        from transformers import AutoConfig, AutoModel
+
+        self.model_id = model_id
+        self.revision = revision
+        try:
+            config = AutoConfig.from_pretrained(model_id, revision=revision, local_files_only=local_files_only)
+        except (OSError, ValueError) as e:
+            raise OSError(f"target.model_id {model_id!r}: cannot load a transformers config "
+                          f"(revision={revision!r}, local_files_only={local_files_only}): {e}") from e
+        if config.model_type not in self.MODEL_TYPES:
+            raise ValueError(f"target.model_id {model_id!r} is not a DINOv2 model: its config has "
+                             f"model_type={config.model_type!r}, expected one of {self.MODEL_TYPES}")
+        self.n_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        patch = int(config.patch_size)
+        if self.preprocess.image_size % patch:
+            log.warning("target.preprocess.image_size=%d is not a multiple of the patch size %d: DINOv2 "
+                        "drops the border pixels", self.preprocess.image_size, patch)
+        self.model = AutoModel.from_pretrained(
+            model_id, revision=revision, local_files_only=local_files_only
+        ).to(device).eval().requires_grad_(False)
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "transformers-dinov2", "model": _weights_fingerprint(self.model_id),
+                "revision": self.revision}
+
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels)
+        tokens = out.last_hidden_state  # already through the final layernorm
+        if self.output == "tokens":
+            return tokens
+        cls = out.pooler_output
+        if self.output == "pooled":
+            return cls
+        mean = tokens[:, self.n_prefix :].mean(dim=1)
+        return mean if self.output == "mean" else torch.cat([cls, mean], dim=-1)
 
 
 def _plain(obj: Any) -> Any:

@@ -137,7 +137,8 @@ def retrieval_from_checkpoint(cfg: DictConfig) -> tuple[dict[str, RetrievalResul
     r = cfg.retrieval
     assert dm.store is not None
     report = retrieval_report(preds, oracle=dm.store.extra("oracle"), subset_size=r.subset_size,
-                              n_subsets=r.n_subsets, seed=r.seed, ks=tuple(r.topk))
+                              n_subsets=r.n_subsets, seed=r.seed, ks=tuple(r.topk),
+                              table_topk=tuple(train_cfg.get("evaluation", {}).get("table_topk", [1])))
     results = {s: _retrieval(p["pred"], p["target"], cfg) for s, p in preds.items()}
     test_set = cfg.test_set or dm.store.meta.get("provenance", {}).get("test_set")
     return results, report, {"input": str(cfg.ckpt), "store": str(store), "test_set": test_set}

@@ -86,14 +86,29 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[L.Callback], Any]:
     return callbacks, checkpoint
 
 
-def evaluate_predictions(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder) -> dict[str, Any]:
-    """Test-split predictions -> retrieval report (with the store's oracle, if any)."""
+def evaluate_predictions(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, split: str = "test",
+                         baseline: bool = False) -> dict[str, Any]:
+    """``split`` predictions -> retrieval report (with the store's oracle, if any, for ``test``).
+
+    ``split="test_large"`` scores a second held-out set (THINGS-MEG's 2,400 single trials) against
+    ``evaluation.large_subset_size`` candidates. ``baseline``: also fit and score the ridge decoder
+    of ``evaluation.linear_baseline`` on the same data (:mod:`braindecode_fw.tasks.linear_baseline`).
+    """
     target = cfg.target.feature_name
-    preds = predict(decoder, dm.test_dataloader(), target)
+    preds = predict(decoder, dm.eval_dataloader(split), target)
     ev = cfg.evaluation
     assert dm.store is not None
-    return retrieval_report(preds, oracle=dm.store.extra("oracle"), subset_size=ev.subset_size,
-                            n_subsets=ev.n_subsets, seed=ev.seed, ks=tuple(ev.topk))
+    linear = None
+    if baseline and split == "test":
+        from braindecode_fw.tasks.linear_baseline import linear_baseline_predictions
+
+        lb = ev.linear_baseline
+        linear = linear_baseline_predictions(dm, target, alphas=list(lb.alphas), max_train_trials=lb.max_train_trials,
+                                             seed=cfg.seed)
+    subset = ev.subset_size if split == "test" else ev.get("large_subset_size", ev.subset_size)
+    return retrieval_report(preds, oracle=dm.store.extra("oracle") if split == "test" else None, subset_size=subset,
+                            n_subsets=ev.n_subsets, seed=ev.seed, ks=tuple(ev.topk),
+                            table_topk=tuple(ev.get("table_topk", [1])), baseline=linear)
 
 
 def start_run(cfg: DictConfig) -> Path:
@@ -173,16 +188,22 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     eval_ckpt = best or (last if Path(last).exists() else "")
     if eval_ckpt:
         module.load_state_dict(load_checkpoint(eval_ckpt)["state_dict"])
-    report = evaluate_predictions(cfg, dm, module.decoder)
-    mean = report["rows"][-1]
-    metrics = {f"test/{k}": float(v) for k, v in mean.items() if isinstance(v, float)}
-    for row in report["rows"][:-1]:
-        for d in ("brain_to_image_top1", "image_to_brain_top1"):
-            metrics[f"test/{d}/{row['subject']}"] = float(row[d])
+    lb = cfg.evaluation.get("linear_baseline")
+    report = evaluate_predictions(cfg, dm, module.decoder, baseline=bool(lb and lb.enabled))
+    reports = {"test": report}
+    if dm.has_split("test_large"):
+        reports["test_large"] = evaluate_predictions(cfg, dm, module.decoder, "test_large")
+    metrics = {}
+    for split, rep in reports.items():
+        metrics.update({f"{split}/{k}": float(v) for k, v in rep["rows"][-1].items() if isinstance(v, float)})
+        for row in rep["rows"][:-1]:
+            for d in ("brain_to_image_top1", "image_to_brain_top1"):
+                metrics[f"{split}/{d}/{row['subject']}"] = float(row[d])
     result = {**metrics, "run_dir": str(run_dir), "checkpoint": eval_ckpt, "report": report}
     if not trainer.is_global_zero:  # run-level files and the summary are rank zero's
         return result
-    write_report(report, run_dir)
+    for split, rep in reports.items():
+        write_report(rep, run_dir, stem="retrieval" if split == "test" else f"retrieval_{split}")
     grid = None
     rc = cfg.get("reconstruction")
     if rc is not None and rc.enabled and cfg.get("generator") is not None:
@@ -196,6 +217,10 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     elapsed = time.perf_counter() - t_start
     print()
     print(format_table(report))
+    if "test_large" in reports:
+        print()
+        print("large test set (" + "single trials of held-out concepts" + ")")
+        print(format_table(reports["test_large"]))
     print()
     print(f"run directory : {run_dir}")
     print(f"checkpoint    : {eval_ckpt or '(checkpointing disabled)'}")
