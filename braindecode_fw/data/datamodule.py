@@ -397,6 +397,17 @@ class BrainDataModule(L.LightningDataModule):
         batch = ds.__getitems__(index.tolist())
         return batch.responses[:, : self.n_features[subject]], batch.targets[target].flatten(1)
 
+    def target_statistics(self, name: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation ``(*shape)`` of target ``name`` over the distinct images of
+        ``split`` (all subjects): what regression outputs are calibrated to before generation."""
+        assert self.store is not None, "call setup() first"
+        if name not in self.targets:
+            raise KeyError(f"no target {name!r}; the run has {sorted(self.targets)}")
+        images = np.unique(np.concatenate([self.store.subjects[s].trials.image_index[
+            self.store.subjects[s].trials.split == split] for s in self.subjects]))
+        values = np.asarray(self.targets[name][images], dtype=np.float64)
+        return values.mean(0), values.std(0)
+
     def sensor_geometry(self, subject: str) -> dict[str, Any]:
         """MEG: the subject's sensor names, positions ``(C, 2)``, sampling rate and first sample time."""
         assert self.store is not None, "call setup() first"

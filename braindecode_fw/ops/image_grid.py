@@ -85,7 +85,7 @@ class ImageGridCallback(L.Callback):
         pred = out[target].float().cpu()
 
         columns = {"ground truth": as_float_images(dm.store.images[batch.image_index.numpy()])}
-        recon = self._reconstruct(dm, out, batch.image_index.tolist())
+        recon = self._reconstruct(dm, pl_module.decoder, out, batch.image_index.tolist())
         if recon is not None:
             columns["reconstruction"] = recon
         if self.n_neighbours:
@@ -97,10 +97,16 @@ class ImageGridCallback(L.Callback):
                 columns[f"retrieved {k + 1}"] = as_float_images(dm.store.images[nearest[:, k]])
         return comparison_grid(columns, cell=self.cell)
 
-    def _reconstruct(self, dm: Any, out: dict[str, torch.Tensor], images: list[int]) -> torch.Tensor | None:
+    def _reconstruct(self, dm: Any, decoder: Any, out: dict[str, torch.Tensor],
+                     images: list[int]) -> torch.Tensor | None:
         if not self.reconstruct or self.generator_cfg is None:
             return None
-        from braindecode_fw.tasks.reconstruct import fitting_generator, generator_inputs, image_seed
+        from braindecode_fw.tasks.reconstruct import (
+            conditioning_sources,
+            fitting_generator,
+            generator_inputs,
+            image_seed,
+        )
 
         if self._generator is None:
             self._generator = fitting_generator(self.generator_cfg, dm.target_shapes,
@@ -108,5 +114,8 @@ class ImageGridCallback(L.Callback):
             if self._generator is None:
                 self.reconstruct = False
                 return None
-        inputs = {n: out[n].float().cpu() for n in generator_inputs(self._generator, out)}
+        # a regression head's output where the decoder has one (MEG); uncalibrated here: a handful of
+        # trials gives no feature statistics (bdf-reconstruct and the final grid calibrate)
+        sources = conditioning_sources(decoder, generator_inputs(self._generator, out))
+        inputs = {n: out[src].float().cpu() for n, src in sources.items()}
         return self._generator.reconstruct(inputs, [image_seed(self.seed, i, 0) for i in images])["final"]

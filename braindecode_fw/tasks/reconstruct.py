@@ -76,6 +76,44 @@ def generator_inputs(generator: Reconstructor, available: Any) -> list[str]:
     return [n for n in list(generator.needs()) + list(generator.optional()) if n in available]
 
 
+def conditioning_sources(decoder: Any, names: list[str]) -> dict[str, str]:
+    """Generator input -> the decoder output that feeds it: the regression head's output where the
+    decoder has one for that target (``regression/<name>``, the MEG module: Benchetrit et al. 2023
+    retrieve with the CLIP head and generate from the MSE head, datasets.md §4.3), otherwise the
+    output of the same name."""
+    from braindecode_fw.models.meg import REGRESSION_PREFIX
+
+    heads = getattr(decoder, "regression_heads", {})
+    return {n: REGRESSION_PREFIX + n if n in heads else n for n in names}
+
+
+def calibrate_to_targets(pred: np.ndarray, mean: np.ndarray, std: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """Benchetrit et al.'s de-standardisation before generation (datasets.md §4.3): z-score every
+    feature over the predictions ``(n, *shape)``, then give it the training targets' ``mean`` and
+    ``std`` (``shape`` each), so a regression output shrunk towards the mean regains the scale the
+    generator was trained on. Needs several predictions (all test items, not one)."""
+    p = np.asarray(pred, dtype=np.float64)
+    z = (p - p.mean(0)) / np.maximum(p.std(0), eps)
+    return (z * std + mean).astype(np.float32)
+
+
+def generation_inputs(dm: Any, decoder: Any, preds: dict[str, dict[str, Any]], target: str,
+                      sources: dict[str, str]) -> dict[str, dict[str, np.ndarray]]:
+    """Per subject, generator input name -> ``(n, *shape)`` array over all its predicted test items,
+    from :func:`braindecode_fw.lit.predict`'s ``preds``; regression outputs are calibrated to the
+    training targets' statistics (:func:`calibrate_to_targets`)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for subject, p in preds.items():
+        out[subject] = {}
+        for name, source in sources.items():
+            value = p["pred"] if source == target else p["outputs"][source]
+            if source != name:  # a regression head's output
+                mean, std = dm.target_statistics(name)
+                value = calibrate_to_targets(value, mean, std)
+            out[subject][name] = value
+    return out
+
+
 def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: Path, *, n_images: int = 8,
                  seed: int = 0, loggers: list[Any] | None = None) -> Path | None:
     """After training: reconstruct the first ``n_images`` test images of the first subject and save
@@ -85,12 +123,14 @@ def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: 
     generator = fitting_generator(gen_cfg, dm.target_shapes, "no reconstruction grid")
     if generator is None:
         return None
-    names = generator_inputs(generator, dm.target_shapes)
-    preds = predict(decoder, dm.test_dataloader(), target, outputs=[n for n in names if n != target])
-    p = preds[sorted(preds)[0]]
+    sources = conditioning_sources(decoder, generator_inputs(generator, dm.target_shapes))
+    preds = predict(decoder, dm.test_dataloader(), target, outputs=[o for o in sources.values() if o != target])
+    subject = sorted(preds)[0]
+    p = preds[subject]
     rows = np.argsort(p["image_index"], kind="stable")[:n_images]
     idx = p["image_index"][rows]
-    inputs = {n: torch.from_numpy((p["pred"] if n == target else p["outputs"][n])[rows]) for n in names}
+    values = generation_inputs(dm, decoder, {subject: p}, target, sources)[subject]
+    inputs = {n: torch.from_numpy(v[rows]) for n, v in values.items()}
     out = generator.reconstruct(inputs, [image_seed(seed, i, 0) for i in idx])
     grid = comparison_grid(_grid_columns(as_float_images(dm.store.images[idx]), out.get("lowlevel"), out["final"]))
     save_png(grid, path)
@@ -122,7 +162,9 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
     decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in ckpt["state_dict"].items()
                              if k.startswith("decoder.")})
     target = train_cfg.target.feature_name
-    preds = predict(decoder, dm.test_dataloader(), target, outputs=[n for n in names if n != target])
+    sources = conditioning_sources(decoder, names)
+    preds = predict(decoder, dm.test_dataloader(), target, outputs=[o for o in sources.values() if o != target])
+    conditioning = generation_inputs(dm, decoder, preds, target, sources)
     subjects = list(cfg.subjects) if cfg.subjects else sorted(preds)
     unknown = sorted(set(subjects) - set(preds))
     if unknown:
@@ -150,7 +192,7 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
         for start in range(0, len(todo), cfg.batch_size):
             rows = np.asarray(todo[start : start + cfg.batch_size])
             idx = p["image_index"][rows]
-            inputs = {n: torch.from_numpy((p["pred"] if n == target else p["outputs"][n])[rows]) for n in names}
+            inputs = {n: torch.from_numpy(v[rows]) for n, v in conditioning[subject].items()}
             samples, lowlevel = [], None
             for k in range(cfg.n_samples):
                 out = generator.reconstruct(inputs, [image_seed(cfg.seed, i, k) for i in idx])

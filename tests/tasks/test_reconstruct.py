@@ -57,3 +57,37 @@ def test_reconstruct_resume_and_evaluate(tmp_path):
     _assert_one_line_error(mismatch, "generator tiny needs clip_image_tokens (*×48); decoder provides "
                                      "clip_image_tokens 16×32")
     assert Path(tmp_path / "tiny48" / "model_index.json").exists()
+
+
+def test_meg_generation_reads_the_calibrated_regression_head():
+    """MEG decoders feed generators from their MSE head, de-standardised to the training targets."""
+    from braindecode_fw.models.decoder import build_decoder
+    from braindecode_fw.models.meg import build_meg_decoder
+    from braindecode_fw.tasks.reconstruct import calibrate_to_targets, conditioning_sources
+
+    meg = build_meg_decoder({"s": 8}, {"clip_image": (4,)}, n_times=10, spatial_channels=4, n_harmonics=2,
+                            hidden=4, depth=1, backbone_out=8)
+    assert conditioning_sources(meg, ["clip_image"]) == {"clip_image": "regression/clip_image"}
+    no_heads = build_meg_decoder({"s": 8}, {"clip_image": (4,)}, n_times=10, spatial_channels=4, n_harmonics=2,
+                                 hidden=4, depth=1, backbone_out=8, regression_heads=False)
+    assert conditioning_sources(no_heads, ["clip_image"]) == {"clip_image": "clip_image"}
+    from functools import partial
+
+    from braindecode_fw.models.adapters import SubjectLinearAdapter
+    from braindecode_fw.models.encoders import ResidualMLP
+    from braindecode_fw.models.heads import ProjectionHead
+
+    fmri = build_decoder({"s": 8}, {"clip_image": (4,)}, adapter=SubjectLinearAdapter, encoder=partial(ResidualMLP, n_blocks=1),
+                         head=ProjectionHead, hidden=8)
+    assert conditioning_sources(fmri, ["clip_image"]) == {"clip_image": "clip_image"}
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pred = 0.1 * rng.standard_normal((50, 2, 3)) + 0.5  # shrunk towards the mean, as MSE heads are
+    mean, std = rng.standard_normal((2, 3)), rng.uniform(1, 2, (2, 3))
+    out = calibrate_to_targets(pred, mean, std)
+    np.testing.assert_allclose(out.mean(0), mean, atol=1e-5)
+    np.testing.assert_allclose(out.std(0), std, rtol=1e-5)
+    # an affine map per feature: the ranking of the items along every feature is kept
+    assert (np.argsort(out[:, 1, 2]) == np.argsort(pred[:, 1, 2])).all()
