@@ -257,9 +257,10 @@ def _bench_model_case(name: str, case: DictConfig, n_features: dict[str, int], m
                            optimizer=instantiate(cfg.optim.optimizer)).to(device).train()
     optimizer = module.configure_optimizers()
     b, subjects = mc.batch_size, list(n_features)
+    times = (int(mc.n_times),) if mc.get("n_times") else ()  # MEG: (sensors, times) per trial
     batch = Batch(subject=[subjects[i % len(subjects)] for i in range(b)],
-                  responses=torch.randn(b, max(n_features.values()), device=device), image_index=torch.arange(b),
-                  targets={k: torch.randn(b, *v, device=device) for k, v in shapes.items()})
+                  responses=torch.randn(b, max(n_features.values()), *times, device=device),
+                  image_index=torch.arange(b), targets={k: torch.randn(b, *v, device=device) for k, v in shapes.items()})
 
     def step() -> None:
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -274,9 +275,19 @@ def _bench_model_case(name: str, case: DictConfig, n_features: dict[str, int], m
     t0 = time.perf_counter()
     for _ in range(mc.steps):
         step()
+    train_sps = mc.steps * b / (time.perf_counter() - t0)
+    decoder.eval()
+    with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        decoder(batch.responses, batch.subject)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(mc.steps):
+            decoder(batch.responses, batch.subject)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    infer_sps = mc.steps * b / (time.perf_counter() - t0)
     return {"case": name, "model": case.model, "params_m": round(sum(p.numel() for p in decoder.parameters()) / 1e6, 1),
             "targets": {k: list(v) for k, v in shapes.items()}, "batch_size": b,
-            "samples_per_s": round(mc.steps * b / (time.perf_counter() - t0), 2),
+            "samples_per_s": round(train_sps, 2), "inference_samples_per_s": round(infer_sps, 2),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None,
             "peak_rss_mb": round(peak_rss_mb())}
 
@@ -292,22 +303,25 @@ def bench_models(mc: DictConfig, device: str) -> dict[str, Any]:
         if case is not None:
             rows.append(_bench_model_case(name, case, n_features, mc, device))
             log.info("models: %s", rows[-1])
-    return {"device": device, "n_features": n_features, "rows": rows}
+    return {"device": device, "n_features": n_features, "n_times": mc.get("n_times"), "rows": rows}
 
 
 def render_models_markdown(result: dict[str, Any], machine: dict[str, Any], command: str) -> str:
-    voxels = ", ".join(f"{s} {n:,}" for s, n in result["n_features"].items())
+    counts = ", ".join(f"{s} {n:,}" for s, n in result["n_features"].items())
+    shape = (f"MEG windows of {result['n_times']} samples, sensors per subject: {counts}" if result.get("n_times")
+             else f"subjects with NSD voxel counts ({counts})")
     lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} with `{command}` on: {machine['cpu']}, "
              f"{machine['cores']} cores, GPU: {machine['gpu'] or 'none'}, torch {machine['torch']}; device "
-             f"{result['device']}; subjects with NSD voxel counts ({voxels}); random data of the real shapes; "
-             f"one training step = forward + backward + AdamW.", "",
-             "| case | model | parameters (M) | targets | batch | samples/s | peak GPU MB | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{result['device']}; {shape}; random data of the real shapes; one training step = forward + "
+             f"backward + the optimiser step; inference = forward without gradients.", "",
+             "| case | model | parameters (M) | targets | batch | train samples/s | inference samples/s | "
+             "peak GPU MB | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         targets = ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in r["targets"].items())
         lines.append(f"| {r['case']} | {r['model']} | {r['params_m']:,} | {targets} | {r['batch_size']} | "
-                     f"{r['samples_per_s']} | {r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '—'} | "
-                     f"{r['peak_rss_mb']:,} |")
+                     f"{r['samples_per_s']} | {r.get('inference_samples_per_s', '—')} | "
+                     f"{r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '—'} | {r['peak_rss_mb']:,} |")
     lines += ["", END]
     return "\n".join(lines)
 
@@ -433,6 +447,8 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
         publish("evaluation", bench_evaluation(cfg.evaluation, device), render_evaluation_markdown)
     if cfg.models.enabled:
         publish("models", bench_models(cfg.models, device), render_models_markdown)
+    if cfg.get("meg") is not None and cfg.meg.enabled:
+        publish("meg", bench_models(cfg.meg, device), render_models_markdown)
     if cfg.generation.enabled:
         result = bench_generation(cfg.generation, device, Path(cfg.paths.cache_dir) / "generators")
         publish("generation_tiny" if cfg.generation.tiny else "generation", result, render_generation_markdown)
