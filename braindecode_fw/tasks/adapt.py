@@ -48,7 +48,10 @@ INITS = (None, "ridge")
 def add_subject(decoder: Decoder, subject: str, n_features: int, init_bias_from: str | None) -> list[str]:
     """Give ``decoder`` fresh subject-specific parts for ``subject``; returns the parameter-name
     prefixes that belong to it."""
-    adapter = decoder.adapter
+    adapter = getattr(decoder, "adapter", None)
+    if adapter is None:
+        raise ValueError(f"bdf-adapt: {type(decoder).__name__} has no subject adapter to extend (the MEG brain "
+                         f"module's subject layers are trained jointly: bdf-train with the subject in data.subjects)")
     if not hasattr(adapter, "add_subject"):
         raise ValueError(f"model.adapter: {type(adapter).__name__} cannot add subjects")
     adapter.add_subject(subject, n_features)
