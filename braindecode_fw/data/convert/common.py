@@ -15,6 +15,15 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def plain_config(dataset_cfg: Any) -> dict[str, Any]:
+    """A ``dataset`` config (OmegaConf node or mapping) as a plain, resolved dict for a converter."""
+    if hasattr(dataset_cfg, "_get_node"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(dataset_cfg, resolve=True)
+    return dict(dataset_cfg)
+
+
 def hash_uniform(ids: np.ndarray, seed: int) -> np.ndarray:
     """A stable uniform [0, 1) per id (splitmix64 of id and seed): same answer for any subset."""
     with np.errstate(over="ignore"):

@@ -31,7 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from braindecode_fw.data.convert.common import is_val_image, matching_store, remove_stale_partials
+from braindecode_fw.data.convert.common import (
+    is_val_image,
+    matching_store,
+    plain_config,
+    remove_stale_partials,
+)
 from braindecode_fw.data.normalization import ncsnr_from_repeats
 from braindecode_fw.data.store import StoreWriter, TrialTable
 
@@ -703,11 +708,7 @@ def convert_nsd(dataset_cfg: Any) -> dict[str, Any]:
     the existing store already matches the configuration.
     """
     t_start = time.perf_counter()
-    if hasattr(dataset_cfg, "_get_node") or not isinstance(dataset_cfg, Mapping):
-        from omegaconf import OmegaConf
-
-        dataset_cfg = OmegaConf.to_container(dataset_cfg, resolve=True)
-    cfg = NSDConvertConfig.from_mapping(dataset_cfg)
+    cfg = NSDConvertConfig.from_mapping(plain_config(dataset_cfg))
     if not cfg.store:
         raise ValueError("dataset.store: not set (where the prepared NSD store is written)")
     if not cfg.root:

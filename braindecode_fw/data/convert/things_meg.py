@@ -44,7 +44,12 @@ from typing import Any
 
 import numpy as np
 
-from braindecode_fw.data.convert.common import is_val_image, matching_store, remove_stale_partials
+from braindecode_fw.data.convert.common import (
+    is_val_image,
+    matching_store,
+    plain_config,
+    remove_stale_partials,
+)
 from braindecode_fw.data.meg_layout import (
     CTF_LAYOUT,
     clean_channel_name,
@@ -850,11 +855,7 @@ def convert_things_meg(dataset_cfg: Any) -> dict[str, Any]:
     the existing store already matches the configuration.
     """
     t_start = time.perf_counter()
-    if hasattr(dataset_cfg, "_get_node") or not isinstance(dataset_cfg, Mapping):
-        from omegaconf import OmegaConf
-
-        dataset_cfg = OmegaConf.to_container(dataset_cfg, resolve=True)
-    cfg = ThingsMEGConvertConfig.from_mapping(dataset_cfg)
+    cfg = ThingsMEGConvertConfig.from_mapping(plain_config(dataset_cfg))
     if not cfg.store:
         raise ValueError("dataset.store: not set (where the prepared THINGS-MEG store is written)")
     if not cfg.root or cfg.root == "???":

@@ -76,7 +76,7 @@ class SyntheticMEGWorldConfig:
     evoked_amplitude: float = 1.0
     lead_field: meg.LeadFieldConfig = field(default_factory=meg.LeadFieldConfig)
     noise: meg.MEGNoiseConfig = field(default_factory=meg.MEGNoiseConfig)
-    snr: float = 0.035
+    snr: float = 0.15
     clamp: float | None = 20.0
     dtype: str = "float16"
     subject_prefix: str = "sub"
