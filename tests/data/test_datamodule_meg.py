@@ -132,3 +132,22 @@ def test_meg_batch_feeds_the_brain_module(meg_dm):
         bad.configure_from_data(meg_dm)
     test = next(iter(meg_dm.test_dataloader()))
     assert torch.isfinite(decoder(test.responses, test.subject)["z"]).all()
+
+
+def test_large_test_split_is_read_separately(tmp_path):
+    """THINGS-MEG's large test set (split ``test_large``): never trained on, evaluated on its own."""
+    root = write_meg_store(tmp_path / "store")
+    trials_path = root / "subjects" / "sub0" / "trials.tsv"
+    lines = trials_path.read_text().splitlines()
+    header, rows = lines[0], [ln.split("\t") for ln in lines[1:]]
+    col = header.split("\t").index("split")
+    for r in rows[6:8]:  # two training trials become large-test trials
+        r[col] = "test_large"
+    trials_path.write_text("\n".join([header, *["\t".join(r) for r in rows]]) + "\n")
+    dm = BrainDataModule(root, None, batch_size=4, cache_dir=tmp_path / "cache")
+    dm.setup()
+    assert dm.has_split("test_large") and not dm.has_split("nothing")
+    assert dm.trial_counts("train") == {"sub0": 6, "sub1": 8}
+    batch = next(iter(dm.eval_dataloader("test_large")))
+    assert batch.subject == ["sub0", "sub0"] and batch.responses.shape == (2, 6, N_TIMES)
+    assert sorted(batch.image_index.tolist()) == [6, 7]
