@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.data.meg_layout import MISSING_POSITION, valid_positions
 from braindecode_fw.models.decoder import Decoder
 
 # ---------------------------------------------------------------------------------------------
@@ -434,21 +435,22 @@ class MEGDecoder(Decoder):
         self.regression_heads = nn.ModuleDict(
             {n: MEGHead(width, math.prod(s)) for n, s in self.target_shapes.items()} if regression_heads else {})
         subjects = module.subjects
-        self.register_buffer("sensor_positions", torch.full((len(subjects), module.n_sensors, 2), -0.1))
+        self.register_buffer("sensor_positions", torch.full((len(subjects), module.n_sensors, 2), MISSING_POSITION))
         self.register_buffer("sensor_valid", torch.zeros(len(subjects), module.n_sensors, dtype=torch.bool))
         for i, s in enumerate(subjects):  # until configured: the first C_s channels, positions unknown
             self.sensor_valid[i, : self.n_features.get(s, module.n_sensors)] = True
 
     def set_sensor_positions(self, subject: str, positions: torch.Tensor | Sequence[Sequence[float]]) -> None:
-        """One subject's ``(C_s, 2)`` positions in ``[0, 1]²``; rows at the sentinel -0.1 are invalid."""
+        """One subject's ``(C_s, 2)`` positions in ``[0, 1]²``; rows at the layout's
+        :data:`~braindecode_fw.data.meg_layout.MISSING_POSITION` are invalid."""
         pos = torch.as_tensor(positions, dtype=torch.float32)
         i = self.module.subject_layers.subject_index([subject])[0]
         if pos.ndim != 2 or pos.shape[1] != 2 or len(pos) > self.module.n_sensors:
             raise ValueError(f"{subject}: sensor positions must be (C <= {self.module.n_sensors}, 2), got {tuple(pos.shape)}")
-        self.sensor_positions[i] = -0.1
+        self.sensor_positions[i] = MISSING_POSITION
         self.sensor_valid[i] = False
         self.sensor_positions[i, : len(pos)] = pos.to(self.sensor_positions)
-        self.sensor_valid[i, : len(pos)] = ~torch.isclose(pos, torch.tensor(-0.1)).all(-1).to(self.sensor_valid.device)
+        self.sensor_valid[i, : len(pos)] = torch.from_numpy(valid_positions(pos.numpy())).to(self.sensor_valid.device)
 
     def configure_from_data(self, datamodule) -> None:
         """Sensor positions of every subject from the prepared store; checks modality and window length."""

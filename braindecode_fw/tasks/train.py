@@ -219,7 +219,7 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     print(format_table(report))
     if "test_large" in reports:
         print()
-        print("large test set (" + "single trials of held-out concepts" + ")")
+        print("large test set (single trials of held-out concepts)")
         print(format_table(reports["test_large"]))
     print()
     print(f"run directory : {run_dir}")

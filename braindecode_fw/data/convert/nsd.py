@@ -39,6 +39,7 @@ from braindecode_fw.data.convert.common import (
 )
 from braindecode_fw.data.normalization import ncsnr_from_repeats
 from braindecode_fw.data.store import StoreWriter, TrialTable
+from braindecode_fw.schema import dataclass_from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +97,7 @@ class NSDConvertConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> NSDConvertConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"dataset: unknown NSD converter key(s) {unknown}; known keys: {sorted(known)}")
-        out = cls(**dict(cfg))
+        out = dataclass_from_mapping(cls, cfg, what="NSD converter")
         out.validate_choices()
         return out
 

@@ -58,6 +58,7 @@ from braindecode_fw.data.meg_layout import (
 )
 from braindecode_fw.data.meg_preprocessing import RobustScaling, baseline_correct
 from braindecode_fw.data.store import StoreWriter, TrialTable
+from braindecode_fw.schema import dataclass_from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,7 @@ class ThingsMEGConvertConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> ThingsMEGConvertConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"dataset: unknown THINGS-MEG converter key(s) {unknown}; known keys: {sorted(known)}")
-        out = cls(**dict(cfg))
+        out = dataclass_from_mapping(cls, cfg, what="THINGS-MEG converter")
         out.validate_choices()
         return out
 
@@ -858,10 +855,10 @@ def convert_things_meg(dataset_cfg: Any) -> dict[str, Any]:
     cfg = ThingsMEGConvertConfig.from_mapping(plain_config(dataset_cfg))
     if not cfg.store:
         raise ValueError("dataset.store: not set (where the prepared THINGS-MEG store is written)")
-    if not cfg.root or cfg.root == "???":
+    if not cfg.root:
         raise ValueError("dataset.root: not set; pass the BIDS folder of OpenNeuro ds004212, e.g. "
                          "`bdf-prepare dataset=things_meg dataset.root=/data/ds004212 dataset.images_root=/data/THINGS/Images`")
-    if not cfg.images_root or cfg.images_root == "???":
+    if not cfg.images_root:
         raise ValueError("dataset.images_root: not set; pass the THINGS image folder (<concept>/<stem>.jpg), "
                          "e.g. dataset.images_root=/data/THINGS/Images")
     root, store, images_root = Path(cfg.root), Path(cfg.store), Path(cfg.images_root)

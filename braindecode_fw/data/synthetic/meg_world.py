@@ -37,6 +37,7 @@ from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.data.synthetic import fmri, meg, scenes
 from braindecode_fw.data.synthetic.world import _scene_record
 from braindecode_fw.metrics.retrieval import retrieval_from_scores
+from braindecode_fw.schema import dataclass_from_mapping
 
 log = logging.getLogger(__name__)
 GENERATOR_VERSION = "synthetic-meg-1"
@@ -89,19 +90,7 @@ class SyntheticMEGWorldConfig:
     @classmethod
     def from_mapping(cls, cfg: dict[str, Any]) -> SyntheticMEGWorldConfig:
         """Build from a (Hydra) mapping; unknown keys (also nested ones) raise an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"dataset: unknown synthetic-MEG-world key(s) {unknown}; known keys: {sorted(known)}")
-        kw = dict(cfg)
-        for key, sub_cls in cls._NESTED.items():
-            if key in kw:
-                sub_known = {f.name for f in dataclasses.fields(sub_cls)}
-                sub_unknown = sorted(set(kw[key]) - sub_known)
-                if sub_unknown:
-                    raise ValueError(f"dataset.world.{key}: unknown key(s) {sub_unknown}; known keys: {sorted(sub_known)}")
-                kw[key] = sub_cls(**kw[key])
-        out = cls(**kw)
+        out = dataclass_from_mapping(cls, cfg, what="synthetic-MEG-world", nested=cls._NESTED)
         out.validate()
         return out
 

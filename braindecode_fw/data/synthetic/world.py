@@ -24,6 +24,7 @@ from braindecode_fw.data.normalization import fit_session_stats, ncsnr_from_repe
 from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.data.synthetic import fmri, scenes
 from braindecode_fw.metrics.retrieval import retrieval_from_scores
+from braindecode_fw.schema import dataclass_from_mapping
 
 log = logging.getLogger(__name__)
 GENERATOR_VERSION = "synthetic-fmri-2"
@@ -60,16 +61,8 @@ class SyntheticWorldConfig:
     @classmethod
     def from_mapping(cls, cfg: dict[str, Any]) -> SyntheticWorldConfig:
         """Build from a (Hydra) mapping; unknown keys raise an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"dataset: unknown synthetic-world key(s) {unknown}; known keys: {sorted(known)}")
-        kw = dict(cfg)
-        if "ncsnr" in kw:
-            kw["ncsnr"] = fmri.NoiseCeilingConfig(**kw["ncsnr"])
-        if "drift" in kw:
-            kw["drift"] = fmri.DriftConfig(**kw["drift"])
-        out = cls(**kw)
+        out = dataclass_from_mapping(cls, cfg, what="synthetic-world",
+                                     nested={"ncsnr": fmri.NoiseCeilingConfig, "drift": fmri.DriftConfig})
         out.validate()
         return out
 
