@@ -151,3 +151,28 @@ def test_large_test_split_is_read_separately(tmp_path):
     batch = next(iter(dm.eval_dataloader("test_large")))
     assert batch.subject == ["sub0", "sub0"] and batch.responses.shape == (2, 6, N_TIMES)
     assert sorted(batch.image_index.tolist()) == [6, 7]
+
+
+def test_bad_meg_inputs_name_what_is_wrong(tmp_path, tiny_store):
+    from braindecode_fw.models.meg import build_meg_decoder
+
+    names = things_meg_channel_names()[:3]
+    trials = TrialTable(trial_id=np.arange(2), image_index=np.zeros(2, int), session=np.zeros(2, int),
+                        run=np.zeros(2, int), repeat=np.arange(2), split=np.array(["train", "test"]))
+    with StoreWriter(tmp_path / "bad", name="bad", modality="meg") as w:
+        with pytest.raises(ValueError, match=r"sensor_names needs sensor_positions, sfreq and tmin too"):
+            w.write_subject("s", trials, np.zeros((2, 3, 4), np.float32), sensor_names=names)
+        with pytest.raises(ValueError, match=r"sensor_positions: expected \(3, 2\), got \(2, 2\)"):
+            w.write_subject("s", trials, np.zeros((2, 3, 4), np.float32), sensor_names=names,
+                            sensor_positions=np.zeros((2, 2)), sfreq=120.0, tmin=-0.5)
+    assert not (tmp_path / "bad").exists()  # nothing published after the failure
+    decoder = build_meg_decoder({"subj01": 3}, {"z": (2,)}, n_times=4, spatial_channels=4, n_harmonics=2, hidden=4,
+                                depth=1, backbone_out=8)
+    with pytest.raises(ValueError, match=r"sensor positions must be \(C <= 3, 2\), got \(4, 2\)"):
+        decoder.set_sensor_positions("subj01", np.zeros((4, 2)))
+    fmri = BrainDataModule(tiny_store, None, cache_dir=tmp_path / "cache")
+    fmri.setup()
+    with pytest.raises(ValueError, match=r"the MEG brain module needs an MEG dataset; .* holds fmri data"):
+        decoder.configure_from_data(fmri)
+    with pytest.raises(KeyError, match=r"no target 'nope'"):
+        fmri.target_statistics("nope")

@@ -356,3 +356,17 @@ def test_clip_mse_objective_equals_the_reference_loss():
     no_regression = _small_decoder({"s1": 10}, regression_heads=False)
     with pytest.raises(KeyError, match=r"loss.lambda_clip=0.6 needs the regression output 'regression/z'"):
         objective(no_regression, batch, 0.0)
+
+
+def test_meg_objective_and_adaptation_errors_name_the_problem():
+    from braindecode_fw.data.datamodule import Batch
+    from braindecode_fw.objectives import ClipMSEObjective
+    from braindecode_fw.tasks.adapt import add_subject
+
+    decoder = _small_decoder({"s1": 10})
+    batch = Batch(subject=["s1"] * 2, responses=torch.randn(2, 10, 20), image_index=torch.arange(2),
+                  targets={"other": torch.randn(2, 8)})
+    with pytest.raises(KeyError, match=r"no decoder output matches a batch target; outputs \['regression/z', 'z'\]"):
+        ClipMSEObjective()(decoder, batch, 0.0)
+    with pytest.raises(ValueError, match=r"bdf-adapt: MEGDecoder has no subject adapter to extend"):
+        add_subject(decoder, "s2", 10, None)
