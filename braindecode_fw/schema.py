@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _check_keys(cls: type, mapping: Mapping[str, Any], message: str) -> None:
+def check_keys(cls: type, mapping: Mapping[str, Any], message: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(mapping) - known)
     if unknown:
@@ -26,10 +26,10 @@ def dataclass_from_mapping(cls: type[T], mapping: Mapping[str, Any], *, what: st
     """``cls(**mapping)`` with nested mappings turned into their dataclasses (``nested``: field ->
     class). Unknown keys raise ``ValueError("dataset: unknown <what> key(s) [...]; known keys:
     [...]")``; unknown keys of a nested field ``f`` raise ``"<nested_path>.<f>: unknown key(s) ..."``."""
-    _check_keys(cls, mapping, f"dataset: unknown {what} key(s)")
+    check_keys(cls, mapping, f"dataset: unknown {what} key(s)")
     kw = dict(mapping)
     for key, sub_cls in (nested or {}).items():
         if key in kw and isinstance(kw[key], Mapping):
-            _check_keys(sub_cls, kw[key], f"{nested_path}.{key}: unknown key(s)")
+            check_keys(sub_cls, kw[key], f"{nested_path}.{key}: unknown key(s)")
             kw[key] = sub_cls(**kw[key])
     return cls(**kw)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import braindecode_fw  # noqa: F401  (registers the config resolvers, e.g. ${bdf_demo_weights:})
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -28,6 +30,10 @@ TINY_WORLD = [
     "dataset.world.oracle_n_subsets=5",
 ]
 TINY_MODEL = [
+    # the random token target and the plumbing generator, shrunk (the shipped tiny CLIP and generator
+    # are the defaults; tests/demo/ and tests/tasks/test_default_run.py exercise them)
+    "target=openclip_tiny",
+    "generator=tiny_random",
     "target.model_overrides.vision_cfg.image_size=32",
     "target.model_overrides.vision_cfg.width=32",
     "target.model_overrides.vision_cfg.layers=1",

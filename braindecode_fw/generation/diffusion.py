@@ -173,16 +173,22 @@ class UnClipReconstructor(DiffusersReconstructor):
     """Stable unCLIP (``StableUnCLIPImg2ImgPipeline`` components) from predicted ``image_embeds``
     ``(n, d)``: the embedding is noised to ``noise_level`` and appended with its timestep embedding
     as the UNet's class label (the pipeline's ``noise_image_embeddings``); the unconditional class
-    label is zeros; the text context is the empty prompt (zeros when no text tower is saved)."""
+    label is zeros; the text context is the empty prompt (zeros when no text tower is saved).
+    ``condition_norm``: rescale every predicted embedding to this L2 norm first (the synthetic
+    world's tiny generator was trained on unit-norm embeddings, and a contrastively trained decoder
+    predicts directions only); None (real Stable unCLIP) passes the prediction as it is."""
 
     pipeline_class = "StableUnCLIPImg2ImgPipeline"
     # the embedding is predicted: the CLIP image tower (ViT-H, ~0.63 B parameters) is not loaded
     default_components = {"image_encoder": None, "feature_extractor": None}
 
     def __init__(self, name: str, model: str, *, condition: str = "clip_image_pooled", noise_level: int = 0,
-                 prompt: str = "", **kwargs: Any):
+                 prompt: str = "", condition_norm: float | None = None, **kwargs: Any):
         super().__init__(name, model, **kwargs)
+        if condition_norm is not None and condition_norm <= 0:
+            raise ValueError(f"generator ({name}).condition_norm: must be > 0 or null, got {condition_norm}")
         self.condition = condition
+        self.condition_norm = condition_norm
         self.noise_level = noise_level
         self.prompt = prompt
         self.embed_dim = self.unet.config.projection_class_embeddings_input_dim // 2
@@ -205,6 +211,8 @@ class UnClipReconstructor(DiffusersReconstructor):
 
     def reconstruct_batch(self, outputs, seeds, lowlevel):
         emb = outputs[self.condition].to(self.device, self.dtype)
+        if self.condition_norm is not None:
+            emb = torch.nn.functional.normalize(emb.float(), dim=-1).to(self.dtype) * self.condition_norm
         labels: dict[str, torch.Tensor] = {}
 
         def noise_embeddings(generators):  # drawn before the latents, from the same generators

@@ -99,7 +99,8 @@ def _build_timm(spec: ExtractorSpec) -> torch.nn.Module:
 
 
 class _OpenClipImage(torch.nn.Module):
-    """open_clip model exposing ``image_embedding`` (encode_image), ``pooled`` and ``tokens``."""
+    """open_clip model exposing ``image_embedding`` (encode_image), ``pooled`` and, for a ViT tower,
+    ``tokens`` (a modified-ResNet tower, e.g. the synthetic world's tiny CLIP, has no token sequence)."""
 
     def __init__(self, spec: ExtractorSpec):
         super().__init__()
@@ -117,6 +118,9 @@ class _OpenClipImage(torch.nn.Module):
         self.visual = model.visual
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not hasattr(self.visual, "output_tokens"):
+            pooled = self.visual(x)
+            return {"image_embedding": pooled, "pooled": pooled}
         self.visual.output_tokens = True
         pooled, tokens = self.visual(x)
         return {"image_embedding": pooled, "pooled": pooled, "tokens": tokens}

@@ -181,6 +181,9 @@ class OpenClipImageEncoder(ImageEncoder):
             model = open_clip.create_model(
                 model_name, pretrained=pretrained, cache_dir=cache_dir, **self.model_overrides
             )
+        if output == "tokens" and not hasattr(model.visual, "output_tokens"):
+            raise ValueError(f"target.output: tokens needs a vision tower with a token sequence (a ViT); "
+                             f"{model_name} has {type(model.visual).__name__}, use output: pooled")
         self.visual = model.visual.to(device).eval().requires_grad_(False)
         self.visual.output_tokens = output == "tokens"
 

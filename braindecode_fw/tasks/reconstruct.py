@@ -115,27 +115,56 @@ def generation_inputs(dm: Any, decoder: Any, preds: dict[str, dict[str, Any]], t
 
 
 def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: Path, *, n_images: int = 8,
-                 seed: int = 0, loggers: list[Any] | None = None) -> Path | None:
-    """After training: reconstruct the first ``n_images`` test images of the first subject and save
-    a ground truth | final grid. Skipped with a warning when the generator does not fit the target."""
+                 seed: int = 0, loggers: list[Any] | None = None, n_metric_images: int = 0,
+                 metrics_cfg: DictConfig | None = None) -> tuple[Path | None, dict[str, Any] | None]:
+    """After training: reconstruct the first subject's test images (by image index); the first
+    ``n_images`` make a ground truth | final grid at ``path``, the first ``n_metric_images`` are
+    scored with the ``metrics_cfg`` suite (conf/metrics/; e.g. PixCorr, SSIM, two-way CLIP).
+    Returns (grid path, ``{"subject", "n_images", "metrics": {key: mean}, "ci95", "labels"}``);
+    (None, None) with a warning when the generator does not fit the target."""
     from braindecode_fw.lit import predict
 
     generator = fitting_generator(gen_cfg, dm.target_shapes, "no reconstruction grid")
     if generator is None:
-        return None
+        return None, None
     sources = conditioning_sources(decoder, generator_inputs(generator, dm.target_shapes))
     preds = predict(decoder, dm.test_dataloader(), target, outputs=[o for o in sources.values() if o != target])
     subject = sorted(preds)[0]
     p = preds[subject]
-    rows = np.argsort(p["image_index"], kind="stable")[:n_images]
+    n_metric_images = n_metric_images if metrics_cfg is not None else 0
+    rows = np.argsort(p["image_index"], kind="stable")[:max(n_images, n_metric_images)]
     idx = p["image_index"][rows]
     values = generation_inputs(dm, decoder, {subject: p}, target, sources)[subject]
     inputs = {n: torch.from_numpy(v[rows]) for n, v in values.items()}
+    t0 = time.perf_counter()
     out = generator.reconstruct(inputs, [image_seed(seed, i, 0) for i in idx])
-    grid = comparison_grid(_grid_columns(as_float_images(dm.store.images[idx]), out.get("lowlevel"), out["final"]))
+    log.info("reconstructed %d test images of %s in %.1f s", len(idx), subject, time.perf_counter() - t0)
+    gts = as_float_images(dm.store.images[idx])
+    shown = slice(0, n_images)
+    lowlevel = out.get("lowlevel")
+    grid = comparison_grid(_grid_columns(gts[shown], None if lowlevel is None else lowlevel[shown],
+                                         out["final"][shown]))
     save_png(grid, path)
     log_image(loggers or [], "reconstruct/grid", grid)
-    return path
+    summary = None
+    if n_metric_images > 1:
+        from braindecode_fw.metrics.suite import ImageMetricSuite, mean_ci95
+
+        suite = ImageMetricSuite(metrics_cfg)
+        per_image = suite(out["final"][:n_metric_images], gts[:n_metric_images])
+        stats = {k: mean_ci95(v) for k, v in per_image.items()}
+        summary = {"subject": subject, "n_images": int(min(n_metric_images, len(idx))),
+                   "metrics": {k: float(m) for k, (m, _) in stats.items()},
+                   "ci95": {k: float(c) for k, (_, c) in stats.items()},
+                   "labels": {k: suite.info(k).label for k in per_image}}
+    return path, summary
+
+
+def format_image_metrics(summary: dict[str, Any], generator_name: str) -> str:
+    """One line per metric for the bdf-train summary."""
+    head = f"Reconstructions of {summary['subject']}'s first {summary['n_images']} test images ({generator_name})"
+    cells = [f"{summary['labels'][k]} {v:.3f} ± {summary['ci95'][k]:.3f}" for k, v in summary["metrics"].items()]
+    return head + "\n" + "  ".join(cells)
 
 
 def reconstruct(cfg: DictConfig) -> dict[str, Any]:

@@ -204,13 +204,18 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
         return result
     for split, rep in reports.items():
         write_report(rep, run_dir, stem="retrieval" if split == "test" else f"retrieval_{split}")
-    grid = None
+    grid, image_metrics = None, None
     rc = cfg.get("reconstruction")
     if rc is not None and rc.enabled and cfg.get("generator") is not None:
         from braindecode_fw.tasks.reconstruct import preview_grid
 
-        grid = preview_grid(cfg.generator, dm, module.decoder, target, run_dir / "reconstructions_grid.png",
-                            n_images=rc.n_images, seed=rc.seed, loggers=loggers)
+        grid, image_metrics = preview_grid(
+            cfg.generator, dm, module.decoder, target, run_dir / "reconstructions_grid.png", n_images=rc.n_images,
+            seed=rc.seed, loggers=loggers, n_metric_images=int(rc.get("n_metric_images") or 0),
+            metrics_cfg=rc.get("metrics"))
+        if image_metrics is not None:
+            atomic_write_json(run_dir / "reconstruction_metrics.json", image_metrics)
+            metrics.update({f"test/recon_{k}": v for k, v in image_metrics["metrics"].items()})
     for lg in loggers:
         lg.log_metrics(metrics, step=trainer.global_step)
         lg.save()
@@ -221,6 +226,11 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
         print()
         print("large test set (single trials of held-out concepts)")
         print(format_table(reports["test_large"]))
+    if image_metrics is not None:
+        from braindecode_fw.tasks.reconstruct import format_image_metrics
+
+        print()
+        print(format_image_metrics(image_metrics, cfg.generator.name))
     print()
     print(f"run directory : {run_dir}")
     print(f"checkpoint    : {eval_ckpt or '(checkpointing disabled)'}")

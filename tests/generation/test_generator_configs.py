@@ -1,5 +1,6 @@
 """Every `conf/generator/*.yaml` composes, builds its tiny pipeline from the config's `build_tiny`
-spec (saved with save_pretrained), loads it through the user's loader and generates images."""
+spec (saved with save_pretrained), loads it through the user's loader and generates images; the
+synthetic world's `tiny` loads the trained pipeline shipped with the package."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tests.conftest import CONF, compose_config
 
 # config -> (tiny kind, class, decoder outputs it is fed)
 CASES = {
-    "tiny": ("embeds", EmbedsConditionedReconstructor, {"clip_image_tokens": (6, 24)}),
+    "tiny_random": ("embeds", EmbedsConditionedReconstructor, {"clip_image_tokens": (6, 24)}),
     "sd_embeds": ("embeds", EmbedsConditionedReconstructor, {"clip_text_tokens": (7, 24)}),
     "sd_img2img": ("embeds", EmbedsConditionedReconstructor, {"clip_text_tokens": (7, 24), "vae_latent": (4, 8, 8)}),
     "sd21_unclip": ("unclip", UnClipReconstructor, {"clip_image_pooled": (12,)}),  # embed_dim
@@ -26,7 +27,19 @@ CASES = {
 
 
 def test_every_generator_config_is_covered():
-    assert sorted(p.stem for p in (CONF / "generator").glob("*.yaml")) == sorted(CASES)
+    assert sorted(p.stem for p in (CONF / "generator").glob("*.yaml")) == sorted([*CASES, "tiny"])
+
+
+def test_default_tiny_generator_is_the_shipped_unclip_pipeline():
+    from braindecode_fw.demo.retrain import GENERATOR_FOLDER, package_weights_dir
+
+    cfg = compose_config("train", ["generator.steps=2", "generator.device=cpu"])
+    assert cfg.generator.model == str(package_weights_dir() / GENERATOR_FOLDER)
+    gen = build_generator(cfg.generator)
+    assert type(gen) is UnClipReconstructor and gen.condition_norm == 1.0
+    gen.check({"tiny_clip_image": (128,)})  # the default target: the tiny CLIP's image embedding
+    out = gen.reconstruct({"tiny_clip_image": torch.randn(2, 128)}, [0, 1])
+    assert out["final"].shape == (2, 3, 64, 64)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

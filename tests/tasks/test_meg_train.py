@@ -23,6 +23,7 @@ TINY_MEG = [
     *[f"{node}.{key}" for node in ("target", "extra_targets.tokens") for key in (
         "model_overrides.vision_cfg.image_size=32", "model_overrides.vision_cfg.width=32",
         "model_overrides.vision_cfg.layers=1", "model_overrides.embed_dim=16", "preprocess.image_size=32")],
+    "generator=tiny_random",
     "model.spatial_channels=8", "model.n_harmonics=4", "model.hidden=8", "model.depth=2", "model.backbone_out=16",
     "data.batch_size=16", "evaluation.subset_size=20", "trainer.max_epochs=2",
     "generator.build_tiny.cross_attention_dim=32", "generator.build_tiny.image_size=32", "generator.steps=2",

@@ -12,7 +12,7 @@ from tests.conftest import TINY_MODEL, TINY_WORLD
 from tests.tasks.test_cli import _assert_one_line_error, _run
 from tests.tasks.test_evaluate import FAST_METRICS
 
-TINY_GENERATOR = ["generator.build_tiny.cross_attention_dim=32", "generator.build_tiny.image_size=32",
+TINY_GENERATOR = ["generator=tiny_random", "generator.build_tiny.cross_attention_dim=32", "generator.build_tiny.image_size=32",
                   "generator.steps=3", "progress=false"]
 
 

@@ -169,7 +169,8 @@ def render_scene(scene: Scene, size: int = 64) -> np.ndarray:
     return np.round(img).astype(np.uint8)
 
 
-def _where(x: float, y: float) -> str:
+def describe_place(x: float, y: float) -> str:
+    """Where an object centred at ``(x, y)`` (image fractions) is, in words: 'at the top left', ..."""
     vert = "top" if y < 0.4 else ("bottom" if y > 0.6 else "middle")
     horiz = "left" if x < 0.4 else ("right" if x > 0.6 else "centre")
     if vert == "middle" and horiz == "centre":
@@ -186,14 +187,18 @@ def caption_scene(scene: Scene) -> str:
     colour_names = list(COLOURS)
     size_names = list(SIZES)
     parts = [
-        f"a {size_names[o.size]} {colour_names[o.colour]} {CATEGORIES[o.category]} {_where(o.x, o.y)}"
+        f"a {size_names[o.size]} {colour_names[o.colour]} {CATEGORIES[o.category]} {describe_place(o.x, o.y)}"
         for o in scene.objects
     ]
     objects = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{objects} on {describe_background(scene)}"
+
+
+def describe_background(scene: Scene) -> str:
+    """The background in words: 'a sand background', 'a stripes sky background'."""
     bg = BACKGROUNDS[scene.background]
     tint = list(BACKGROUND_TINTS)[scene.tint]
-    bg_text = f"a {tint} background" if bg == "plain" else f"a {bg} {tint} background"
-    return f"{objects} on {bg_text}"
+    return f"a {tint} background" if bg == "plain" else f"a {bg} {tint} background"
 
 
 def semantic_features(scenes: list[Scene]) -> np.ndarray:

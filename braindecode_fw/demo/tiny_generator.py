@@ -1,0 +1,326 @@
+"""The synthetic world's tiny generator (issue 10): a Stable unCLIP pipeline of the real diffusers
+classes (``StableUnCLIPImg2ImgPipeline``: ``AutoencoderKL`` + ``UNet2DConditionModel``), trained on
+rendered synthetic scenes and conditioned on the tiny CLIP's image embedding the way Stable unCLIP
+is (Ramesh et al. 2022; Stable unCLIP 2.1): the embedding, noise-augmented to a sampled
+``noise_level`` by the pipeline's image normaliser and noising scheduler and concatenated with that
+level's timestep embedding, is the UNet's class label; a zero label is the unconditional one
+(classifier-free guidance, ``condition_dropout`` of the training labels).
+
+Stages (each one a function, run in order by :func:`train`):
+
+1. **VAE**: ``AutoencoderKL`` 64 px -> 4×16×16 (factor 4, SD's latent layout at small size),
+   reconstruction MSE + a small KL term; ``scaling_factor`` set to 1/sd of the training latents, as
+   SD's 0.18215 was chosen.
+2. **UNet**: v-prediction on the scaled latents (SD 2.x's parameterisation), SD's scaled-linear
+   β schedule, EMA weights (diffusers' ``EMAModel``) are the ones saved.
+3. **Pipeline**: ``save_pretrained`` with ``image_encoder``/``feature_extractor``/text parts absent;
+   the reconstructor reads the embedding from the brain decoder, L2-normalised first
+   (``condition_norm: 1.0`` in conf/generator/tiny.yaml): the generator was trained on unit-norm
+   tiny-CLIP embeddings, and a contrastively trained decoder predicts directions, not norms.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from braindecode_fw.demo.corpus import HELDOUT_STREAM, TRAIN_STREAM, build_corpus
+from braindecode_fw.schema import check_keys
+
+log = logging.getLogger(__name__)
+
+EMBED_DIM = 128
+# SD's sampling noise schedule (the one conf/generator/*.yaml pipelines ship with)
+SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+
+
+@dataclass
+class TinyGeneratorConfig:
+    """How the tiny generator is trained (``demo_models.generator`` in conf/prepare.yaml)."""
+
+    seed: int = 0
+    image_size: int = 64
+    max_objects: int = 3
+    n_train_scenes: int = 30000
+    n_heldout_scenes: int = 200
+    vae_steps: int = 800
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 1400
+    unet_batch_size: int = 64
+    unet_lr: float = 5e-4
+    unet_channels: tuple[int, ...] = (64, 128)
+    condition_dropout: float = 0.1
+    max_noise_level: int = 300      # training embeddings are noise-augmented to levels in [0, this]
+    ema_decay: float = 0.999
+    sample_steps: int = 20
+    guidance_scale: float = 3.0
+    log_every: int = 100
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> TinyGeneratorConfig:
+        check_keys(cls, values, "demo_models.generator: unknown key(s)")
+        values = dict(values)
+        if "unet_channels" in values:
+            values["unet_channels"] = tuple(values["unet_channels"])
+        return cls(**values)
+
+
+def build_vae(image_size: int = 64):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64),
+                         latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=image_size)
+
+
+def build_unet(image_size: int = 64, channels: tuple[int, ...] = (64, 128), embed_dim: int = EMBED_DIM):
+    """A class-conditioned UNet on 16×16 latents: residual blocks, self-attention at the lower
+    level and in the middle, the unCLIP label ([embedding, noise-level embedding], 2·``embed_dim``)
+    projected into the timestep embedding. No cross-attention: the tiny generator has no text
+    context (the reconstructor's context tensor is ignored)."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(channels)
+    return UNet2DConditionModel(
+        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=channels,
+        down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (n - 1),
+        up_block_types=("AttnUpBlock2D",) * (n - 1) + ("UpBlock2D",), mid_block_type="UNetMidBlock2D",
+        attention_head_dim=32, norm_num_groups=32, cross_attention_dim=embed_dim,
+        class_embed_type="projection", projection_class_embeddings_input_dim=2 * embed_dim)
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(n, h, w, 3)`` -> float ``(n, 3, h, w)`` in [-1, 1] (the VAE's input range)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def unclip_class_labels(normalizer, noising_scheduler, embeds: torch.Tensor, levels: torch.Tensor,
+                        noise: torch.Tensor) -> torch.Tensor:
+    """Stable unCLIP's UNet class label with a noise level per row: ``embeds`` ``(n, d)`` scaled by
+    the image normaliser, noised to ``levels`` ``(n,)`` by the noising scheduler, unscaled, then
+    concatenated with the sinusoidal embedding of the level -> ``(n, 2d)``. For a constant level
+    this is ``StableUnCLIPImg2ImgPipeline.noise_image_embeddings`` (tested)."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    x = normalizer.unscale(noising_scheduler.add_noise(normalizer.scale(embeds), noise, levels))
+    t = get_timestep_embedding(levels, embeds.shape[-1], flip_sin_to_cos=True, downscale_freq_shift=0)
+    return torch.cat([x, t.to(x.dtype)], dim=1)
+
+
+def _cosine_lr(step: int, steps: int, lr: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train_vae(cfg: TinyGeneratorConfig, images: np.ndarray, rng: np.random.Generator) -> tuple[Any, list[dict]]:
+    """Stage 1: the autoencoder, then its scaling factor. Returns (vae, loss curve)."""
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg.image_size)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    curve = []
+    vae.train()
+    for step in range(cfg.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(step, cfg.vae_steps, cfg.vae_lr)
+        x = to_model_range(images[rng.choice(len(images), cfg.vae_batch_size, replace=False)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
+            curve.append({"step": step, "mse": mse.item()})
+            log.info("tiny generator VAE step %d/%d mse %.4f", step, cfg.vae_steps, mse.item())
+    vae.eval()
+    with torch.no_grad():
+        probe = to_model_range(images[:1024])
+        latents = torch.cat([vae.encode(probe[i:i + 256]).latent_dist.mode() for i in range(0, len(probe), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae.requires_grad_(False), curve
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """uint8 images -> scaled latent means ``(n, 4, h/4, w/4)`` (the UNet's training data)."""
+    return torch.cat([vae.encode(to_model_range(images[i:i + batch_size])).latent_dist.mode()
+                      for i in range(0, len(images), batch_size)]) * vae.config.scaling_factor
+
+
+def build_normalizer(embeds: torch.Tensor):
+    """Stable unCLIP's ``StableUnCLIPImageNormalizer`` holding the training embeddings' mean/sd."""
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
+        StableUnCLIPImageNormalizer,
+    )
+
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=embeds.shape[1])
+    with torch.no_grad():
+        normalizer.mean.copy_(embeds.mean(0, keepdim=True))
+        normalizer.std.copy_(embeds.std(0, keepdim=True))
+    return normalizer
+
+
+def train_unet(cfg: TinyGeneratorConfig, latents: torch.Tensor, embeds: torch.Tensor, normalizer,
+               rng: np.random.Generator) -> tuple[Any, list[dict]]:
+    """Stage 2: the class-conditioned UNet (v-prediction, EMA). ``latents`` ``(n, 4, 16, 16)``
+    scaled; ``embeds`` ``(n, d)`` unit-norm tiny-CLIP image embeddings. Returns (EMA UNet, curve)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(cfg.seed + 1)
+    unet = build_unet(cfg.image_size, cfg.unet_channels, embeds.shape[1])
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    train_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("set_alpha_to_one",
+                                                                                            "steps_offset")})
+    noising = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    curve = []
+    unet.train()
+    for step in range(cfg.unet_steps):
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(step, cfg.unet_steps, cfg.unet_lr)
+        idx = torch.from_numpy(rng.choice(len(latents), cfg.unet_batch_size, replace=False))
+        x0, emb = latents[idx], embeds[idx]
+        n = len(idx)
+        t = torch.randint(0, train_sched.config.num_train_timesteps, (n,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = train_sched.add_noise(x0, noise, t)
+        target = train_sched.get_velocity(x0, noise, t)
+        # noise augmentation: half the labels clean, half at a level drawn up to max_noise_level
+        levels = torch.randint(0, cfg.max_noise_level + 1, (n,), generator=gen)
+        levels = torch.where(torch.rand(n, generator=gen) < 0.5, torch.zeros_like(levels), levels)
+        with torch.no_grad():
+            labels = unclip_class_labels(normalizer, noising, emb, levels, torch.randn(emb.shape, generator=gen))
+            labels[torch.rand(n, generator=gen) < cfg.condition_dropout] = 0  # the unconditional label
+        context = torch.zeros(n, 1, emb.shape[1])
+        pred = unet(xt, t, encoder_hidden_states=context, class_labels=labels).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.step(unet.parameters())
+        if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
+            curve.append({"step": step, "loss": loss.item()})
+            log.info("tiny generator UNet step %d/%d loss %.4f", step, cfg.unet_steps, loss.item())
+    ema.copy_to(unet.parameters())
+    return unet.eval().requires_grad_(False), curve
+
+
+def assemble_pipeline(vae, unet, normalizer):
+    """The ``StableUnCLIPImg2ImgPipeline`` of the trained parts (no image encoder or text tower:
+    embeddings come from the brain decoder) with a DDIM sampler."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline
+
+    return StableUnCLIPImg2ImgPipeline(
+        feature_extractor=None, image_encoder=None, image_normalizer=normalizer,
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), tokenizer=None,
+        text_encoder=None, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_KWARGS), vae=vae)
+
+
+def train(cfg: TinyGeneratorConfig, clip_folder: str | Path) -> tuple[Any, dict[str, Any]]:
+    """Train VAE and UNet on ``cfg.n_train_scenes`` scenes conditioned on the tiny CLIP from
+    ``clip_folder``. Returns (pipeline, record)."""
+    from braindecode_fw.demo import tiny_clip
+
+    start = time.perf_counter()
+    corpus = build_corpus(cfg.n_train_scenes, seed=cfg.seed, stream=TRAIN_STREAM + 1, image_size=cfg.image_size,
+                          max_objects=cfg.max_objects)
+    rng = np.random.default_rng([cfg.seed, 11])
+    clip = tiny_clip.load(clip_folder)
+    embeds = tiny_clip.encode_images(clip, corpus.images)
+    vae, vae_curve = train_vae(cfg, corpus.images, rng)
+    vae_seconds = time.perf_counter() - start
+    latents = encode_latents(vae, corpus.images)
+    normalizer = build_normalizer(embeds)
+    unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng)
+    pipe = assemble_pipeline(vae, unet, normalizer)
+    record = {"config": asdict(cfg), "train_seconds": round(time.perf_counter() - start, 1),
+              "vae_seconds": round(vae_seconds, 1), "torch_threads": torch.get_num_threads(),
+              "n_train_scenes": len(corpus), "vae_curve": vae_curve, "unet_curve": unet_curve,
+              "vae_scaling_factor": vae.config.scaling_factor,
+              "n_parameters": {"vae": sum(p.numel() for p in vae.parameters()),
+                               "unet": sum(p.numel() for p in unet.parameters())},
+              "clip": str(clip_folder)}
+    return pipe, record
+
+
+def heldout_corpus(cfg: TinyGeneratorConfig):
+    return build_corpus(cfg.n_heldout_scenes, seed=cfg.seed, stream=HELDOUT_STREAM + 1, image_size=cfg.image_size,
+                        max_objects=cfg.max_objects)
+
+
+def save(pipe, record: dict[str, Any], folder: str | Path, *, extra_files: dict[str, bytes] | None = None) -> Path:
+    """``save_pretrained`` (float16 safetensors) + ``training.json`` + ``MODEL_CARD.md`` (+ the
+    evaluation's grids) into ``folder``, atomically."""
+    from braindecode_fw.demo.publish import publish_folder
+
+    def write(tmp: Path) -> None:
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        pipe.to(torch.float32)
+        (tmp / "training.json").write_text(json.dumps(record, indent=2))
+        (tmp / "MODEL_CARD.md").write_text(model_card(record))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+
+    return publish_folder(folder, write)
+
+
+def model_card(record: dict[str, Any]) -> str:
+    cfg = record["config"]
+    m = record.get("metrics", {})
+    lines = [
+        "# Tiny generator for the synthetic world", "",
+        "A Stable unCLIP pipeline (`StableUnCLIPImg2ImgPipeline`: `AutoencoderKL` + class-conditioned "
+        "`UNet2DConditionModel`, DDIM) trained on procedural synthetic-world scenes by `bdf-prepare "
+        "demo_models=retrain` (`braindecode_fw/demo/tiny_generator.py`), conditioned on the tiny CLIP's "
+        "unit-norm image embedding (`../tiny_clip`). It is the default `generator=tiny` of the synthetic "
+        "world and loads through the same `load_pipeline` as `stabilityai/stable-diffusion-2-1-unclip`.", "",
+        "## Training",
+        f"- data: {record['n_train_scenes']:,} rendered scenes (seed {cfg['seed']}, 1–{cfg['max_objects']} objects, "
+        f"{cfg['image_size']} px), their tiny-CLIP embeddings",
+        f"- VAE: {record['n_parameters']['vae'] / 1e6:.2f} M parameters, 64 px -> 4×16×16, {cfg['vae_steps']} steps of "
+        f"batch {cfg['vae_batch_size']}, MSE + {cfg['vae_kl_weight']}·KL, scaling factor "
+        f"{record['vae_scaling_factor']:.4f}; final MSE {record['vae_curve'][-1]['mse']:.4f} (images in [-1, 1])",
+        f"- UNet: {record['n_parameters']['unet'] / 1e6:.2f} M parameters, channels {list(cfg['unet_channels'])}, "
+        f"v-prediction, {cfg['unet_steps']} steps of batch {cfg['unet_batch_size']}, AdamW {cfg['unet_lr']}, EMA "
+        f"{cfg['ema_decay']}, label dropout {cfg['condition_dropout']}, embedding noise augmentation up to level "
+        f"{cfg['max_noise_level']}; final loss {record['unet_curve'][-1]['loss']:.4f}",
+        f"- {record['train_seconds']:.0f} s on {record['torch_threads']} CPU threads "
+        f"(VAE {record['vae_seconds']:.0f} s of it)", "",
+    ]
+    if m:
+        lines += [
+            f"## Held-out evaluation ({m['n_heldout']} unseen scenes; {m['sample_steps']} DDIM steps, guidance "
+            f"{m['guidance_scale']}, noise level 0)", "",
+            "| measure | samples | ground-truth images | chance |", "|---|---|---|---|",
+            f"| two-way identification (tiny CLIP) | {m['two_way_clip']:.3f} | 1.000 | 0.500 |",
+            f"| category match (classifier; one-object scenes) | {m['category_accuracy']:.3f} | "
+            f"{m['category_accuracy_real']:.3f} | {m['category_chance']:.3f} |",
+            f"| colour match (classifier; one-object scenes) | {m['colour_accuracy']:.3f} | "
+            f"{m['colour_accuracy_real']:.3f} | {m['colour_chance']:.3f} |",
+            f"| predicted category among the scene's (all scenes) | {m['category_in_scene']:.3f} | "
+            f"{m['category_in_scene_real']:.3f} | — |",
+            f"| VAE round-trip PixCorr | — | {m['vae_pixcorr']:.3f} | — |", "",
+            f"The classifier is a small CNN trained on {m['classifier_train_scenes']:,} other rendered scenes "
+            f"(`braindecode_fw/demo/scene_classifier.py`); the ground-truth column is its accuracy on the "
+            "held-out images themselves.", "",
+            "Grids: `samples_conditional.png` (ground truth | sample from its embedding), "
+            "`samples_unconditional.png` (zero label).",
+        ]
+    return "\n".join(lines) + "\n"

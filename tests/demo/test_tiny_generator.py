@@ -1,0 +1,104 @@
+"""The tiny generator: its unCLIP label equals the pipeline's, a few training steps of each stage,
+the saved folder loads through the generators' one loader, and the shipped model is what its card
+says and draws the scene it is given."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from braindecode_fw.demo import generator_eval, retrain, tiny_clip, tiny_generator
+from braindecode_fw.demo.corpus import build_corpus
+
+SHIPPED = retrain.package_weights_dir()
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A random tiny CLIP of the shipped architecture at 32 px, saved the shipped way."""
+    from tests.demo.test_corpus_and_clip import _tiny_clip_config
+
+    cfg = _tiny_clip_config(steps=1)
+    model, record = tiny_clip.train(cfg, progress=False)
+    return tiny_clip.save(model, record, tmp_path_factory.mktemp("demo") / "clip")
+
+
+def test_label_with_per_row_levels_equals_the_pipelines():
+    torch.manual_seed(0)
+    embeds = torch.randn(64, 16)
+    pipe = tiny_generator.assemble_pipeline(tiny_generator.build_vae(32), tiny_generator.build_unet(32, (32, 32), 16),
+                                            tiny_generator.build_normalizer(embeds))
+    e, noise = torch.randn(3, 16), torch.randn(3, 16)
+    for level in (0, 50, 299):
+        expected = pipe.noise_image_embeddings(e, level, noise=noise)
+        got = tiny_generator.unclip_class_labels(pipe.image_normalizer, pipe.image_noising_scheduler, e,
+                                                 torch.full((3,), level), noise)
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(pipe.image_normalizer.mean[0], embeds.mean(0))
+    mixed = tiny_generator.unclip_class_labels(pipe.image_normalizer, pipe.image_noising_scheduler, e,
+                                               torch.tensor([0, 50, 299]), noise)
+    torch.testing.assert_close(mixed[1], pipe.noise_image_embeddings(e, 50, noise=noise)[1])
+
+
+def test_generator_trains_saves_and_reconstructs_through_the_loader(tmp_path, clip_folder):
+    torch.set_num_threads(2)
+    cfg = tiny_generator.TinyGeneratorConfig.from_mapping({
+        "image_size": 32, "n_train_scenes": 96, "n_heldout_scenes": 6, "vae_steps": 25, "vae_batch_size": 16,
+        "unet_steps": 4, "unet_batch_size": 8, "unet_channels": [32, 32], "log_every": 5, "sample_steps": 2})
+    pipe, record = tiny_generator.train(cfg, clip_folder)
+    mse = [p["mse"] for p in record["vae_curve"]]
+    assert mse[-1] < mse[0]
+    folder = tiny_generator.save(pipe, record, tmp_path / "gen")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableUnCLIPImg2ImgPipeline" and index["image_encoder"] == [None, None]
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert record["vae_scaling_factor"] == pytest.approx(
+        json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"])
+
+    gen = generator_eval.reconstructor(folder, steps=2, guidance_scale=3.0)
+    emb = torch.randn(3, 32)
+    a = gen.reconstruct({"tiny_clip_image": emb}, [0, 1, 2])["final"]
+    b = gen.reconstruct({"tiny_clip_image": 7.0 * emb}, [0, 1, 2])["final"]
+    assert a.shape == (3, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+    torch.testing.assert_close(a, b)  # condition_norm: only the direction of the prediction matters
+    gen.check({"tiny_clip_image": (32,)})
+    with pytest.raises(ValueError, match=r"needs tiny_clip_image \(32-d\)"):
+        gen.check({"clip_image_tokens": (16, 32)})
+
+    heldout = build_corpus(6, seed=0, stream=5, image_size=32)
+    metrics, grids = generator_eval.evaluate(folder, tiny_clip.load(clip_folder), heldout,
+                                             build_corpus(64, seed=0, stream=6, image_size=32), steps=2, n_grid=4,
+                                             classifier_steps=10)
+    for key in ("two_way_clip", "category_accuracy", "colour_accuracy", "pixcorr", "vae_pixcorr"):
+        assert np.isfinite(metrics[key]), key
+    assert grids["samples_conditional"].shape[2] == 3 and grids["samples_unconditional"].dtype == np.uint8
+
+
+def test_unknown_generator_key_is_named():
+    with pytest.raises(ValueError, match=r"demo_models.generator: unknown key\(s\) \['unet_step'\]"):
+        tiny_generator.TinyGeneratorConfig.from_mapping({"unet_step": 3})
+
+
+def test_shipped_generator_draws_the_scene_it_is_given():
+    """Ground-truth tiny-CLIP embeddings of unseen scenes -> samples the tiny CLIP tells apart
+    (two-way identification) well above chance; the card reports the full evaluation. The shipped
+    generator gets background and colour right more often than chance but not yet the shape
+    (category match at chance, docs/demo_models.md): these bounds hold what it does."""
+    from braindecode_fw.metrics.identification import two_way_identification
+
+    folder = SHIPPED / retrain.GENERATOR_FOLDER
+    card = json.loads((folder / "training.json").read_text())
+    m = card["metrics"]
+    assert m["two_way_clip"] > 0.8 and m["colour_accuracy"] > 2 * m["colour_chance"]
+    assert m["vae_pixcorr"] > 0.9 and m["category_accuracy_real"] > 0.8  # the VAE and the judge work
+    assert (folder / "samples_conditional.png").is_file() and (folder / "samples_unconditional.png").is_file()
+    clip = tiny_clip.load(SHIPPED / retrain.CLIP_FOLDER)
+    scenes = build_corpus(24, seed=0, stream=7, image_size=64)
+    emb = tiny_clip.encode_images(clip, scenes.images)
+    gen = generator_eval.reconstructor(folder, steps=10, guidance_scale=3.0)
+    samples = gen.reconstruct({"tiny_clip_image": emb}, list(range(24)))["final"]
+    two_way = two_way_identification(emb, tiny_clip.encode_images(clip, generator_eval.to_uint8(samples)))
+    assert float(two_way.mean()) > 0.75
