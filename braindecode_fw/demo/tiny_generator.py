@@ -57,11 +57,13 @@ class TinyGeneratorConfig:
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 1400
+    unet_steps: int = 2000
     unet_batch_size: int = 64
-    unet_lr: float = 5e-4
+    unet_lr: float = 1e-3
     unet_channels: tuple[int, ...] = (64, 128)
     condition_dropout: float = 0.1
+    snr_gamma: float | None = 5.0   # Min-SNR-γ loss weighting (Hang et al. 2023); null = plain MSE
+    reuse_vae: bool = False         # keep the VAE of the generator already in the output folder
     max_noise_level: int = 300      # training embeddings are noise-augmented to levels in [0, this]
     ema_decay: float = 0.999
     sample_steps: int = 20
@@ -179,7 +181,7 @@ def train_unet(cfg: TinyGeneratorConfig, latents: torch.Tensor, embeds: torch.Te
     """Stage 2: the class-conditioned UNet (v-prediction, EMA). ``latents`` ``(n, 4, 16, 16)``
     scaled; ``embeds`` ``(n, d)`` unit-norm tiny-CLIP image embeddings. Returns (EMA UNet, curve)."""
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
+    from diffusers.training_utils import EMAModel, compute_snr
 
     torch.manual_seed(cfg.seed + 1)
     unet = build_unet(cfg.image_size, cfg.unet_channels, embeds.shape[1])
@@ -209,7 +211,12 @@ def train_unet(cfg: TinyGeneratorConfig, latents: torch.Tensor, embeds: torch.Te
             labels[torch.rand(n, generator=gen) < cfg.condition_dropout] = 0  # the unconditional label
         context = torch.zeros(n, 1, emb.shape[1])
         pred = unet(xt, t, encoder_hidden_states=context, class_labels=labels).sample
-        loss = F.mse_loss(pred, target)
+        if cfg.snr_gamma is None:
+            loss = F.mse_loss(pred, target)
+        else:  # Min-SNR-γ for v-prediction: min(SNR, γ) / (SNR + 1) per sample
+            snr = compute_snr(train_sched, t)
+            weights = torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1)
+            loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -233,9 +240,24 @@ def assemble_pipeline(vae, unet, normalizer):
         text_encoder=None, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_KWARGS), vae=vae)
 
 
-def train(cfg: TinyGeneratorConfig, clip_folder: str | Path) -> tuple[Any, dict[str, Any]]:
+def load_vae(folder: str | Path) -> tuple[Any, list[dict], float]:
+    """A trained VAE from a saved generator folder (``reuse_vae``): (vae, its loss curve, seconds)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    if not (folder / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"demo_models.generator.reuse_vae: no saved generator with a VAE in {folder}; "
+                                f"train one first (reuse_vae: false)")
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
+    record = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
+    return vae, record.get("vae_curve", []), float(record.get("vae_seconds", 0.0))
+
+
+def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | Path | None = None
+          ) -> tuple[Any, dict[str, Any]]:
     """Train VAE and UNet on ``cfg.n_train_scenes`` scenes conditioned on the tiny CLIP from
-    ``clip_folder``. Returns (pipeline, record)."""
+    ``clip_folder`` (``vae_from``: reuse the VAE of that saved generator instead). Returns
+    (pipeline, record)."""
     from braindecode_fw.demo import tiny_clip
 
     start = time.perf_counter()
@@ -244,8 +266,11 @@ def train(cfg: TinyGeneratorConfig, clip_folder: str | Path) -> tuple[Any, dict[
     rng = np.random.default_rng([cfg.seed, 11])
     clip = tiny_clip.load(clip_folder)
     embeds = tiny_clip.encode_images(clip, corpus.images)
-    vae, vae_curve = train_vae(cfg, corpus.images, rng)
-    vae_seconds = time.perf_counter() - start
+    if vae_from is not None:
+        vae, vae_curve, vae_seconds = load_vae(vae_from)
+    else:
+        vae, vae_curve = train_vae(cfg, corpus.images, rng)
+        vae_seconds = time.perf_counter() - start
     latents = encode_latents(vae, corpus.images)
     normalizer = build_normalizer(embeds)
     unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng)
@@ -256,7 +281,7 @@ def train(cfg: TinyGeneratorConfig, clip_folder: str | Path) -> tuple[Any, dict[
               "vae_scaling_factor": vae.config.scaling_factor,
               "n_parameters": {"vae": sum(p.numel() for p in vae.parameters()),
                                "unet": sum(p.numel() for p in unet.parameters())},
-              "clip": str(clip_folder)}
+              "clip": str(clip_folder), "vae_from": None if vae_from is None else str(vae_from)}
     return pipe, record
 
 
@@ -284,6 +309,9 @@ def save(pipe, record: dict[str, Any], folder: str | Path, *, extra_files: dict[
 def model_card(record: dict[str, Any]) -> str:
     cfg = record["config"]
     m = record.get("metrics", {})
+    gamma = cfg.get("snr_gamma")
+    weighting = "v-prediction" + ("" if gamma is None else f" with Min-SNR-γ {gamma} weighting")
+    vae_note = f" (reused from {record['vae_from']})" if record.get("vae_from") else ""
     lines = [
         "# Tiny generator for the synthetic world", "",
         "A Stable unCLIP pipeline (`StableUnCLIPImg2ImgPipeline`: `AutoencoderKL` + class-conditioned "
@@ -296,13 +324,14 @@ def model_card(record: dict[str, Any]) -> str:
         f"{cfg['image_size']} px), their tiny-CLIP embeddings",
         f"- VAE: {record['n_parameters']['vae'] / 1e6:.2f} M parameters, 64 px -> 4×16×16, {cfg['vae_steps']} steps of "
         f"batch {cfg['vae_batch_size']}, MSE + {cfg['vae_kl_weight']}·KL, scaling factor "
-        f"{record['vae_scaling_factor']:.4f}; final MSE {record['vae_curve'][-1]['mse']:.4f} (images in [-1, 1])",
+        f"{record['vae_scaling_factor']:.4f}; final MSE {record['vae_curve'][-1]['mse']:.4f} (images in [-1, 1]){vae_note}",
         f"- UNet: {record['n_parameters']['unet'] / 1e6:.2f} M parameters, channels {list(cfg['unet_channels'])}, "
-        f"v-prediction, {cfg['unet_steps']} steps of batch {cfg['unet_batch_size']}, AdamW {cfg['unet_lr']}, EMA "
+        f"{weighting}, {cfg['unet_steps']} steps of batch {cfg['unet_batch_size']}, AdamW {cfg['unet_lr']}, EMA "
         f"{cfg['ema_decay']}, label dropout {cfg['condition_dropout']}, embedding noise augmentation up to level "
         f"{cfg['max_noise_level']}; final loss {record['unet_curve'][-1]['loss']:.4f}",
         f"- {record['train_seconds']:.0f} s on {record['torch_threads']} CPU threads "
-        f"(VAE {record['vae_seconds']:.0f} s of it)", "",
+        + (f"(the reused VAE took {record['vae_seconds']:.0f} s before)" if record.get("vae_from")
+           else f"(VAE {record['vae_seconds']:.0f} s of it)"), "",
     ]
     if m:
         lines += [

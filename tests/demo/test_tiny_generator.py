@@ -68,6 +68,14 @@ def test_generator_trains_saves_and_reconstructs_through_the_loader(tmp_path, cl
     with pytest.raises(ValueError, match=r"needs tiny_clip_image \(32-d\)"):
         gen.check({"clip_image_tokens": (16, 32)})
 
+    # UNet-only retraining keeps the saved VAE (reuse_vae)
+    again, again_record = tiny_generator.train(cfg, clip_folder, vae_from=folder)
+    assert again_record["vae_from"] == str(folder) and again_record["vae_curve"] == record["vae_curve"]
+    for (k, a), (_, b) in zip(pipe.vae.state_dict().items(), again.vae.state_dict().items(), strict=True):
+        torch.testing.assert_close(a.half().float(), b, msg=k)  # saved in float16
+    with pytest.raises(FileNotFoundError, match="reuse_vae: no saved generator with a VAE in"):
+        tiny_generator.load_vae(tmp_path)
+
     heldout = build_corpus(6, seed=0, stream=5, image_size=32)
     metrics, grids = generator_eval.evaluate(folder, tiny_clip.load(clip_folder), heldout,
                                              build_corpus(64, seed=0, stream=6, image_size=32), steps=2, n_grid=4,
