@@ -281,7 +281,8 @@ def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | 
               "vae_scaling_factor": vae.config.scaling_factor,
               "n_parameters": {"vae": sum(p.numel() for p in vae.parameters()),
                                "unet": sum(p.numel() for p in unet.parameters())},
-              "clip": str(clip_folder), "vae_from": None if vae_from is None else str(vae_from)}
+              # folder names, not machine paths: the record ships with the model
+              "clip": Path(clip_folder).name, "vae_from": None if vae_from is None else Path(vae_from).name}
     return pipe, record
 
 

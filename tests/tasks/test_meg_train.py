@@ -69,7 +69,7 @@ def test_meg_synthetic_train_evaluate_reconstruct(tmp_path):
         assert again[s]["brain_to_image_top1"] == rows[s]["brain_to_image_top1"]
         assert again[s]["brain_to_image_top5"] == rows[s]["brain_to_image_top5"]
 
-    generator = [o for o in TINY_MEG if o.startswith("generator.")]
+    generator = [o for o in TINY_MEG if o.startswith(("generator.", "generator="))]
     rec = _run("bdf-reconstruct", [f"ckpt={ckpt}", "limit=3", "subjects=[sub01]", f"out={tmp_path}/recons",
                                    *generator], tmp_path)
     assert rec.returncode == 0, rec.stderr[-4000:]

@@ -27,7 +27,7 @@ def test_reconstruct_resume_and_evaluate(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "12 new images, 12 in total" in first.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == "bdf-reconstructions" and manifest["generator"]["name"] == "tiny"
+    assert manifest["format"] == "bdf-reconstructions" and manifest["generator"]["name"] == "tiny_random"
     items = manifest["items"]
     assert {(i["subject"], i["sample"]) for i in items} == {("subj02", 0), ("subj02", 1)}
     for i in items:
@@ -54,7 +54,7 @@ def test_reconstruct_resume_and_evaluate(tmp_path):
     _assert_one_line_error(bad, "is not a diffusers pipeline folder")
     mismatch = _run("bdf-reconstruct", [f"ckpt={ckpt}", *TINY_GENERATOR, "generator.build_tiny.cross_attention_dim=48",
                                         f"generator.model={tmp_path}/tiny48"], tmp_path)
-    _assert_one_line_error(mismatch, "generator tiny needs clip_image_tokens (*×48); decoder provides "
+    _assert_one_line_error(mismatch, "generator tiny_random needs clip_image_tokens (*×48); decoder provides "
                                      "clip_image_tokens 16×32")
     assert Path(tmp_path / "tiny48" / "model_index.json").exists()
 
