@@ -10,10 +10,8 @@ in ``braindecode_fw/demo/weights`` (``paths.demo_models``); point ``paths.demo_m
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 
 from braindecode_fw.demo import generator_eval, tiny_clip, tiny_generator
 from braindecode_fw.demo.corpus import build_corpus
+from braindecode_fw.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +32,6 @@ CLASSIFIER_STREAM = 3_000_003
 def package_weights_dir() -> Path:
     """The shipped demo models: ``braindecode_fw/demo/weights``."""
     return Path(__file__).resolve().parent / "weights"
-
-
-def _png(image) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def retrain(demo_cfg: dict[str, Any], world: dict[str, Any]) -> dict[str, Any]:
@@ -84,15 +73,11 @@ def retrain(demo_cfg: dict[str, Any], world: dict[str, Any]) -> dict[str, Any]:
         record["metrics"] = metrics
         record["eval_seconds"] = round(time.perf_counter() - start, 1)
         folder = tiny_generator.save(pipe, record, folder,
-                                     extra_files={f"{k}.png": _png(v) for k, v in grids.items()})
+                                     grids=grids)
         summary["stages"]["generator"] = {"folder": str(folder), "seconds": record["train_seconds"],
                                           "metrics": metrics}
-    (out / "demo_models.json").write_text(json.dumps({"scene": scene, "config": _jsonable(demo_cfg)}, indent=2))
+    atomic_write_json(out / "demo_models.json", {"scene": scene, "config": demo_cfg})
     return summary
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
 
 
 def describe(summary: dict[str, Any]) -> str:

@@ -291,18 +291,19 @@ def heldout_corpus(cfg: TinyGeneratorConfig):
                         max_objects=cfg.max_objects)
 
 
-def save(pipe, record: dict[str, Any], folder: str | Path, *, extra_files: dict[str, bytes] | None = None) -> Path:
+def save(pipe, record: dict[str, Any], folder: str | Path, *, grids: dict[str, np.ndarray] | None = None) -> Path:
     """``save_pretrained`` (float16 safetensors) + ``training.json`` + ``MODEL_CARD.md`` (+ the
-    evaluation's grids) into ``folder``, atomically."""
+    evaluation's grids as ``<name>.png``) into ``folder``, atomically."""
     from braindecode_fw.demo.publish import publish_folder
+    from braindecode_fw.viz.grids import save_png
 
     def write(tmp: Path) -> None:
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         pipe.to(torch.float32)
         (tmp / "training.json").write_text(json.dumps(record, indent=2))
         (tmp / "MODEL_CARD.md").write_text(model_card(record))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
+        for name, image in (grids or {}).items():
+            save_png(image, tmp / f"{name}.png")
 
     return publish_folder(folder, write)
 
