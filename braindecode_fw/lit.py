@@ -139,6 +139,11 @@ class DecoderModule(L.LightningModule):
         if getattr(self.scheduler_factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR:
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # epoch-wise on a validation metric (Brain-IT's WarmupPlateau; braindecode_fw/schedules.py)
+            monitor = getattr(scheduler, "monitor", "val/loss")
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch",
+                                                             "monitor": monitor}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -153,3 +153,60 @@ def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Element-mean squared error between the L2-normalised flattened vectors (MindBridge's MSE term,
     weighted 1e4 because each element is ~1/D)."""
     return F.mse_loss(_flat_normalised(pred), _flat_normalised(target))
+
+
+def sample_scale_tokens(scale_sizes: list[int], per_scale: list[int], generator: torch.Generator | None = None,
+                        *, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brain-IT's token sampling for the multi-scale InfoNCE (methods.md §5.3, "Low-level (VGG)").
+
+    ``scale_sizes[i]`` tokens of scale ``i`` sit consecutively in the concatenated token axis
+    (:func:`braindecode_fw.targets.multiscale.scale_sizes`); ``per_scale[i]`` of them are drawn
+    without replacement (Brain-IT: ``[512, 512, 128, 64, 16]``). Returns ``(indices, scale_of_token)``:
+    ``indices`` long ``(S,)`` into the token axis (``S = sum(per_scale)``), grouped by scale, or
+    ``(batch, S)`` with an independent draw per row when ``batch`` is given; ``scale_of_token`` long
+    ``(S,)``, the scale of each column (the same for every row).
+    """
+    if len(scale_sizes) != len(per_scale):
+        raise ValueError(f"loss.per_scale: one count per scale ({len(scale_sizes)} scales), got {list(per_scale)}")
+    too_many = [(i, k, n) for i, (k, n) in enumerate(zip(per_scale, scale_sizes, strict=True)) if not 0 < k <= n]
+    if too_many:
+        i, k, n = too_many[0]
+        raise ValueError(f"loss.per_scale: scale {i} has {n} tokens, cannot sample {k} without replacement "
+                         f"(per_scale {list(per_scale)}, scale sizes {list(scale_sizes)})")
+    offsets = [sum(scale_sizes[:i]) for i in range(len(scale_sizes))]
+
+    def draw() -> torch.Tensor:
+        return torch.cat([torch.randperm(n, generator=generator)[:k] + o
+                          for n, k, o in zip(scale_sizes, per_scale, offsets, strict=True)])
+
+    indices = draw() if batch is None else torch.stack([draw() for _ in range(batch)])
+    scale_of_token = torch.repeat_interleave(torch.arange(len(per_scale)), torch.tensor(list(per_scale)))
+    return indices, scale_of_token
+
+
+def multiscale_infonce(pred: torch.Tensor, target: torch.Tensor, scale_of_token: torch.Tensor) -> torch.Tensor:
+    """Brain-IT's multi-scale InfoNCE (methods.md §5.3, "Low-level (VGG)").
+
+    ``pred``, ``target``: ``(B, S, D)`` predicted and true tokens at the sampled positions;
+    ``scale_of_token``: ``(S,)`` scale of each position (:func:`sample_scale_tokens`). Per scale the
+    ``B × S_i`` tokens are rows, ``logits = pred · targetᵀ`` (logit scale 1, **no** normalisation:
+    the token norms act as the temperature), the loss is the symmetric cross-entropy with the
+    diagonal as labels, ``(CE(rows) + CE(columns)) / 2``; the scales are averaged. Memory: a
+    ``(B·S_i)²`` logit matrix per scale (32768² at batch 64 and 512 tokens).
+    """
+    if pred.shape != target.shape or pred.ndim != 3:
+        raise ValueError(f"multiscale_infonce: pred and target must both be (B, S, D), got {tuple(pred.shape)} "
+                         f"and {tuple(target.shape)}")
+    if scale_of_token.shape != (pred.shape[1],):
+        raise ValueError(f"multiscale_infonce: scale_of_token must be ({pred.shape[1]},), one scale per sampled "
+                         f"token, got {tuple(scale_of_token.shape)}")
+    scale_of_token = scale_of_token.to(pred.device)
+    losses = []
+    for s in torch.unique(scale_of_token):
+        keep = scale_of_token == s
+        p = pred[:, keep].reshape(-1, pred.shape[-1]).float()
+        t = target[:, keep].reshape(-1, target.shape[-1]).float()
+        logits = p @ t.T
+        labels = torch.arange(len(p), device=p.device)
+        losses.append((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
+    return torch.stack(losses).mean()

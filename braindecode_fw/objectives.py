@@ -9,7 +9,9 @@ branches on the method; a method is a model config plus an objective config.
   contrastive terms (BiMixCo during the first ``mixco.until`` of training, SoftCLIP afterwards, with
   a fixed or cosine-scheduled temperature), token-level soft distillation (``token_contrast``:
   every token a row, the term's own τ), regression terms (normalised MSE, MSE, L1) and the
-  decoder's auxiliary losses (``outputs["loss/<name>"]``: cycle, brain reconstruction, prior).
+  decoder's auxiliary losses (``outputs["loss/<name>"]``: cycle, brain reconstruction, prior), and
+  Brain-IT's multi-scale InfoNCE over the query subset a decoder sampled (``multiscale_infonce``:
+  the decoder gives ``<output>/index`` and ``<output>/scale`` next to ``<output>``).
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ from braindecode_fw.losses import (
     mixco_inputs,
     mixco_permutation,
     mixco_soft_labels,
+    multiscale_infonce,
     normalized_mse,
     soft_clip_loss,
     soft_token_contrast,
 )
 from braindecode_fw.ops.distributed import gather_block_diagonal, gather_rows
 
-KINDS = ("contrastive", "token_contrast", "normalized_mse", "mse", "l1", "aux")
-REGRESSION_KINDS = ("token_contrast", "normalized_mse", "mse", "l1")
+KINDS = ("contrastive", "token_contrast", "normalized_mse", "mse", "l1", "multiscale_infonce", "aux")
+REGRESSION_KINDS = ("token_contrast", "normalized_mse", "mse", "l1", "multiscale_infonce")
 AUX_PREFIX = "loss/"
 
 
@@ -207,6 +210,9 @@ class TermsObjective(Objective):
                     raise KeyError(f"loss.terms.{name}: no target {t.target!r} in the batch; the run trains "
                                    f"{sorted(targets)} (add it under extra_targets)")
                 pred, y = out[t.output].float(), targets[t.target].float()
+                if t.kind == "multiscale_infonce":
+                    # the decoder predicted only the queries it sampled: take the same target tokens
+                    y = y[:, self._sampled(out, t.output, name, "index").to(y.device)]
                 if t.output_index is not None:
                     pred = pred[:, t.output_index]
                 if t.target_index is not None:
@@ -221,6 +227,9 @@ class TermsObjective(Objective):
                     value = soft_token_contrast(pred, y, t.temperature)
                 elif t.kind == "normalized_mse":
                     value = normalized_mse(pred, y)
+                elif t.kind == "multiscale_infonce":
+                    # negatives stay per rank: a (B·S_i)² logit matrix per scale is large already
+                    value = multiscale_infonce(pred, y, self._sampled(out, t.output, name, "scale"))
                 elif t.kind == "mse":
                     value = F.mse_loss(pred, y)
                 else:
@@ -229,6 +238,15 @@ class TermsObjective(Objective):
             total = total + scales.get(name, 1.0) * t.weight_at(soft_labels is not None) * value
         parts["temperature"] = torch.tensor(tau if soft_labels is None else self.mixco.get("temperature", 0.006))
         return total, parts, out
+
+    @staticmethod
+    def _sampled(out: Mapping[str, torch.Tensor], output: str, term: str, what: str) -> torch.Tensor:
+        key = f"{output}/{what}"
+        if key not in out:
+            raise KeyError(f"loss.terms.{term}: a multiscale_infonce term needs the decoder's sampled queries "
+                           f"{output + '/index'!r} and {output + '/scale'!r} (model=brainit with token_sampling "
+                           f"on the branch of {output!r})")
+        return out[key]
 
 
 class ClipMSEObjective(Objective):

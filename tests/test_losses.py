@@ -153,3 +153,57 @@ def test_normalized_mse_matches_manual():
     t = target.reshape(3, -1) / target.reshape(3, -1).norm(dim=1, keepdim=True)
     assert torch.allclose(normalized_mse(pred, target), ((p - t) ** 2).mean())
     assert float(normalized_mse(pred, 3 * pred)) == pytest.approx(0.0, abs=1e-7)  # scale-free
+
+
+def test_sample_scale_tokens_per_scale_without_replacement():
+    from braindecode_fw.losses import sample_scale_tokens
+
+    sizes, per = [1024, 961, 256, 64, 16], [512, 512, 128, 64, 16]  # Brain-IT's counts at 64 px
+    idx, scale = sample_scale_tokens(sizes, per, torch.Generator().manual_seed(0))
+    assert idx.shape == scale.shape == (1232,) and idx.dtype == scale.dtype == torch.long
+    bounds = np.cumsum([0, *sizes])
+    for s in range(5):
+        mine = idx[scale == s].numpy()
+        assert len(mine) == per[s] and len(set(mine.tolist())) == per[s]  # without replacement
+        assert mine.min() >= bounds[s] and mine.max() < bounds[s + 1]
+    assert sorted(idx[scale == 4].tolist()) == list(range(bounds[4], bounds[5]))  # all 16 of the last scale
+    again, _ = sample_scale_tokens(sizes, per, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, again)
+    rows, scale_b = sample_scale_tokens(sizes, per, torch.Generator().manual_seed(0), batch=3)
+    assert rows.shape == (3, 1232) and torch.equal(scale_b, scale) and not torch.equal(rows[0], rows[1])
+    with pytest.raises(ValueError, match=r"loss.per_scale: scale 2 has 256 tokens, cannot sample 300"):
+        sample_scale_tokens(sizes, [512, 512, 300, 64, 16])
+    with pytest.raises(ValueError, match=r"loss.per_scale: one count per scale \(5 scales\)"):
+        sample_scale_tokens(sizes, [512, 512])
+
+
+def _ce_rows_numpy(logits):
+    m = logits.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
+    return float(np.mean(lse - np.diag(logits)))
+
+
+def test_multiscale_infonce_matches_loops_and_prefers_the_match():
+    from braindecode_fw.losses import multiscale_infonce
+
+    g = torch.Generator().manual_seed(5)
+    scale = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred, target = torch.randn(4, 6, 8, generator=g), torch.randn(4, 6, 8, generator=g)
+    # hand computation: rows are (image, token) pairs of one scale, raw dot products, both directions
+    p, t = pred.double().numpy(), target.double().numpy()
+    per_scale = []
+    for s in range(3):
+        cols = [j for j in range(6) if int(scale[j]) == s]
+        rows_p = np.array([p[b, j] for b in range(4) for j in cols])
+        rows_t = np.array([t[b, j] for b in range(4) for j in cols])
+        logits = np.array([[rows_p[i] @ rows_t[k] for k in range(len(rows_t))] for i in range(len(rows_p))])
+        per_scale.append((_ce_rows_numpy(logits) + _ce_rows_numpy(logits.T)) / 2)
+    assert float(multiscale_infonce(pred, target, scale)) == pytest.approx(np.mean(per_scale), rel=1e-5)
+    # no normalisation: scaling the prediction changes the loss
+    assert float(multiscale_infonce(3 * pred, target, scale)) != pytest.approx(float(multiscale_infonce(pred, target, scale)))
+    # a perfect prediction beats the same tokens shuffled
+    target = torch.randn(8, 6, 16, generator=g)
+    shuffled = target.reshape(48, 16)[torch.randperm(48, generator=g)].reshape(8, 6, 16)
+    assert float(multiscale_infonce(target, target, scale)) < 0.5 * float(multiscale_infonce(shuffled, target, scale))
+    with pytest.raises(ValueError, match=r"scale_of_token must be \(6,\)"):
+        multiscale_infonce(pred, pred, scale[:5])

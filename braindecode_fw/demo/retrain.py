@@ -60,8 +60,9 @@ def retrain(demo_cfg: dict[str, Any], world: dict[str, Any]) -> dict[str, Any]:
             raise FileNotFoundError(f"demo_models.stages: the generator stage needs a tiny CLIP in {clip_folder}; "
                                     f"run the clip stage first (demo_models.stages=[clip,generator])")
         cfg = tiny_generator.TinyGeneratorConfig.from_mapping({**dict(demo_cfg.get("generator") or {}), **scene})
-        pipe, record = tiny_generator.train(cfg, clip_folder,
-                                            vae_from=out / GENERATOR_FOLDER if cfg.reuse_vae else None)
+        previous = out / GENERATOR_FOLDER
+        pipe, record = tiny_generator.train(cfg, clip_folder, vae_from=previous if cfg.reuse_vae else None,
+                                            unet_from=previous if cfg.resume_unet else None)
         folder = tiny_generator.save(pipe, record, out / GENERATOR_FOLDER)
         start = time.perf_counter()
         classifier_corpus = build_corpus(int(demo_cfg.get("classifier_scenes", 20000)), seed=cfg.seed,

@@ -64,6 +64,7 @@ class TinyGeneratorConfig:
     condition_dropout: float = 0.1
     snr_gamma: float | None = 5.0   # Min-SNR-γ loss weighting (Hang et al. 2023); null = plain MSE
     reuse_vae: bool = False         # keep the VAE of the generator already in the output folder
+    resume_unet: bool = False       # continue that generator's UNet for unet_steps more (needs reuse_vae)
     max_noise_level: int = 300      # training embeddings are noise-augmented to levels in [0, this]
     ema_decay: float = 0.999
     sample_steps: int = 20
@@ -76,7 +77,11 @@ class TinyGeneratorConfig:
         values = dict(values)
         if "unet_channels" in values:
             values["unet_channels"] = tuple(values["unet_channels"])
-        return cls(**values)
+        cfg = cls(**values)
+        if cfg.resume_unet and not cfg.reuse_vae:
+            raise ValueError("demo_models.generator.resume_unet: true needs reuse_vae: true (the saved UNet "
+                             "denoises that VAE's latents)")
+        return cfg
 
 
 def build_vae(image_size: int = 64):
@@ -177,20 +182,24 @@ def build_normalizer(embeds: torch.Tensor):
 
 
 def train_unet(cfg: TinyGeneratorConfig, latents: torch.Tensor, embeds: torch.Tensor, normalizer,
-               rng: np.random.Generator) -> tuple[Any, list[dict]]:
+               rng: np.random.Generator, *, unet=None, first_step: int = 0) -> tuple[Any, list[dict]]:
     """Stage 2: the class-conditioned UNet (v-prediction, EMA). ``latents`` ``(n, 4, 16, 16)``
-    scaled; ``embeds`` ``(n, d)`` unit-norm tiny-CLIP image embeddings. Returns (EMA UNet, curve)."""
+    scaled; ``embeds`` ``(n, d)`` unit-norm tiny-CLIP image embeddings; ``unet``: continue this
+    one (``resume_unet``; its curve's steps then count on from ``first_step``) instead of a new
+    one. Returns (EMA UNet, curve)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
-    torch.manual_seed(cfg.seed + 1)
-    unet = build_unet(cfg.image_size, cfg.unet_channels, embeds.shape[1])
+    torch.manual_seed(cfg.seed + 1 + first_step)
+    if unet is None:
+        unet = build_unet(cfg.image_size, cfg.unet_channels, embeds.shape[1])
+    unet.requires_grad_(True)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     train_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("set_alpha_to_one",
                                                                                             "steps_offset")})
     noising = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    gen = torch.Generator().manual_seed(cfg.seed + 2 + first_step)  # a resumed run draws new noise
     curve = []
     unet.train()
     for step in range(cfg.unet_steps):
@@ -223,8 +232,9 @@ def train_unet(cfg: TinyGeneratorConfig, latents: torch.Tensor, embeds: torch.Te
         opt.step()
         ema.step(unet.parameters())
         if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
-            curve.append({"step": step, "loss": loss.item()})
-            log.info("tiny generator UNet step %d/%d loss %.4f", step, cfg.unet_steps, loss.item())
+            curve.append({"step": first_step + step, "loss": loss.item()})
+            log.info("tiny generator UNet step %d/%d loss %.4f", first_step + step, first_step + cfg.unet_steps,
+                     loss.item())
     ema.copy_to(unet.parameters())
     return unet.eval().requires_grad_(False), curve
 
@@ -249,15 +259,39 @@ def load_vae(folder: str | Path) -> tuple[Any, list[dict], float]:
         raise FileNotFoundError(f"demo_models.generator.reuse_vae: no saved generator with a VAE in {folder}; "
                                 f"train one first (reuse_vae: false)")
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
-    record = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
+    record = _saved_record(folder)
     return vae, record.get("vae_curve", []), float(record.get("vae_seconds", 0.0))
 
 
-def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | Path | None = None
-          ) -> tuple[Any, dict[str, Any]]:
+def load_unet(folder: str | Path, cfg: TinyGeneratorConfig) -> tuple[Any, dict[str, Any]]:
+    """The UNet of a saved generator folder to continue (``resume_unet``) and that folder's training
+    record. Its architecture must be the configured one: resuming continues a run, it does not
+    convert one."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder)
+    if not (folder / "unet" / "config.json").is_file():
+        raise FileNotFoundError(f"demo_models.generator.resume_unet: no saved generator with a UNet in {folder}; "
+                                f"train one first (resume_unet: false)")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    saved = tuple(unet.config.block_out_channels)
+    if saved != tuple(cfg.unet_channels):
+        raise ValueError(f"demo_models.generator.resume_unet: the UNet in {folder} has channels {list(saved)}, "
+                         f"the config asks for unet_channels {list(cfg.unet_channels)}")
+    return unet, _saved_record(folder)
+
+
+def _saved_record(folder: Path) -> dict[str, Any]:
+    path = folder / "training.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | Path | None = None,
+          unet_from: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
     """Train VAE and UNet on ``cfg.n_train_scenes`` scenes conditioned on the tiny CLIP from
-    ``clip_folder`` (``vae_from``: reuse the VAE of that saved generator instead). Returns
-    (pipeline, record)."""
+    ``clip_folder`` (``vae_from``: reuse the VAE of that saved generator instead; ``unet_from``:
+    continue that saved generator's UNet for ``cfg.unet_steps`` more steps). Returns (pipeline,
+    record); a resumed record keeps the earlier runs' curve and seconds."""
     from braindecode_fw.demo import tiny_clip
 
     start = time.perf_counter()
@@ -273,9 +307,22 @@ def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | 
         vae_seconds = time.perf_counter() - start
     latents = encode_latents(vae, corpus.images)
     normalizer = build_normalizer(embeds)
-    unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng)
+    earlier: dict[str, Any] = {}
+    if unet_from is not None:
+        unet, earlier = load_unet(unet_from, cfg)
+        first_step = int(earlier.get("unet_total_steps", earlier.get("config", {}).get("unet_steps", 0)))
+        unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng, unet=unet, first_step=first_step)
+        unet_curve = list(earlier.get("unet_curve", [])) + unet_curve
+    else:
+        first_step = 0
+        unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng)
     pipe = assemble_pipeline(vae, unet, normalizer)
     record = {"config": asdict(cfg), "train_seconds": round(time.perf_counter() - start, 1),
+              "unet_total_steps": first_step + cfg.unet_steps,
+              "unet_resumed_from_step": first_step if unet_from is not None else None,
+              "earlier_train_seconds": (round(float(earlier.get("train_seconds", 0))
+                                              + float(earlier.get("earlier_train_seconds") or 0), 1)
+                                        if unet_from is not None else None),
               "vae_seconds": round(vae_seconds, 1), "torch_threads": torch.get_num_threads(),
               "n_train_scenes": len(corpus), "vae_curve": vae_curve, "unet_curve": unet_curve,
               "vae_scaling_factor": vae.config.scaling_factor,
@@ -300,12 +347,22 @@ def save(pipe, record: dict[str, Any], folder: str | Path, *, grids: dict[str, n
     def write(tmp: Path) -> None:
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         pipe.to(torch.float32)
+        drop_machine_paths(tmp)
         (tmp / "training.json").write_text(json.dumps(record, indent=2))
         (tmp / "MODEL_CARD.md").write_text(model_card(record))
         for name, image in (grids or {}).items():
             save_png(image, tmp / f"{name}.png")
 
     return publish_folder(folder, write)
+
+
+def drop_machine_paths(folder: Path) -> None:
+    """Remove diffusers' ``_name_or_path`` (the folder a component was loaded from, e.g. when resumed)
+    from the saved component configs: the folder ships with the package and is loaded from elsewhere."""
+    for path in Path(folder).glob("*/config.json"):
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def model_card(record: dict[str, Any]) -> str:
@@ -328,12 +385,14 @@ def model_card(record: dict[str, Any]) -> str:
         f"batch {cfg['vae_batch_size']}, MSE + {cfg['vae_kl_weight']}·KL, scaling factor "
         f"{record['vae_scaling_factor']:.4f}; final MSE {record['vae_curve'][-1]['mse']:.4f} (images in [-1, 1]){vae_note}",
         f"- UNet: {record['n_parameters']['unet'] / 1e6:.2f} M parameters, channels {list(cfg['unet_channels'])}, "
-        f"{weighting}, {cfg['unet_steps']} steps of batch {cfg['unet_batch_size']}, AdamW {cfg['unet_lr']}, EMA "
+        f"{weighting}, {_unet_steps(record)} of batch {cfg['unet_batch_size']}, AdamW {cfg['unet_lr']}, EMA "
         f"{cfg['ema_decay']}, label dropout {cfg['condition_dropout']}, embedding noise augmentation up to level "
         f"{cfg['max_noise_level']}; final loss {record['unet_curve'][-1]['loss']:.4f}",
         f"- {record['train_seconds']:.0f} s on {record['torch_threads']} CPU threads "
         + (f"(the reused VAE took {record['vae_seconds']:.0f} s before)" if record.get("vae_from")
-           else f"(VAE {record['vae_seconds']:.0f} s of it)"), "",
+           else f"(VAE {record['vae_seconds']:.0f} s of it)")
+        + (f"; the earlier UNet steps took {record['earlier_train_seconds']:.0f} s"
+           if record.get("unet_resumed_from_step") else ""), "",
     ]
     if m:
         lines += [
@@ -355,3 +414,11 @@ def model_card(record: dict[str, Any]) -> str:
             "`samples_unconditional.png` (zero label).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _unet_steps(record: dict[str, Any]) -> str:
+    steps = record["config"]["unet_steps"]
+    before = record.get("unet_resumed_from_step")
+    if not before:
+        return f"{steps} steps"
+    return f"{before + steps} steps ({before}, then {steps} resumed with a fresh cosine schedule)"

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("pooled", "tokens")
-DINOV2_OUTPUTS = ("pooled", "mean", "cls_mean", "tokens")
+DINOV2_OUTPUTS = ("pooled", "mean", "cls_mean", "tokens", "layer_tokens")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 _LATER_OPTIONS = ("align_corners", "mindeye2_half_shift")
@@ -250,7 +250,10 @@ class HFDinov2ImageEncoder(ImageEncoder):
     - ``pooled``: the class token = ``pooler_output``, ``(n, hidden)``;
     - ``mean``: mean of the patch tokens, ``(n, hidden)``;
     - ``cls_mean``: ``[pooled, mean]`` concatenated, ``(n, 2*hidden)`` (DINOv2's linear probes);
-    - ``tokens``: ``last_hidden_state``, ``(n, 1 + n_patches, hidden)`` (257 at 224 px, patch 14).
+    - ``tokens``: ``last_hidden_state``, ``(n, 1 + n_patches, hidden)`` (257 at 224 px, patch 14);
+    - ``layer_tokens``: the outputs of the transformer blocks ``layers`` (1-based, before the final
+      layernorm), register tokens dropped, ``(n, len(layers), 1 + n_patches, hidden)``: Brain-IT's
+      universal-encoder input (methods.md §5.2: ViT-L/14-reg blocks [1, 6, 12, 18, 24] -> 5 × 257 × 1024).
 
     Models with register tokens (``dinov2_with_registers``) are accepted too: ``mean`` then
     averages the patch tokens only, and ``tokens`` keeps the registers after the class token.
@@ -269,10 +272,16 @@ class HFDinov2ImageEncoder(ImageEncoder):
         preprocess: Preprocess | dict | None = None,
         batch_size: int = 64,
         device: str = "cpu",
+        layers: list[int] | None = None,
     ):
         super().__init__(feature_name, output, preprocess or dinov2_preprocess(), batch_size, device,
                          outputs=DINOV2_OUTPUTS)
         from transformers import AutoConfig, AutoModel
+
+        self.layers = [int(v) for v in layers] if layers is not None else None
+        if (output == "layer_tokens") != bool(self.layers):
+            raise ValueError("target.layers: give the 1-based block indices (e.g. [1, 6, 12, 18, 24]) with "
+                             f"output: layer_tokens, and only then; got output={output!r}, layers={layers}")
 
         self.model_id = model_id
         self.revision = revision
@@ -285,6 +294,9 @@ class HFDinov2ImageEncoder(ImageEncoder):
             raise ValueError(f"target.model_id {model_id!r} is not a DINOv2 model: its config has "
                              f"model_type={config.model_type!r}, expected one of {self.MODEL_TYPES}")
         self.n_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        if self.layers and not all(1 <= v <= config.num_hidden_layers for v in self.layers):
+            raise ValueError(f"target.layers: {self.layers} must lie in [1, {config.num_hidden_layers}] (the blocks "
+                             f"of {model_id!r})")
         patch = int(config.patch_size)
         if self.preprocess.image_size % patch:
             log.warning("target.preprocess.image_size=%d is not a multiple of the patch size %d: DINOv2 "
@@ -294,11 +306,17 @@ class HFDinov2ImageEncoder(ImageEncoder):
         ).to(device).eval().requires_grad_(False)
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "transformers-dinov2", "model": _weights_fingerprint(self.model_id),
+        blob = {"backend": "transformers-dinov2", "model": _weights_fingerprint(self.model_id),
                 "revision": self.revision}
+        return {**blob, "layers": self.layers} if self.layers else blob
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixels)
+        out = self.model(pixel_values=pixels, output_hidden_states=self.output == "layer_tokens")
+        if self.output == "layer_tokens":
+            # hidden_states[i] is block i's output (0: the embeddings); keep the class token and
+            # the patches, drop the registers between them
+            stacked = torch.stack([out.hidden_states[i] for i in self.layers], dim=1)
+            return torch.cat([stacked[:, :, :1], stacked[:, :, self.n_prefix:]], dim=2)
         tokens = out.last_hidden_state  # already through the final layernorm
         if self.output == "tokens":
             return tokens

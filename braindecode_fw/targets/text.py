@@ -5,7 +5,9 @@
   Diffusion's text context, ``text_projection(last_hidden_state)`` divided by the norm of the
   pooled ``text_embeds``, ``(77, 768)`` (MindBridge's text target); ``"pooled"``: ``text_embeds``.
 - :class:`OpenClipTextEncoder`: an open_clip text tower (tag, local file, or seeded random init with
-  ``model_overrides``: the synthetic world), with the same two outputs.
+  ``model_overrides``: the synthetic world), with the same two outputs and ``"tokens"``: the
+  final-layer token outputs after ``ln_final``, unprojected, ``(context, width)`` (77 × 1024 for
+  ViT-H/14: NeuroPictor's semantic target, methods.md §6.3).
 
 Captions come from the store's ``images/metadata.json``; an image with several captions uses
 ``caption_index`` (MindBridge cycles captions per iteration; a cached target fixes one).
@@ -19,7 +21,7 @@ import torch
 
 from braindecode_fw.targets.encoders import TargetEncoder, _plain, _weights_fingerprint
 
-TEXT_OUTPUTS = ("tokens_vd", "pooled")
+TEXT_OUTPUTS = ("tokens_vd", "pooled", "tokens")
 
 
 def store_captions(store, start: int, stop: int, caption_index: int = 0) -> list[str]:
@@ -78,6 +80,9 @@ class HFClipTextEncoder(_TextEncoder):
     def __init__(self, model_id: str, *, feature_name: str = "clip_text_tokens", output: str = "tokens_vd",
                  revision: str | None = None, local_files_only: bool = False, max_length: int = 77,
                  caption_index: int = 0, batch_size: int = 128, device: str = "cpu"):
+        if output == "tokens":
+            raise ValueError("target.output: 'tokens' (ln_final tokens) is an open_clip text output; the transformers "
+                             "tower gives 'tokens_vd' or 'pooled'")
         super().__init__(feature_name, output, batch_size, device, caption_index)
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -136,6 +141,8 @@ class OpenClipTextEncoder(_TextEncoder):
                              f"smaller than the tokenizer's vocabulary (ids up to {int(ids.max())})")
         x = m.token_embedding(ids) + m.positional_embedding
         x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))  # (n, context, width)
+        if self.output == "tokens":
+            return x
         eot = ids.argmax(dim=-1)  # the end-of-text token has the largest id (CLIP's pooling)
         pooled = x[torch.arange(len(x)), eot] @ m.text_projection
         if self.output == "pooled":

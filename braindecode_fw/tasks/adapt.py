@@ -26,6 +26,7 @@ from braindecode_fw.data.budget import Budget
 from braindecode_fw.data.datamodule import BrainDataModule
 from braindecode_fw.io import atomic_write_json, atomic_write_text
 from braindecode_fw.models.adapters import SubjectLinearAdapter
+from braindecode_fw.models.brainit import BrainITDecoder
 from braindecode_fw.models.decoder import BridgeDecoder, Decoder
 from braindecode_fw.models.ridge import fit_ridge
 from braindecode_fw.tasks.evaluate import load_checkpoint
@@ -42,12 +43,17 @@ log = logging.getLogger(__name__)
 
 TRAINABLE = ("new_subject", "all")
 SOURCES = ("none", "all")
-INITS = (None, "ridge")
+INITS = (None, "ridge", "nearest_voxel")
 
 
 def add_subject(decoder: Decoder, subject: str, n_features: int, init_bias_from: str | None) -> list[str]:
     """Give ``decoder`` fresh subject-specific parts for ``subject``; returns the parameter-name
     prefixes that belong to it."""
+    if isinstance(decoder, BrainITDecoder):  # per-voxel embeddings in every BIT branch (methods.md §5.6)
+        if init_bias_from is not None:
+            raise ValueError("adaptation.init_bias_from: Brain-IT has no adapter bias; use adaptation.init: "
+                             "nearest_voxel (adaptation=brainit_transfer)")
+        return decoder.add_subject(subject, n_features)
     adapter = getattr(decoder, "adapter", None)
     if adapter is None:
         raise ValueError(f"bdf-adapt: {type(decoder).__name__} has no subject adapter to extend (the MEG brain "
@@ -205,6 +211,13 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     init_info = None
     if ad.get("init") == "ridge":
         init_info = ridge_initialise(decoder.eval(), subject, dm, source_dm, train_cfg.target.feature_name, ad.ridge)
+    elif ad.get("init") == "nearest_voxel":
+        if not isinstance(decoder, BrainITDecoder):
+            raise ValueError(f"adaptation.init: nearest_voxel is Brain-IT's transfer (model=brainit); the "
+                             f"checkpoint's decoder is {type(decoder).__name__}")
+        from braindecode_fw.models.brainit_stage0 import transfer_initialise
+
+        init_info = transfer_initialise(decoder, subject, dm, OmegaConf.to_container(ad.nearest_voxel))
     trainable = freeze_except(decoder, prefixes) if ad.trainable == "new_subject" else \
         sum(p.numel() for p in decoder.parameters())
     n_train = dm.trial_counts("train")[subject]

@@ -253,6 +253,11 @@ def _bench_model_case(name: str, case: DictConfig, n_features: dict[str, int], m
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     decoder = instantiate(cfg.model)(n_features=n_features, target_shapes=shapes).to(device)
+    if hasattr(decoder, "has_clusters") and not decoder.has_clusters():
+        # Brain-IT: random voxel clusters stand in for stage 0 (its cost is not part of a decoder step)
+        gen = torch.Generator().manual_seed(0)
+        decoder.set_clusters({s: torch.randint(0, decoder.n_clusters, (n,), generator=gen)
+                              for s, n in n_features.items()})
     module = DecoderModule(decoder, loss=instantiate(cfg.loss), target=next(iter(shapes)),
                            optimizer=instantiate(cfg.optim.optimizer)).to(device).train()
     optimizer = module.configure_optimizers()

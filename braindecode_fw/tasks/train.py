@@ -132,6 +132,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg, store)
     decoder = build_model(cfg, dm.n_features, dm.target_shapes)
     decoder.configure_from_data(dm)
+    if is_rank_zero() and hasattr(decoder, "save_artifacts"):
+        decoder.save_artifacts(run_dir)  # what configure_from_data made, e.g. Brain-IT's stage 0
     resolved = OmegaConf.to_container(cfg, resolve=True)
     previous = run_dir / "config_resolved.yaml"
     if resume_from and previous.is_file():

@@ -38,17 +38,22 @@ def _enc(path, output, **kw):
     return HFDinov2ImageEncoder(path, output=output, local_files_only=True, preprocess=PRE, **kw)
 
 
+def _enc_any(path, output, **kw):
+    return _enc(path, output, **({"layers": [1, 2]} if output == "layer_tokens" else {}), **kw)
+
+
 def test_output_shapes(dinov2_dir):
-    shapes = {o: _enc(dinov2_dir, o).output_shape for o in DINOV2_OUTPUTS}
+    shapes = {o: _enc_any(dinov2_dir, o).output_shape for o in DINOV2_OUTPUTS}
     # facebook/dinov2-giant at 224 px: pooled/mean 1536, cls_mean 3072, tokens 257 x 1536
-    assert shapes == {"pooled": (HIDDEN,), "mean": (HIDDEN,), "cls_mean": (2 * HIDDEN,), "tokens": (5, HIDDEN)}
+    assert shapes == {"pooled": (HIDDEN,), "mean": (HIDDEN,), "cls_mean": (2 * HIDDEN,), "tokens": (5, HIDDEN),
+                      "layer_tokens": (2, 5, HIDDEN)}
 
 
 def test_outputs_match_independent_forward(dinov2_dir):
     from transformers import AutoModel
 
     images = _images()
-    got = {o: _enc(dinov2_dir, o, batch_size=2).encode(images) for o in DINOV2_OUTPUTS}
+    got = {o: _enc_any(dinov2_dir, o, batch_size=2).encode(images) for o in DINOV2_OUTPUTS}
     model = AutoModel.from_pretrained(dinov2_dir, local_files_only=True).eval()
     with torch.no_grad():
         pixels = PRE(images)
@@ -73,7 +78,7 @@ def test_deterministic_and_batch_independent(dinov2_dir):
 
 
 def test_encoder_id_tracks_output_revision_and_preprocess(dinov2_dir):
-    ids = {o: _enc(dinov2_dir, o).encoder_id for o in DINOV2_OUTPUTS}
+    ids = {o: _enc_any(dinov2_dir, o).encoder_id for o in DINOV2_OUTPUTS}
     assert len(set(ids.values())) == len(DINOV2_OUTPUTS)
     assert _enc(dinov2_dir, "pooled").encoder_id == ids["pooled"]  # stable
     other_pre = HFDinov2ImageEncoder(dinov2_dir, output="pooled", local_files_only=True,
@@ -142,3 +147,31 @@ def test_register_tokens_excluded_from_mean(tmp_path):
     tokens = _enc(str(tmp_path / "reg"), "tokens").encode(images)
     assert tokens.shape == (3, 1 + 4 + 4, HIDDEN)  # class + registers + 2x2 patches
     torch.testing.assert_close(_enc(str(tmp_path / "reg"), "mean").encode(images), tokens[:, 5:].mean(dim=1))
+
+
+def test_layer_tokens_are_block_outputs_without_registers(tmp_path):
+    """Brain-IT's universal-encoder input (methods.md §5.2): chosen blocks' outputs, registers dropped."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    cfg = Dinov2WithRegistersConfig(hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=2,
+                                    intermediate_size=37, image_size=28, patch_size=14, num_register_tokens=4)
+    torch.manual_seed(0)
+    model = Dinov2WithRegistersModel(cfg).eval()
+    model.save_pretrained(tmp_path / "reg")
+    images = _images(n=3)
+    got = _enc(str(tmp_path / "reg"), "layer_tokens", layers=[1, 3]).encode(images)
+    assert got.shape == (3, 2, 1 + 4, HIDDEN)  # class + 2x2 patches per layer, the 4 registers gone
+    with torch.no_grad():  # independent: run the blocks one by one
+        x = model.embeddings(PRE(images))
+        outs = []
+        for block in model.encoder.layer:
+            y = block(x)
+            x = y[0] if isinstance(y, tuple) else y
+            outs.append(x)
+    for j, layer in enumerate([1, 3]):
+        want = torch.cat([outs[layer - 1][:, :1], outs[layer - 1][:, 5:]], dim=1)
+        torch.testing.assert_close(got[:, j], want)
+    with pytest.raises(ValueError, match=r"target\.layers: \[1, 4\] must lie in \[1, 3\]"):
+        _enc(str(tmp_path / "reg"), "layer_tokens", layers=[1, 4])
+    with pytest.raises(ValueError, match=r"target\.layers: give the 1-based block indices"):
+        _enc(str(tmp_path / "reg"), "layer_tokens")

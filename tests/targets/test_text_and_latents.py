@@ -79,6 +79,13 @@ def test_open_clip_text_tokens_against_encode_text():
     # VD normalisation: the end-of-text token of the projected sequence has unit norm
     eot = ids.argmax(-1)
     torch.testing.assert_close(out[torch.arange(2), eot].norm(dim=-1), torch.ones(2))
+    # "tokens": the final-layer ln_final outputs, unprojected (NeuroPictor's L_sem target); projected and
+    # pooled at the end-of-text token they give open_clip's embedding
+    tokens = OpenClipTextEncoder("ViT-B-32", None, seed=2, model_overrides=TINY_TEXT, output="tokens").encode_texts(texts)
+    assert tokens.shape == (2, 12, TINY_TEXT["text_cfg"]["width"])
+    torch.testing.assert_close(tokens[torch.arange(2), eot] @ model.text_projection, pooled)
+    with pytest.raises(ValueError, match="'tokens' .* is an open_clip text output"):
+        HFClipTextEncoder("unused", output="tokens")
     small = {**TINY_TEXT, "text_cfg": {**TINY_TEXT["text_cfg"], "vocab_size": 100}}
     with pytest.raises(ValueError, match="text_cfg.vocab_size: 100 is smaller than the tokenizer's vocabulary"):
         OpenClipTextEncoder("ViT-B-32", None, model_overrides=small).encode_texts(texts)

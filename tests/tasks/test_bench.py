@@ -92,13 +92,19 @@ def test_bench_models_section(tmp_path):
             "'model.token_head.attention_dim=8','model.token_head.heads=2','model.token_head.mlp_dim=8',"
             "'model.projector.inner=8','model.prior.network.depth=1','model.prior.network.heads=2',"
             "'model.prior.network.ff_dim=8'],targets:{clip_image_tokens:[5,8],clip_text:[8]}}")
+    bit = ("{model:brainit,loss:brainit,overrides:['model.universal_encoder=null','model.dim=8','model.heads=2',"
+           "'model.depth=1','model.n_clusters=3','model.voxels_per_step=20',"
+           "'model.branches.lowlevel.token_sampling.scale_sizes=[4,3,2,1,1]',"
+           "'model.branches.lowlevel.token_sampling.per_scale=[2,2,1,1,1]'],"
+           "targets:{clip_image_tokens:[5,8],vgg_tokens:[11,8]}}")
     args = [f"output_dir={tmp_path}/docs", "run_worlds=false", "evaluation.enabled=false", "models.enabled=true",
             "models.steps=1", "models.batch_size=4", "~models.n_features", "+models.n_features={a:40,b:30}",
-            f"models.cases.mindeye2_h1024={me2}", f"models.cases.mindbridge={mb}", f"models.cases.sttm={sttm}"]
+            f"models.cases.mindeye2_h1024={me2}", f"models.cases.mindbridge={mb}", f"models.cases.sttm={sttm}",
+            f"models.cases.brainit={bit}"]
     proc = _run("bdf-bench", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["case"]: r for r in json.loads((tmp_path / "docs" / "benchmarks_models_cpu.json").read_text())["result"]["rows"]}
-    assert sorted(rows) == ["mindbridge", "mindeye2_h1024", "sttm"]
+    assert sorted(rows) == ["brainit", "mindbridge", "mindeye2_h1024", "sttm"]
     import functools
 
     from braindecode_fw.models.adapters import PooledSubjectEmbedder, SubjectBuilder
@@ -111,6 +117,7 @@ def test_bench_models_section(tmp_path):
                                encoder=PostNormResidualMLP, head=ProjectionHead,
                                builder=functools.partial(SubjectBuilder, bottleneck=4), hidden=16)
     assert rows["mindbridge"]["params_m"] == round(sum(p.numel() for p in ref.parameters()) / 1e6, 1)
+    assert rows["brainit"]["targets"] == {"clip_image_tokens": [5, 8], "vgg_tokens": [11, 8]}
     for r in rows.values():
         assert r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["batch_size"] == 4
     md = (tmp_path / "docs" / "benchmarks.md").read_text()
