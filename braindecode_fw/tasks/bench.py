@@ -253,11 +253,7 @@ def _bench_model_case(name: str, case: DictConfig, n_features: dict[str, int], m
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     decoder = instantiate(cfg.model)(n_features=n_features, target_shapes=shapes).to(device)
-    if hasattr(decoder, "has_clusters") and not decoder.has_clusters():
-        # Brain-IT: random voxel clusters stand in for stage 0 (its cost is not part of a decoder step)
-        gen = torch.Generator().manual_seed(0)
-        decoder.set_clusters({s: torch.randint(0, decoder.n_clusters, (n,), generator=gen)
-                              for s, n in n_features.items()})
+    _stand_in_data_configuration(decoder, n_features)
     module = DecoderModule(decoder, loss=instantiate(cfg.loss), target=next(iter(shapes)),
                            optimizer=instantiate(cfg.optim.optimizer)).to(device).train()
     optimizer = module.configure_optimizers()
@@ -295,6 +291,23 @@ def _bench_model_case(name: str, case: DictConfig, n_features: dict[str, int], m
             "samples_per_s": round(train_sps, 2), "inference_samples_per_s": round(infer_sps, 2),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None,
             "peak_rss_mb": round(peak_rss_mb())}
+
+
+def _stand_in_data_configuration(decoder, n_features: dict[str, int]) -> None:
+    """What ``configure_from_data`` would take from a store, drawn at random (timing only): Brain-IT's
+    voxel clusters (stage 0), NeuroPictor's voxel positions (an NSD-sized 81 × 104 × 83 volume)."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    if hasattr(decoder, "has_clusters") and not decoder.has_clusters():
+        decoder.set_clusters({s: torch.randint(0, decoder.n_clusters, (n,), generator=gen)
+                              for s, n in n_features.items()})
+    projection = getattr(decoder, "projection", None)
+    if projection is not None and hasattr(projection, "set_coordinates"):
+        rng = np.random.default_rng(0)
+        for s, n in n_features.items():
+            flat = rng.choice(81 * 104 * 83, n, replace=False)
+            projection.set_coordinates(s, np.stack(np.unravel_index(flat, (81, 104, 83)), -1))
 
 
 def bench_models(mc: DictConfig, device: str) -> dict[str, Any]:

@@ -97,14 +97,17 @@ def test_bench_models_section(tmp_path):
            "'model.branches.lowlevel.token_sampling.scale_sizes=[4,3,2,1,1]',"
            "'model.branches.lowlevel.token_sampling.per_scale=[2,2,1,1,1]'],"
            "targets:{clip_image_tokens:[5,8],vgg_tokens:[11,8]}}")
+    npic = ("{model:neuropictor,loss:neuropictor,overrides:['model.diffusion=null','loss.terms.diffusion=null',"
+            "'model.map_size=16','model.patch=4','model.dim=16','model.depth=1','model.heads=2','model.text_tokens=5',"
+            "'model.control_channels=4','model.control_size=4'],targets:{clip_text_tokens:[5,8]}}")
     args = [f"output_dir={tmp_path}/docs", "run_worlds=false", "evaluation.enabled=false", "models.enabled=true",
             "models.steps=1", "models.batch_size=4", "~models.n_features", "+models.n_features={a:40,b:30}",
             f"models.cases.mindeye2_h1024={me2}", f"models.cases.mindbridge={mb}", f"models.cases.sttm={sttm}",
-            f"models.cases.brainit={bit}"]
+            f"models.cases.brainit={bit}", f"models.cases.neuropictor={npic}"]
     proc = _run("bdf-bench", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["case"]: r for r in json.loads((tmp_path / "docs" / "benchmarks_models_cpu.json").read_text())["result"]["rows"]}
-    assert sorted(rows) == ["brainit", "mindbridge", "mindeye2_h1024", "sttm"]
+    assert sorted(rows) == ["brainit", "mindbridge", "mindeye2_h1024", "neuropictor", "sttm"]
     import functools
 
     from braindecode_fw.models.adapters import PooledSubjectEmbedder, SubjectBuilder
