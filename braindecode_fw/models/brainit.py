@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -375,6 +376,15 @@ class BrainITDecoder(Decoder):
         from braindecode_fw.models import brainit_stage0
 
         self.stage0_result = brainit_stage0.configure(self, datamodule, self.stage0)
+
+    def use_saved_artifacts(self, run_dir) -> None:
+        """A resumed run reuses the stage 0 it saved when it started (``<run_dir>/stage0``) instead of
+        training a different one (called by bdf-train before :meth:`configure_from_data`)."""
+        from braindecode_fw.models import brainit_stage0
+
+        folder = Path(run_dir) / "stage0"
+        if (folder / brainit_stage0.CLUSTERS_FILE).is_file() and not self.stage0.get("load_from"):
+            self.stage0["load_from"] = str(folder)
 
     def save_artifacts(self, run_dir) -> list:
         """Write stage 0's clustering and report into ``run_dir`` (called by bdf-train)."""

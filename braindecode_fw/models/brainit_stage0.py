@@ -13,8 +13,8 @@ anatomical baseline). :func:`save_artifacts` writes ``stage0/`` into the run dir
 them with ``model.stage0.load_from=<run>/stage0`` (the universal encoder is needed again to map a
 new subject's voxels, ``bdf-adapt adaptation=brainit_transfer``).
 
-A resumed run trains stage 0 again and the checkpoint then restores the labels and encoder the run
-started with (both are in the decoder's state dict).
+A resumed run reuses the ``stage0/`` it wrote when it started (the checkpoint holds the same
+labels and encoder in the decoder's state dict).
 """
 
 from __future__ import annotations
@@ -151,6 +151,9 @@ def save_artifacts(result: dict[str, Any] | None, run_dir: str | Path) -> list[P
     from safetensors.torch import save_file
 
     folder = Path(run_dir) / "stage0"
+    loaded = result["report"].get("loaded_from")
+    if loaded and Path(loaded).resolve() == folder.resolve():
+        return []  # a resumed run: its stage 0 is already there
     folder.mkdir(parents=True, exist_ok=True)
     written = [result["clusters"].save(folder / CLUSTERS_FILE)]
     encoder = result.get("encoder")

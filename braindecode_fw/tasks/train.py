@@ -131,6 +131,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     store = ensure_store(cfg.dataset)
     dm = build_datamodule(cfg, store)
     decoder = build_model(cfg, dm.n_features, dm.target_shapes)
+    if resume_from and hasattr(decoder, "use_saved_artifacts"):
+        decoder.use_saved_artifacts(Path(resume_from).parents[1])  # the run the checkpoint belongs to
     decoder.configure_from_data(dm)
     if is_rank_zero() and hasattr(decoder, "save_artifacts"):
         decoder.save_artifacts(run_dir)  # what configure_from_data made, e.g. Brain-IT's stage 0

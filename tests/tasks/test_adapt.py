@@ -86,7 +86,7 @@ def test_adapt_ridge_initialisation_from_a_trial_budget(tmp_path):
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("trainable", "some", "adaptation.trainable: one of ('new_subject', 'all'), got 'some'"),
     ("sources", "few", "adaptation.sources: one of ('none', 'all'), got 'few'"),
-    ("init", "pca", "adaptation.init: one of (None, 'ridge'), got 'pca'"),
+    ("init", "pca", "adaptation.init: one of (None, 'ridge', 'nearest_voxel'), got 'pca'"),
     ("budget.sessions", "0", "budget.sessions: a positive whole number, got 0"),
     ("budget.trials", "5", "budget: give exactly one of ['sessions', 'minutes', 'trials'], got {'sessions': 1, 'trials': 5}"),
 ])

@@ -50,6 +50,14 @@ def test_brainit_stage0_train_reuse_and_transfer(tmp_path):
     for k, v in saved_encoder.items():
         torch.testing.assert_close(state[f"decoder.universal_encoder.{k}"], v, msg=k)
 
+    # continuing the run (ckpt_path=last) keeps the stage 0 it started with
+    resumed = _run("bdf-train", [*TINY_WORLD, *BRAINIT_TINY, "data.subjects=[subj01]", "ckpt_path=last"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "universal encoder epoch" not in resumed.stdout + resumed.stderr
+    np.testing.assert_array_equal(VoxelClusters.load(stage0 / "voxel_clusters.npz").labels["subj01"],
+                                  clusters.labels["subj01"])
+    assert len(__import__("json").loads((stage0 / "report.json").read_text())["history"]) == 2
+
     # a second run reuses the saved stage 0 instead of training it again
     again = _run("bdf-train", [*TINY_WORLD, *BRAINIT_TINY, "data.subjects=[subj01]", "trainer.max_epochs=1",
                                f"model.stage0.load_from={stage0}"], tmp_path)
