@@ -45,3 +45,15 @@ def test_soft_token_contrast_matches_mindeye2_formula():
     loss1 = -((s @ t.T / tau).log_softmax(-1) * (t @ t.T / tau).softmax(-1)).sum(-1).mean()
     loss2 = -((t @ s.T / tau).log_softmax(-1) * (t @ t.T / tau).softmax(-1)).sum(-1).mean()
     torch.testing.assert_close(soft_token_contrast(student, teacher, tau), (loss1 + loss2) / 2)
+
+
+def test_convnext_teacher_config_names_the_torchvision_weights(tmp_path, monkeypatch):
+    """conf/target/convnext_teacher.yaml's weights resolve to torchvision's ConvNeXt-Base ImageNet file
+    in the torch hub cache (offline here: the error names that file), not to a missing local path."""
+    from braindecode_fw.metrics.weights import MissingWeightsError, resolve_state_dict
+    from tests.conftest import compose_config
+
+    cfg = compose_config("train", ["target=convnext_teacher"]).target
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(MissingWeightsError, match=r"weights not found at .*checkpoints/convnext_base-\w+\.pth"):
+        resolve_state_dict(cfg.weights, arch=cfg.arch, what="teacher", config_key="target.weights", download=False)
