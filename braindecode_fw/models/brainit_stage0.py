@@ -204,7 +204,8 @@ def transfer_initialise(decoder, subject: str, datamodule, spec: dict[str, Any])
         encoder, lambda: own_rows(datamodule.train_dataloader()), feature=feature,
         epochs=int(spec.get("encoder_epochs", 30)), lr=float(spec.get("encoder_lr", 1e-3)),
         voxels_per_sample=int(decoder.stage0.get("voxels_per_sample", 5000)), seed=int(spec.get("seed", 0)),
-        parameters=params, val_batches=(lambda: own_rows(datamodule.val_dataloader())) if has_val else None)
+        parameters=params, val_batches=(lambda: own_rows(datamodule.val_dataloader())) if has_val else None,
+        scheduler_patience=int(spec.get("encoder_patience", 4)))
     encoder.requires_grad_(False).eval()
     embeddings = encoder.embeddings()
     reference = normalize_embeddings(np.concatenate([embeddings[s] for s in references]))
