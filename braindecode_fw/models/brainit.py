@@ -150,16 +150,19 @@ class Mlp(nn.Sequential):
 
 
 class SelfAttentionBlock(nn.Module):
-    """Pre-LN transformer block over the brain tokens: ``x += Attn(LN(x))`` (qkv without bias),
-    ``x += MLP(LN(x))`` (ratio 4, GELU, no dropout). ``(B, K, dim) -> (B, K, dim)``."""
+    """Pre-LN transformer block: ``x += Attn(LN(x))``, ``x += MLP(LN(x))`` (GELU, no dropout),
+    ``(B, N, dim) -> (B, N, dim)``. Brain-IT's brain-token block has a bias-free qkv and MLP ratio 4
+    (the defaults); NeuroPictor's fMRI ViT uses it with ``qkv_bias=True``."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, *, qkv_bias: bool = False, mlp_ratio: float = 4.0):
         super().__init__()
+        if dim % heads:
+            raise ValueError(f"model.heads: {heads} must divide model.dim={dim}")
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.mlp = Mlp(dim)
+        self.mlp = Mlp(dim, mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape

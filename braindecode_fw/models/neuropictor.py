@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.models.brainit import SelfAttentionBlock
 from braindecode_fw.models.cortical_map import CorticalProjection
 from braindecode_fw.models.decoder import Decoder
 
@@ -69,28 +70,6 @@ class PatchEmbed2D(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class TransformerBlock(nn.Module):
-    """Pre-norm ViT block: ``x + MHSA(LN(x))``, then ``x + MLP(LN(x))`` (GELU, 4× width)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"model.heads: {heads} must divide model.dim={dim}")
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
-        return x + self.mlp(self.norm2(x))
-
-
 class FMRIViTEncoder(nn.Module):
     """NeuroPictor's fMRI encoder (methods.md §6.2, fMRI-PTE's ``forward_encoder_wo_pred``), shared
     across subjects: ``(B, 1, H, W)`` -> PatchEmbed2D -> + fixed 2-D sin-cos position embedding ->
@@ -113,7 +92,8 @@ class FMRIViTEncoder(nn.Module):
         self.register_buffer("pos_embed", sincos_position_embedding_2d(dim, self.grid)[None], persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.cls_token, std=0.02)
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(SelfAttentionBlock(dim, heads, qkv_bias=True, mlp_ratio=mlp_ratio)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
