@@ -6,9 +6,10 @@ this module never branches on the method.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -169,18 +170,57 @@ class DecoderModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+#: extra per-item prediction outputs: (decoder outputs of a batch, the batch) -> ``(B, *shape)``
+DerivedOutput = Callable[[dict[str, torch.Tensor], Batch], torch.Tensor]
+
+
+def select_rows(batch: Batch, rows: Sequence[int]) -> Batch:
+    """The items ``rows`` of ``batch``: every per-item field (lists, tensors and arrays with one row
+    per item, and dicts of them such as ``targets``) indexed; other fields kept."""
+    n, index = len(batch), np.asarray(rows, dtype=np.int64)
+
+    def take(value: Any) -> Any:
+        if isinstance(value, list) and len(value) == n:
+            return [value[i] for i in index]
+        if isinstance(value, torch.Tensor | np.ndarray) and value.ndim and value.shape[0] == n:
+            return value[torch.from_numpy(index)] if isinstance(value, torch.Tensor) else value[index]
+        if isinstance(value, dict):
+            return {k: take(v) for k, v in value.items()}
+        return value
+
+    return dataclasses.replace(batch, **{f.name: take(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
+
+
 @torch.no_grad()
 def predict(decoder: Decoder, batches: Iterable[Batch], target: str,
             device: str | torch.device | None = None,
-            outputs: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+            outputs: Sequence[str] = (), *, derived: Mapping[str, DerivedOutput] | None = None,
+            items: Collection[tuple[str, int]] | None = None) -> dict[str, dict[str, Any]]:
     """Run the decoder over ``batches`` (on ``device``, default: where its parameters are); per
     subject: ``pred`` ``(n, *shape)`` (the ``target`` output), ``target`` (its true value) and
     ``image_index``, in loader order; plus ``outputs[name]`` for every other requested decoder
-    output (e.g. the embeddings a generator needs)."""
+    output (e.g. the embeddings a generator needs).
+
+    ``derived``: name -> ``fn(decoder outputs, batch)`` giving ``(B, *shape)`` per batch, stored as
+    ``outputs[name]`` in place of the decoder outputs it is computed from, which are dropped with
+    the batch: what keeps large outputs out of memory (Brain-IT's predicted VGG tokens are
+    7,190 × 512 floats per item; its low-level image is inverted from them here, methods.md §5.5).
+    ``items``: ``(subject, image index)`` pairs; only those items of each batch go through the
+    decoder (the other rows are dropped before it), e.g. the ones a resumed reconstruction still needs.
+    """
     device = device or next(decoder.parameters()).device
     decoder.eval().to(device)
+    derived = dict(derived or {})
+    wanted = None if items is None else {(str(s), int(i)) for s, i in items}
     acc: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for batch in batches:
+        if wanted is not None:
+            rows = [r for r, (s, i) in enumerate(zip(batch.subject, batch.image_index.tolist(), strict=True))
+                    if (s, int(i)) in wanted]
+            if not rows:
+                continue
+            if len(rows) < len(batch):
+                batch = select_rows(batch, rows)
         mask = batch.repeat_mask.to(device) if batch.repeat_mask is not None else None
         out = decoder(batch.responses.to(device), batch.subject, mask)
         missing = [n for n in (target, *outputs) if n not in out]
@@ -188,13 +228,21 @@ def predict(decoder: Decoder, batches: Iterable[Batch], target: str,
             raise KeyError(f"decoder outputs {sorted(out)}; requested {missing}")
         pred = out[target].float().cpu()
         extra = {n: out[n].float().cpu() for n in outputs}
+        for name, fn in derived.items():
+            value = fn(out, batch)
+            if value.shape[0] != len(batch):
+                raise ValueError(f"predict: derived output {name!r} has {value.shape[0]} rows for a batch of "
+                                 f"{len(batch)}")
+            extra[name] = value.float().cpu()
+        del out  # the decoder outputs the derived ones were computed from go here, per batch
         for i, s in enumerate(batch.subject):
             acc[s]["pred"].append(pred[i])
             acc[s]["target"].append(batch.targets[target][i])
             acc[s]["image_index"].append(int(batch.image_index[i]))
             for n, v in extra.items():
                 acc[s][f"output:{n}"].append(v[i])
+    names = [*outputs, *derived]
     return {s: {"pred": torch.stack(v["pred"]).numpy(), "target": torch.stack(v["target"]).numpy(),
                 "image_index": np.asarray(v["image_index"]),
-                "outputs": {n: torch.stack(v[f"output:{n}"]).numpy() for n in outputs}}
+                "outputs": {n: torch.stack(v[f"output:{n}"]).numpy() for n in names}}
             for s, v in acc.items()}

@@ -91,3 +91,50 @@ def test_bf16_and_workers(tiny_store, tmp_path, encoder):
     trainer.fit(module, datamodule=dm)
     assert any(not torch.equal(p0, p) for p0, p in zip(before, module.parameters(), strict=True))
     assert all(p.dtype == torch.float32 for p in module.parameters())  # mixed: fp32 master weights
+
+
+def test_predict_derived_outputs_and_item_selection():
+    """``derived`` outputs are computed per batch from the decoder outputs and stored instead of them
+    (Brain-IT's low-level image from its 7,190 × 512 predicted tokens); ``items`` runs only those."""
+    import numpy as np
+
+    from braindecode_fw.data.datamodule import Batch
+    from braindecode_fw.lit import predict
+
+    torch.manual_seed(0)
+    dec = build_decoder({"a": 5, "b": 7}, {"emb": (3,), "big": (6, 4)}, adapter=SubjectLinearAdapter,
+                        encoder=functools.partial(ResidualMLP, n_blocks=1, dropout=0.2), head=ProjectionHead,
+                        hidden=8).eval()
+    subjects = ["a", "b", "a", "b", "b", "a", "a"]
+    responses = torch.randn(7, 7)
+    responses[[0, 2, 5, 6], 5:] = 0  # subject a has 5 voxels: zero-padded
+    image_index = torch.tensor([4, 1, 9, 3, 8, 2, 6])
+    emb = torch.randn(7, 3)
+    batches = [Batch(subjects[lo:hi], responses[lo:hi], image_index[lo:hi], {"emb": emb[lo:hi]})
+               for lo, hi in ((0, 4), (4, 7))]
+    calls = []
+
+    def small(out, batch):  # (B, 6, 4) -> (B, 4), per item, reading the batch too
+        calls.append(len(batch))
+        return out["big"].mean(1) + batch.image_index[:, None].float()
+
+    preds = predict(dec, batches, "emb", derived={"small": small})
+    with torch.no_grad():
+        full = dec(responses, subjects)
+    want = small(full, Batch(subjects, responses, image_index, {"emb": emb}))
+    for s in ("a", "b"):
+        rows = [i for i, x in enumerate(subjects) if x == s]
+        p = preds[s]
+        assert list(p["outputs"]) == ["small"] and p["outputs"]["small"].shape == (len(rows), 4)  # no "big"
+        np.testing.assert_allclose(p["outputs"]["small"], want[rows].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(p["image_index"], image_index[rows].numpy())
+    # items: only those rows reach the decoder (and the derived function), the rest are skipped
+    calls.clear()
+    some = predict(dec, batches, "emb", outputs=["big"], derived={"small": small}, items=[("b", 8), ("a", 9)])
+    assert calls == [1, 1] and sorted(some) == ["a", "b"]
+    np.testing.assert_array_equal(some["a"]["image_index"], [9])
+    np.testing.assert_allclose(some["b"]["outputs"]["small"], want[[4]].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(some["a"]["outputs"]["big"], full["big"][[2]].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(some["a"]["target"], emb[[2]].numpy())
+    with pytest.raises(ValueError, match=r"derived output 'bad' has 1 rows for a batch of 4"):
+        predict(dec, batches, "emb", derived={"bad": lambda out, batch: out["emb"][:1]})

@@ -10,6 +10,11 @@
   model averages its outputs (``repeat_averaging=outputs``, MindEye2's choice, methods.md §1.3).
 - Batches mix subjects; ``responses`` are zero-padded to the largest feature count in the batch and
   adapters route rows by ``subject``.
+- *Online targets* (``data.online_targets``) are not cached: their batches carry the stimulus images
+  and the target encoder runs on them after the batch reached its device
+  (:meth:`BrainDataModule.on_after_batch_transfer`), i.e. on the GPU inside the training step. This
+  is for targets too large to store, such as Brain-IT's 7,190 × 512 VGG tokens per image (540 GB as
+  float16 for NSD's 73k images).
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class Batch:
     image_index: torch.Tensor
     targets: dict[str, torch.Tensor] = field(default_factory=dict)
     repeat_mask: torch.Tensor | None = None
+    # uint8 (B, H, W, 3) stimulus images; only when the run has online targets (encoded on the device)
+    images: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.subject)
@@ -99,10 +106,15 @@ class TrialDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, readers: list[_SubjectReader], subjects: list[str], subject_pos: np.ndarray,
-                 rows: np.ndarray, image_index: np.ndarray, targets: dict[str, np.ndarray], zscore: bool):
+                 rows: np.ndarray, image_index: np.ndarray, targets: dict[str, np.ndarray], zscore: bool,
+                 stimuli: np.ndarray | None = None):
         self.readers, self.subjects = readers, subjects
         self.subject_pos, self.rows, self.image_index = subject_pos, rows, image_index
         self.targets, self.zscore = targets, zscore
+        self.stimuli = stimuli  # the store's images (memory map): batches carry them for online targets
+
+    def _batch_images(self, images: np.ndarray) -> torch.Tensor | None:
+        return None if self.stimuli is None else torch.from_numpy(_gather_rows(self.stimuli, images, np.uint8))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -134,6 +146,7 @@ class TrialDataset(torch.utils.data.Dataset):
             responses=torch.from_numpy(responses),
             image_index=torch.from_numpy(images),
             targets={k: _gather_targets(v, images) for k, v in self.targets.items()},
+            images=self._batch_images(images),
         )
 
 
@@ -171,14 +184,20 @@ class RepeatedTrialDataset(TrialDataset):
             image_index=torch.from_numpy(images),
             targets={k: _gather_targets(v, images) for k, v in self.targets.items()},
             repeat_mask=None if self.average_inputs else mask_t,
+            images=self._batch_images(images),
         )
 
 
+def _gather_rows(array: np.ndarray, rows: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """``array[rows]`` as ``dtype``, read with a sorted index (fast on memory maps)."""
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *array.shape[1:]), dtype=dtype)
+    out[order] = array[rows[order]]
+    return out
+
+
 def _gather_targets(targets: np.ndarray, images: np.ndarray) -> torch.Tensor:
-    order = np.argsort(images, kind="stable")
-    out = np.empty((len(images), *targets.shape[1:]), dtype=np.float32)
-    out[order] = targets[images[order]]
-    return torch.from_numpy(out)
+    return torch.from_numpy(_gather_rows(targets, images))
 
 
 def _identity(batch: Batch) -> Batch:
@@ -259,6 +278,7 @@ class BrainDataModule(L.LightningDataModule):
         train_budget: Mapping[str, Mapping[str, Any]] | None = None,
         trial_seconds: float = 4.0,
         eval_subjects: list[str] | None = None,
+        online_targets: Sequence[str] | None = None,
     ):
         super().__init__()
         if zscore not in ZSCORE_MODES:
@@ -285,6 +305,9 @@ class BrainDataModule(L.LightningDataModule):
                              for s, spec in (train_budget or {}).items()}
         self.trial_seconds = float(trial_seconds)
         self.eval_subjects = list(eval_subjects) if eval_subjects else None
+        self.online_targets = list(online_targets or [])
+        self.online_encoders: dict[str, TargetEncoder] = {}
+        self._online_shapes: dict[str, tuple[int, ...]] = {}
         self.store: PreparedStore | None = None
         self._ready = False
 
@@ -330,11 +353,55 @@ class BrainDataModule(L.LightningDataModule):
             self.readers.append(_SubjectReader(sd.directory / "responses.npy", st, sd.trials.session))
         self.targets: dict[str, np.ndarray] = {}
         encoders = ([self.target_encoder] if self.target_encoder is not None else []) + self.extra_target_encoders
+        self._check_online_targets(encoders)
         for encoder in encoders:
+            if encoder.feature_name in self.online_targets:
+                self.online_encoders[encoder.feature_name] = encoder
+                self._online_shapes[encoder.feature_name] = tuple(encoder.output_shape)
+                log.info("targets %s: online (encoded on the batch's device, shape %s)", encoder.feature_name,
+                         self._online_shapes[encoder.feature_name])
+                continue
             arr = load_or_compute_targets(self.store, encoder, self.cache_dir, dtype=self.target_dtype)
             # small target sets are loaded into RAM; large ones stay memory-mapped
             self.targets[encoder.feature_name] = np.asarray(arr) if arr.nbytes < 2**30 else arr
         self._ready = True
+
+    def _check_online_targets(self, encoders: list[TargetEncoder]) -> None:
+        names = [e.feature_name for e in encoders]
+        unknown = sorted(set(self.online_targets) - set(names))
+        if unknown:
+            raise ValueError(f"data.online_targets: {unknown} are not targets of this run; its targets are {names} "
+                             f"(target.feature_name and extra_targets.*.feature_name)")
+        if self.target_encoder is not None and self.target_encoder.feature_name in self.online_targets:
+            raise ValueError(f"data.online_targets: the primary target {self.target_encoder.feature_name!r} is "
+                             f"scored by retrieval against stored targets, so it must be cached; put only "
+                             f"extra_targets online")
+        for e in encoders:
+            if e.feature_name in self.online_targets and not hasattr(e, "encode_on_device"):
+                raise ValueError(f"data.online_targets: {e.feature_name!r} ({type(e).__name__}) is not an image "
+                                 f"encoder; only image targets can be computed online")
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Lightning hook (batch already on its device): add the online targets."""
+        return self.attach_online_targets(batch)
+
+    def attach_online_targets(self, batch: Batch) -> Batch:
+        """``batch.targets[name]`` for every online target, encoded from ``batch.images`` on their device."""
+        if self.online_encoders:
+            if batch.images is None:
+                raise ValueError(f"data.online_targets {sorted(self.online_encoders)}: the batch carries no images")
+            for name, encoder in self.online_encoders.items():
+                batch.targets[name] = encoder.encode_on_device(batch.images)
+        return batch
+
+    def _stimuli(self) -> np.ndarray | None:
+        assert self.store is not None
+        return self.store.images if self.online_encoders else None
+
+    def _require_stored(self, name: str, what: str) -> None:
+        if name in self.online_encoders:
+            raise ValueError(f"{what}: target {name!r} is computed online (data.online_targets), not stored; "
+                             f"remove it from data.online_targets to cache it")
 
     @property
     def n_features(self) -> dict[str, int]:
@@ -350,7 +417,7 @@ class BrainDataModule(L.LightningDataModule):
 
     @property
     def target_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.shape[1:]) for k, v in self.targets.items()}
+        return {**{k: tuple(v.shape[1:]) for k, v in self.targets.items()}, **self._online_shapes}
 
     def split_subjects(self, split: str) -> list[str]:
         """The subjects whose trials ``split`` reads: all for training, ``eval_subjects`` otherwise."""
@@ -375,7 +442,7 @@ class BrainDataModule(L.LightningDataModule):
             groups.append(offset + np.arange(len(r)))
             offset += len(r)
         ds = TrialDataset(self.readers, self.subjects, np.concatenate(pos), np.concatenate(rows),
-                          np.concatenate(imgs), self.targets, self.zscore)
+                          np.concatenate(imgs), self.targets, self.zscore, stimuli=self._stimuli())
         return ds, groups
 
     def trial_counts(self, split: str = "train") -> dict[str, int]:
@@ -387,6 +454,7 @@ class BrainDataModule(L.LightningDataModule):
                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """One subject's single trials of ``split`` (after budgets): responses ``(N, F_s)`` and the
         flattened ``target`` ``(N, D)``; at most ``limit`` trials, drawn at random with ``seed``."""
+        self._require_stored(target, "subject_arrays")
         ds, groups = self._trial_dataset(split)
         kept = self.split_subjects(split)
         if subject not in kept:
@@ -401,6 +469,7 @@ class BrainDataModule(L.LightningDataModule):
         """Mean and standard deviation ``(*shape)`` of target ``name`` over the distinct images of
         ``split`` (all subjects): what regression outputs are calibrated to before generation."""
         assert self.store is not None, "call setup() first"
+        self._require_stored(name, "target_statistics")
         if name not in self.targets:
             raise KeyError(f"no target {name!r}; the run has {sorted(self.targets)}")
         images = np.unique(np.concatenate([self.store.subjects[s].trials.image_index[
@@ -455,7 +524,7 @@ class BrainDataModule(L.LightningDataModule):
             imgs.append(uniq)
         return RepeatedTrialDataset(
             self.readers, self.subjects, np.concatenate(pos), np.concatenate(rows), np.concatenate(imgs),
-            self.targets, self.zscore,
+            self.targets, self.zscore, stimuli=self._stimuli(),
             average_inputs=self.repeat_averaging == "inputs" if average_inputs is None else average_inputs,
         )
 

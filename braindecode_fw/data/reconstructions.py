@@ -5,7 +5,8 @@ Layout (docs/data_format.md, "Reconstruction folders")::
     <run>/manifest.json                   format, version, store, dataset_version, test_set,
                                           generator, config, items[], embeddings{}
     <run>/<subject>/final/<image>_s<k>.png     sample k for one test image (uint8 RGB)
-    <run>/<subject>/lowlevel/<image>.png       optional low-level (blurry) image
+    <run>/<subject>/lowlevel/<image>.png       optional low-level image given to the generator
+                                               (blurry VAE decode, or the lowlevel=dip image)
     <run>/<subject>/embeddings.safetensors     optional: "pred" and "target" retrieval embeddings
 
 ``items`` rows: ``subject``, ``image_index`` (row of the store's ``images/images.npy``),

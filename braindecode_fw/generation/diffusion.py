@@ -3,7 +3,8 @@
 - :class:`DiffusersReconstructor`: what every pipeline-backed generator shares: one loader for a
   hub id or a local folder, the scheduler/steps/guidance/dtype/batching options, and the
   low-level branch (a predicted VAE latent decoded to the blurry image, or a predicted low-level
-  image, optionally the img2img start at ``strength``).
+  image, optionally the img2img start at ``strength``) and the optional output contrast compression
+  (``contrast``, Brain-IT's ×0.8).
 - :class:`UnClipReconstructor` (``generator=sd21_unclip``): Stable unCLIP conditioned on a predicted
   CLIP image embedding (``image_embeds``; ``stabilityai/stable-diffusion-2-1-unclip``: 1024-d
   OpenCLIP ViT-H/14 pooled), empty prompt, zero unconditional class embedding as the pipeline
@@ -39,12 +40,23 @@ def effective_dtype(dtype: str, device: str) -> str:
     return dtype if resolve_device(device).startswith("cuda") else "float32"
 
 
+def compress_contrast(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """Images ``(n, 3, H, W)`` in [0, 1] -> ``clamp((s − 0.5)·factor + 0.5, 0, 1)``: Brain-IT's output
+    contrast compression with ``factor`` 0.8 (methods.md §5.5 step 2); ``factor`` 1 returns them as they are."""
+    if factor == 1:
+        return images
+    return ((images - 0.5) * factor + 0.5).clamp(0, 1)
+
+
 class DiffusersReconstructor(Reconstructor):
     """Base for pipeline-backed generators. ``lowlevel_target`` names a decoder output used for the
     low-level branch: ``lowlevel_kind="latent"`` (``(c, h, w)`` VAE latents stored multiplied by
     ``lowlevel_scale``, default the VAE's scaling factor) or ``"image"`` (``(3, H, W)`` in [0, 1],
     e.g. Brain-IT's Deep-Image-Prior image). ``require_lowlevel`` makes it a need instead of an
-    option; ``strength`` < 1 starts sampling from the VAE-encoded low-level image."""
+    option; ``strength`` < 1 starts sampling from the VAE-encoded low-level image (the last
+    ``int(steps·strength)`` steps run: Brain-IT's unCLIP starts at step index 14 of 50, i.e.
+    ``strength`` 0.72). ``contrast`` < 1 compresses the final images around mid-grey,
+    ``clamp((s − 0.5)·contrast + 0.5, 0, 1)`` (Brain-IT's 0.8, methods.md §5.5 step 2); 1 leaves them."""
 
     pipeline_class = "DiffusionPipeline"
     default_components: dict[str, Any] = {}
@@ -53,16 +65,19 @@ class DiffusersReconstructor(Reconstructor):
                  image_size: int | None = None, dtype: str = "float32", device: str = "cpu",
                  batch_size: int = 8, lowlevel_target: str | None = None, lowlevel_kind: str = "latent",
                  lowlevel_scale: float | None = None, require_lowlevel: bool = False, strength: float = 1.0,
-                 revision: str | None = None, scheduler: dict[str, Any] | None = None,
+                 contrast: float = 1.0, revision: str | None = None, scheduler: dict[str, Any] | None = None,
                  components: dict[str, Any] | None = None):
         if lowlevel_kind not in LOWLEVEL_KINDS:
             raise ValueError(f"generator ({name}).lowlevel_kind: one of {LOWLEVEL_KINDS}, got {lowlevel_kind!r}")
         if require_lowlevel and not lowlevel_target:
             raise ValueError(f"generator ({name}).require_lowlevel: set lowlevel_target to the decoder output "
                              f"holding the low-level latent or image")
+        if not contrast > 0:
+            raise ValueError(f"generator ({name}).contrast: a factor > 0 (1 = unchanged, Brain-IT 0.8), got {contrast}")
         self.name = name
         self.model = str(model)
         self.steps, self.guidance_scale, self.strength = steps, guidance_scale, strength
+        self.contrast = float(contrast)
         self.device = resolve_device(device)
         dtype = effective_dtype(dtype, device)
         self.pipe = self.load(model, config_key=f"generator ({name}).model", dtype=dtype, revision=revision,
@@ -159,7 +174,7 @@ class DiffusersReconstructor(Reconstructor):
             part = slice(start, min(start + self.batch_size, n))
             chunk = {k: v[part] for k, v in outputs.items()}
             finals.append(self.reconstruct_batch(chunk, seeds[part], None if lowlevel is None else lowlevel[part]))
-        result = {"final": torch.cat(finals)}
+        result = {"final": compress_contrast(torch.cat(finals), self.contrast)}
         if lowlevel is not None:
             result["lowlevel"] = lowlevel
         return result

@@ -23,7 +23,7 @@ and its noise, so its result does not depend on the other images of the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.generation.reconstructor import format_shape
 from braindecode_fw.targets.multiscale import (
+    TOKEN_WIDTH,
     VGG_CHANNELS,
     VggImageFeatures,
     VggTaps,
@@ -168,6 +170,7 @@ def _check_targets(target_maps: Sequence[torch.Tensor], feature_size: int,
                              f"(channels {list(channels)} at feature_size {feature_size})")
 
 
+@torch.enable_grad()  # an optimisation: also when called under no_grad (e.g. inside lit.predict's loop)
 def invert_features(
     target_maps: Sequence[torch.Tensor],
     feature_fn: FeatureFn,
@@ -259,7 +262,12 @@ class FeatureInverter:
     ``inverter(tokens)`` with tokens ``(n, T, 512)`` (``T = 7190`` at ``feature_size`` 112), or
     :meth:`invert_maps` with the five maps, -> ``(n, 3, output_size, output_size)`` in [0, 1] on
     CPU. Images are inverted ``batch_size`` at a time; image ``k`` of the call uses seed
-    ``seed + start + k`` (pass ``start`` when calling per chunk, for results independent of chunking).
+    ``seed + start + k`` (pass ``start`` when calling per chunk, for results independent of chunking),
+    or ``seeds[k]`` when given.
+
+    In reconstruction (``bdf-reconstruct lowlevel=dip``, methods.md §5.5 step 1 -> step 2) it inverts
+    the decoder output ``source`` and hands the images to the generator as the input ``output``
+    (:meth:`check_source`, :meth:`invert_outputs`).
     """
 
     iterations: int = 1800
@@ -278,6 +286,8 @@ class FeatureInverter:
     download: bool = True
     batch_size: int = 8
     device: str = "cpu"
+    source: str = "vgg_tokens"
+    output: str = "lowlevel_image"
 
     def __post_init__(self) -> None:
         multiscale_layout(self.feature_size)  # even and >= 16
@@ -316,18 +326,69 @@ class FeatureInverter:
             self._feature_fn = vgg_feature_fn(self.vgg_weights, device=self.device, download=self.download)
         return self._feature_fn
 
-    def invert_maps(self, maps: Sequence[torch.Tensor], *, start: int = 0) -> torch.Tensor:
+    def invert_maps(self, maps: Sequence[torch.Tensor], *, start: int = 0,
+                    seeds: Sequence[int] | None = None) -> torch.Tensor:
         _check_targets(maps, self.feature_size, VGG_CHANNELS)
+        n = maps[0].shape[0]
+        seeds = [self.seed + start + k for k in range(n)] if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"FeatureInverter: {n} images need {n} seeds, got {len(seeds)}")
         outs = []
-        for lo in range(0, maps[0].shape[0], self.batch_size):
+        for lo in range(0, n, self.batch_size):
             chunk = [m[lo : lo + self.batch_size].to(self.device) for m in maps]
-            seeds = [self.seed + start + lo + k for k in range(chunk[0].shape[0])]
             outs.append(invert_features(
                 chunk, self.feature_fn, iterations=self.iterations, lr=self.lr, output_size=self.output_size,
                 feature_size=self.feature_size, input_depth=self.input_depth, input_noise_var=self.input_noise_var,
-                reg_noise_std=self.reg_noise_std, ema=self.ema, seed=seeds, channels=self.channels,
-                scales=self.scales, skip_channels=self.skip_channels).cpu())
+                reg_noise_std=self.reg_noise_std, ema=self.ema, seed=seeds[lo : lo + self.batch_size],
+                channels=self.channels, scales=self.scales, skip_channels=self.skip_channels).cpu())
         return torch.cat(outs)
 
-    def __call__(self, tokens: torch.Tensor, *, start: int = 0) -> torch.Tensor:
-        return self.invert_maps(fold_tokens(tokens.float(), self.feature_size), start=start)
+    def __call__(self, tokens: torch.Tensor, *, start: int = 0, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        return self.invert_maps(fold_tokens(tokens.float(), self.feature_size), start=start, seeds=seeds)
+
+    # --- as a reconstruction stage (methods.md §5.5 step 1 -> step 2) ---------------------------------
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """Shape of one image of :attr:`output`: ``(3, output_size, output_size)``."""
+        return (3, self.output_size, self.output_size)
+
+    def check_source(self, provides: Mapping[str, Sequence[int]]) -> None:
+        """Raise a ValueError naming the config key unless the decoder outputs (``provides``: name ->
+        shape per item, e.g. a checkpoint's ``target_shapes``) hold :attr:`source` as multi-scale VGG
+        tokens ``(T, 512)`` of a ``feature_size`` image (``T`` = 7190 at 112, 2321 at 64, 565 at 32)."""
+        shapes = {k: tuple(int(d) for d in v) for k, v in provides.items()}
+        if self.source not in shapes:
+            have = ", ".join(f"{k} {format_shape(v)}" for k, v in sorted(shapes.items())) or "nothing"
+            raise ValueError(f"lowlevel.source: the decoder has no output {self.source!r} to invert (it provides "
+                             f"{have}); train it with the multi-scale VGG target (conf/target/vgg_multiscale.yaml) "
+                             f"or set lowlevel.source to the output holding those tokens")
+        got = shapes[self.source]
+        layout = multiscale_layout(self.feature_size)
+        if got == (layout.n_tokens, TOKEN_WIDTH):
+            return
+        size = _image_size_of(got[0]) if len(got) == 2 and got[1] == TOKEN_WIDTH else None
+        hint = (f": the tokens of a {size} px image, so set lowlevel.feature_size={size} (the target's image_size)"
+                if size else f"; expected ({layout.n_tokens}, {TOKEN_WIDTH})")
+        raise ValueError(f"lowlevel.feature_size: {self.feature_size} px gives {layout.n_tokens} VGG tokens × "
+                         f"{TOKEN_WIDTH} per image, but the decoder's {self.source!r} is "
+                         f"{format_shape(got)}{hint}")
+
+    def invert_outputs(self, outputs: Mapping[str, torch.Tensor], image_index: Sequence[int] | torch.Tensor
+                       ) -> torch.Tensor:
+        """Decoder outputs of a batch (``outputs[source]``: ``(n, T, 512)``) -> the low-level images
+        ``(n, 3, output_size, output_size)`` in [0, 1] on CPU. The item showing image ``image_index[k]``
+        uses seed ``seed + image_index[k]``: fixed per image, so a result does not depend on batching,
+        on the other items inverted with it, or on resuming."""
+        if self.source not in outputs:
+            raise KeyError(f"lowlevel.source: the decoder outputs {sorted(outputs)}, not {self.source!r}")
+        return self(outputs[self.source], seeds=[self.seed + int(i) for i in image_index])
+
+
+def _image_size_of(n_tokens: int) -> int | None:
+    """The even image size whose multi-scale layout has ``n_tokens`` tokens, or None (the count grows
+    with the size, so there is at most one)."""
+    size = 16
+    while multiscale_layout(size).n_tokens < n_tokens:
+        size += 2
+    return size if multiscale_layout(size).n_tokens == n_tokens else None

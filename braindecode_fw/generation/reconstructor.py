@@ -13,12 +13,20 @@ import numpy as np
 import torch
 
 
-def _fmt_shape(shape: Sequence[int | None] | None) -> str:
+def format_shape(shape: Sequence[int | None] | None) -> str:
+    """``(None, 24)`` -> ``*×24``, ``(1024,)`` -> ``1024-d``, as the shape errors write them."""
     if shape is None:
         return "any shape"
     if len(shape) == 1:
         return f"{shape[0]}-d"
     return "×".join("*" if s is None else str(s) for s in shape)
+
+
+def shape_fits(shape: Sequence[int | None] | None, got: Sequence[int]) -> bool:
+    """Whether a provided shape ``got`` matches a declared ``shape`` (``None`` entries match any size,
+    a ``None`` shape anything)."""
+    return shape is None or (len(got) == len(shape) and all(
+        s is None or s == g for s, g in zip(shape, got, strict=True)))
 
 
 class Reconstructor:
@@ -39,11 +47,10 @@ class Reconstructor:
         problems = []
         for name, shape in self.needs().items():
             got = provides.get(name)
-            if got is None or (shape is not None and (len(got) != len(shape) or any(
-                    s is not None and s != g for s, g in zip(shape, got, strict=True)))):
-                problems.append(f"{name} ({_fmt_shape(shape)})")
+            if got is None or not shape_fits(shape, got):
+                problems.append(f"{name} ({format_shape(shape)})")
         if problems:
-            have = ", ".join(f"{k} {_fmt_shape(v)}" for k, v in sorted(provides.items())) or "nothing"
+            have = ", ".join(f"{k} {format_shape(v)}" for k, v in sorted(provides.items())) or "nothing"
             raise ValueError(f"generator {self.name} needs {', '.join(problems)}; decoder provides {have}")
 
     def reconstruct(self, outputs: dict[str, torch.Tensor], seeds: Sequence[int]) -> dict[str, torch.Tensor]:

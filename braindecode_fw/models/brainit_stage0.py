@@ -64,6 +64,9 @@ def configure(decoder, datamodule, cfg: dict[str, Any]) -> dict[str, Any]:
     if feature not in datamodule.target_shapes:
         raise KeyError(f"model.stage0.features: {feature!r} is not a target of this run; it trains "
                        f"{sorted(datamodule.target_shapes)} (add it under extra_targets)")
+    if feature in getattr(datamodule, "online_targets", ()):
+        raise ValueError(f"model.stage0.features: {feature!r} is computed online (data.online_targets); stage 0 "
+                         f"reads stored targets: remove it from data.online_targets")
     start = time.perf_counter()
     has_val = datamodule.has_split("val")
     history = fit_universal_encoder(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,6 +47,19 @@ class Decoder(nn.Module):
         """One response per row: ``(B, F)`` -> outputs (subclasses add auxiliary losses)."""
         h = self.encoder(self.adapter(responses, subjects))
         return {name: head(h) for name, head in self.heads.items()}
+
+    def auxiliary_output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-item shapes of outputs beyond the ones named after targets that a generator may read
+        (e.g. NeuroPictor's ``control_map`` ``(C, h, w)``); checkpoints record them as
+        ``auxiliary_output_shapes`` next to ``target_shapes``. None by default."""
+        return {}
+
+    def export_trained_parts(self, run_dir: str | Path) -> dict[str, str]:
+        """Called once after training (best checkpoint loaded, rank zero only): write trained parts
+        that other tools load on their own into ``run_dir`` (e.g. NeuroPictor's ControlNet as a
+        diffusers folder for ``generator=controlnet_modulated``). Returns name -> path written, which
+        ``bdf-train`` records in ``result.json``. Nothing by default."""
+        return {}
 
 
 def build_decoder(

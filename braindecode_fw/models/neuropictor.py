@@ -13,6 +13,11 @@ Training loss (§6.3): ``L = L_simple + w_sem·L_sem``. ``L_simple`` is the deco
 ``loss/diffusion`` (:class:`NeuroPictorDiffusionLoss`: ε-MSE of a locked SD UNet driven by a trainable
 ControlNet copy), read by a TermsObjective ``aux`` term; ``L_sem`` is an ordinary ``mse`` term between
 ``<semantic_target>/main`` (``clip_txt``) and the final-layer text-token target.
+
+After training, ``bdf-train`` calls :meth:`NeuroPictorDecoder.export_trained_parts`, which writes the
+trained ControlNet to ``<run dir>/controlnet/`` (a diffusers folder); ``bdf-reconstruct
+generator=controlnet_modulated generator.controlnet=<run dir>/controlnet`` then samples from the
+decoder's ``<semantic_target>`` (the conditioning) and ``control_map`` outputs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.io import atomic_write_dir
 from braindecode_fw.models.brainit import SelfAttentionBlock
 from braindecode_fw.models.cortical_map import CorticalProjection
 from braindecode_fw.models.decoder import Decoder
@@ -36,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_OUTPUT = "control_map"
 MAIN_SUFFIX = "/main"
+CONTROLNET_EXPORT = "controlnet"  # <run dir>/controlnet/: the trained ControlNet, exported after training
 
 # ---------------------------------------------------------------------------------------------
 # fMRI encoder (fMRI-PTE-style ViT, methods.md §6.2)
@@ -343,6 +350,28 @@ class NeuroPictorDecoder(Decoder):
         self.semantic, self.control = semantic, control
         self.diffusion = diffusion
         self.semantic_target, self.latent_target = semantic_target, latent_target
+
+    def auxiliary_output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{"control_map": (C, h, w), "<semantic_target>/main": (L, D_text)}``: the outputs not
+        named after a target (the ``controlnet_modulated`` generator reads the control map)."""
+        semantic = self.semantic.main
+        return {CONTROL_OUTPUT: (self.control.channels, self.control.size, self.control.size),
+                self.semantic_target + MAIN_SUFFIX: (semantic.tokens[-1].out_channels,
+                                                     semantic.linear.out_features)}
+
+    def export_trained_parts(self, run_dir: str | Path) -> dict[str, str]:
+        """With a diffusion term: the trained ControlNet to ``<run_dir>/controlnet/`` as a diffusers
+        folder (:meth:`NeuroPictorDiffusionLoss.save_controlnet`), for ``bdf-reconstruct
+        generator=controlnet_modulated generator.controlnet=<run_dir>/controlnet``. Written to a
+        temporary sibling and renamed (:func:`~braindecode_fw.io.atomic_write_dir`), so a failed
+        export leaves no partial folder and an older export stays until the new one is complete.
+        Returns ``{"controlnet": <folder>}``; ``{}`` without a diffusion term (``model.diffusion: null``:
+        the ControlNet never trained)."""
+        if self.diffusion is None:
+            return {}
+        folder = atomic_write_dir(Path(run_dir) / CONTROLNET_EXPORT, self.diffusion.save_controlnet)
+        log.info("NeuroPictor: trained ControlNet exported to %s", folder)
+        return {CONTROLNET_EXPORT: str(folder)}
 
     def tokens(self, responses: torch.Tensor, subjects: Sequence[str]) -> torch.Tensor:
         """``(B, V)`` -> the encoder's ``(B, 1 + (H/P)², D)`` tokens."""

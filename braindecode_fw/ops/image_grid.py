@@ -109,8 +109,8 @@ class ImageGridCallback(L.Callback):
         )
 
         if self._generator is None:
-            self._generator = fitting_generator(self.generator_cfg, dm.target_shapes,
-                                                "image grid without reconstructions")
+            provides = {**dm.target_shapes, **decoder.auxiliary_output_shapes()}  # e.g. a control map
+            self._generator = fitting_generator(self.generator_cfg, provides, "image grid without reconstructions")
             if self._generator is None:
                 self.reconstruct = False
                 return None

@@ -57,15 +57,21 @@ class Preprocess:
     mindeye2_half_shift: bool = False
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``(n, h, w, 3)`` uint8 -> ``(n, 3, image_size, image_size)`` float32, normalised."""
-        x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255.0
+        """``(n, h, w, 3)`` uint8 -> ``(n, 3, image_size, image_size)`` float32, normalised, on the
+        device of ``images`` (a tensor stays where it is: online targets are preprocessed on the GPU)."""
+        if isinstance(images, torch.Tensor):
+            if images.dtype != torch.uint8:
+                raise TypeError(f"Preprocess: expected uint8 (n, h, w, 3) images, got {images.dtype}")
+            x = images.permute(0, 3, 1, 2).float() / 255.0
+        else:
+            x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode=self.interpolation,
                               antialias=self.antialias, align_corners=self.align_corners).clamp(0, 1)
         if self.mindeye2_half_shift:
             x = (x + 1) / 2
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
 
@@ -143,6 +149,18 @@ class ImageEncoder(TargetEncoder):
             pixels = self.preprocess(images[start : start + self.batch_size]).to(self.device_name)
             outs.append(self.forward_features(pixels).float().cpu())
         return torch.cat(outs)
+
+    @torch.no_grad()
+    def encode_on_device(self, images: torch.Tensor) -> torch.Tensor:
+        """Online targets: uint8 ``(n, h, w, 3)`` images already on a device -> float32
+        ``(n, *output_shape)`` on that device, in batches of ``batch_size``; the encoder moves to that
+        device on first use (so a GPU training step encodes on the GPU)."""
+        self.eval()
+        first = next(iter(self.parameters()), None)
+        if first is not None and first.device != images.device:
+            self.to(images.device)
+        return torch.cat([self.forward_features(self.preprocess(images[start : start + self.batch_size])).float()
+                          for start in range(0, len(images), self.batch_size)])
 
     @property
     def output_shape(self) -> tuple[int, ...]:

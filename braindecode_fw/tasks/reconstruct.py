@@ -6,6 +6,11 @@ what the generator needs, generates ``n_samples`` images per test image with per
 folder (docs/data_format.md): PNGs, retrieval embeddings, a manifest rewritten after every batch
 (rerunning with the same ``out=`` resumes), a comparison grid (ground truth | low-level | final)
 logged to the configured loggers, and optionally the evaluation table (``evaluate=true``).
+
+``lowlevel=dip`` adds Brain-IT's low-level stage (methods.md §5.5 step 1 -> step 2): the decoder's
+predicted VGG tokens of each batch to generate are inverted into images (Deep Image Prior,
+:class:`~braindecode_fw.generation.feature_inversion.FeatureInverter`) that the generator starts
+from (``lowlevel_target``, ``lowlevel_kind: image``, ``strength`` < 1).
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from braindecode_fw.data.reconstructions import ReconstructionWriter
-from braindecode_fw.generation.reconstructor import Reconstructor, select_best_samples
+from braindecode_fw.generation.feature_inversion import FeatureInverter
+from braindecode_fw.generation.reconstructor import (
+    Reconstructor,
+    format_shape,
+    select_best_samples,
+    shape_fits,
+)
 from braindecode_fw.metrics.images import as_float_images
 from braindecode_fw.ops.loggers import build_loggers, log_image
 from braindecode_fw.viz.grids import comparison_grid, save_png
@@ -59,16 +70,89 @@ def _grid_columns(gts: torch.Tensor, lowlevel: torch.Tensor | None, final: torch
     return columns
 
 
-def fitting_generator(gen_cfg: DictConfig, target_shapes: dict[str, Any], what: str) -> Reconstructor | None:
-    """The generator of ``gen_cfg`` when the decoder's outputs (``target_shapes``) provide what it
-    needs; otherwise None, with a warning that ``what`` is skipped (training-time previews)."""
+def check_generation(generator: Reconstructor, provides: dict[str, tuple[int, ...]],
+                     lowlevel_cfg: DictConfig | dict[str, Any] | None = None
+                     ) -> tuple[FeatureInverter | None, dict[str, tuple[int, ...]]]:
+    """Check, before any data work, that the decoder outputs ``provides`` (name -> shape per item)
+    feed ``generator``, through the low-level stage of ``lowlevel_cfg`` (conf/lowlevel/dip.yaml;
+    None: none) when given: Brain-IT's inversion of the predicted VGG tokens into the image its
+    generator starts from (methods.md §5.5 step 1 -> step 2). The decoder must output
+    ``lowlevel.source`` as tokens of a ``lowlevel.feature_size`` image, and the generator must read
+    ``lowlevel.output`` as an image (``lowlevel_target``, ``lowlevel_kind: image``). Returns the
+    inverter (or None) and the outputs the generator sees: ``provides`` plus ``lowlevel.output``
+    ``(3, output_size, output_size)``. Raises a ValueError naming the config key."""
+    inverter = None
+    if lowlevel_cfg is not None:
+        inverter = FeatureInverter.from_config(lowlevel_cfg)
+        inverter.check_source(provides)
+        if inverter.output in provides:
+            raise ValueError(f"lowlevel.output: {inverter.output!r} is already a decoder output; name the "
+                             f"low-level image differently")
+        provides = {**provides, inverter.output: inverter.output_shape}
+    generator.check(provides)
+    if inverter is not None:
+        reads = {**generator.optional(), **generator.needs()}
+        if inverter.output not in reads:
+            raise ValueError(f"lowlevel.output: generator {generator.name} does not read {inverter.output!r} (its "
+                             f"inputs: {sorted(reads)}), so the low-level images would go unused; set "
+                             f"generator.lowlevel_target={inverter.output} generator.lowlevel_kind=image")
+        if not shape_fits(reads[inverter.output], inverter.output_shape):
+            raise ValueError(f"generator.lowlevel_kind: generator {generator.name} reads {inverter.output!r} as "
+                             f"{format_shape(reads[inverter.output])}, the low-level stage gives images "
+                             f"{format_shape(inverter.output_shape)}; set generator.lowlevel_kind=image")
+    return inverter, provides
+
+
+def fitting_stages(gen_cfg: DictConfig, target_shapes: dict[str, Any], what: str,
+                   lowlevel_cfg: DictConfig | None = None) -> tuple[Reconstructor, FeatureInverter | None] | None:
+    """The generator of ``gen_cfg`` and the low-level stage of ``lowlevel_cfg`` when the decoder's
+    outputs (``target_shapes``) feed them (:func:`check_generation`); otherwise None, with a warning
+    that ``what`` is skipped (training-time previews)."""
     generator = build_generator(gen_cfg)
     try:
-        generator.check({k: tuple(v) for k, v in target_shapes.items()})
+        inverter, _ = check_generation(generator, {k: tuple(v) for k, v in target_shapes.items()}, lowlevel_cfg)
     except ValueError as e:
         log.warning("%s: %s", what, e)
         return None
-    return generator
+    return generator, inverter
+
+
+def fitting_generator(gen_cfg: DictConfig, target_shapes: dict[str, Any], what: str) -> Reconstructor | None:
+    """The generator of ``gen_cfg`` when the decoder's outputs (``target_shapes``) provide what it
+    needs; otherwise None, with a warning that ``what`` is skipped (training-time previews)."""
+    fit = fitting_stages(gen_cfg, target_shapes, what)
+    return None if fit is None else fit[0]
+
+
+def _warn_other_vgg_weights(inverter: FeatureInverter, train_cfg: DictConfig) -> None:
+    """A warning when ``lowlevel.vgg_weights`` is not the weights of the target the decoder learnt
+    ``lowlevel.source`` from: the inversion would match the features of another network."""
+    nodes = [train_cfg.get("target"), *(train_cfg.get("extra_targets") or {}).values()]
+    for node in nodes:
+        if node is not None and node.get("feature_name") == inverter.source and "weights" in node:
+            if str(node.weights) != str(inverter.vgg_weights):
+                log.warning("lowlevel.vgg_weights is %r, but the decoder's %r target was computed with %r: set "
+                            "lowlevel.vgg_weights=%s unless both name the same weights", inverter.vgg_weights,
+                            inverter.source, str(node.weights), node.weights)
+
+
+def lowlevel_images(decoder: Any, loader: Any, target: str, inverter: FeatureInverter, subject: str,
+                    image_index: Any) -> torch.Tensor:
+    """The low-level images ``(n, 3, S, S)`` in [0, 1] of ``subject``'s test items showing
+    ``image_index`` (``(n,)``, in that order; methods.md §5.5 step 1). Only those items go through
+    the decoder, and each batch's predicted ``inverter.source`` is inverted inside the prediction
+    loop (:func:`braindecode_fw.lit.predict`'s ``derived``), so the tokens (7,190 × 512 floats per
+    item for Brain-IT) are never collected. Seeds are per image (``lowlevel.seed + image index``)."""
+    from braindecode_fw.lit import predict
+
+    wanted = [int(i) for i in image_index]
+    t0 = time.perf_counter()
+    preds = predict(decoder, loader, target, items=[(subject, i) for i in wanted],
+                    derived={inverter.output: lambda out, batch: inverter.invert_outputs(out, batch.image_index)})
+    p = preds[subject]
+    row = {int(i): r for r, i in enumerate(p["image_index"])}
+    log.info("inverted %d low-level images of %s in %.1f s", len(wanted), subject, time.perf_counter() - t0)
+    return torch.from_numpy(p["outputs"][inverter.output][[row[i] for i in wanted]])
 
 
 def generator_inputs(generator: Reconstructor, available: Any) -> list[str]:
@@ -116,18 +200,23 @@ def generation_inputs(dm: Any, decoder: Any, preds: dict[str, dict[str, Any]], t
 
 def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: Path, *, n_images: int = 8,
                  seed: int = 0, loggers: list[Any] | None = None, n_metric_images: int = 0,
-                 metrics_cfg: DictConfig | None = None) -> tuple[Path | None, dict[str, Any] | None]:
+                 metrics_cfg: DictConfig | None = None,
+                 lowlevel_cfg: DictConfig | None = None) -> tuple[Path | None, dict[str, Any] | None]:
     """After training: reconstruct the first subject's test images (by image index); the first
-    ``n_images`` make a ground truth | final grid at ``path``, the first ``n_metric_images`` are
-    scored with the ``metrics_cfg`` suite (conf/metrics/; e.g. PixCorr, SSIM, two-way CLIP).
-    Returns (grid path, ``{"subject", "n_images", "metrics": {key: mean}, "ci95", "labels"}``);
-    (None, None) with a warning when the generator does not fit the target."""
+    ``n_images`` make a ground truth | (low-level |) final grid at ``path``, the first
+    ``n_metric_images`` are scored with the ``metrics_cfg`` suite (conf/metrics/; e.g. PixCorr, SSIM,
+    two-way CLIP). ``lowlevel_cfg``: the low-level stage (conf/lowlevel/dip.yaml, as in
+    bdf-reconstruct; it inverts all those images). Returns (grid path, ``{"subject", "n_images",
+    "metrics": {key: mean}, "ci95", "labels"}``); (None, None) with a warning when the generator or
+    the low-level stage does not fit the decoder's outputs."""
     from braindecode_fw.lit import predict
 
-    generator = fitting_generator(gen_cfg, dm.target_shapes, "no reconstruction grid")
-    if generator is None:
+    provides = {**dm.target_shapes, **decoder.auxiliary_output_shapes()}  # e.g. NeuroPictor's control map
+    fit = fitting_stages(gen_cfg, provides, "no reconstruction grid", lowlevel_cfg)
+    if fit is None:
         return None, None
-    sources = conditioning_sources(decoder, generator_inputs(generator, dm.target_shapes))
+    generator, inverter = fit
+    sources = conditioning_sources(decoder, generator_inputs(generator, provides))
     preds = predict(decoder, dm.test_dataloader(), target, outputs=[o for o in sources.values() if o != target])
     subject = sorted(preds)[0]
     p = preds[subject]
@@ -136,6 +225,8 @@ def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: 
     idx = p["image_index"][rows]
     values = generation_inputs(dm, decoder, {subject: p}, target, sources)[subject]
     inputs = {n: torch.from_numpy(v[rows]) for n, v in values.items()}
+    if inverter is not None:
+        inputs[inverter.output] = lowlevel_images(decoder, dm.test_dataloader(), target, inverter, subject, idx)
     t0 = time.perf_counter()
     out = generator.reconstruct(inputs, [image_seed(seed, i, 0) for i in idx])
     log.info("reconstructed %d test images of %s in %.1f s", len(idx), subject, time.perf_counter() - t0)
@@ -178,16 +269,22 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(cfg.ckpt)
     extra = ckpt["braindecode_fw"]
     train_cfg = OmegaConf.create(extra["config"])
-    provides = {k: tuple(v) for k, v in extra["target_shapes"].items()}
+    target_shapes = {k: tuple(v) for k, v in extra["target_shapes"].items()}
+    # what the decoder outputs: one per target plus auxiliary ones (NeuroPictor's control map)
+    provides = {**target_shapes, **{k: tuple(v) for k, v in extra.get("auxiliary_output_shapes", {}).items()}}
     generator = build_generator(cfg.generator)
-    generator.check(provides)  # before any data work: a mismatch is a config error
-    names = list(generator.needs()) + [n for n in generator.optional() if n in provides]
+    # before any data work: a mismatch is a config error
+    inverter, available = check_generation(generator, provides, cfg.get("lowlevel"))
+    names = [n for n in generator_inputs(generator, available)
+             if inverter is None or n != inverter.output]  # the low-level image is computed per batch below
+    if inverter is not None:
+        _warn_other_vgg_weights(inverter, train_cfg)
     store_path = Path(cfg.store or train_cfg.dataset.store)
     dm = build_datamodule(train_cfg, store_path)
     assert dm.store is not None
     if cfg.split != "test":
         raise ValueError(f"split: only the held-out 'test' split is reconstructed, got {cfg.split!r}")
-    decoder = build_model(train_cfg, extra["n_features"], provides)
+    decoder = build_model(train_cfg, extra["n_features"], target_shapes)  # built from the targets only
     decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in ckpt["state_dict"].items()
                              if k.startswith("decoder.")})
     target = train_cfg.target.feature_name
@@ -222,6 +319,8 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
             rows = np.asarray(todo[start : start + cfg.batch_size])
             idx = p["image_index"][rows]
             inputs = {n: torch.from_numpy(v[rows]) for n, v in conditioning[subject].items()}
+            if inverter is not None:  # per batch to generate: a resumed run inverts only what it still needs
+                inputs[inverter.output] = lowlevel_images(decoder, dm.test_dataloader(), target, inverter, subject, idx)
             samples, lowlevel = [], None
             for k in range(cfg.n_samples):
                 out = generator.reconstruct(inputs, [image_seed(cfg.seed, i, k) for i in idx])

@@ -153,9 +153,11 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
                      n_features: dict[str, int] | None = None, resume_from: str | None = None) -> dict[str, Any]:
     """Train ``decoder`` on ``dm`` with ``cfg.loss``/``cfg.optim``/``cfg.trainer`` (continuing from
     the checkpoint ``resume_from``, if given), reload the best checkpoint, evaluate retrieval on the
-    test split, write the report, the preview grid and ``result.json`` (rank zero only), and return
-    the test metrics (shared by ``bdf-train`` and ``bdf-adapt``). ``n_features`` (default: the data's
-    subjects) is what the checkpoint records as the decoder's subjects."""
+    test split; rank zero then exports what the decoder writes after training
+    (:meth:`~braindecode_fw.models.decoder.Decoder.export_trained_parts`, e.g. NeuroPictor's
+    ControlNet) and writes the report, the preview grid and ``result.json``. Returns the test metrics
+    (shared by ``bdf-train`` and ``bdf-adapt``). ``n_features`` (default: the data's subjects) is
+    what the checkpoint records as the decoder's subjects."""
     target = cfg.target.feature_name
     module = DecoderModule(
         decoder,
@@ -168,6 +170,8 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
             "config": checkpoint_config,
             "n_features": n_features or dm.n_features,
             "target_shapes": {k: list(v) for k, v in dm.target_shapes.items()},
+            # outputs not named after a target that generators read (NeuroPictor's control map)
+            "auxiliary_output_shapes": {k: list(v) for k, v in decoder.auxiliary_output_shapes().items()},
             "dataset_version": dm.store.version if dm.store else None,
         },
     )
@@ -206,6 +210,9 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     result = {**metrics, "run_dir": str(run_dir), "checkpoint": eval_ckpt, "report": report}
     if not trainer.is_global_zero:  # run-level files and the summary are rank zero's
         return result
+    # from the reloaded best weights, before the preview grid (a generator may load the export)
+    exports = module.decoder.export_trained_parts(run_dir)
+    result["exports"] = exports
     for split, rep in reports.items():
         write_report(rep, run_dir, stem="retrieval" if split == "test" else f"retrieval_{split}")
     grid, image_metrics = None, None
@@ -216,7 +223,7 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
         grid, image_metrics = preview_grid(
             cfg.generator, dm, module.decoder, target, run_dir / "reconstructions_grid.png", n_images=rc.n_images,
             seed=rc.seed, loggers=loggers, n_metric_images=int(rc.get("n_metric_images") or 0),
-            metrics_cfg=rc.get("metrics"))
+            metrics_cfg=rc.get("metrics"), lowlevel_cfg=rc.get("lowlevel"))
         if image_metrics is not None:
             atomic_write_json(run_dir / "reconstruction_metrics.json", image_metrics)
             metrics.update({f"test/recon_{k}": v for k, v in image_metrics["metrics"].items()})
@@ -239,19 +246,23 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     print(f"run directory : {run_dir}")
     print(f"checkpoint    : {eval_ckpt or '(checkpointing disabled)'}")
     print(f"results       : {run_dir / 'retrieval.json'}, {run_dir / 'retrieval.csv'}")
+    for name, path in exports.items():
+        print(f"{name:<14}: {path}")
     if grid is not None:
         print(f"reconstructions: {grid}")
     if any(type(lg).__name__ == "TensorBoardLogger" for lg in loggers):
         print(f"dashboard     : bdf-dashboard run={run_dir}")
     print(f"wall time     : {elapsed:.0f} s")
-    write_result(cfg, run_dir, metrics)
+    write_result(cfg, run_dir, metrics, exports)
     return result
 
 
-def write_result(cfg: DictConfig, run_dir: Path, metrics: dict[str, float]) -> Path | None:
+def write_result(cfg: DictConfig, run_dir: Path, metrics: dict[str, float],
+                 exports: dict[str, str] | None = None) -> Path | None:
     """``<run dir>/result.json``: the optimised metric and every test metric of a finished job, what
-    sweep summaries and searches read (written last, atomically: its presence means success). Not
-    written when ``optimized_metric`` names no produced metric (the CLI then fails naming it)."""
+    sweep summaries and searches read, and ``exports`` (name -> path of what the decoder wrote after
+    training). Written last, atomically: its presence means success. Not written when
+    ``optimized_metric`` names no produced metric (the CLI then fails naming it)."""
     name = cfg.get("optimized_metric")
     if name and name not in metrics:
         return None
@@ -263,7 +274,7 @@ def write_result(cfg: DictConfig, run_dir: Path, metrics: dict[str, float]) -> P
         overrides = []
     return atomic_write_json(run_dir / "result.json", {
         "task": cfg.get("task_name"), "optimized_metric": name, "value": metrics.get(name) if name else None,
-        "metrics": metrics, "overrides": overrides, "run_dir": str(run_dir),
+        "metrics": metrics, "overrides": overrides, "run_dir": str(run_dir), "exports": dict(exports or {}),
     })
 
 

@@ -150,3 +150,41 @@ def test_trial_and_minute_budgets_follow_presentation_order(tiny_store, tmp_path
     dm.setup()
     first = order[:15]
     assert dm.trial_counts("train")["subj01"] == int((t.split[first] == "train").sum())
+
+
+def _vgg(name: str):
+    from braindecode_fw.targets.multiscale import VggMultiScaleTokenEncoder
+
+    return VggMultiScaleTokenEncoder(weights="random:0", feature_name=name, image_size=16, batch_size=4)
+
+
+def test_online_targets_equal_cached_ones(tiny_store, tmp_path):
+    """An online target (encoded on the batch's device after transfer) equals the same encoder's
+    cached target, batch by batch; nothing is cached for it; stored-target readers refuse it."""
+    m = BrainDataModule(tiny_store, _vgg("vgg_cached"), extra_target_encoders=[_vgg("vgg_tokens")],
+                        online_targets=["vgg_tokens"], batch_size=6, eval_batch_size=5, cache_dir=tmp_path)
+    m.setup()
+    assert m.target_shapes["vgg_tokens"] == m.target_shapes["vgg_cached"] == (8**2 + 7**2 + 4**2 + 2**2 + 1, 512)  # 16 px
+    assert sorted(p.name for p in tmp_path.rglob("*.npy")) == [p.name for p in tmp_path.rglob("vgg_cached-*.npy")]
+    store = open_store(tiny_store)
+    for loader in (m.train_dataloader(), m.val_dataloader(), m.test_dataloader()):
+        batch = next(iter(loader))
+        assert "vgg_tokens" not in batch.targets and batch.images.dtype == torch.uint8
+        np.testing.assert_array_equal(batch.images.numpy(), np.asarray(store.images)[batch.image_index.numpy()])
+        batch = m.on_after_batch_transfer(batch, 0)  # the Lightning hook
+        torch.testing.assert_close(batch.targets["vgg_tokens"], batch.targets["vgg_cached"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="target_statistics: target 'vgg_tokens' is computed online"):
+        m.target_statistics("vgg_tokens")
+    with pytest.raises(ValueError, match="subject_arrays: target 'vgg_tokens' is computed online"):
+        m.subject_arrays("subj01", "vgg_tokens")
+    # without online targets, batches carry no images
+    plain = BrainDataModule(tiny_store, _vgg("vgg_cached"), batch_size=6, cache_dir=tmp_path)
+    plain.setup()
+    assert next(iter(plain.train_dataloader())).images is None
+
+
+def test_online_target_errors(tiny_store, tmp_path):
+    with pytest.raises(ValueError, match=r"data.online_targets: \['vgg_x'\] are not targets of this run"):
+        BrainDataModule(tiny_store, _vgg("vgg_cached"), online_targets=["vgg_x"], cache_dir=tmp_path).setup()
+    with pytest.raises(ValueError, match="the primary target 'vgg_cached' is scored by retrieval"):
+        BrainDataModule(tiny_store, _vgg("vgg_cached"), online_targets=["vgg_cached"], cache_dir=tmp_path).setup()

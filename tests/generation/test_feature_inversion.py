@@ -114,3 +114,30 @@ def test_feature_inverter_from_the_conf_node():
     out = inv(tokens)
     assert out.shape == (2, 3, 32, 32) and 0 <= float(out.min()) and float(out.max()) <= 1
     torch.testing.assert_close(inv(tokens[1:], start=1), out[1:], atol=1e-5, rtol=1e-4)  # chunking-invariant
+
+
+def test_reconstruction_stage_checks_the_decoder_output_and_seeds_per_image():
+    """As bdf-reconstruct's low-level stage: errors name the key and what was expected; the item of
+    test image i uses seed ``seed + i``, whatever the batch it comes in."""
+    inv = FeatureInverter(iterations=1, output_size=32, feature_size=32, vgg_weights="random:0", channels=8,
+                          batch_size=2, seed=5)
+    assert (inv.source, inv.output, inv.output_shape) == ("vgg_tokens", "lowlevel_image", (3, 32, 32))
+    inv.check_source({"vgg_tokens": (565, 512), "clip_image_tokens": (16, 32)})
+    with pytest.raises(ValueError, match=r"lowlevel.source: the decoder has no output 'vgg_tokens' to invert \(it "
+                                         r"provides clip_image_tokens 16×32\)"):
+        inv.check_source({"clip_image_tokens": (16, 32)})
+    with pytest.raises(ValueError, match=r"lowlevel.feature_size: 32 px gives 565 VGG tokens × 512 per image, but "
+                                         r"the decoder's 'vgg_tokens' is 2321×512: the tokens of a 64 px image, so "
+                                         r"set lowlevel.feature_size=64"):
+        inv.check_source({"vgg_tokens": (2321, 512)})
+    with pytest.raises(ValueError, match=r"'vgg_tokens' is 100×512; expected \(565, 512\)"):
+        inv.check_source({"vgg_tokens": (100, 512)})
+    tokens = torch.randn(3, 565, 512, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # as inside lit.predict's loop: the inversion still optimises
+        out = inv.invert_outputs({"vgg_tokens": tokens, "other": torch.zeros(3)}, torch.tensor([7, 0, 3]))
+    assert out.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(out, inv(tokens, seeds=[12, 5, 8]))
+    torch.testing.assert_close(out[2:], inv.invert_outputs({"vgg_tokens": tokens[2:]}, [3]), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out[2:], inv.invert_outputs({"vgg_tokens": tokens[2:]}, [4]))
+    with pytest.raises(KeyError, match=r"lowlevel.source: the decoder outputs \['other'\], not 'vgg_tokens'"):
+        inv.invert_outputs({"other": tokens}, [0, 1, 2])

@@ -255,6 +255,22 @@ def test_unclip_img2img_from_lowlevel(unclip_pipe):
                                                              [1, 2])["final"])
 
 
+def test_contrast_compression(embeds_pipe):
+    """Brain-IT's output compression (methods.md §5.5 step 2): clamp((s − 0.5)·0.8 + 0.5) of the
+    final image, not of the low-level one; 1 (the default) leaves the images as they are."""
+    kw = dict(condition="tokens", steps=2, lowlevel_target="low", lowlevel_kind="image", strength=0.5)
+    inputs = {"tokens": torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(0)),
+              "low": torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+    plain = EmbedsConditionedReconstructor("t", str(embeds_pipe), **kw).reconstruct(inputs, [3, 4])
+    soft = EmbedsConditionedReconstructor("t", str(embeds_pipe), contrast=0.8, **kw).reconstruct(inputs, [3, 4])
+    torch.testing.assert_close(soft["final"], ((plain["final"] - 0.5) * 0.8 + 0.5).clamp(0, 1))
+    assert float(soft["final"].min()) >= 0.1 - 1e-6 and float(soft["final"].max()) <= 0.9 + 1e-6
+    assert torch.equal(soft["lowlevel"], inputs["low"]) and torch.equal(plain["lowlevel"], inputs["low"])
+    with pytest.raises(ValueError, match=r"generator \(t\).contrast: a factor > 0 \(1 = unchanged, Brain-IT 0.8\), "
+                                         r"got 0"):
+        EmbedsConditionedReconstructor("t", str(embeds_pipe), contrast=0)
+
+
 def test_option_values_are_checked(embeds_pipe, versatile_pipe):
     with pytest.raises(ValueError, match=r"generator \(t\).lowlevel_kind: one of \('latent', 'image'\), got 'mask'"):
         EmbedsConditionedReconstructor("t", str(embeds_pipe), lowlevel_kind="mask")

@@ -302,3 +302,53 @@ def test_neuropictor_recipes_compose_and_build():
     for term in objective.terms.values():
         assert out[term.output].shape == (2, 64, 128)
     assert out["control_map"].shape == (2, 16, 8, 8) and not any(k.startswith("loss/") for k in out)
+
+
+def _controlnet_state(net) -> dict[str, torch.Tensor]:
+    """The weights an export holds: everything but the conditioning embedding (the identity while
+    training; the reconstructor replaces the saved one with the identity again)."""
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("controlnet_cond_embedding.")}
+
+
+def test_export_trained_parts_writes_the_controlnet_atomically(sd_folder, tmp_path, monkeypatch):
+    from diffusers import ControlNetModel
+
+    dec = _tiny_decoder(sd_folder)
+    assert dec.auxiliary_output_shapes() == {"control_map": (32, 8, 8), "clip_text_tokens/main": TEXT}
+    with torch.no_grad():
+        dec.diffusion.controlnet.controlnet_mid_block.weight.fill_(0.25)
+    assert dec.export_trained_parts(tmp_path) == {"controlnet": str(tmp_path / "controlnet")}
+    loaded = _controlnet_state(ControlNetModel.from_pretrained(tmp_path / "controlnet"))
+    trained = _controlnet_state(dec.diffusion.controlnet)
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
+
+    # a newer export replaces the older one
+    with torch.no_grad():
+        dec.diffusion.controlnet.controlnet_mid_block.weight.fill_(0.5)
+    dec.export_trained_parts(tmp_path)
+    assert torch.all(ControlNetModel.from_pretrained(tmp_path / "controlnet").controlnet_mid_block.weight == 0.5)
+
+    # a failure half-way through writing leaves the previous export as it was and no partial folder
+    def broken_save(self, folder, *args, **kwargs):
+        (Path(folder) / "config.json").write_text("{")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ControlNetModel, "save_pretrained", broken_save)
+    with torch.no_grad():
+        dec.diffusion.controlnet.controlnet_mid_block.weight.fill_(0.75)
+    with pytest.raises(OSError, match="disk full"):
+        dec.export_trained_parts(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["controlnet"]
+    assert torch.all(ControlNetModel.from_pretrained(tmp_path / "controlnet").controlnet_mid_block.weight == 0.5)
+    fresh = tmp_path / "fresh_run"
+    fresh.mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        dec.export_trained_parts(fresh)
+    assert list(fresh.iterdir()) == []
+
+
+def test_no_export_without_a_diffusion_term(tmp_path):
+    dec = build_neuropictor_decoder({"a": 4}, {"clip_text_tokens": TEXT}, map_size=16, patch=8, dim=16, depth=0,
+                                    heads=2, control_channels=8, control_size=4, text_tokens=5, diffusion=None)
+    assert dec.export_trained_parts(tmp_path) == {} and list(tmp_path.iterdir()) == []
+    assert dec.auxiliary_output_shapes()["control_map"] == (8, 4, 4)

@@ -17,7 +17,7 @@ from tests.tasks.test_cli import _assert_one_line_error, _run
 
 BRAINIT_TINY = [
     *[o for o in TINY_MODEL if not o.startswith("model.")],
-    "experiment=brainit_synthetic", "model.dim=16", "model.heads=2", "model.depth=1", "model.n_clusters=4",
+    "experiment=brainit_synthetic_lowlevel", "model.dim=16", "model.heads=2", "model.depth=1", "model.n_clusters=4",
     "model.voxels_per_step=40", "model.universal_encoder.dim=8", "model.universal_encoder.embed_dim=8",
     "model.stage0.epochs=2", "model.stage0.voxels_per_sample=40", "model.stage0.covariance_type=diag",
     "logger=csv", "reconstruction.enabled=false",
@@ -43,6 +43,11 @@ def test_brainit_stage0_train_reuse_and_transfer(tmp_path):
     assert {"ari", "random_ari", "anatomical_ari"} <= set(agreement)
     state = torch.load(src, weights_only=True)["state_dict"]
     labels = state["decoder.branches.semantic.labels_subj01"]
+    # the low-level branch trained on online VGG tokens (565 × 512 at 32 px), never cached
+    assert state["decoder.branches.lowlevel.queries"].shape == (565, 16)
+    assert not list(tmp_path.rglob("vgg_tokens-*.npy"))
+    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/lowlevel" in header and "val/loss" in header
     assert torch.equal(labels, torch.from_numpy(clusters.labels["subj01"]))  # the checkpoint carries them
     # the universal encoder was frozen after stage 0: BIT training did not move it
     saved_encoder = __import__("safetensors.torch", fromlist=["load_file"]).load_file(

@@ -91,3 +91,135 @@ def test_meg_generation_reads_the_calibrated_regression_head():
     np.testing.assert_allclose(out.std(0), std, rtol=1e-5)
     # an affine map per feature: the ranking of the items along every feature is kept
     assert (np.argsort(out[:, 1, 2]) == np.argsort(pred[:, 1, 2])).all()
+
+
+# Brain-IT's low-level stage (methods.md §5.5): a decoder with a `vgg_tokens` output (a head on the
+# multi-scale VGG target at 32 px, random weights: 565 × 512 per image, cached), inverted by a tiny DIP
+VGG_TARGET = ["+target@extra_targets.vgg=vgg_multiscale", "extra_targets.vgg.weights=random:0",
+              "extra_targets.vgg.image_size=32"]
+IMG2IMG = ["generator.lowlevel_target=lowlevel_image", "generator.lowlevel_kind=image", "generator.strength=0.5"]
+
+
+def _dip(node: str) -> list[str]:
+    return [f"{node}.iterations=3", f"{node}.output_size=32", f"{node}.feature_size=32",
+            f"{node}.vgg_weights=random:0", f"{node}.channels=16", f"{node}.batch_size=2"]
+
+
+@pytest.mark.slow
+def test_reconstruct_from_the_dip_lowlevel_image(tmp_path):
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    train = _run("bdf-train", [*TINY_WORLD, *TINY_MODEL, *VGG_TARGET, *IMG2IMG, "logger=csv", "data.subjects=[subj01]",
+                               "trainer.max_epochs=1", "lowlevel@reconstruction.lowlevel=dip",
+                               *_dip("reconstruction.lowlevel"), "reconstruction.n_images=2",
+                               "reconstruction.n_metric_images=0"], tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    ckpt = train.stdout.split("checkpoint    :")[1].split()[0]
+    # bdf-train's preview grid has the low-level column: ground truth | low-level | final
+    grid = Image.open(Path(ckpt).parents[1] / "reconstructions_grid.png")
+    assert grid.size[0] == 3 * (96 + 2) + 2
+
+    common = [f"ckpt={ckpt}", *TINY_GENERATOR, *IMG2IMG, "limit=3"]
+    low_dir, plain_dir = tmp_path / "low", tmp_path / "plain"
+    low = _run("bdf-reconstruct", [*common, "lowlevel=dip", *_dip("lowlevel"), f"out={low_dir}"], tmp_path)
+    assert low.returncode == 0, low.stderr[-3000:]
+    assert "3 new images, 3 in total" in low.stdout
+    assert "inverted 3 low-level images of subj01" in low.stdout + low.stderr  # the one batch of 3 to generate
+    plain = _run("bdf-reconstruct", [*common, f"out={plain_dir}"], tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+
+    manifest = json.loads((low_dir / "manifest.json").read_text())
+    items = sorted(manifest["items"], key=lambda i: i["image_index"])
+    assert len(items) == 3 and all(i["lowlevel_path"] for i in items)
+    stored = np.stack([np.asarray(Image.open(low_dir / i["lowlevel_path"])) for i in items])
+    assert stored.shape == (3, 32, 32, 3)
+    plain_items = sorted(json.loads((plain_dir / "manifest.json").read_text())["items"], key=lambda i: i["image_index"])
+    assert [i["image_index"] for i in plain_items] == [i["image_index"] for i in items]
+    assert all(i["lowlevel_path"] is None for i in plain_items)
+    finals = [np.asarray(Image.open(d / i["path"]), dtype=np.int16) for d, its in ((low_dir, items),
+                                                                                   (plain_dir, plain_items)) for i in its]
+    assert all(np.abs(a - b).max() > 10 for a, b in zip(finals[:3], finals[3:], strict=True))  # img2img from it
+    assert Image.open(low_dir / "grid.png").size[0] == 3 * (96 + 2) + 2
+
+    # the stored images are the DIP inversion of the decoder's predicted tokens, seed lowlevel.seed + image index
+    from braindecode_fw.generation.feature_inversion import FeatureInverter
+    from braindecode_fw.lit import predict
+    from braindecode_fw.tasks.evaluate import load_checkpoint
+    from braindecode_fw.tasks.train import build_datamodule, build_model
+
+    extra = load_checkpoint(ckpt)["braindecode_fw"]
+    train_cfg = OmegaConf.create(extra["config"])
+    dm = build_datamodule(train_cfg)
+    decoder = build_model(train_cfg, extra["n_features"], {k: tuple(v) for k, v in extra["target_shapes"].items()})
+    decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in load_checkpoint(ckpt)["state_dict"].items()
+                             if k.startswith("decoder.")})
+    p = predict(decoder, dm.test_dataloader(), "clip_image_tokens", outputs=["vgg_tokens"])["subj01"]
+    idx = [i["image_index"] for i in items]
+    rows = [int(np.flatnonzero(p["image_index"] == i)[0]) for i in idx]
+    inverter = FeatureInverter.from_config(manifest["config"]["reconstruct"]["lowlevel"])
+    ref = inverter(torch.from_numpy(p["outputs"]["vgg_tokens"][rows]), seeds=[inverter.seed + i for i in idx])
+    ref_u8 = (ref.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy()
+    assert np.abs(ref_u8 - stored).max() <= 1
+
+    # resuming inverts nothing: every item is done
+    again = _run("bdf-reconstruct", [*common, "lowlevel=dip", *_dip("lowlevel"), f"out={low_dir}"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 new images, 3 in total" in again.stdout and "inverted" not in again.stdout + again.stderr
+
+    # config errors, before any data work, naming the key
+    missing = _run("bdf-reconstruct", [*common, "lowlevel=dip", "lowlevel.source=pixels"], tmp_path)
+    _assert_one_line_error(missing, "lowlevel.source: the decoder has no output 'pixels' to invert",
+                           "vgg_tokens 565×512")
+    size = _run("bdf-reconstruct", [*common, "lowlevel=dip", "lowlevel.feature_size=64"], tmp_path)
+    _assert_one_line_error(size, "lowlevel.feature_size: 64 px gives 2321 VGG tokens × 512 per image, but the "
+                                 "decoder's 'vgg_tokens' is 565×512: the tokens of a 32 px image, so set "
+                                 "lowlevel.feature_size=32")
+
+
+def test_lowlevel_stage_fits_the_generator(tmp_path):
+    """The generator must read the low-level image as an image; errors name the key to set."""
+    from braindecode_fw.generation.diffusion import EmbedsConditionedReconstructor
+    from braindecode_fw.generation.tiny import build_tiny_pipeline
+    from braindecode_fw.tasks.reconstruct import check_generation
+
+    folder = build_tiny_pipeline("embeds", tmp_path / "tiny", image_size=32, cross_attention_dim=24)
+    provides = {"clip_image_tokens": (6, 24), "vgg_tokens": (565, 512)}
+    dip = {"feature_size": 32, "output_size": 32, "vgg_weights": "random:0"}
+
+    def gen(**kw):
+        return EmbedsConditionedReconstructor("g", str(folder), condition="clip_image_tokens", **kw)
+
+    inverter, seen = check_generation(gen(lowlevel_target="lowlevel_image", lowlevel_kind="image"), provides, dip)
+    assert inverter.output == "lowlevel_image" and seen == {**provides, "lowlevel_image": (3, 32, 32)}
+    assert check_generation(gen(), provides, None) == (None, provides)
+    with pytest.raises(ValueError, match=r"lowlevel.output: generator g does not read 'lowlevel_image' \(its inputs: "
+                                         r"\['clip_image_tokens'\]\), .* set generator.lowlevel_target=lowlevel_image "
+                                         r"generator.lowlevel_kind=image"):
+        check_generation(gen(), provides, dip)
+    with pytest.raises(ValueError, match=r"generator.lowlevel_kind: generator g reads 'lowlevel_image' as 4×\*×\*, "
+                                         r"the low-level stage gives images 3×32×32; set generator.lowlevel_kind=image"):
+        check_generation(gen(lowlevel_target="lowlevel_image"), provides, dip)
+    with pytest.raises(ValueError, match=r"lowlevel.output: 'vgg_tokens' is already a decoder output"):
+        check_generation(gen(), provides, {**dip, "output": "vgg_tokens"})
+    required = gen(lowlevel_target="lowlevel_image", lowlevel_kind="image", require_lowlevel=True)
+    with pytest.raises(ValueError, match=r"generator g needs lowlevel_image \(3×\*×\*\)"):
+        check_generation(required, provides, None)  # without the stage the required image is missing
+    check_generation(required, provides, dip)
+
+
+def test_lowlevel_stage_warns_about_other_vgg_weights(caplog):
+    from omegaconf import OmegaConf
+
+    from braindecode_fw.generation.feature_inversion import FeatureInverter
+    from braindecode_fw.tasks.reconstruct import _warn_other_vgg_weights
+
+    train_cfg = OmegaConf.create({"target": {"feature_name": "clip_image_tokens"},
+                                  "extra_targets": {"vgg": {"feature_name": "vgg_tokens", "weights": "random:0"}}})
+    with caplog.at_level("WARNING"):
+        _warn_other_vgg_weights(FeatureInverter(vgg_weights="random:0"), train_cfg)
+        assert not caplog.records
+        _warn_other_vgg_weights(FeatureInverter(), train_cfg)
+    assert "lowlevel.vgg_weights is 'VGG16_BN_Weights.IMAGENET1K_V1', but the decoder's 'vgg_tokens' target was " \
+           "computed with 'random:0'" in caplog.text
