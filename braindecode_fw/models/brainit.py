@@ -36,7 +36,7 @@ construction then silently drops all but the last copy of a duplicated voxel (me
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -298,7 +298,8 @@ class BrainITDecoder(Decoder):
     """Brain-IT behind the framework's decoder contract (methods.md §5.3): one
     :class:`BrainInteractionTransformer` per branch, each predicting its target's tokens.
 
-    ``forward(responses, subjects)``: ``(B, F_max)`` -> ``{target: (B, N, W)}`` per branch. When a
+    ``forward(responses, subjects)``: ``(B, F_max)`` -> ``{target: (B, N, W)}`` per branch, or
+    ``(B, D)`` for a branch in ``pooled`` (an embedding target read by one query). When a
     loss is computed (``targets`` given: training and validation), a branch with ``token_sampling``
     predicts only a per-scale random subset of its queries (Brain-IT's low-level branch: [512, 512,
     128, 64, 16] of the five VGG scales) and adds ``<target>/index`` (the sampled query indices)
@@ -314,7 +315,7 @@ class BrainITDecoder(Decoder):
     def __init__(self, branches: Mapping[str, BrainInteractionTransformer], targets: Mapping[str, str], *,
                  token_sampling: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
                  voxels_per_step: int | None = None, universal_encoder: nn.Module | None = None,
-                 stage0: Mapping | None = None, seed: int = 0):
+                 stage0: Mapping | None = None, seed: int = 0, pooled: Iterable[str] = ()):
         nn.Module.__init__(self)
         self.branches = nn.ModuleDict(dict(branches))
         self.branch_targets = dict(targets)
@@ -324,6 +325,7 @@ class BrainITDecoder(Decoder):
         self.stage0 = dict(stage0 or {})
         self.generator = torch.Generator().manual_seed(seed)
         self.stage0_result: dict | None = None  # set by configure_from_data (clusters, report)
+        self.pooled = set(pooled)  # branches predicting an embedding (D,) with one query
 
     @property
     def subjects(self) -> list[str]:
@@ -346,7 +348,8 @@ class BrainITDecoder(Decoder):
                                   generator=self.generator)
                 out[f"{target}/index"], out[f"{target}/scale"] = index, scale
             else:
-                out[target] = bit(responses, subjects, voxels_per_step=vps, generator=self.generator)
+                value = bit(responses, subjects, voxels_per_step=vps, generator=self.generator)
+                out[target] = value[:, 0] if name in self.pooled else value
         return out
 
     def add_subject(self, subject: str, n_voxels: int) -> list[str]:
@@ -424,17 +427,23 @@ def build_brainit_decoder(
     active = {name: dict(spec) for name, spec in branches.items() if spec is not None}
     if not active:
         raise ValueError("model.branches: no branch configured (semantic and/or lowlevel)")
-    bits, targets, sampling = {}, {}, {}
+    bits, targets, sampling, pooled = {}, {}, {}, set()
     for name, spec in active.items():
         target = spec.get("target")
         shape = tuple(int(d) for d in target_shapes.get(target, ()))
-        if target not in target_shapes or len(shape) != 2:
-            raise ValueError(f"model.branches.{name}.target: {target!r} must be a token target (N, W) of the run; "
-                             f"targets {({k: tuple(v) for k, v in target_shapes.items()})}")
+        if target not in target_shapes or len(shape) not in (1, 2):
+            raise ValueError(f"model.branches.{name}.target: {target!r} must be a token target (N, W) or an "
+                             f"embedding (D,) of the run; targets {({k: tuple(v) for k, v in target_shapes.items()})}")
+        if len(shape) == 1:  # one learned query reads the embedding (e.g. a pooled CLIP image embedding)
+            pooled.add(name)
+            shape = (1, shape[0])
         bits[name] = BrainInteractionTransformer(n_features, n_queries=shape[0], out_dim=shape[1],
                                                  n_clusters=n_clusters, dim=dim, heads=heads, depth=depth)
         targets[name] = target
         ts = spec.get("token_sampling")
+        if ts is not None and name in pooled:
+            raise ValueError(f"model.branches.{name}.token_sampling: the target {target!r} is an embedding "
+                             f"{tuple(target_shapes[target])}, not tokens to sample")
         if ts is not None:
             sizes = list(ts.get("scale_sizes") or scale_sizes(int(ts["image_size"])))
             if sum(sizes) != shape[0]:
@@ -457,4 +466,4 @@ def build_brainit_decoder(
                                                       "n_tokens": tokens})
         encoder = UniversalEncoder(n_features, config)
     return BrainITDecoder(bits, targets, token_sampling=sampling, voxels_per_step=voxels_per_step,
-                          universal_encoder=encoder, stage0=stage0, seed=seed)
+                          universal_encoder=encoder, stage0=stage0, seed=seed, pooled=pooled)

@@ -225,3 +225,25 @@ def test_lowlevel_branch_samples_queries_only_when_a_loss_is_computed():
     with pytest.raises(KeyError, match=r"a multiscale_infonce term needs the decoder's sampled queries"):
         objective.terms["low"]  # noqa: B018 - the term exists; the error comes from the objective below
         TermsObjective._sampled(out, "vgg_tokens", "low", "scale")
+
+
+def test_embedding_target_is_read_by_one_query():
+    """A 1-D target (a pooled CLIP embedding, e.g. the synthetic world's tiny CLIP) gets one query
+    and a (B, D) output; it cannot be token-sampled."""
+    from braindecode_fw.models.brainit import build_brainit_decoder
+
+    torch.manual_seed(0)
+    shapes = {"tiny_clip_image": (128,)}
+    dec = build_brainit_decoder({"subj01": 30}, shapes, branches={"semantic": {"target": "tiny_clip_image"}},
+                                dim=16, heads=2, depth=1, n_clusters=4, voxels_per_step=None)
+    assert dec.branches["semantic"].n_queries == 1
+    dec.set_clusters({"subj01": torch.arange(30) % 4})
+    x = torch.randn(3, 30)
+    out = dec(x, ["subj01"] * 3)["tiny_clip_image"]
+    assert out.shape == (3, 128)
+    torch.testing.assert_close(out, dec.branches["semantic"](x, ["subj01"] * 3)[:, 0])
+    with pytest.raises(ValueError, match="token_sampling: the target 'tiny_clip_image' is an embedding"):
+        build_brainit_decoder({"subj01": 30}, shapes, branches={"semantic": {
+            "target": "tiny_clip_image", "token_sampling": {"image_size": 32, "per_scale": [1, 1, 1, 1, 1]}}})
+    with pytest.raises(ValueError, match=r"must be a token target \(N, W\) or an embedding \(D,\)"):
+        build_brainit_decoder({"subj01": 30}, {"x": (2, 3, 4)}, branches={"semantic": {"target": "x"}})

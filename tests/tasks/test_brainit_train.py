@@ -16,10 +16,16 @@ from tests.conftest import TINY_MODEL, TINY_WORLD
 from tests.tasks.test_cli import _assert_one_line_error, _run
 
 BRAINIT_TINY = [
-    *[o for o in TINY_MODEL if not o.startswith("model.")],
+    # both branches on the shipped tiny CLIP's embedding and online VGG tokens; stage 0 on a shrunk
+    # random ViT's tokens
+    *[o for o in TINY_MODEL if not o.startswith(("model.", "target", "generator"))],
     "experiment=brainit_synthetic_lowlevel", "model.dim=16", "model.heads=2", "model.depth=1", "model.n_clusters=4",
     "model.voxels_per_step=40", "model.universal_encoder.dim=8", "model.universal_encoder.embed_dim=8",
     "model.stage0.epochs=2", "model.stage0.voxels_per_sample=40", "model.stage0.covariance_type=diag",
+    "extra_targets.tokens.model_overrides.vision_cfg.image_size=32",
+    "extra_targets.tokens.model_overrides.vision_cfg.width=32",
+    "extra_targets.tokens.model_overrides.vision_cfg.layers=1", "extra_targets.tokens.model_overrides.embed_dim=16",
+    "extra_targets.tokens.preprocess.image_size=32",
     "logger=csv", "reconstruction.enabled=false",
 ]
 
@@ -45,6 +51,7 @@ def test_brainit_stage0_train_reuse_and_transfer(tmp_path):
     labels = state["decoder.branches.semantic.labels_subj01"]
     # the low-level branch trained on online VGG tokens (565 × 512 at 32 px), never cached
     assert state["decoder.branches.lowlevel.queries"].shape == (565, 16)
+    assert state["decoder.branches.semantic.queries"].shape == (1, 16)  # the tiny CLIP embedding, one query
     assert not list(tmp_path.rglob("vgg_tokens-*.npy"))
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "train/lowlevel" in header and "val/loss" in header
