@@ -134,6 +134,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume_from and hasattr(decoder, "use_saved_artifacts"):
         decoder.use_saved_artifacts(Path(resume_from).parents[1])  # the run the checkpoint belongs to
     decoder.configure_from_data(dm)
+    if cfg.get("init_from") and not resume_from:  # a continued run restores its own weights instead
+        from braindecode_fw.ops.warm_start import load_matching_weights
+
+        warm = load_matching_weights(decoder, cfg.init_from)
+        if is_rank_zero():
+            atomic_write_json(run_dir / "init_from.json", warm)
     if is_rank_zero() and hasattr(decoder, "save_artifacts"):
         decoder.save_artifacts(run_dir)  # what configure_from_data made, e.g. Brain-IT's stage 0
     resolved = OmegaConf.to_container(cfg, resolve=True)

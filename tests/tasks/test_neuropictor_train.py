@@ -92,6 +92,17 @@ def test_trained_controlnet_is_exported_and_reconstructs(tmp_path):
         with Image.open(out / item["path"]) as img:
             assert img.size == (IMAGE_SIZE, IMAGE_SIZE) and img.mode == "RGB"
 
+    # per-subject refining after multi-subject pretraining (methods.md §6.4): a new run on subj01
+    # with the extra semantic branch starts from the pretrained weights (init_from)
+    refine = _run("bdf-train", [*_neuropictor_tiny(sd_folder), f"init_from={ckpt}", "model.extra_branch=true",
+                                "data.subjects=[subj01]"], tmp_path)
+    assert refine.returncode == 0, refine.stderr[-3000:]
+    refine_ckpt = refine.stdout.split("checkpoint    :")[1].split()[0]
+    warm = json.loads((Path(refine_ckpt).parents[1] / "init_from.json").read_text())
+    assert warm["checkpoint"] == ckpt and any(k.startswith("encoder.") for k in warm["loaded"])
+    assert warm["not_in_checkpoint"] and all("extra" in k for k in warm["not_in_checkpoint"])
+    assert not any(k.startswith("diffusion.unet.") for k in warm["loaded"])  # the locked UNet is not stored
+
 
 def test_run_dir_resolver_names_the_checkpoints_run(tmp_path):
     cfg = compose_config("reconstruct", [f"ckpt={tmp_path}/run/checkpoints/best-epoch003.ckpt",
