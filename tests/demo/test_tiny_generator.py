@@ -123,7 +123,7 @@ def test_shipped_generator_draws_the_scene_it_is_given():
     card = json.loads((folder / "training.json").read_text())
     m = card["metrics"]
     assert m["two_way_clip"] > 0.95 and m["colour_accuracy"] > 0.8 and m["category_accuracy"] > 1.5 * m["category_chance"]
-    assert card["unet_total_steps"] == 5000 and m["guidance_scale"] == 5.0
+    assert card["unet_total_steps"] == 7000 and m["guidance_scale"] == 5.0
     for config in folder.glob("*/config.json"):  # ships without the machine paths diffusers records
         assert "_name_or_path" not in json.loads(config.read_text()), config
     assert m["vae_pixcorr"] > 0.9 and m["category_accuracy_real"] > 0.8  # the VAE and the judge work
