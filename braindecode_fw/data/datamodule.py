@@ -68,13 +68,12 @@ class Batch:
         return len(self.subject)
 
 
-class _SubjectReader:
-    """Lazily memory-maps one subject's responses (memory maps must not be pickled into workers)."""
+class _LazyMemmap:
+    """Memory-maps an ``.npy`` file on first use (memory maps must not be pickled into workers: a
+    pickled map copies the whole array)."""
 
-    def __init__(self, path: Path, stats: SessionStats | None, session: np.ndarray):
+    def __init__(self, path: Path):
         self.path = path
-        self.stats = stats
-        self.session = session
         self._arr: np.ndarray | None = None
 
     def __getstate__(self):
@@ -85,6 +84,15 @@ class _SubjectReader:
         if self._arr is None:
             self._arr = np.load(self.path, mmap_mode="r")
         return self._arr
+
+
+class _SubjectReader(_LazyMemmap):
+    """One subject's responses, z-scored per session on read."""
+
+    def __init__(self, path: Path, stats: SessionStats | None, session: np.ndarray):
+        super().__init__(path)
+        self.stats = stats
+        self.session = session
 
     def read(self, rows: np.ndarray, zscore: bool) -> np.ndarray:
         """Rows (any order) -> float32 ``(len(rows), F)``, z-scored per session if asked."""
@@ -107,14 +115,14 @@ class TrialDataset(torch.utils.data.Dataset):
 
     def __init__(self, readers: list[_SubjectReader], subjects: list[str], subject_pos: np.ndarray,
                  rows: np.ndarray, image_index: np.ndarray, targets: dict[str, np.ndarray], zscore: bool,
-                 stimuli: np.ndarray | None = None):
+                 stimuli: _LazyMemmap | None = None):
         self.readers, self.subjects = readers, subjects
         self.subject_pos, self.rows, self.image_index = subject_pos, rows, image_index
         self.targets, self.zscore = targets, zscore
-        self.stimuli = stimuli  # the store's images (memory map): batches carry them for online targets
+        self.stimuli = stimuli  # the store's images: batches carry them for online targets
 
     def _batch_images(self, images: np.ndarray) -> torch.Tensor | None:
-        return None if self.stimuli is None else torch.from_numpy(_gather_rows(self.stimuli, images, np.uint8))
+        return None if self.stimuli is None else torch.from_numpy(_gather_rows(self.stimuli.array, images, np.uint8))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -394,9 +402,9 @@ class BrainDataModule(L.LightningDataModule):
                 batch.targets[name] = encoder.encode_on_device(batch.images)
         return batch
 
-    def _stimuli(self) -> np.ndarray | None:
+    def _stimuli(self) -> _LazyMemmap | None:
         assert self.store is not None
-        return self.store.images if self.online_encoders else None
+        return _LazyMemmap(self.store.root / "images" / "images.npy") if self.online_encoders else None
 
     def _require_stored(self, name: str, what: str) -> None:
         if name in self.online_encoders:

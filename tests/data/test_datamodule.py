@@ -173,6 +173,12 @@ def test_online_targets_equal_cached_ones(tiny_store, tmp_path):
         np.testing.assert_array_equal(batch.images.numpy(), np.asarray(store.images)[batch.image_index.numpy()])
         batch = m.on_after_batch_transfer(batch, 0)  # the Lightning hook
         torch.testing.assert_close(batch.targets["vgg_tokens"], batch.targets["vgg_cached"], rtol=1e-4, atol=1e-4)
+    import pickle
+
+    ds, _ = m._trial_dataset("train")
+    ds.__getitems__([0])  # opens the image memory map; workers get its path, not a copy of the images
+    assert ds.stimuli._arr is not None and len(pickle.dumps(ds.stimuli)) < 10_000
+    assert pickle.loads(pickle.dumps(ds.stimuli))._arr is None
     with pytest.raises(ValueError, match="target_statistics: target 'vgg_tokens' is computed online"):
         m.target_statistics("vgg_tokens")
     with pytest.raises(ValueError, match="subject_arrays: target 'vgg_tokens' is computed online"):
