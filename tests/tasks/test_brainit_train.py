@@ -135,3 +135,18 @@ def test_stage0_load_errors(tmp_path):
         build_brainit_decoder({"subj01": 6}, {"vgg_tokens": (100, 4)},
                               branches={"lowlevel": {"target": "vgg_tokens",
                                                      "token_sampling": {"image_size": 112, "per_scale": [1] * 5}}})
+
+
+def test_stage0_features_must_be_stored():
+    from types import SimpleNamespace
+
+    from braindecode_fw.models import brainit_stage0
+    from braindecode_fw.models.brainit import build_brainit_decoder
+
+    decoder = build_brainit_decoder({"subj01": 6}, {"clip_image_tokens": (3, 4)},
+                                    branches={"semantic": {"target": "clip_image_tokens"}},
+                                    dim=8, heads=2, depth=1, n_clusters=2, stage0={"features": "clip_image_tokens"},
+                                    universal_encoder={"dim": 4, "embed_dim": 4})
+    dm = SimpleNamespace(target_shapes={"clip_image_tokens": (3, 4)}, online_targets=["clip_image_tokens"])
+    with pytest.raises(ValueError, match="model.stage0.features: 'clip_image_tokens' is computed online"):
+        brainit_stage0.configure(decoder, dm, {"features": "clip_image_tokens"})
