@@ -37,6 +37,20 @@ class SceneCorpus:
         """Indices of the scenes holding exactly one object (zero-shot classification items)."""
         return np.flatnonzero([len(s.objects) == 1 for s in self.scenes])
 
+    def object_boxes(self, side: int, margin: float = 0.0) -> np.ndarray:
+        """Where the objects are: float32 ``(n, side, side)``, 1 on the cells of a ``side``×``side``
+        grid over the image whose centre lies in an object's bounding square (its centre ± its
+        radius + ``margin``, image fractions), else 0. The tiny generator weights its loss by them."""
+        centres = (np.arange(side, dtype=np.float32) + 0.5) / side
+        boxes = np.zeros((len(self.scenes), side, side), dtype=np.float32)
+        for i, scene in enumerate(self.scenes):
+            for obj in scene.objects:
+                reach = list(sc.SIZES.values())[obj.size] + margin
+                rows = np.abs(centres - obj.y) <= reach
+                cols = np.abs(centres - obj.x) <= reach
+                boxes[i][np.ix_(rows, cols)] = 1.0
+        return boxes
+
     def first_object_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """(category, colour) index of each scene's first object: ``(n,)`` int64 each."""
         return (np.asarray([s.objects[0].category for s in self.scenes], dtype=np.int64),

@@ -39,6 +39,10 @@ from braindecode_fw.schema import check_keys
 log = logging.getLogger(__name__)
 
 EMBED_DIM = 128
+# how the timestep + label embedding enters each residual block (diffusers' resnet_time_scale_shift):
+# "default" adds it to the features, "scale_shift" scales and shifts the normalised features by it
+# (adaptive group norm, Dhariwal & Nichol 2021 §3)
+TIME_SCALE_SHIFTS = ("default", "scale_shift")
 # SD's sampling noise schedule (the one conf/generator/*.yaml pipelines ship with)
 SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
@@ -61,8 +65,10 @@ class TinyGeneratorConfig:
     unet_batch_size: int = 64
     unet_lr: float = 1e-3
     unet_channels: tuple[int, ...] = (64, 128)
+    unet_time_scale_shift: str = "default"  # "scale_shift": the label modulates every block (AdaGN)
     condition_dropout: float = 0.1
     snr_gamma: float | None = 5.0   # Min-SNR-γ loss weighting (Hang et al. 2023); null = plain MSE
+    object_loss_weight: float = 0.0  # latent cells in an object's bounding square weigh 1 + this
     reuse_vae: bool = False         # keep the VAE of the generator already in the output folder
     resume_unet: bool = False       # continue that generator's UNet for unet_steps more (needs reuse_vae)
     max_noise_level: int = 300      # training embeddings are noise-augmented to levels in [0, this]
@@ -78,6 +84,12 @@ class TinyGeneratorConfig:
         if "unet_channels" in values:
             values["unet_channels"] = tuple(values["unet_channels"])
         cfg = cls(**values)
+        if cfg.unet_time_scale_shift not in TIME_SCALE_SHIFTS:
+            raise ValueError(f"demo_models.generator.unet_time_scale_shift: one of {list(TIME_SCALE_SHIFTS)}, "
+                             f"got {cfg.unet_time_scale_shift!r}")
+        if cfg.object_loss_weight < 0:
+            raise ValueError(f"demo_models.generator.object_loss_weight: must be >= 0 (0 = every latent cell "
+                             f"weighs the same), got {cfg.object_loss_weight}")
         if cfg.resume_unet and not cfg.reuse_vae:
             raise ValueError("demo_models.generator.resume_unet: true needs reuse_vae: true (the saved UNet "
                              "denoises that VAE's latents)")
@@ -92,10 +104,12 @@ def build_vae(image_size: int = 64):
                          latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=image_size)
 
 
-def build_unet(image_size: int = 64, channels: tuple[int, ...] = (64, 128), embed_dim: int = EMBED_DIM):
+def build_unet(image_size: int = 64, channels: tuple[int, ...] = (64, 128), embed_dim: int = EMBED_DIM,
+               time_scale_shift: str = "default"):
     """A class-conditioned UNet on 16×16 latents: residual blocks, self-attention at the lower
     level and in the middle, the unCLIP label ([embedding, noise-level embedding], 2·``embed_dim``)
-    projected into the timestep embedding. No cross-attention: the tiny generator has no text
+    projected into the timestep embedding, which enters every residual block as ``time_scale_shift``
+    says (:data:`TIME_SCALE_SHIFTS`). No cross-attention: the tiny generator has no text
     context (the reconstructor's context tensor is ignored)."""
     from diffusers import UNet2DConditionModel
 
@@ -105,7 +119,8 @@ def build_unet(image_size: int = 64, channels: tuple[int, ...] = (64, 128), embe
         down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (n - 1),
         up_block_types=("AttnUpBlock2D",) * (n - 1) + ("UpBlock2D",), mid_block_type="UNetMidBlock2D",
         attention_head_dim=32, norm_num_groups=32, cross_attention_dim=embed_dim,
-        class_embed_type="projection", projection_class_embeddings_input_dim=2 * embed_dim)
+        class_embed_type="projection", projection_class_embeddings_input_dim=2 * embed_dim,
+        resnet_time_scale_shift=time_scale_shift)
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
@@ -181,18 +196,31 @@ def build_normalizer(embeds: torch.Tensor):
     return normalizer
 
 
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, cell_weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample squared error of ``(n, c, h, w)`` predictions: the mean over channels, then the
+    ``cell_weights``-weighted mean over the ``(n, h, w)`` cells (None: the plain mean) -> ``(n,)``."""
+    err = (pred.float() - target.float()).pow(2).mean(dim=1)
+    if cell_weights is None:
+        return err.mean(dim=(1, 2))
+    return (err * cell_weights).sum(dim=(1, 2)) / cell_weights.sum(dim=(1, 2))
+
+
 def train_unet(cfg: TinyGeneratorConfig, latents: torch.Tensor, embeds: torch.Tensor, normalizer,
-               rng: np.random.Generator, *, unet=None, first_step: int = 0) -> tuple[Any, list[dict]]:
+               rng: np.random.Generator, *, unet=None, first_step: int = 0,
+               object_boxes: torch.Tensor | None = None) -> tuple[Any, list[dict]]:
     """Stage 2: the class-conditioned UNet (v-prediction, EMA). ``latents`` ``(n, 4, 16, 16)``
     scaled; ``embeds`` ``(n, d)`` unit-norm tiny-CLIP image embeddings; ``unet``: continue this
     one (``resume_unet``; its curve's steps then count on from ``first_step``) instead of a new
-    one. Returns (EMA UNet, curve)."""
+    one. ``object_boxes`` ``(n, 16, 16)`` (:meth:`SceneCorpus.object_boxes` on the latent grid)
+    with ``object_loss_weight`` > 0: the cells around objects weigh ``1 + object_loss_weight``,
+    so that the loss is not spent on background texture alone (the scenes' shape is a small part
+    of their pixels). Returns (EMA UNet, curve)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
     torch.manual_seed(cfg.seed + 1 + first_step)
     if unet is None:
-        unet = build_unet(cfg.image_size, cfg.unet_channels, embeds.shape[1])
+        unet = build_unet(cfg.image_size, cfg.unet_channels, embeds.shape[1], cfg.unet_time_scale_shift)
     unet.requires_grad_(True)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     train_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("set_alpha_to_one",
@@ -220,12 +248,13 @@ def train_unet(cfg: TinyGeneratorConfig, latents: torch.Tensor, embeds: torch.Te
             labels[torch.rand(n, generator=gen) < cfg.condition_dropout] = 0  # the unconditional label
         context = torch.zeros(n, 1, emb.shape[1])
         pred = unet(xt, t, encoder_hidden_states=context, class_labels=labels).sample
+        per_sample = weighted_mse(pred, target, None if object_boxes is None
+                                  else 1 + cfg.object_loss_weight * object_boxes[idx])
         if cfg.snr_gamma is None:
-            loss = F.mse_loss(pred, target)
+            loss = per_sample.mean()
         else:  # Min-SNR-γ for v-prediction: min(SNR, γ) / (SNR + 1) per sample
             snr = compute_snr(train_sched, t)
-            weights = torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1)
-            loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+            loss = (per_sample * torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -278,6 +307,10 @@ def load_unet(folder: str | Path, cfg: TinyGeneratorConfig) -> tuple[Any, dict[s
     if saved != tuple(cfg.unet_channels):
         raise ValueError(f"demo_models.generator.resume_unet: the UNet in {folder} has channels {list(saved)}, "
                          f"the config asks for unet_channels {list(cfg.unet_channels)}")
+    saved_shift = unet.config.resnet_time_scale_shift
+    if saved_shift != cfg.unet_time_scale_shift:
+        raise ValueError(f"demo_models.generator.resume_unet: the UNet in {folder} has time_scale_shift "
+                         f"{saved_shift!r}, the config asks for unet_time_scale_shift {cfg.unet_time_scale_shift!r}")
     return unet, _saved_record(folder)
 
 
@@ -307,15 +340,19 @@ def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | 
         vae_seconds = time.perf_counter() - start
     latents = encode_latents(vae, corpus.images)
     normalizer = build_normalizer(embeds)
+    side = latents.shape[-1]
+    # one latent cell of margin: a shape is told by the boundary, both sides of it
+    boxes = torch.from_numpy(corpus.object_boxes(side, margin=1 / side)) if cfg.object_loss_weight > 0 else None
     earlier: dict[str, Any] = {}
     if unet_from is not None:
         unet, earlier = load_unet(unet_from, cfg)
         first_step = int(earlier.get("unet_total_steps", earlier.get("config", {}).get("unet_steps", 0)))
-        unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng, unet=unet, first_step=first_step)
+        unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng, unet=unet, first_step=first_step,
+                                      object_boxes=boxes)
         unet_curve = list(earlier.get("unet_curve", [])) + unet_curve
     else:
         first_step = 0
-        unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng)
+        unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng, object_boxes=boxes)
     pipe = assemble_pipeline(vae, unet, normalizer)
     record = {"config": asdict(cfg), "train_seconds": round(time.perf_counter() - start, 1),
               "unet_total_steps": first_step + cfg.unet_steps,

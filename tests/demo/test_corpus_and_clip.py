@@ -36,6 +36,29 @@ def test_corpus_is_seeded_and_streams_differ():
     assert a.captions[0] == sc.caption_scene(a.scenes[0])
 
 
+def test_object_boxes_cover_every_object_pixel_and_little_else():
+    """With the training's margin of one cell, every pixel an object changes (the scene rendered
+    with and without its objects) lies in a cell the boxes mark; a small object's box is its
+    bounding square, not the image."""
+    import dataclasses
+
+    corpus = build_corpus(40, seed=2, stream=TRAIN_STREAM, image_size=64)
+    boxes = corpus.object_boxes(16, margin=1 / 16)
+    for scene, image, box in zip(corpus.scenes, corpus.images, boxes, strict=True):
+        background = sc.render_scene(dataclasses.replace(scene, objects=()), 64)
+        changed = np.abs(image.astype(int) - background.astype(int)).max(-1) > 0
+        cells = changed.reshape(16, 4, 16, 4).any(axis=(1, 3))
+        assert not (cells & (box == 0)).any()
+    one = sc.Scene(objects=(sc.SceneObject(category=0, colour=0, size=0, x=0.5, y=0.25),), background=0, tint=0,
+                   texture_seed=0)
+    single = dataclasses.replace(corpus, scenes=[one]).object_boxes(16, margin=1 / 16)[0]
+    reach = sc.SIZES["small"] + 1 / 16  # cell centres within 0.1925 of (0.5, 0.25)
+    centres = (np.arange(16) + 0.5) / 16
+    expected = np.outer(np.abs(centres - 0.25) <= reach, np.abs(centres - 0.5) <= reach)
+    np.testing.assert_array_equal(single, expected.astype(np.float32))
+    assert single.sum() == 6 * 6
+
+
 def test_caption_variants_name_every_object_category():
     corpus = build_corpus(200, seed=1, stream=TRAIN_STREAM, image_size=16)
     rng = np.random.default_rng(0)

@@ -107,6 +107,49 @@ def test_generator_trains_saves_and_reconstructs_through_the_loader(tmp_path, cl
     assert grids["samples_conditional"].shape[2] == 3 and grids["samples_unconditional"].dtype == np.uint8
 
 
+def test_weighted_mse_matches_a_direct_computation():
+    torch.manual_seed(0)
+    pred, target = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    torch.testing.assert_close(tiny_generator.weighted_mse(pred, target, None),
+                               torch.nn.functional.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)))
+    weights = 1 + 4 * (torch.rand(3, 5, 5) > 0.5).float()
+    p, t, w = pred.double().numpy(), target.double().numpy(), weights.double().numpy()
+    expected = [sum(w[i, y, x] * ((p[i, :, y, x] - t[i, :, y, x]) ** 2).mean() for y in range(5) for x in range(5))
+                / w[i].sum() for i in range(3)]
+    np.testing.assert_allclose(tiny_generator.weighted_mse(pred, target, weights).numpy(), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="object_loss_weight: must be >= 0"):
+        tiny_generator.TinyGeneratorConfig.from_mapping({"object_loss_weight": -1.0})
+
+
+def test_time_scale_shift_makes_the_label_scale_and_shift_every_block(tmp_path):
+    """``unet_time_scale_shift: scale_shift`` (AdaGN): each residual block's embedding projection
+    gives a scale and a shift per channel (twice the outputs), and at zero projection weights and
+    bias the block equals its plain-norm path; a saved UNet resumes only under its own setting."""
+    plain = tiny_generator.build_unet(32, (32, 32), 16)
+    adagn = tiny_generator.build_unet(32, (32, 32), 16, "scale_shift")
+    block_plain, block_adagn = plain.down_blocks[0].resnets[0], adagn.down_blocks[0].resnets[0]
+    assert block_plain.time_emb_proj.out_features == 32 and block_adagn.time_emb_proj.out_features == 64
+    # reference: norm2(h)·(1 + scale) + shift with (scale, shift) = chunks of the projected embedding
+    torch.manual_seed(0)
+    h, temb = torch.randn(2, 32, 8, 8), torch.randn(2, 128)
+    captured = {}
+    block_adagn.norm2.register_forward_hook(lambda m, i, o: captured.setdefault("norm", o))
+    block_adagn.nonlinearity.register_forward_hook(lambda m, i, o: captured.setdefault("act", []).append((i[0], o)))
+    block_adagn.eval()(h, temb)
+    scale, shift = block_adagn.time_emb_proj(block_adagn.nonlinearity(temb))[:, :, None, None].chunk(2, dim=1)
+    expected = captured["norm"] * (1 + scale) + shift
+    assert any(inp.shape == expected.shape and torch.allclose(inp, expected, atol=1e-5)
+               for inp, _ in captured["act"])
+    with pytest.raises(ValueError, match=r"unet_time_scale_shift: one of \['default', 'scale_shift'\], got 'ada'"):
+        tiny_generator.TinyGeneratorConfig.from_mapping({"unet_time_scale_shift": "ada"})
+    adagn.save_pretrained(tmp_path / "unet")
+    cfg = tiny_generator.TinyGeneratorConfig.from_mapping({"unet_channels": [32, 32], "reuse_vae": True,
+                                                           "resume_unet": True})
+    with pytest.raises(ValueError, match="has time_scale_shift 'scale_shift', the config asks for "
+                                         "unet_time_scale_shift 'default'"):
+        tiny_generator.load_unet(tmp_path, cfg)
+
+
 def test_unknown_generator_key_is_named():
     with pytest.raises(ValueError, match=r"demo_models.generator: unknown key\(s\) \['unet_step'\]"):
         tiny_generator.TinyGeneratorConfig.from_mapping({"unet_step": 3})
