@@ -68,7 +68,7 @@ class TinyGeneratorConfig:
     unet_time_scale_shift: str = "default"  # "scale_shift": the label modulates every block (AdaGN)
     condition_dropout: float = 0.1
     snr_gamma: float | None = 5.0   # Min-SNR-γ loss weighting (Hang et al. 2023); null = plain MSE
-    object_loss_weight: float = 0.0  # latent cells in an object's bounding square weigh 1 + this
+    object_loss_weight: float = 4.0  # latent cells in an object's bounding square weigh 1 + this (0: plain)
     reuse_vae: bool = False         # keep the VAE of the generator already in the output folder
     resume_unet: bool = False       # continue that generator's UNet for unet_steps more (needs reuse_vae)
     max_noise_level: int = 300      # training embeddings are noise-augmented to levels in [0, this]
@@ -354,8 +354,13 @@ def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | 
         first_step = 0
         unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng, object_boxes=boxes)
     pipe = assemble_pipeline(vae, unet, normalizer)
-    record = {"config": asdict(cfg), "train_seconds": round(time.perf_counter() - start, 1),
+    seconds = round(time.perf_counter() - start, 1)
+    segment = {"steps": cfg.unet_steps, "lr": cfg.unet_lr, "snr_gamma": cfg.snr_gamma,
+               "object_loss_weight": cfg.object_loss_weight, "seconds": seconds}
+    record = {"config": asdict(cfg), "train_seconds": seconds,
               "unet_total_steps": first_step + cfg.unet_steps,
+              # every run that made the UNet, in order (a resumed run appends its own)
+              "unet_segments": list(earlier.get("unet_segments", [])) + [segment],
               "unet_resumed_from_step": first_step if unet_from is not None else None,
               "earlier_train_seconds": (round(float(earlier.get("train_seconds", 0))
                                               + float(earlier.get("earlier_train_seconds") or 0), 1)
@@ -407,6 +412,10 @@ def model_card(record: dict[str, Any]) -> str:
     m = record.get("metrics", {})
     gamma = cfg.get("snr_gamma")
     weighting = "v-prediction" + ("" if gamma is None else f" with Min-SNR-γ {gamma} weighting")
+    if cfg.get("object_loss_weight"):
+        weighting += f", latent cells around objects weighted {1 + cfg['object_loss_weight']:g}×"
+    if cfg.get("unet_time_scale_shift", "default") != "default":
+        weighting += f", {cfg['unet_time_scale_shift']} blocks"
     vae_note = f" (reused from {record['vae_from']})" if record.get("vae_from") else ""
     lines = [
         "# Tiny generator for the synthetic world", "",
@@ -458,4 +467,9 @@ def _unet_steps(record: dict[str, Any]) -> str:
     before = record.get("unet_resumed_from_step")
     if not before:
         return f"{steps} steps"
+    segments = record.get("unet_segments", [])
+    if len(segments) > 1 and sum(s["steps"] for s in segments) == before + steps:
+        parts = [f"{s['steps']} at lr {s['lr']}" + (f" with object weight {s['object_loss_weight']}"
+                                                     if s.get("object_loss_weight") else "") for s in segments]
+        return f"{before + steps} steps in {len(segments)} runs, each a fresh cosine schedule: {'; '.join(parts)}"
     return f"{before + steps} steps ({before}, then {steps} resumed with a fresh cosine schedule)"

@@ -88,7 +88,12 @@ def test_generator_trains_saves_and_reconstructs_through_the_loader(tmp_path, cl
     moved = [float((a.detach() - b).abs().max()) for a, b in zip(start_unet.parameters(), resumed.unet.parameters(),
                                                          strict=True)]
     assert 0 < max(moved) < 0.1  # two small steps away from the saved weights, not a fresh network
-    assert "6 steps (4, then 2 resumed" in tiny_generator.model_card(resumed_record)
+    # every run is listed in the record and on the card (a record from before the list: the total)
+    assert [run["steps"] for run in resumed_record["unet_segments"]] == [4, 2]
+    assert ("6 steps in 2 runs, each a fresh cosine schedule: 4 at lr 0.001 with object weight 4.0; 2 at lr 0.001 "
+            "with object weight 4.0" in tiny_generator.model_card(resumed_record))
+    unlisted = {k: v for k, v in resumed_record.items() if k != "unet_segments"}
+    assert "6 steps (4, then 2 resumed" in tiny_generator.model_card(unlisted)
     saved = tiny_generator.save(resumed, resumed_record, tmp_path / "resumed")
     assert all("_name_or_path" not in json.loads(c.read_text()) for c in saved.glob("*/config.json"))
     with pytest.raises(ValueError, match="resume_unet: true needs reuse_vae: true"):
@@ -158,15 +163,17 @@ def test_unknown_generator_key_is_named():
 def test_shipped_generator_draws_the_scene_it_is_given():
     """Ground-truth tiny-CLIP embeddings of unseen scenes -> samples the tiny CLIP tells apart
     (two-way identification) well above chance; the card reports the full evaluation. The shipped
-    generator gets background and colour right in most cases (0.87) and the shape only sometimes
-    (category 0.22, chance 0.10; docs/demo_models.md): these bounds hold what it does."""
+    generator gets colour right in almost every case (0.99) and the shape in most (category 0.54,
+    chance 0.10, the judge's own accuracy on the real images 0.86; docs/demo_models.md): these
+    bounds hold what it does."""
     from braindecode_fw.metrics.identification import two_way_identification
 
     folder = SHIPPED / retrain.GENERATOR_FOLDER
     card = json.loads((folder / "training.json").read_text())
     m = card["metrics"]
-    assert m["two_way_clip"] > 0.95 and m["colour_accuracy"] > 0.8 and m["category_accuracy"] > 1.5 * m["category_chance"]
-    assert card["unet_total_steps"] == 7000 and m["guidance_scale"] == 5.0
+    assert m["two_way_clip"] > 0.95 and m["colour_accuracy"] > 0.9 and m["category_accuracy"] > 0.5
+    assert card["unet_total_steps"] == 11000 and m["guidance_scale"] == 5.0
+    assert sum(run["steps"] for run in card["unet_segments"]) == 11000
     for config in folder.glob("*/config.json"):  # ships without the machine paths diffusers records
         assert "_name_or_path" not in json.loads(config.read_text()), config
     assert m["vae_pixcorr"] > 0.9 and m["category_accuracy_real"] > 0.8  # the VAE and the judge work
