@@ -42,10 +42,11 @@ class SceneCorpus:
         grid over the image whose centre lies in an object's bounding square (its centre ± its
         radius + ``margin``, image fractions), else 0. The tiny generator weights its loss by them."""
         centres = (np.arange(side, dtype=np.float32) + 0.5) / side
+        radii = list(sc.SIZES.values())
         boxes = np.zeros((len(self.scenes), side, side), dtype=np.float32)
         for i, scene in enumerate(self.scenes):
             for obj in scene.objects:
-                reach = list(sc.SIZES.values())[obj.size] + margin
+                reach = radii[obj.size] + margin
                 rows = np.abs(centres - obj.y) <= reach
                 cols = np.abs(centres - obj.x) <= reach
                 boxes[i][np.ix_(rows, cols)] = 1.0
