@@ -43,6 +43,10 @@ EMBED_DIM = 128
 # "default" adds it to the features, "scale_shift" scales and shifts the normalised features by it
 # (adaptive group norm, Dhariwal & Nichol 2021 §3)
 TIME_SCALE_SHIFTS = ("default", "scale_shift")
+# UNet training precision, in Lightning's names: "bf16-mixed" runs the forward pass under bfloat16
+# autocast (weights, optimiser state and the loss stay float32); about 1.4x faster per step on a CPU
+# with native bf16 (AVX512-BF16, AMX), slower where bf16 is emulated
+UNET_PRECISIONS = ("32-true", "bf16-mixed")
 # SD's sampling noise schedule (the one conf/generator/*.yaml pipelines ship with)
 SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
@@ -66,6 +70,7 @@ class TinyGeneratorConfig:
     unet_lr: float = 1e-3
     unet_channels: tuple[int, ...] = (64, 128)
     unet_time_scale_shift: str = "default"  # "scale_shift": the label modulates every block (AdaGN)
+    unet_precision: str = "32-true"  # "bf16-mixed": bfloat16 autocast forward (UNET_PRECISIONS)
     condition_dropout: float = 0.1
     snr_gamma: float | None = 5.0   # Min-SNR-γ loss weighting (Hang et al. 2023); null = plain MSE
     object_loss_weight: float = 4.0  # latent cells in an object's bounding square weigh 1 + this (0: plain)
@@ -87,6 +92,9 @@ class TinyGeneratorConfig:
         if cfg.unet_time_scale_shift not in TIME_SCALE_SHIFTS:
             raise ValueError(f"demo_models.generator.unet_time_scale_shift: one of {list(TIME_SCALE_SHIFTS)}, "
                              f"got {cfg.unet_time_scale_shift!r}")
+        if cfg.unet_precision not in UNET_PRECISIONS:
+            raise ValueError(f"demo_models.generator.unet_precision: one of {list(UNET_PRECISIONS)}, "
+                             f"got {cfg.unet_precision!r}")
         if cfg.object_loss_weight < 0:
             raise ValueError(f"demo_models.generator.object_loss_weight: must be >= 0 (0 = every latent cell "
                              f"weighs the same), got {cfg.object_loss_weight}")
@@ -247,7 +255,8 @@ def train_unet(cfg: TinyGeneratorConfig, latents: torch.Tensor, embeds: torch.Te
             labels = unclip_class_labels(normalizer, noising, emb, levels, torch.randn(emb.shape, generator=gen))
             labels[torch.rand(n, generator=gen) < cfg.condition_dropout] = 0  # the unconditional label
         context = torch.zeros(n, 1, emb.shape[1])
-        pred = unet(xt, t, encoder_hidden_states=context, class_labels=labels).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.unet_precision == "bf16-mixed"):
+            pred = unet(xt, t, encoder_hidden_states=context, class_labels=labels).sample
         per_sample = weighted_mse(pred, target, None if object_boxes is None
                                   else 1 + cfg.object_loss_weight * object_boxes[idx])
         if cfg.snr_gamma is None:
@@ -356,7 +365,7 @@ def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | 
     pipe = assemble_pipeline(vae, unet, normalizer)
     seconds = round(time.perf_counter() - start, 1)
     segment = {"steps": cfg.unet_steps, "lr": cfg.unet_lr, "snr_gamma": cfg.snr_gamma,
-               "object_loss_weight": cfg.object_loss_weight, "seconds": seconds}
+               "object_loss_weight": cfg.object_loss_weight, "precision": cfg.unet_precision, "seconds": seconds}
     record = {"config": asdict(cfg), "train_seconds": seconds,
               "unet_total_steps": first_step + cfg.unet_steps,
               # every run that made the UNet, in order (a resumed run appends its own)
@@ -416,6 +425,8 @@ def model_card(record: dict[str, Any]) -> str:
         weighting += f", latent cells around objects weighted {1 + cfg['object_loss_weight']:g}×"
     if cfg.get("unet_time_scale_shift", "default") != "default":
         weighting += f", {cfg['unet_time_scale_shift']} blocks"
+    if cfg.get("unet_precision", "32-true") != "32-true":
+        weighting += f", {cfg['unet_precision']} precision"
     vae_note = f" (reused from {record['vae_from']})" if record.get("vae_from") else ""
     lines = [
         "# Tiny generator for the synthetic world", "",

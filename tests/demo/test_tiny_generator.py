@@ -185,3 +185,24 @@ def test_shipped_generator_draws_the_scene_it_is_given():
     samples = gen.reconstruct({"tiny_clip_image": emb}, list(range(24)))["final"]
     two_way = two_way_identification(emb, tiny_clip.encode_images(clip, generator_eval.to_uint8(samples)))
     assert float(two_way.mean()) > 0.75
+
+
+@pytest.mark.parametrize("precision, forward_dtype", [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)])
+def test_unet_precision_sets_the_forward_dtype_and_keeps_float32_weights(precision, forward_dtype):
+    """``unet_precision: bf16-mixed`` runs the UNet's convolutions in bfloat16 under autocast while
+    the weights, and so the saved model, stay float32; training still lowers nothing to NaN."""
+    cfg = tiny_generator.TinyGeneratorConfig.from_mapping({
+        "image_size": 32, "unet_steps": 3, "unet_batch_size": 4, "unet_channels": [32, 32], "log_every": 1,
+        "unet_precision": precision})
+    torch.manual_seed(0)
+    latents, embeds = torch.randn(8, 4, 8, 8), torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    unet = tiny_generator.build_unet(32, (32, 32), 16)
+    seen = []
+    unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    trained, curve = tiny_generator.train_unet(cfg, latents, embeds, tiny_generator.build_normalizer(embeds),
+                                               np.random.default_rng(0), unet=unet)
+    assert seen == [forward_dtype] * 3
+    assert all(p.dtype == torch.float32 for p in trained.parameters())
+    assert len(curve) == 3 and all(np.isfinite(point["loss"]) for point in curve)
+    with pytest.raises(ValueError, match=r"unet_precision: one of \['32-true', 'bf16-mixed'\], got 'bf16'"):
+        tiny_generator.TinyGeneratorConfig.from_mapping({"unet_precision": "bf16"})
