@@ -425,6 +425,60 @@ def render_generation_markdown(result: dict[str, Any], machine: dict[str, Any], 
     return "\n".join(lines)
 
 
+def bench_demo_training(dc: DictConfig) -> dict[str, Any]:
+    """The embedded tiny generator's UNet training step (``tiny_generator.train_unet`` itself: data
+    draw, unCLIP labels, forward, object-weighted Min-SNR loss, backward, AdamW, EMA) at the shipped
+    sizes on random latents, once per ``precisions`` entry: seconds per step, and what
+    ``projected_steps`` steps would take. The demo models train on the CPU (docs/demo_models.md)."""
+    import numpy as np
+
+    from braindecode_fw.demo import tiny_generator
+
+    base = tiny_generator.TinyGeneratorConfig.from_mapping(OmegaConf.to_container(dc.config) if dc.config else {})
+    side, dim = base.image_size // 4, tiny_generator.EMBED_DIM
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(dc.n_scenes, 4, side, side, generator=gen)
+    embeds = torch.nn.functional.normalize(torch.randn(dc.n_scenes, dim, generator=gen), dim=1)
+    boxes = (torch.rand(dc.n_scenes, side, side, generator=gen) < 0.3).float()
+    normalizer = tiny_generator.build_normalizer(embeds)
+    rows = []
+    for precision in dc.precisions:
+        cfg = tiny_generator.TinyGeneratorConfig(**{**base.__dict__, "unet_precision": precision})
+        unet = tiny_generator.build_unet(cfg.image_size, cfg.unet_channels, dim, cfg.unet_time_scale_shift)
+        warm = tiny_generator.TinyGeneratorConfig(**{**cfg.__dict__, "unet_steps": 2, "log_every": 10**9})
+        tiny_generator.train_unet(warm, latents, embeds, normalizer, np.random.default_rng(0), unet=unet,
+                                  object_boxes=boxes)  # warm-up: oneDNN primitives, allocator
+        timed = tiny_generator.TinyGeneratorConfig(**{**cfg.__dict__, "unet_steps": dc.steps, "log_every": 10**9})
+        t0 = time.perf_counter()
+        tiny_generator.train_unet(timed, latents, embeds, normalizer, np.random.default_rng(1), unet=unet,
+                                  object_boxes=boxes)
+        seconds = (time.perf_counter() - t0) / dc.steps
+        rows.append({"precision": precision, "batch_size": cfg.unet_batch_size,
+                     "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2),
+                     "seconds_per_step": round(seconds, 3),
+                     "projected_minutes": round(seconds * dc.projected_steps / 60, 1),
+                     "peak_rss_mb": round(peak_rss_mb())})
+        log.info("demo_training: %s", rows[-1])
+    return {"device": "cpu", "channels": list(base.unet_channels), "latent": [4, side, side],
+            "steps": dc.steps, "projected_steps": dc.projected_steps, "rows": rows}
+
+
+def render_demo_training_markdown(result: dict[str, Any], machine: dict[str, Any], command: str) -> str:
+    lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} with `{command}` on: {machine['cpu']}, "
+             f"{machine['cores']} cores, torch {machine['torch']} ({machine['torch_threads']} threads); the tiny "
+             f"generator's UNet (channels {result['channels']}, latents {'×'.join(map(str, result['latent']))}), "
+             f"{result['steps']} timed `train_unet` steps after 2 of warm-up, random data.", "",
+             "| precision | parameters (M) | batch | s / step | vs 32-true | "
+             f"{result['projected_steps']:,} steps (min) | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    ref = next((r["seconds_per_step"] for r in result["rows"] if r["precision"] == "32-true"), None)
+    for r in result["rows"]:
+        ratio = f"{ref / r['seconds_per_step']:.2f}×" if ref else "—"
+        lines.append(f"| {r['precision']} | {r['params_m']} | {r['batch_size']} | {r['seconds_per_step']} | {ratio} | "
+                     f"{r['projected_minutes']} | {r['peak_rss_mb']:,} |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
 def _write_section(md: Path, tag: str, section: str) -> None:
     begin, end = BEGIN.replace("begin", f"{tag}-begin"), END.replace("end", f"{tag}-end")
     section = section.replace(BEGIN, begin).replace(END, end)
@@ -467,6 +521,8 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
         publish("models", bench_models(cfg.models, device), render_models_markdown)
     if cfg.get("meg") is not None and cfg.meg.enabled:
         publish("meg", bench_models(cfg.meg, device), render_models_markdown)
+    if cfg.get("demo_training") is not None and cfg.demo_training.enabled:
+        publish("demo_training", bench_demo_training(cfg.demo_training), render_demo_training_markdown)
     if cfg.generation.enabled:
         result = bench_generation(cfg.generation, device, Path(cfg.paths.cache_dir) / "generators")
         publish("generation_tiny" if cfg.generation.tiny else "generation", result, render_generation_markdown)

@@ -125,3 +125,25 @@ def test_bench_models_section(tmp_path):
         assert r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["batch_size"] == 4
     md = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert md.count("bdf-bench:models-cpu-begin") == 1 and "| mindbridge | mindbridge |" in md
+
+
+def test_bench_demo_training_section(tmp_path):
+    """The tiny generator's UNet training step per precision: one row each, the parameter count of
+    the configured UNet (checked against building it directly), the projection from s/step."""
+    args = [f"output_dir={tmp_path}/docs", "run_worlds=false", "evaluation.enabled=false",
+            "demo_training.enabled=true", "demo_training.steps=2", "demo_training.n_scenes=16",
+            "demo_training.projected_steps=600",
+            "demo_training.config={image_size:32,unet_channels:[32,32],unet_batch_size:4}"]
+    proc = _run("bdf-bench", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "docs" / "benchmarks_demo_training_cpu.json").read_text())["result"]
+    assert result["latent"] == [4, 8, 8] and result["channels"] == [32, 32]
+    from braindecode_fw.demo.tiny_generator import EMBED_DIM, build_unet
+
+    params = round(sum(p.numel() for p in build_unet(32, (32, 32), EMBED_DIM).parameters()) / 1e6, 2)
+    assert [r["precision"] for r in result["rows"]] == ["32-true", "bf16-mixed"]
+    for r in result["rows"]:
+        assert r["params_m"] == params and r["batch_size"] == 4 and r["seconds_per_step"] > 0
+        assert r["projected_minutes"] == pytest.approx(r["seconds_per_step"] * 10, abs=0.051)
+    md = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert md.count("bdf-bench:demo-training-cpu-begin") == 1 and "| bf16-mixed |" in md and "600 steps (min)" in md
