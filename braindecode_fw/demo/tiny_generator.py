@@ -44,8 +44,8 @@ EMBED_DIM = 128
 # (adaptive group norm, Dhariwal & Nichol 2021 §3)
 TIME_SCALE_SHIFTS = ("default", "scale_shift")
 # UNet training precision, in Lightning's names: "bf16-mixed" runs the forward pass under bfloat16
-# autocast (weights, optimiser state and the loss stay float32); about 1.4x faster per step on a CPU
-# with native bf16 (AVX512-BF16, AMX), slower where bf16 is emulated
+# autocast (weights, optimiser state and the loss stay float32); 1.25-1.33x faster per training step
+# on a CPU with native bf16 (AVX512-BF16, AMX; docs/benchmarks.md), slower where bf16 is emulated
 UNET_PRECISIONS = ("32-true", "bf16-mixed")
 # SD's sampling noise schedule (the one conf/generator/*.yaml pipelines ship with)
 SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -65,12 +65,12 @@ class TinyGeneratorConfig:
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 2000
+    unet_steps: int = 7000
     unet_batch_size: int = 64
     unet_lr: float = 1e-3
     unet_channels: tuple[int, ...] = (64, 128)
     unet_time_scale_shift: str = "default"  # "scale_shift": the label modulates every block (AdaGN)
-    unet_precision: str = "32-true"  # "bf16-mixed": bfloat16 autocast forward (UNET_PRECISIONS)
+    unet_precision: str = "bf16-mixed"  # bfloat16 autocast forward; "32-true" on CPUs without native bf16
     condition_dropout: float = 0.1
     snr_gamma: float | None = 5.0   # Min-SNR-γ loss weighting (Hang et al. 2023); null = plain MSE
     object_loss_weight: float = 4.0  # latent cells in an object's bounding square weigh 1 + this (0: plain)
@@ -79,7 +79,7 @@ class TinyGeneratorConfig:
     max_noise_level: int = 300      # training embeddings are noise-augmented to levels in [0, this]
     ema_decay: float = 0.999
     sample_steps: int = 20
-    guidance_scale: float = 3.0
+    guidance_scale: float = 5.0
     log_every: int = 100
 
     @classmethod
