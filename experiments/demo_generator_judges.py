@@ -20,6 +20,8 @@ from braindecode_fw.metrics.identification import two_way_identification
 
 
 def main() -> None:
+    if len(sys.argv) < 3 or not sys.argv[1].isdigit():
+        raise SystemExit(f"usage: python {sys.argv[0]} <number of held-out scenes> <generator folder> [more folders]")
     n, folders = int(sys.argv[1]), sys.argv[2:]
     held = tiny_generator.heldout_corpus(tiny_generator.TinyGeneratorConfig.from_mapping({"n_heldout_scenes": n}))
     judge_scenes = build_corpus(20000, seed=0, stream=777, image_size=64, max_objects=3)

@@ -430,10 +430,16 @@ def bench_demo_training(dc: DictConfig) -> dict[str, Any]:
     draw, unCLIP labels, forward, object-weighted Min-SNR loss, backward, AdamW, EMA) at the shipped
     sizes on random latents, once per ``precisions`` entry: seconds per step, and what
     ``projected_steps`` steps would take. The demo models train on the CPU (docs/demo_models.md)."""
+    import dataclasses
+
     import numpy as np
 
     from braindecode_fw.demo import tiny_generator
 
+    unknown = [p for p in dc.precisions if p not in tiny_generator.UNET_PRECISIONS]
+    if unknown:
+        raise ValueError(f"demo_training.precisions: each one of {list(tiny_generator.UNET_PRECISIONS)}, "
+                         f"got {unknown}")
     base = tiny_generator.TinyGeneratorConfig.from_mapping(OmegaConf.to_container(dc.config) if dc.config else {})
     side, dim = base.image_size // 4, tiny_generator.EMBED_DIM
     gen = torch.Generator().manual_seed(0)
@@ -443,12 +449,12 @@ def bench_demo_training(dc: DictConfig) -> dict[str, Any]:
     normalizer = tiny_generator.build_normalizer(embeds)
     rows = []
     for precision in dc.precisions:
-        cfg = tiny_generator.TinyGeneratorConfig(**{**base.__dict__, "unet_precision": precision})
+        cfg = dataclasses.replace(base, unet_precision=precision, log_every=10**9)
         unet = tiny_generator.build_unet(cfg.image_size, cfg.unet_channels, dim, cfg.unet_time_scale_shift)
-        warm = tiny_generator.TinyGeneratorConfig(**{**cfg.__dict__, "unet_steps": 2, "log_every": 10**9})
+        warm = dataclasses.replace(cfg, unet_steps=2)
         tiny_generator.train_unet(warm, latents, embeds, normalizer, np.random.default_rng(0), unet=unet,
                                   object_boxes=boxes)  # warm-up: oneDNN primitives, allocator
-        timed = tiny_generator.TinyGeneratorConfig(**{**cfg.__dict__, "unet_steps": dc.steps, "log_every": 10**9})
+        timed = dataclasses.replace(cfg, unet_steps=dc.steps)
         t0 = time.perf_counter()
         tiny_generator.train_unet(timed, latents, embeds, normalizer, np.random.default_rng(1), unet=unet,
                                   object_boxes=boxes)

@@ -163,7 +163,7 @@ def test_unknown_generator_key_is_named():
 def test_shipped_generator_draws_the_scene_it_is_given():
     """Ground-truth tiny-CLIP embeddings of unseen scenes -> samples the tiny CLIP tells apart
     (two-way identification) well above chance; the card reports the full evaluation. The shipped
-    generator gets colour right in almost every case (0.99) and the shape in most (category 0.54,
+    generator gets colour right in almost every case (0.99) and the shape in about half (category 0.54,
     chance 0.10, the judge's own accuracy on the real images 0.86; docs/demo_models.md): these
     bounds hold what it does."""
     from braindecode_fw.metrics.identification import two_way_identification

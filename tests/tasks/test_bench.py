@@ -147,3 +147,6 @@ def test_bench_demo_training_section(tmp_path):
         assert r["projected_minutes"] == pytest.approx(r["seconds_per_step"] * 10, abs=0.051)
     md = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert md.count("bdf-bench:demo-training-cpu-begin") == 1 and "| bf16-mixed |" in md and "600 steps (min)" in md
+    bad = _run("bdf-bench", [*args[:4], "demo_training.precisions=[32-true,bf16]"], tmp_path)
+    assert bad.returncode != 0
+    assert "demo_training.precisions: each one of ['32-true', 'bf16-mixed'], got ['bf16']" in bad.stderr
