@@ -20,11 +20,12 @@ from braindecode_fw.metrics.pixel import pixcorr
 from braindecode_fw.viz.grids import comparison_grid
 
 
-def reconstructor(folder: str | Path, *, steps: int, guidance_scale: float, condition: str = "tiny_clip_image"):
+def reconstructor(folder: str | Path, *, steps: int, guidance_scale: float, condition: str = "tiny_clip_image",
+                  device: str = "cpu"):
     from braindecode_fw.generation.diffusion import UnClipReconstructor
 
     return UnClipReconstructor("tiny", str(folder), condition=condition, condition_norm=1.0, steps=steps,
-                               guidance_scale=guidance_scale, device="cpu", batch_size=50)
+                               guidance_scale=guidance_scale, device=device, batch_size=50)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -38,8 +39,8 @@ def unconditional_samples(generator, n: int, seed: int = 0) -> torch.Tensor:
     config = generator.unet.config
 
     def model(x, t, guided):  # both halves of a guided batch are unconditional: guidance is a no-op
-        labels = torch.zeros(len(x), config.projection_class_embeddings_input_dim)
-        context = torch.zeros(len(x), 1, config.cross_attention_dim)
+        labels = torch.zeros(len(x), config.projection_class_embeddings_input_dim, device=x.device, dtype=x.dtype)
+        context = torch.zeros(len(x), 1, config.cross_attention_dim, device=x.device, dtype=x.dtype)
         return generator.unet(x, t, encoder_hidden_states=context, class_labels=labels).sample
 
     return generator.sample(model, list(range(seed, seed + n)), None)
@@ -47,10 +48,10 @@ def unconditional_samples(generator, n: int, seed: int = 0) -> torch.Tensor:
 
 def evaluate(folder: str | Path, clip, heldout: SceneCorpus, classifier_corpus: SceneCorpus, *,
              steps: int = 20, guidance_scale: float = 3.0, n_grid: int = 16, seed: int = 0,
-             classifier_steps: int = 600) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+             classifier_steps: int = 600, device: str = "cpu") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Returns (metrics, grids): ``grids["samples_conditional"]``, ``["samples_unconditional"]``
-    uint8 images."""
-    generator = reconstructor(folder, steps=steps, guidance_scale=guidance_scale)
+    uint8 images. ``device`` is where the generator samples (the judges run on the CPU)."""
+    generator = reconstructor(folder, steps=steps, guidance_scale=guidance_scale, device=device)
     embeds = tiny_clip.encode_images(clip, heldout.images)
     samples = generator.reconstruct({"tiny_clip_image": embeds}, list(range(seed, seed + len(heldout))))["final"]
     gts = scene_classifier.as_unit_images(heldout.images)

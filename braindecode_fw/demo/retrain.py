@@ -70,7 +70,8 @@ def retrain(demo_cfg: dict[str, Any], world: dict[str, Any]) -> dict[str, Any]:
         metrics, grids = generator_eval.evaluate(folder, tiny_clip.load(clip_folder),
                                                  tiny_generator.heldout_corpus(cfg), classifier_corpus,
                                                  steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-                                                 seed=cfg.seed, classifier_steps=int(demo_cfg.get("classifier_steps", 600)))
+                                                 seed=cfg.seed, classifier_steps=int(demo_cfg.get("classifier_steps", 600)),
+                                                 device=tiny_generator.training_device(cfg).type)
         record["metrics"] = metrics
         record["eval_seconds"] = round(time.perf_counter() - start, 1)
         folder = tiny_generator.save(pipe, record, folder,

@@ -21,6 +21,7 @@ Stages (each one a function, run in order by :func:`train`):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -47,6 +48,10 @@ TIME_SCALE_SHIFTS = ("default", "scale_shift")
 # autocast (weights, optimiser state and the loss stay float32); 1.25-1.33x faster per training step
 # on a CPU with native bf16 (AVX512-BF16, AMX; docs/benchmarks.md), slower where bf16 is emulated
 UNET_PRECISIONS = ("32-true", "bf16-mixed")
+# where VAE and UNet train and the card's samples are drawn: "auto" takes a CUDA GPU when there is one.
+# Random draws are made on the CPU either way, so a run sees the same batches, timesteps and noise on
+# every device (the results differ only by floating-point order).
+TRAINING_DEVICES = ("auto", "cpu", "cuda")
 # SD's sampling noise schedule (the one conf/generator/*.yaml pipelines ship with)
 SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
@@ -66,11 +71,13 @@ class TinyGeneratorConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     unet_steps: int = 7000
+    unet_minutes: float | None = None  # wall-clock budget: the schedule runs on elapsed time, unet_steps caps it
     unet_batch_size: int = 64
     unet_lr: float = 1e-3
     unet_channels: tuple[int, ...] = (64, 128)
     unet_time_scale_shift: str = "default"  # "scale_shift": the label modulates every block (AdaGN)
     unet_precision: str = "bf16-mixed"  # bfloat16 autocast forward; "32-true" on CPUs without native bf16
+    device: str = "cpu"             # auto | cpu | cuda: where VAE and UNet train and the card samples
     condition_dropout: float = 0.1
     snr_gamma: float | None = 5.0   # Min-SNR-γ loss weighting (Hang et al. 2023); null = plain MSE
     object_loss_weight: float = 4.0  # latent cells in an object's bounding square weigh 1 + this (0: plain)
@@ -95,13 +102,29 @@ class TinyGeneratorConfig:
         if cfg.unet_precision not in UNET_PRECISIONS:
             raise ValueError(f"demo_models.generator.unet_precision: one of {list(UNET_PRECISIONS)}, "
                              f"got {cfg.unet_precision!r}")
+        if cfg.device not in TRAINING_DEVICES:
+            raise ValueError(f"demo_models.generator.device: one of {list(TRAINING_DEVICES)}, got {cfg.device!r}")
         if cfg.object_loss_weight < 0:
             raise ValueError(f"demo_models.generator.object_loss_weight: must be >= 0 (0 = every latent cell "
                              f"weighs the same), got {cfg.object_loss_weight}")
+        if cfg.unet_minutes is not None and cfg.unet_minutes <= 0:
+            raise ValueError(f"demo_models.generator.unet_minutes: a positive budget in minutes or null (train "
+                             f"unet_steps steps), got {cfg.unet_minutes}")
         if cfg.resume_unet and not cfg.reuse_vae:
             raise ValueError("demo_models.generator.resume_unet: true needs reuse_vae: true (the saved UNet "
                              "denoises that VAE's latents)")
         return cfg
+
+
+def training_device(cfg: TinyGeneratorConfig) -> torch.device:
+    """``cfg.device`` resolved: "auto" is CUDA when available, else the CPU; "cuda" without a GPU is
+    refused rather than silently run on the CPU (hours instead of minutes)."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("demo_models.generator.device: cuda was asked for, but torch sees no CUDA GPU "
+                           "(use cpu or auto)")
+    return torch.device(cfg.device)
 
 
 def build_vae(image_size: int = 64):
@@ -155,17 +178,26 @@ def _cosine_lr(step: int, steps: int, lr: float, warmup: int = 50) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def _budgeted_cosine_lr(step: int, progress: float, lr: float, warmup: int = 50) -> float:
+    """The cosine schedule over a wall-clock budget (budgeted training, Li et al. 2020): the same
+    linear warm-up in steps, then the cosine of the elapsed fraction ``progress`` of the budget."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def train_vae(cfg: TinyGeneratorConfig, images: np.ndarray, rng: np.random.Generator) -> tuple[Any, list[dict]]:
     """Stage 1: the autoencoder, then its scaling factor. Returns (vae, loss curve)."""
     torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg.image_size)
+    device = training_device(cfg)
+    vae = build_vae(cfg.image_size).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     curve = []
     vae.train()
     for step in range(cfg.vae_steps):
         for g in opt.param_groups:
             g["lr"] = _cosine_lr(step, cfg.vae_steps, cfg.vae_lr)
-        x = to_model_range(images[rng.choice(len(images), cfg.vae_batch_size, replace=False)])
+        x = to_model_range(images[rng.choice(len(images), cfg.vae_batch_size, replace=False)]).to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         mse = F.mse_loss(recon, x)
@@ -178,16 +210,18 @@ def train_vae(cfg: TinyGeneratorConfig, images: np.ndarray, rng: np.random.Gener
             log.info("tiny generator VAE step %d/%d mse %.4f", step, cfg.vae_steps, mse.item())
     vae.eval()
     with torch.no_grad():
-        probe = to_model_range(images[:1024])
+        probe = to_model_range(images[:1024]).to(device)
         latents = torch.cat([vae.encode(probe[i:i + 256]).latent_dist.mode() for i in range(0, len(probe), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    return vae.requires_grad_(False), curve
+    return vae.cpu().requires_grad_(False), curve
 
 
 @torch.no_grad()
 def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """uint8 images -> scaled latent means ``(n, 4, h/4, w/4)`` (the UNet's training data)."""
-    return torch.cat([vae.encode(to_model_range(images[i:i + batch_size])).latent_dist.mode()
+    """uint8 images -> scaled latent means ``(n, 4, h/4, w/4)`` (the UNet's training data), on the
+    VAE's device."""
+    device = next(vae.parameters()).device
+    return torch.cat([vae.encode(to_model_range(images[i:i + batch_size]).to(device)).latent_dist.mode()
                       for i in range(0, len(images), batch_size)]) * vae.config.scaling_factor
 
 
@@ -222,15 +256,24 @@ def train_unet(cfg: TinyGeneratorConfig, latents: torch.Tensor, embeds: torch.Te
     one. ``object_boxes`` ``(n, 16, 16)`` (:meth:`SceneCorpus.object_boxes` on the latent grid)
     with ``object_loss_weight`` > 0: the cells around objects weigh ``1 + object_loss_weight``,
     so that the loss is not spent on background texture alone (the scenes' shape is a small part
-    of their pixels). Returns (EMA UNet, curve)."""
+    of their pixels). Trains on ``training_device(cfg)``; the random draws are made on the CPU.
+    With ``unet_minutes`` the cosine schedule runs on elapsed time and the loop ends when the budget
+    is spent (at most ``unet_steps``); the curve's last point is the last step done. Returns (EMA
+    UNet on the CPU, curve)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
     torch.manual_seed(cfg.seed + 1 + first_step)
+    device = training_device(cfg)
     if unet is None:
         unet = build_unet(cfg.image_size, cfg.unet_channels, embeds.shape[1], cfg.unet_time_scale_shift)
-    unet.requires_grad_(True)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    unet = unet.to(device).requires_grad_(True)  # before the EMA copies the parameters
+    latents, embeds = latents.to(device), embeds.to(device)
+    normalizer = copy.deepcopy(normalizer).to(device)
+    if object_boxes is not None:
+        object_boxes = object_boxes.to(device)
+    # foreach: one fused update for all parameters, not ~300 small ones (the GPU step is launch-bound)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
     train_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("set_alpha_to_one",
                                                                                             "steps_offset")})
     noising = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
@@ -238,24 +281,34 @@ def train_unet(cfg: TinyGeneratorConfig, latents: torch.Tensor, embeds: torch.Te
     gen = torch.Generator().manual_seed(cfg.seed + 2 + first_step)  # a resumed run draws new noise
     curve = []
     unet.train()
+    budget_s = None if cfg.unet_minutes is None else 60.0 * cfg.unet_minutes
+    started = time.perf_counter()
     for step in range(cfg.unet_steps):
+        if budget_s is None:
+            lr = _cosine_lr(step, cfg.unet_steps, cfg.unet_lr)
+        else:
+            progress = (time.perf_counter() - started) / budget_s
+            if progress >= 1.0 and step > 0:
+                break
+            lr = _budgeted_cosine_lr(step, progress, cfg.unet_lr)
         for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, cfg.unet_steps, cfg.unet_lr)
-        idx = torch.from_numpy(rng.choice(len(latents), cfg.unet_batch_size, replace=False))
+            g["lr"] = lr
+        idx = torch.from_numpy(rng.choice(len(latents), cfg.unet_batch_size, replace=False)).to(device)
         x0, emb = latents[idx], embeds[idx]
         n = len(idx)
-        t = torch.randint(0, train_sched.config.num_train_timesteps, (n,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, train_sched.config.num_train_timesteps, (n,), generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         xt = train_sched.add_noise(x0, noise, t)
         target = train_sched.get_velocity(x0, noise, t)
         # noise augmentation: half the labels clean, half at a level drawn up to max_noise_level
         levels = torch.randint(0, cfg.max_noise_level + 1, (n,), generator=gen)
-        levels = torch.where(torch.rand(n, generator=gen) < 0.5, torch.zeros_like(levels), levels)
+        levels = torch.where(torch.rand(n, generator=gen) < 0.5, torch.zeros_like(levels), levels).to(device)
         with torch.no_grad():
-            labels = unclip_class_labels(normalizer, noising, emb, levels, torch.randn(emb.shape, generator=gen))
-            labels[torch.rand(n, generator=gen) < cfg.condition_dropout] = 0  # the unconditional label
-        context = torch.zeros(n, 1, emb.shape[1])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.unet_precision == "bf16-mixed"):
+            labels = unclip_class_labels(normalizer, noising, emb, levels,
+                                         torch.randn(emb.shape, generator=gen).to(device))
+            labels[(torch.rand(n, generator=gen) < cfg.condition_dropout).to(device)] = 0  # the unconditional label
+        context = torch.zeros(n, 1, emb.shape[1], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.unet_precision == "bf16-mixed"):
             pred = unet(xt, t, encoder_hidden_states=context, class_labels=labels).sample
         per_sample = weighted_mse(pred, target, None if object_boxes is None
                                   else 1 + cfg.object_loss_weight * object_boxes[idx])
@@ -269,12 +322,15 @@ def train_unet(cfg: TinyGeneratorConfig, latents: torch.Tensor, embeds: torch.Te
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         ema.step(unet.parameters())
+        last_step = first_step + step
         if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
             curve.append({"step": first_step + step, "loss": loss.item()})
             log.info("tiny generator UNet step %d/%d loss %.4f", first_step + step, first_step + cfg.unet_steps,
                      loss.item())
+    if curve[-1]["step"] != last_step:  # a spent budget ended the loop between two log points
+        curve.append({"step": last_step, "loss": loss.item()})
     ema.copy_to(unet.parameters())
-    return unet.eval().requires_grad_(False), curve
+    return unet.cpu().eval().requires_grad_(False), curve
 
 
 def assemble_pipeline(vae, unet, normalizer):
@@ -347,7 +403,9 @@ def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | 
     else:
         vae, vae_curve = train_vae(cfg, corpus.images, rng)
         vae_seconds = time.perf_counter() - start
-    latents = encode_latents(vae, corpus.images)
+    device = training_device(cfg)
+    latents = encode_latents(vae.to(device), corpus.images).cpu()
+    vae.cpu()
     normalizer = build_normalizer(embeds)
     side = latents.shape[-1]
     # one latent cell of margin: a shape is told by the boundary, both sides of it
@@ -358,16 +416,18 @@ def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | 
         first_step = int(earlier.get("unet_total_steps", earlier.get("config", {}).get("unet_steps", 0)))
         unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng, unet=unet, first_step=first_step,
                                       object_boxes=boxes)
+        steps_done = unet_curve[-1]["step"] + 1 - first_step
         unet_curve = list(earlier.get("unet_curve", [])) + unet_curve
     else:
         first_step = 0
         unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng, object_boxes=boxes)
+        steps_done = unet_curve[-1]["step"] + 1
     pipe = assemble_pipeline(vae, unet, normalizer)
     seconds = round(time.perf_counter() - start, 1)
-    segment = {"steps": cfg.unet_steps, "lr": cfg.unet_lr, "snr_gamma": cfg.snr_gamma,
-               "object_loss_weight": cfg.object_loss_weight, "precision": cfg.unet_precision, "seconds": seconds}
+    segment = {"steps": steps_done, "minutes": cfg.unet_minutes, "batch_size": cfg.unet_batch_size, "lr": cfg.unet_lr, "snr_gamma": cfg.snr_gamma,
+               "object_loss_weight": cfg.object_loss_weight, "precision": cfg.unet_precision, "device": device.type, "seconds": seconds}
     record = {"config": asdict(cfg), "train_seconds": seconds,
-              "unet_total_steps": first_step + cfg.unet_steps,
+              "unet_total_steps": first_step + steps_done,
               # every run that made the UNet, in order (a resumed run appends its own)
               "unet_segments": list(earlier.get("unet_segments", [])) + [segment],
               "unet_resumed_from_step": first_step if unet_from is not None else None,
@@ -375,6 +435,8 @@ def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | 
                                               + float(earlier.get("earlier_train_seconds") or 0), 1)
                                         if unet_from is not None else None),
               "vae_seconds": round(vae_seconds, 1), "torch_threads": torch.get_num_threads(),
+              "device": device.type,
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "n_train_scenes": len(corpus), "vae_curve": vae_curve, "unet_curve": unet_curve,
               "vae_scaling_factor": vae.config.scaling_factor,
               "n_parameters": {"vae": sum(p.numel() for p in vae.parameters()),
@@ -445,7 +507,7 @@ def model_card(record: dict[str, Any]) -> str:
         f"{weighting}, {_unet_steps(record)} of batch {cfg['unet_batch_size']}, AdamW {cfg['unet_lr']}, EMA "
         f"{cfg['ema_decay']}, label dropout {cfg['condition_dropout']}, embedding noise augmentation up to level "
         f"{cfg['max_noise_level']}; final loss {record['unet_curve'][-1]['loss']:.4f}",
-        f"- {record['train_seconds']:.0f} s on {record['torch_threads']} CPU threads "
+        f"- {record['train_seconds']:.0f} s on {_where(record)} "
         + (f"(the reused VAE took {record['vae_seconds']:.0f} s before)" if record.get("vae_from")
            else f"(VAE {record['vae_seconds']:.0f} s of it)")
         + (f"; the earlier UNet steps took {record['earlier_train_seconds']:.0f} s"
@@ -473,11 +535,18 @@ def model_card(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _where(record: dict[str, Any]) -> str:
+    if record.get("device") == "cuda":
+        return f"one {record.get('gpu') or 'CUDA GPU'} ({record['torch_threads']} CPU threads for the data)"
+    return f"{record['torch_threads']} CPU threads"
+
+
 def _unet_steps(record: dict[str, Any]) -> str:
-    steps = record["config"]["unet_steps"]
     before = record.get("unet_resumed_from_step")
+    steps = record.get("unet_total_steps", record["config"]["unet_steps"]) - (before or 0)
     if not before:
-        return f"{steps} steps"
+        minutes = record["config"].get("unet_minutes")
+        return f"{steps} steps" + (f" (a {minutes:g}-minute budget)" if minutes else "")
     segments = record.get("unet_segments", [])
     if len(segments) > 1 and sum(s["steps"] for s in segments) == before + steps:
         parts = [f"{s['steps']} at lr {s['lr']}" + (f" with object weight {s['object_loss_weight']}"

@@ -425,11 +425,11 @@ def render_generation_markdown(result: dict[str, Any], machine: dict[str, Any], 
     return "\n".join(lines)
 
 
-def bench_demo_training(dc: DictConfig) -> dict[str, Any]:
+def bench_demo_training(dc: DictConfig, device: str) -> dict[str, Any]:
     """The embedded tiny generator's UNet training step (``tiny_generator.train_unet`` itself: data
     draw, unCLIP labels, forward, object-weighted Min-SNR loss, backward, AdamW, EMA) at the shipped
     sizes on random latents, once per ``precisions`` entry: seconds per step, and what
-    ``projected_steps`` steps would take. The demo models train on the CPU (docs/demo_models.md)."""
+    ``projected_steps`` steps would take, on ``device`` (``demo_models.generator.device``)."""
     import dataclasses
 
     import numpy as np
@@ -449,7 +449,7 @@ def bench_demo_training(dc: DictConfig) -> dict[str, Any]:
     normalizer = tiny_generator.build_normalizer(embeds)
     rows = []
     for precision in dc.precisions:
-        cfg = dataclasses.replace(base, unet_precision=precision, log_every=10**9)
+        cfg = dataclasses.replace(base, unet_precision=precision, log_every=10**9, device=device)
         unet = tiny_generator.build_unet(cfg.image_size, cfg.unet_channels, dim, cfg.unet_time_scale_shift)
         warm = dataclasses.replace(cfg, unet_steps=2)
         tiny_generator.train_unet(warm, latents, embeds, normalizer, np.random.default_rng(0), unet=unet,
@@ -463,24 +463,27 @@ def bench_demo_training(dc: DictConfig) -> dict[str, Any]:
                      "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2),
                      "seconds_per_step": round(seconds, 3),
                      "projected_minutes": round(seconds * dc.projected_steps / 60, 1),
+                     "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None,
                      "peak_rss_mb": round(peak_rss_mb())})
         log.info("demo_training: %s", rows[-1])
-    return {"device": "cpu", "channels": list(base.unet_channels), "latent": [4, side, side],
+    return {"device": device, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+            "channels": list(base.unet_channels), "latent": [4, side, side],
             "steps": dc.steps, "projected_steps": dc.projected_steps, "rows": rows}
 
 
 def render_demo_training_markdown(result: dict[str, Any], machine: dict[str, Any], command: str) -> str:
     lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} with `{command}` on: {machine['cpu']}, "
-             f"{machine['cores']} cores, torch {machine['torch']} ({machine['torch_threads']} threads); the tiny "
+             f"{machine['cores']} cores, GPU: {machine['gpu'] or 'none'}, torch {machine['torch']} "
+             f"({machine['torch_threads']} threads); device {result['device']}; the tiny "
              f"generator's UNet (channels {result['channels']}, latents {'×'.join(map(str, result['latent']))}), "
              f"{result['steps']} timed `train_unet` steps after 2 of warm-up, random data.", "",
              "| precision | parameters (M) | batch | s / step | vs 32-true | "
-             f"{result['projected_steps']:,} steps (min) | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+             f"{result['projected_steps']:,} steps (min) | peak GPU MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
     ref = next((r["seconds_per_step"] for r in result["rows"] if r["precision"] == "32-true"), None)
     for r in result["rows"]:
         ratio = f"{ref / r['seconds_per_step']:.2f}×" if ref else "—"
         lines.append(f"| {r['precision']} | {r['params_m']} | {r['batch_size']} | {r['seconds_per_step']} | {ratio} | "
-                     f"{r['projected_minutes']} | {r['peak_rss_mb']:,} |")
+                     f"{r['projected_minutes']} | {r.get('peak_gpu_mb') or '—'} | {r['peak_rss_mb']:,} |")
     lines += ["", END]
     return "\n".join(lines)
 
@@ -528,7 +531,7 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.get("meg") is not None and cfg.meg.enabled:
         publish("meg", bench_models(cfg.meg, device), render_models_markdown)
     if cfg.get("demo_training") is not None and cfg.demo_training.enabled:
-        publish("demo_training", bench_demo_training(cfg.demo_training), render_demo_training_markdown)
+        publish("demo_training", bench_demo_training(cfg.demo_training, device), render_demo_training_markdown)
     if cfg.generation.enabled:
         result = bench_generation(cfg.generation, device, Path(cfg.paths.cache_dir) / "generators")
         publish("generation_tiny" if cfg.generation.tiny else "generation", result, render_generation_markdown)

@@ -206,3 +206,59 @@ def test_unet_precision_sets_the_forward_dtype_and_keeps_float32_weights(precisi
     assert len(curve) == 3 and all(np.isfinite(point["loss"]) for point in curve)
     with pytest.raises(ValueError, match=r"unet_precision: one of \['32-true', 'bf16-mixed'\], got 'bf16'"):
         tiny_generator.TinyGeneratorConfig.from_mapping({"unet_precision": "bf16"})
+
+
+def test_training_device_is_resolved_and_a_missing_gpu_is_named(monkeypatch):
+    """``device: auto`` takes a GPU only when torch sees one; ``cuda`` without one is refused, naming the
+    key, instead of quietly training for hours on the CPU; an unknown device is refused at load."""
+    config = tiny_generator.TinyGeneratorConfig.from_mapping
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tiny_generator.training_device(config({"device": "auto"})) == torch.device("cpu")
+    assert tiny_generator.training_device(config({})) == torch.device("cpu")  # the default stays the CPU
+    with pytest.raises(RuntimeError, match="demo_models.generator.device: cuda was asked for, but torch sees no"):
+        tiny_generator.training_device(config({"device": "cuda"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert tiny_generator.training_device(config({"device": "auto"})) == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"device: one of \['auto', 'cpu', 'cuda'\], got 'gpu'"):
+        config({"device": "gpu"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+def test_unet_trains_the_same_on_cuda_as_on_the_cpu():
+    """The random draws are made on the CPU, so from one initial UNet a CUDA run sees the batches,
+    timesteps and noise the CPU run sees: the loss curves agree up to floating-point order, and the
+    returned EMA UNet is back on the CPU."""
+    latents, embeds = torch.randn(16, 4, 8, 8), torch.nn.functional.normalize(torch.randn(16, 16), dim=1)
+    boxes = (torch.rand(16, 8, 8) < 0.3).float()
+    curves = {}
+    for device in ("cpu", "cuda"):
+        cfg = tiny_generator.TinyGeneratorConfig.from_mapping({
+            "image_size": 32, "unet_steps": 4, "unet_batch_size": 4, "unet_channels": [32, 32], "log_every": 1,
+            "unet_precision": "32-true", "device": device})
+        torch.manual_seed(0)
+        unet = tiny_generator.build_unet(32, (32, 32), 16)
+        trained, curves[device] = tiny_generator.train_unet(
+            cfg, latents, embeds, tiny_generator.build_normalizer(embeds), np.random.default_rng(0), unet=unet,
+            object_boxes=boxes)
+        assert next(trained.parameters()).device.type == "cpu"
+    np.testing.assert_allclose([p["loss"] for p in curves["cuda"]], [p["loss"] for p in curves["cpu"]],
+                               rtol=1e-2)  # cuDNN may use TF32 for float32 convolutions
+
+
+def test_unet_minutes_ends_training_when_the_budget_is_spent(monkeypatch):
+    """``unet_minutes``: the loop stops once the wall-clock budget is spent, the curve's last point is
+    the last step done, the learning rate follows the cosine of the elapsed fraction, and a
+    non-positive budget is refused. The clock is simulated: each read advances 1 s."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(tiny_generator.time, "perf_counter", lambda: float(next(clock)))
+    cfg = tiny_generator.TinyGeneratorConfig.from_mapping({
+        "image_size": 32, "unet_steps": 1000, "unet_batch_size": 4, "unet_channels": [32, 32], "log_every": 100,
+        "unet_precision": "32-true", "unet_minutes": 0.1})  # 6 s: reads at 0 (start), 1, 2, ..., 6 (stop)
+    latents, embeds = torch.randn(8, 4, 8, 8), torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    _, curve = tiny_generator.train_unet(cfg, latents, embeds, tiny_generator.build_normalizer(embeds),
+                                         np.random.default_rng(0), unet=tiny_generator.build_unet(32, (32, 32), 16))
+    assert [point["step"] for point in curve] == [0, 4]  # steps 0-4 ran (elapsed 1-5 s), the 6th read stopped it
+    assert tiny_generator._budgeted_cosine_lr(60, 0.5, 1e-3) == pytest.approx(0.5e-3)
+    assert tiny_generator._budgeted_cosine_lr(9, 0.5, 1e-3) == pytest.approx(1e-3 * 10 / 50)  # warm-up by steps
+    with pytest.raises(ValueError, match="unet_minutes: a positive budget in minutes or null"):
+        tiny_generator.TinyGeneratorConfig.from_mapping({"unet_minutes": 0})
