@@ -17,6 +17,9 @@ Stages (each one a function, run in order by :func:`train`):
    the reconstructor reads the embedding from the brain decoder, L2-normalised first
    (``condition_norm: 1.0`` in conf/generator/tiny.yaml): the generator was trained on unit-norm
    tiny-CLIP embeddings, and a contrastively trained decoder predicts directions, not norms.
+
+VAE and UNet train on ``device`` (the CPU by default, a CUDA GPU with ``cuda``/``auto``; the
+shipped generator was trained on one, docs/demo_models.md); the random draws stay on the CPU.
 """
 
 from __future__ import annotations
@@ -541,6 +544,15 @@ def _where(record: dict[str, Any]) -> str:
     return f"{record['torch_threads']} CPU threads"
 
 
+def _segment_setting(segment: dict[str, Any]) -> str:
+    """A run's precision, device and budget, e.g. ``" (bf16-mixed, cuda, a 3-minute budget)"``; empty
+    for records older than these fields."""
+    setting = [segment[k] for k in ("precision", "device") if segment.get(k)]
+    if segment.get("minutes"):
+        setting.append(f"a {segment['minutes']:g}-minute budget")
+    return f" ({', '.join(setting)})" if setting else ""
+
+
 def _unet_steps(record: dict[str, Any]) -> str:
     before = record.get("unet_resumed_from_step")
     steps = record.get("unet_total_steps", record["config"]["unet_steps"]) - (before or 0)
@@ -550,6 +562,7 @@ def _unet_steps(record: dict[str, Any]) -> str:
     segments = record.get("unet_segments", [])
     if len(segments) > 1 and sum(s["steps"] for s in segments) == before + steps:
         parts = [f"{s['steps']} at lr {s['lr']}" + (f" with object weight {s['object_loss_weight']}"
-                                                     if s.get("object_loss_weight") else "") for s in segments]
+                                                     if s.get("object_loss_weight") else "") + _segment_setting(s)
+                 for s in segments]
         return f"{before + steps} steps in {len(segments)} runs, each a fresh cosine schedule: {'; '.join(parts)}"
     return f"{before + steps} steps ({before}, then {steps} resumed with a fresh cosine schedule)"
