@@ -451,6 +451,8 @@ def bench_demo_training(dc: DictConfig, device: str) -> dict[str, Any]:
     for precision in dc.precisions:
         cfg = dataclasses.replace(base, unet_precision=precision, log_every=10**9, device=device)
         unet = tiny_generator.build_unet(cfg.image_size, cfg.unet_channels, dim, cfg.unet_time_scale_shift)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         warm = dataclasses.replace(cfg, unet_steps=2)
         tiny_generator.train_unet(warm, latents, embeds, normalizer, np.random.default_rng(0), unet=unet,
                                   object_boxes=boxes)  # warm-up: oneDNN primitives, allocator
