@@ -122,12 +122,12 @@ class TinyGeneratorConfig:
 def training_device(cfg: TinyGeneratorConfig) -> torch.device:
     """``cfg.device`` resolved: "auto" is CUDA when available, else the CPU; "cuda" without a GPU is
     refused rather than silently run on the CPU (hours instead of minutes)."""
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from braindecode_fw.generation.diffusion import resolve_device
+
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("demo_models.generator.device: cuda was asked for, but torch sees no CUDA GPU "
                            "(use cpu or auto)")
-    return torch.device(cfg.device)
+    return torch.device(resolve_device(cfg.device))
 
 
 def build_vae(image_size: int = 64):
@@ -419,12 +419,11 @@ def train(cfg: TinyGeneratorConfig, clip_folder: str | Path, *, vae_from: str | 
         first_step = int(earlier.get("unet_total_steps", earlier.get("config", {}).get("unet_steps", 0)))
         unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng, unet=unet, first_step=first_step,
                                       object_boxes=boxes)
-        steps_done = unet_curve[-1]["step"] + 1 - first_step
-        unet_curve = list(earlier.get("unet_curve", [])) + unet_curve
     else:
         first_step = 0
         unet, unet_curve = train_unet(cfg, latents, embeds, normalizer, rng, object_boxes=boxes)
-        steps_done = unet_curve[-1]["step"] + 1
+    steps_done = unet_curve[-1]["step"] + 1 - first_step  # with unet_minutes, fewer than unet_steps
+    unet_curve = list(earlier.get("unet_curve", [])) + unet_curve
     pipe = assemble_pipeline(vae, unet, normalizer)
     seconds = round(time.perf_counter() - start, 1)
     segment = {"steps": steps_done, "minutes": cfg.unet_minutes, "batch_size": cfg.unet_batch_size, "lr": cfg.unet_lr, "snr_gamma": cfg.snr_gamma,
