@@ -34,9 +34,9 @@ class DecoderModule(L.LightningModule):
     loss such as InfoNCE is wrapped into a :class:`PairObjective` on ``target``). ``target`` is the
     primary target: validation retrieval and checkpoint selection use it.
 
-    optimizer: partial ``torch.optim`` constructor (Hydra ``_partial_``); weight decay is applied
-    to adapters (MindEye2's ridge, bias included) and to weight matrices of the shared parts, not
-    to biases and normalisation parameters elsewhere.
+    optimizer: partial ``torch.optim`` constructor (Hydra ``_partial_``); ``weight_decay_groups``
+    (``optim.weight_decay_groups``) chooses which parameters get its weight decay
+    (:func:`weight_decay_groups`).
     scheduler: partial LR scheduler; ``OneCycleLR`` gets ``total_steps`` from the trainer.
     """
 
@@ -51,8 +51,13 @@ class DecoderModule(L.LightningModule):
         val_subset_size: int = 300,
         val_n_subsets: int = 1,
         checkpoint_extra: dict[str, Any] | None = None,
+        weight_decay_groups: str = "adapters_and_matrices",
     ):
         super().__init__()
+        if weight_decay_groups not in WEIGHT_DECAY_RULES:
+            raise ValueError(f"optim.weight_decay_groups: one of {list(WEIGHT_DECAY_RULES)}, got "
+                             f"{weight_decay_groups!r}")
+        self.weight_decay_groups = weight_decay_groups
         self.decoder = decoder
         self.objective = loss if isinstance(loss, Objective) else PairObjective(loss, target)
         self.target = target
@@ -122,15 +127,8 @@ class DecoderModule(L.LightningModule):
         self._val_outputs.clear()
 
     def _param_groups(self) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name.startswith("decoder.adapter.") or p.ndim >= 2:
-                decay.append(p)
-            else:
-                no_decay.append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # the objective's parameters too (a learned temperature, if any), as before
+        return weight_decay_groups(self, self.weight_decay_groups, adapter_prefix="decoder.adapter.")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self._param_groups())
@@ -168,6 +166,49 @@ class DecoderModule(L.LightningModule):
                 generator.set_state(rng["objective"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+#: ``optim.weight_decay_groups`` values: which parameters of a decoder are decayed
+WEIGHT_DECAY_RULES = {
+    # adapters entirely (MindEye2's ridge, bias included), elsewhere weight matrices only: biases,
+    # LayerNorm/GroupNorm weights and gains are not decayed (the framework default)
+    "adapters_and_matrices": "subject adapters (all parameters) and parameters with >= 2 dimensions",
+    # MindEye2's Train.ipynb: the ridge entirely; in the backbone and prior every parameter whose name
+    # has no "bias". Its exemption list also names "LayerNorm.weight", which matches none of its
+    # modules (they sit in nn.Sequential), so norm weights and the prior's gains are decayed.
+    "mindeye2": "subject adapters (all parameters) and every other non-bias parameter",
+    # MindBridge's trainer: names without "bias", "Norm" or "temperature"; in its model only the
+    # biases match (adapters' biases included), so norm weights are decayed.
+    "mindbridge": "every non-bias parameter",
+}
+
+
+def _is_bias(module: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf == "bias" and isinstance(getattr(module.get_submodule(owner), "bias", None), torch.Tensor)
+
+
+def weight_decay_groups(module: nn.Module, rule: str = "adapters_and_matrices",
+                        adapter_prefix: str = "adapter.") -> list[dict[str, Any]]:
+    """Two optimiser parameter groups of ``module``'s trainable parameters (a decoder, or a
+    module holding one): decayed (the optimizer's ``weight_decay``) and not (``weight_decay`` 0),
+    by ``rule`` (one of :data:`WEIGHT_DECAY_RULES`); parameters named ``adapter_prefix...`` are the
+    subject adapters."""
+    if rule not in WEIGHT_DECAY_RULES:
+        raise ValueError(f"optim.weight_decay_groups: one of {list(WEIGHT_DECAY_RULES)}, got {rule!r}")
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        in_adapter = name.startswith(adapter_prefix)
+        if rule == "adapters_and_matrices":
+            decayed = in_adapter or p.ndim >= 2
+        elif rule == "mindeye2":
+            decayed = in_adapter or not _is_bias(module, name)
+        else:
+            decayed = not _is_bias(module, name)
+        (decay if decayed else no_decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 #: extra per-item prediction outputs: (decoder outputs of a batch, the batch) -> ``(B, *shape)``

@@ -172,6 +172,7 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         val_subset_size=cfg.evaluation.subset_size,
+        weight_decay_groups=cfg.optim.get("weight_decay_groups", "adapters_and_matrices"),
         checkpoint_extra={
             "config": checkpoint_config,
             "n_features": n_features or dm.n_features,
