@@ -102,9 +102,11 @@ class TermsObjective(Objective):
     ``mixco``: ``{until: 0.33, temperature: 0.006, beta_alpha: 0.15, select_prob: 0.5,
     original_label_bug: false, mix_regression_targets: true}`` or None (no BiMixCo phase).
     While ``progress < until`` the responses are MixCo-mixed within each subject before the
-    decoder and contrastive terms use BiMixCo with the mixing's soft labels; regression targets are
-    mixed with the same β and partners (``mix_regression_targets``; MindEye2 mixed its VAE targets
-    only after the L1 had been computed, i.e. not at all: ``false`` reproduces that).
+    decoder and contrastive terms use BiMixCo with the mixing's soft labels; the regression targets
+    named by ``mix_regression_targets`` (:meth:`mixed_targets`: ``true`` all of them, token-contrast
+    teachers included; a list, e.g. MindEye2's ``[vae_latent]``; ``false`` none) are mixed with the
+    same β and partners. MindEye2 mixed its VAE targets only after the L1 had been computed, i.e.
+    not at all: ``false`` reproduces that.
     ``softclip``: ``{temperature: 0.005}`` (fixed, MindBridge) or ``{start: 0.004, end: 0.0075}``
     (cosine over the SoftCLIP phase, MindEye2).
     ``random_weighting``: groups of term names, e.g. ``[[clip, global_image, global_text], [prior]]``;
@@ -150,6 +152,24 @@ class TermsObjective(Objective):
                              f"got {self.groups}")
         self.input_noise = float(input_noise)
         self.generator = torch.Generator().manual_seed(seed)
+        self.mixed_targets()  # refuse unknown names before training starts
+
+    def mixed_targets(self) -> list[str]:
+        """The regression targets mixed with the inputs during BiMixCo (``mixco.mix_regression_targets``:
+        ``true`` every target a regression or token-contrast term reads, ``false`` none, or a list
+        of target names), each once however many terms read it."""
+        spec = self.mixco.get("mix_regression_targets", True) if self.mixco else False
+        read = list(dict.fromkeys(t.target for t in self.terms.values() if t.kind in REGRESSION_KINDS))
+        if spec is True:
+            return read
+        if spec is False or spec is None:
+            return []
+        names = [spec] if isinstance(spec, str) else list(spec)
+        unknown = sorted(set(names) - set(read))
+        if unknown:
+            raise ValueError(f"loss.mixco.mix_regression_targets: {unknown} are not read by a regression or "
+                             f"token-contrast term (those read {read}); give true, false or a list of them")
+        return names
 
     def softclip_temperature(self, progress: float) -> float:
         if "temperature" in self.softclip:
@@ -171,13 +191,11 @@ class TermsObjective(Objective):
             responses, beta = mixco_inputs(responses, partner, beta_alpha=self.mixco.get("beta_alpha", 0.15),
                                            select_prob=self.mixco.get("select_prob", 0.5), generator=self.generator)
             soft_labels = mixco_soft_labels(beta, label).to(responses.device)
-            if self.mixco.get("mix_regression_targets", True):
-                # each target once, however many terms read it
-                for key in dict.fromkeys(t.target for t in self.terms.values() if t.kind in REGRESSION_KINDS):
-                    if key in targets:
-                        y = targets[key]
-                        b = beta.view(-1, *[1] * (y.ndim - 1)).to(y.dtype)
-                        targets[key] = b * y + (1 - b) * y[partner.to(y.device)]
+            for key in self.mixed_targets():
+                if key in targets:
+                    y = targets[key]
+                    b = beta.view(-1, *[1] * (y.ndim - 1)).to(y.dtype)
+                    targets[key] = b * y + (1 - b) * y[partner.to(y.device)]
         # repeated test responses (validation without a val split) are averaged in output space; the
         # decoder then has no auxiliary losses, and evaluation skips those terms
         out = decoder(responses, batch.subject, batch.repeat_mask, targets=targets)

@@ -138,3 +138,33 @@ def test_predict_derived_outputs_and_item_selection():
     np.testing.assert_allclose(some["a"]["target"], emb[[2]].numpy())
     with pytest.raises(ValueError, match=r"derived output 'bad' has 1 rows for a batch of 4"):
         predict(dec, batches, "emb", derived={"bad": lambda out, batch: out["emb"][:1]})
+
+
+def test_weight_decay_groups_follow_each_released_rule():
+    from braindecode_fw.lit import weight_decay_groups
+    from braindecode_fw.models.prior import GainLayerNorm
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.adapter = torch.nn.Linear(3, 4)  # a subject adapter (MindEye2's ridge), bias included
+            self.trunk = torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 4), GainLayerNorm(4))
+            self.pos = torch.nn.Parameter(torch.zeros(2, 4))
+
+    m = Tiny()
+    names = {id(p): n for n, p in m.named_parameters()}
+
+    def decayed(rule):
+        groups = weight_decay_groups(m, rule)
+        assert groups[1]["weight_decay"] == 0.0
+        assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(m.parameters()))
+        return sorted(names[id(p)] for p in groups[0]["params"])
+
+    assert decayed("adapters_and_matrices") == ["adapter.bias", "adapter.weight", "pos", "trunk.1.weight"]
+    # MindEye2: the ridge entirely, elsewhere every non-bias (LayerNorm weights and dalle2 gains too)
+    assert decayed("mindeye2") == ["adapter.bias", "adapter.weight", "pos", "trunk.0.weight", "trunk.1.weight",
+                                   "trunk.2.gain"]
+    # MindBridge: no bias anywhere, adapters' included
+    assert decayed("mindbridge") == ["adapter.weight", "pos", "trunk.0.weight", "trunk.1.weight", "trunk.2.gain"]
+    with pytest.raises(ValueError, match="optim.weight_decay_groups: one of"):
+        weight_decay_groups(m, "all")

@@ -220,3 +220,20 @@ def test_a_target_read_by_two_regression_terms_is_mixed_once():
     once = beta[:, None] * low + (1 - beta[:, None]) * low[partner]
     out = dec(mixed, batch.subject)
     torch.testing.assert_close(parts["mse"], torch.nn.functional.mse_loss(out["low"], once))
+
+
+def test_mix_regression_targets_by_name():
+    # only the named target is mixed (MindEye2's [vae_latent]); a second regression target read by
+    # another term stays unmixed; unknown names are refused at construction
+    terms = {**ME2["terms"], "low2": {"kind": "mse", "output": "low", "target": "low_copy", "weight": 1.0}}
+    cfg = {**ME2, "terms": terms, "mixco": {"until": 0.33, "mix_regression_targets": ["low"]}}
+    obj, dec, batch = TermsObjective(**cfg, seed=3), Recorder(), _batch()
+    batch.targets["low_copy"] = batch.targets["low"].clone()
+    assert obj.mixed_targets() == ["low"]
+    _, parts, _ = obj(dec, batch, progress=0.0)
+    out = dec(dec.seen, batch.subject, targets={})
+    torch.testing.assert_close(parts["low2"], torch.nn.functional.mse_loss(out["low"], batch.targets["low_copy"]).detach())
+    assert not torch.allclose(parts["blur"], torch.nn.functional.l1_loss(out["low"], batch.targets["low"]).detach())
+    assert TermsObjective(**{**cfg, "mixco": {"until": 0.33, "mix_regression_targets": True}}).mixed_targets() == ["low", "low_copy"]
+    with pytest.raises(ValueError, match=r"loss.mixco.mix_regression_targets: \['convnext'\] are not read"):
+        TermsObjective(**{**cfg, "mixco": {"until": 0.33, "mix_regression_targets": ["convnext"]}})
