@@ -109,7 +109,8 @@ class BrainTokenizer(nn.Module):
     def __init__(self, dim: int, n_clusters: int):
         super().__init__()
         self.dim, self.n_clusters = dim, n_clusters
-        self.centers = nn.Parameter(torch.randn(n_clusters, dim) * 0.02)
+        # N(0, 1)·0.1/(2√dim), as Brain-IT initialises its voxel embeddings, centres and queries
+        self.centers = nn.Parameter(torch.randn(n_clusters, dim) * (0.1 / (2 * math.sqrt(dim))))
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
@@ -232,7 +233,7 @@ class BrainInteractionTransformer(nn.Module):
         self.voxels = VoxelTokenEmbedding(n_features, dim)
         self.tokenizer = BrainTokenizer(dim, n_clusters)
         self.transformer = CrossTransformer(dim, heads, depth)
-        self.queries = nn.Parameter(torch.randn(n_queries, dim) * 0.02)
+        self.queries = nn.Parameter(torch.randn(n_queries, dim) * (0.1 / (2 * math.sqrt(dim))))
         self.output = nn.Linear(dim, out_dim)
         for s, n in n_features.items():
             self.register_buffer(f"labels_{_safe_key(s)}", torch.full((n,), -1, dtype=torch.long))
