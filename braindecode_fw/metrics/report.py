@@ -25,6 +25,7 @@ def retrieval_report(
     oracle: dict[str, Any] | None = None,
     subset_size: int = 300,
     n_subsets: int = 30,
+    ci_method: str = "population_sd_norm_ppf",
     seed: int = 42,
     ks: tuple[int, ...] = (1, 5, 10),
     table_topk: tuple[int, ...] = (1,),
@@ -45,7 +46,7 @@ def retrieval_report(
     for subject in sorted(predictions):
         p = predictions[subject]
         res = retrieval_accuracy(p["pred"], p["target"], subset_size=subset_size, n_subsets=n_subsets,
-                                 seed=seed, ks=ks)
+                                 seed=seed, ks=ks, ci_method=ci_method)
         o = (oracle or {}).get("subjects", {}).get(subject, {})
         row = {
             "subject": subject,
@@ -75,6 +76,7 @@ def retrieval_report(
             mean[c] = float(np.mean([r[c] for r in rows]))
         rows.append(mean)
     protocol = {"similarity": "cosine", "subset_size": subset_size, "n_subsets": n_subsets, "seed": seed,
+                "ci_method": ci_method,
                 "topk": list(ks), "table_topk": list(table_topk),
                 "brain_to_image": "query = brain prediction, candidates = images (MindEye2 BwdRetrieval)",
                 "image_to_brain": "query = image, candidates = brain predictions (MindEye2 FwdRetrieval)"}

@@ -3,7 +3,12 @@
 Protocol: cosine similarity between flattened, L2-normalised brain predictions and image
 embeddings; ``n_subsets`` (30) random subsets of ``subset_size`` (300) test items drawn without
 replacement from a NumPy ``RandomState(seed)`` (all items, once, when there are not more than
-``subset_size``); top-k accuracy in each subset; mean and normal 95% CI (1.96·sd/√n_subsets).
+``subset_size``); top-k accuracy in each subset; mean and a normal 95% CI over the subsets.
+
+CI methods (``ci_method``): ``population_sd_norm_ppf`` (default; MindEye2's final_evaluations:
+``scipy.stats.norm.interval(0.95, mean, sd/√n)`` with the population sd, ``ddof=0``; half-width
+``Φ⁻¹(0.975)·sd₀/√n``) and ``sample_sd_1.96`` (``1.96·sd₁/√n`` with the sample sd, ``ddof=1``;
+slightly wider, by √(n/(n-1)) ≈ 1.017 at 30 subsets).
 
 Direction names are explicit, because MindEye2's code labels are ambiguous:
 
@@ -23,6 +28,21 @@ import torch
 from braindecode_fw.metrics.correlation import DEFAULT_CHUNK_MB, similarity_matrix
 
 DIRECTIONS = ("brain_to_image", "image_to_brain")
+CI_METHODS = ("population_sd_norm_ppf", "sample_sd_1.96")
+# Φ⁻¹(0.975), what scipy.stats.norm.interval(0.95) uses (1.959963984540054)
+_Z975 = 1.959963984540054
+
+
+def ci95_half_width(values: np.ndarray, method: str = "population_sd_norm_ppf") -> float:
+    """Half-width of the normal 95% interval of the mean of ``values`` (0 for fewer than 2)."""
+    if method not in CI_METHODS:
+        raise ValueError(f"metrics.retrieval.ci_method: one of {list(CI_METHODS)}, got {method!r}")
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return 0.0
+    if method == "population_sd_norm_ppf":
+        return float(_Z975 * v.std(ddof=0) / np.sqrt(len(v)))
+    return float(1.96 * v.std(ddof=1) / np.sqrt(len(v)))
 
 
 def retrieval_subsets(n_items: int, subset_size: int = 300, n_subsets: int = 30, seed: int = 42) -> list[np.ndarray]:
@@ -59,13 +79,14 @@ class RetrievalResult:
     values: dict[str, dict[int, np.ndarray]]
     subset_size: int
     n_items: int
+    ci_method: str = "population_sd_norm_ppf"
 
     def mean(self, direction: str, k: int = 1) -> float:
         return float(self.values[direction][k].mean())
 
-    def ci95(self, direction: str, k: int = 1) -> float:
-        v = self.values[direction][k]
-        return float(1.96 * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    def ci95(self, direction: str, k: int = 1, method: str | None = None) -> float:
+        """95% half-width over subsets; ``method`` defaults to ``self.ci_method`` (see CI_METHODS)."""
+        return ci95_half_width(self.values[direction][k], method or self.ci_method)
 
     def summary(self, ks: tuple[int, ...] | None = None) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -84,6 +105,7 @@ def retrieval_from_scores(
     seed: int = 42,
     ks: tuple[int, ...] = (1,),
     posterior: bool = False,
+    ci_method: str = "population_sd_norm_ppf",
 ) -> RetrievalResult:
     """Top-k retrieval from any ``(n, n)`` score matrix (higher = more similar, brain rows,
     image columns, true pairs on the diagonal). Used for cosine scores and for the oracle's
@@ -93,7 +115,8 @@ def retrieval_from_scores(
     each subset's rows into log-posteriors over that subset's images (uniform prior), so the
     image→brain direction ranks brain responses by ``p(image_j | brain_i)``: the Bayes-optimal
     rule when every brain response matches exactly one candidate image. (brain→image is
-    unchanged: a per-row constant does not move the arg-max.)"""
+    unchanged: a per-row constant does not move the arg-max.) ``ci_method``: see CI_METHODS."""
+    ci95_half_width(np.zeros(2), ci_method)  # refuse an unknown method before the work
     scores = torch.as_tensor(scores).double() if posterior else torch.as_tensor(scores).float()
     n = scores.shape[0]
     if scores.shape != (n, n):
@@ -113,6 +136,7 @@ def retrieval_from_scores(
         values={d: {k: np.asarray(v) for k, v in per_k.items()} for d, per_k in values.items()},
         subset_size=min(subset_size, n),
         n_items=n,
+        ci_method=ci_method,
     )
 
 

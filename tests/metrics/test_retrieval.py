@@ -65,7 +65,7 @@ def test_ci_and_summary():
     res = retrieval_accuracy(x + rng.standard_normal(x.shape), x, subset_size=300, n_subsets=30)
     s = res.summary()
     v = res.values["brain_to_image"][1]
-    assert s["brain_to_image_top1_ci95"] == pytest.approx(1.96 * v.std(ddof=1) / np.sqrt(30))
+    assert s["brain_to_image_top1_ci95"] == pytest.approx(1.959963984540054 * v.std(ddof=0) / np.sqrt(30))
     with pytest.raises(ValueError, match="square"):
         retrieval_from_scores(np.zeros((3, 4)))
 
@@ -79,3 +79,21 @@ def test_posterior_scores_for_image_queries():
     assert raw.mean("image_to_brain") == pytest.approx(0.5)
     assert post.mean("image_to_brain") == pytest.approx(1.0)
     assert raw.mean("brain_to_image") == post.mean("brain_to_image") == pytest.approx(1.0)
+
+
+def test_ci95_default_is_mindeye2_norm_interval():
+    """MindEye2 final_evaluations: stats.norm.interval(0.95, loc=mean, scale=np.std(v)/sqrt(n))."""
+    from scipy import stats
+
+    from braindecode_fw.metrics.retrieval import ci95_half_width, retrieval_from_scores
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(60, 60)) + 3 * np.eye(60)
+    res = retrieval_from_scores(scores, subset_size=20, n_subsets=30, seed=1)
+    for d in ("brain_to_image", "image_to_brain"):
+        v = res.values[d][1]
+        lo, hi = stats.norm.interval(0.95, loc=np.mean(v), scale=np.std(v) / np.sqrt(len(v)))
+        assert abs(res.ci95(d) - (hi - lo) / 2) < 1e-12
+        assert abs(res.ci95(d, method="sample_sd_1.96") - 1.96 * np.std(v, ddof=1) / np.sqrt(len(v))) < 1e-12
+    with pytest.raises(ValueError, match="metrics.retrieval.ci_method"):
+        ci95_half_width(np.ones(3), "t")
