@@ -11,7 +11,7 @@ import torch
 
 from braindecode_fw.models.adapters import SubjectLinearAdapter
 from braindecode_fw.models.decoder import build_token_decoder
-from braindecode_fw.models.encoders import ResidualMLP
+from braindecode_fw.models.encoders import MindEye2Trunk, ResidualMLP
 from braindecode_fw.models.heads import LowLevelHead, TokenProjector
 from braindecode_fw.models.prior import DiffusionPrior, cosine_alphas_cumprod
 
@@ -19,7 +19,7 @@ from braindecode_fw.models.prior import DiffusionPrior, cosine_alphas_cumprod
 def _build(n_features, target_shapes, hidden, lowlevel=True, prior=True, **prior_kw):
     return build_token_decoder(
         n_features, target_shapes, hidden=hidden,
-        adapter=SubjectLinearAdapter, encoder=functools.partial(ResidualMLP, n_blocks=4, final_norm=False),
+        adapter=SubjectLinearAdapter, encoder=functools.partial(MindEye2Trunk, n_blocks=4),
         projector=TokenProjector, lowlevel=LowLevelHead if lowlevel else None,
         prior=functools.partial(DiffusionPrior, **prior_kw) if prior else None)
 
