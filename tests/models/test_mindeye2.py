@@ -11,7 +11,7 @@ import torch
 
 from braindecode_fw.models.adapters import SubjectLinearAdapter
 from braindecode_fw.models.decoder import build_token_decoder
-from braindecode_fw.models.encoders import MindEye2Trunk, ResidualMLP
+from braindecode_fw.models.encoders import MindEye2Trunk
 from braindecode_fw.models.heads import LowLevelHead, TokenProjector
 from braindecode_fw.models.prior import DiffusionPrior, cosine_alphas_cumprod
 
