@@ -152,7 +152,7 @@ class TermsObjective(Objective):
                              f"got {self.groups}")
         self.input_noise = float(input_noise)
         self.generator = torch.Generator().manual_seed(seed)
-        self.mixed_targets()  # refuse unknown names before training starts
+        self.mixed_targets()  # refuse a malformed value before training starts
 
     def mixed_targets(self) -> list[str]:
         """The regression targets mixed with the inputs during BiMixCo (``mixco.mix_regression_targets``:
@@ -165,11 +165,10 @@ class TermsObjective(Objective):
         if spec is False or spec is None:
             return []
         names = [spec] if isinstance(spec, str) else list(spec)
-        unknown = sorted(set(names) - set(read))
-        if unknown:
-            raise ValueError(f"loss.mixco.mix_regression_targets: {unknown} are not read by a regression or "
-                             f"token-contrast term (those read {read}); give true, false or a list of them")
-        return names
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError(f"loss.mixco.mix_regression_targets: true, false or a list of target names, got {spec!r}")
+        # a named target whose term a recipe switched off (e.g. `loss.terms.blur: null`) is skipped
+        return [n for n in names if n in read]
 
     def softclip_temperature(self, progress: float) -> float:
         if "temperature" in self.softclip:

@@ -235,5 +235,7 @@ def test_mix_regression_targets_by_name():
     torch.testing.assert_close(parts["low2"], torch.nn.functional.mse_loss(out["low"], batch.targets["low_copy"]).detach())
     assert not torch.allclose(parts["blur"], torch.nn.functional.l1_loss(out["low"], batch.targets["low"]).detach())
     assert TermsObjective(**{**cfg, "mixco": {"until": 0.33, "mix_regression_targets": True}}).mixed_targets() == ["low", "low_copy"]
-    with pytest.raises(ValueError, match=r"loss.mixco.mix_regression_targets: \['convnext'\] are not read"):
-        TermsObjective(**{**cfg, "mixco": {"until": 0.33, "mix_regression_targets": ["convnext"]}})
+    # a target no term reads (its term switched off) is skipped; a malformed value is refused
+    assert TermsObjective(**{**cfg, "mixco": {"until": 0.33, "mix_regression_targets": ["gone", "low"]}}).mixed_targets() == ["low"]
+    with pytest.raises(ValueError, match=r"loss.mixco.mix_regression_targets: true, false or a list"):
+        TermsObjective(**{**cfg, "mixco": {"until": 0.33, "mix_regression_targets": [1]}})
