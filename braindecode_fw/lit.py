@@ -183,9 +183,8 @@ WEIGHT_DECAY_RULES = {
 }
 
 
-def _is_bias(module: nn.Module, name: str) -> bool:
-    owner, _, leaf = name.rpartition(".")
-    return leaf == "bias" and isinstance(getattr(module.get_submodule(owner), "bias", None), torch.Tensor)
+def _is_bias(name: str) -> bool:
+    return name.rpartition(".")[2] == "bias"
 
 
 def weight_decay_groups(module: nn.Module, rule: str = "adapters_and_matrices",
@@ -204,9 +203,9 @@ def weight_decay_groups(module: nn.Module, rule: str = "adapters_and_matrices",
         if rule == "adapters_and_matrices":
             decayed = in_adapter or p.ndim >= 2
         elif rule == "mindeye2":
-            decayed = in_adapter or not _is_bias(module, name)
+            decayed = in_adapter or not _is_bias(name)
         else:
-            decayed = not _is_bias(module, name)
+            decayed = not _is_bias(name)
         (decay if decayed else no_decay).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 

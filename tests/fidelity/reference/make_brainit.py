@@ -75,26 +75,20 @@ def their_state_to_ours(sd: dict[str, torch.Tensor], prefix: str, labels: dict[s
         out[f"output.{p}"] = sd[f"proj.{p}"]
     out["queries"] = sd["pred_tokens"]
 
-    def cross(src: str, dst: str) -> None:
-        out[f"{dst}.kv.weight"] = sd[f"{src}.attn.kv.weight"]
+    def block(src: str, dst: str, attention: str, norm1: str, norm2: str) -> None:
+        """One released transformer block (``attn.<attention>``, norms, projection, MLP)."""
+        out[f"{dst}.{attention}.weight"] = sd[f"{src}.attn.{attention}.weight"]
         for p in ("weight", "bias"):
-            out[f"{dst}.norm_kv.{p}"] = sd[f"{src}.norm1.{p}"]
+            out[f"{dst}.{norm1}.{p}"] = sd[f"{src}.norm1.{p}"]
+            out[f"{dst}.{norm2}.{p}"] = sd[f"{src}.norm2.{p}"]
             out[f"{dst}.proj.{p}"] = sd[f"{src}.attn.proj.{p}"]
-            out[f"{dst}.norm_mlp.{p}"] = sd[f"{src}.norm2.{p}"]
             out[f"{dst}.mlp.0.{p}"] = sd[f"{src}.mlp.fc1.{p}"]
             out[f"{dst}.mlp.2.{p}"] = sd[f"{src}.mlp.fc2.{p}"]
 
-    cross("block_crosses.0", "transformer.first")
+    block("block_crosses.0", "transformer.first", "kv", "norm_kv", "norm_mlp")
     for i in range(BLOCKS):
-        cross(f"block_crosses.{i + 1}", f"transformer.cross_blocks.{i}")
-        src, dst = f"blocks.{i}", f"transformer.self_blocks.{i}"
-        out[f"{dst}.qkv.weight"] = sd[f"{src}.attn.qkv.weight"]
-        for p in ("weight", "bias"):
-            out[f"{dst}.norm1.{p}"] = sd[f"{src}.norm1.{p}"]
-            out[f"{dst}.norm2.{p}"] = sd[f"{src}.norm2.{p}"]
-            out[f"{dst}.proj.{p}"] = sd[f"{src}.attn.proj.{p}"]
-            out[f"{dst}.mlp.0.{p}"] = sd[f"{src}.mlp.fc1.{p}"]
-            out[f"{dst}.mlp.2.{p}"] = sd[f"{src}.mlp.fc2.{p}"]
+        block(f"block_crosses.{i + 1}", f"transformer.cross_blocks.{i}", "kv", "norm_kv", "norm_mlp")
+        block(f"blocks.{i}", f"transformer.self_blocks.{i}", "qkv", "norm1", "norm2")
     return {f"{prefix}{k}": v.detach().clone().contiguous() for k, v in out.items()}
 
 
