@@ -36,7 +36,8 @@ class DecoderModule(L.LightningModule):
 
     optimizer: partial ``torch.optim`` constructor (Hydra ``_partial_``); ``weight_decay_groups``
     (``optim.weight_decay_groups``) chooses which parameters get its weight decay
-    (:func:`weight_decay_groups`).
+    (:func:`weight_decay_groups`); ``scale_lr_by_devices`` (``optim.scale_lr_by_devices``) multiplies
+    the learning rate (and OneCycle's ``max_lr``) by the trainer's world size, as MindBridge does.
     scheduler: partial LR scheduler; ``OneCycleLR`` gets ``total_steps`` from the trainer.
     """
 
@@ -52,12 +53,14 @@ class DecoderModule(L.LightningModule):
         val_n_subsets: int = 1,
         checkpoint_extra: dict[str, Any] | None = None,
         weight_decay_groups: str = "adapters_and_matrices",
+        scale_lr_by_devices: bool = False,
     ):
         super().__init__()
         if weight_decay_groups not in WEIGHT_DECAY_RULES:
             raise ValueError(f"optim.weight_decay_groups: one of {list(WEIGHT_DECAY_RULES)}, got "
                              f"{weight_decay_groups!r}")
         self.weight_decay_groups = weight_decay_groups
+        self.scale_lr_by_devices = scale_lr_by_devices
         self.decoder = decoder
         self.objective = loss if isinstance(loss, Objective) else PairObjective(loss, target)
         self.target = target
@@ -132,9 +135,16 @@ class DecoderModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self._param_groups())
+        # optim.scale_lr_by_devices: the linear scaling rule of MindBridge's main.py (max_lr times the
+        # number of processes), applied to the optimiser's lr and to OneCycle's max_lr alike
+        factor = self.trainer.world_size if self.scale_lr_by_devices else 1
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
         if self.scheduler_factory is None:
             return optimizer
         kwargs = {}
+        if factor != 1 and "max_lr" in getattr(self.scheduler_factory, "keywords", {}):
+            kwargs["max_lr"] = self.scheduler_factory.keywords["max_lr"] * factor
         if getattr(self.scheduler_factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR:
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)

@@ -168,3 +168,25 @@ def test_weight_decay_groups_follow_each_released_rule():
     assert decayed("mindbridge") == ["adapter.weight", "pos", "trunk.0.weight", "trunk.1.weight", "trunk.2.gain"]
     with pytest.raises(ValueError, match="optim.weight_decay_groups: one of"):
         weight_decay_groups(m, "all")
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_scale_lr_by_devices_multiplies_lr_and_onecycle_max_lr(scale):
+    # MindBridge's main.py scales max_lr by the number of processes; optim.scale_lr_by_devices does it
+    class FakeTrainer:
+        world_size = 4
+        estimated_stepping_batches = 10
+
+    dec = torch.nn.Linear(2, 2)
+    module = DecoderModule(dec, InfoNCELoss(0.1), "t", optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+                           scheduler=functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=1e-3,
+                                                       div_factor=25),
+                           scale_lr_by_devices=scale)
+    module._trainer = FakeTrainer()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DecoderModule, "trainer", property(lambda self: self._trainer))
+        out = module.configure_optimizers()
+    factor = 4 if scale else 1
+    group = out["optimizer"].param_groups[0]
+    assert group["max_lr"] == pytest.approx(1e-3 * factor)
+    assert group["lr"] == pytest.approx(1e-3 * factor / 25)

@@ -88,9 +88,13 @@ class BridgeDecoder(Decoder):
     = MSE(e_a, E_b(B_b(e_a))) for one pair of distinct subjects (a, b) of the batch: a random pair
     (training from scratch), or ``cycle_target`` as b (adaptation: source -> new subject). A batch
     with one subject has no cycle term (0).
+
+    ``builder=None`` is the single-subject model (the released ``MindSingle``): no builders, and both
+    auxiliary losses are constant 0 (no gradient), so ``loss.terms.reconstruction``/``cycle`` add
+    nothing whatever their weight.
     """
 
-    def __init__(self, adapter: nn.Module, encoder: nn.Module, heads: Mapping[str, nn.Module], builder: nn.Module,
+    def __init__(self, adapter: nn.Module, encoder: nn.Module, heads: Mapping[str, nn.Module], builder: nn.Module | None,
                  cycle_target: str | None = None):
         super().__init__(adapter, encoder, heads)
         self.builder = builder
@@ -101,7 +105,9 @@ class BridgeDecoder(Decoder):
         embedded = self.adapter.embed(pooled, subjects)
         h = self.encoder(embedded)
         out = {name: head(h) for name, head in self.heads.items()}
-        if targets is not None:
+        if targets is not None and self.builder is None:
+            out["loss/reconstruction"] = out["loss/cycle"] = embedded.new_zeros(())
+        elif targets is not None:
             out["loss/reconstruction"] = nn.functional.mse_loss(self.builder(embedded, subjects), pooled)
             out["loss/cycle"] = self.cycle_loss(embedded, subjects)
         return out
@@ -134,13 +140,15 @@ def build_bridge_decoder(
     builder: Callable[..., nn.Module],
     hidden: int,
 ) -> BridgeDecoder:
-    """:func:`build_decoder` plus the per-subject builders (their pool size is the adapter's)."""
+    """:func:`build_decoder` plus the per-subject builders (their pool size is the adapter's); with one
+    subject no builders, as the released single-subject ``MindSingle`` has none."""
     adapter_module = adapter(n_features=n_features, hidden=hidden)
     return BridgeDecoder(
         adapter=adapter_module,
         encoder=encoder(hidden=hidden),
         heads={name: head(hidden=hidden, target_shape=shape) for name, shape in target_shapes.items()},
-        builder=builder(subjects=list(n_features), hidden=hidden, pool_size=adapter_module.pool_size),
+        builder=(builder(subjects=list(n_features), hidden=hidden, pool_size=adapter_module.pool_size)
+                 if len(n_features) >= 2 else None),
     )
 
 

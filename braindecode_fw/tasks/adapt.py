@@ -63,6 +63,9 @@ def add_subject(decoder: Decoder, subject: str, n_features: int, init_bias_from:
     adapter.add_subject(subject, n_features)
     prefixes = [f"adapter.{name}.{subject}." for name in ("linears", "embedders", "mlps")]
     if isinstance(decoder, BridgeDecoder):
+        if decoder.builder is None:  # MindBridge adapts from a multi-subject model (its cycle needs builders)
+            raise ValueError("bdf-adapt: the MindBridge checkpoint has one subject and no builders; adapt "
+                             "from a model trained on at least two subjects (data.subjects)")
         decoder.builder.add_subject(subject)
         decoder.cycle_target = subject
         prefixes.append(f"builder.builders.{subject}.")

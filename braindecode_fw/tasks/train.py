@@ -173,6 +173,7 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         val_subset_size=cfg.evaluation.subset_size,
         weight_decay_groups=cfg.optim.get("weight_decay_groups", "adapters_and_matrices"),
+        scale_lr_by_devices=bool(cfg.optim.get("scale_lr_by_devices", False)),
         checkpoint_extra={
             "config": checkpoint_config,
             "n_features": n_features or dm.n_features,

@@ -44,7 +44,17 @@ def test_parameter_counts_at_real_scale():
     assert _millions(four.heads["clip_image_tokens"]) == pytest.approx(404.4, abs=0.1)
     assert _millions(four.heads["clip_text_tokens"]) == pytest.approx(121.2, abs=0.1)
     assert _millions(four) == pytest.approx(693.6, abs=0.1)  # 4-subject MindBridge
-    assert _millions(single) - _millions(single.builder) == pytest.approx(561.3, abs=0.1)  # "Vanilla"
+    assert single.builder is None  # the released single-subject MindSingle has no builder
+    assert _millions(single) == pytest.approx(561.3, abs=0.1)  # "Vanilla"
+
+
+def test_single_subject_has_no_builder_and_zero_auxiliary_losses():
+    torch.manual_seed(0)
+    dec = _build({"a": 40}, {"clip_image_tokens": (3, 8)}, hidden=16, pool_size=32, bottleneck=4)
+    out = dec(torch.randn(2, 40), ["a", "a"], targets={})
+    assert dec.builder is None and not any(n.startswith("builder") for n, _ in dec.named_parameters())
+    assert out["loss/reconstruction"].item() == 0.0 and out["loss/cycle"].item() == 0.0
+    assert not out["loss/reconstruction"].requires_grad
 
 
 def test_real_scale_forward_backward_shapes():
