@@ -60,12 +60,13 @@ def add_subject(decoder: Decoder, subject: str, n_features: int, init_bias_from:
                          f"module's subject layers are trained jointly: bdf-train with the subject in data.subjects)")
     if not hasattr(adapter, "add_subject"):
         raise ValueError(f"model.adapter: {type(adapter).__name__} cannot add subjects")
+    if isinstance(decoder, BridgeDecoder) and decoder.builder is None:
+        # MindBridge adapts from a multi-subject model: the cycle loss needs a source subject's builder
+        raise ValueError("bdf-adapt: the MindBridge checkpoint has one subject and no builders; adapt "
+                         "from a model trained on at least two subjects (data.subjects)")
     adapter.add_subject(subject, n_features)
     prefixes = [f"adapter.{name}.{subject}." for name in ("linears", "embedders", "mlps")]
     if isinstance(decoder, BridgeDecoder):
-        if decoder.builder is None:  # MindBridge adapts from a multi-subject model (its cycle needs builders)
-            raise ValueError("bdf-adapt: the MindBridge checkpoint has one subject and no builders; adapt "
-                             "from a model trained on at least two subjects (data.subjects)")
         decoder.builder.add_subject(subject)
         decoder.cycle_target = subject
         prefixes.append(f"builder.builders.{subject}.")

@@ -57,6 +57,16 @@ def test_single_subject_has_no_builder_and_zero_auxiliary_losses():
     assert not out["loss/reconstruction"].requires_grad
 
 
+def test_single_subject_model_cannot_be_adapted_by_reset_tuning():
+    from braindecode_fw.tasks.adapt import add_subject
+
+    dec = _build({"a": 40}, {"clip_image_tokens": (3, 8)}, hidden=16, pool_size=32, bottleneck=4)
+    with pytest.raises(ValueError, match=r"one subject and no builders; adapt from a model trained on at least "
+                                         r"two subjects \(data.subjects\)"):
+        add_subject(dec, "b", 50, init_bias_from=None)
+    assert list(dec.adapter.embedders) == ["a"]  # refused before anything was added
+
+
 def test_real_scale_forward_backward_shapes():
     """One NSD-sized row per subject through a narrower trunk: pooling from 12.7k–15.7k voxels to
     8192, token heads at 257×768 and 77×768, both auxiliary losses differentiable."""

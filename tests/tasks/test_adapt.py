@@ -1,4 +1,4 @@
-"""bdf-adapt on the tiny world: MindBridge trained on subj01, subj02 added from one session with
+"""bdf-adapt on the tiny world: MindBridge trained on subj01 and subj03, subj02 added from one session with
 reset-tuning; frozen parts unchanged, budget respected, checkpoint reusable; one-line errors."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ MB_TINY = ["experiment=mindbridge_synthetic", "model.adapter.pool_size=32", "mod
 
 @pytest.mark.slow
 def test_adapt_new_subject_reset_tuning(tmp_path):
-    train = _run("bdf-train", [*TINY_WORLD, *TINY_MODEL, *MB_TINY, "data.subjects=[subj01]"], tmp_path)
+    # MindBridge adapts from a multi-subject model (the cycle loss needs a source subject's builder)
+    three = [*TINY_WORLD, "dataset.world.voxels_per_subject=[60,90,70]"]
+    train = _run("bdf-train", [*three, *TINY_MODEL, *MB_TINY, "data.subjects=[subj01,subj03]"], tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     src = train.stdout.split("checkpoint    :")[1].split()[0]
     args = [f"ckpt={src}", "subject=subj02", "budget.sessions=1", "adaptation=reset_tuning", "trainer.max_epochs=2",
@@ -33,12 +35,12 @@ def test_adapt_new_subject_reset_tuning(tmp_path):
     train_rows = t.split == "train"
     first = np.unique(t.session[train_rows])[0]
     n_budget = int((train_rows & (t.session == first)).sum())
-    assert f"adapting to subj02: {n_budget} training trials (1 sessions), sources ['subj01']" in proc.stdout + proc.stderr
+    assert f"adapting to subj02: {n_budget} training trials (1 sessions), sources ['subj01', 'subj03']" in proc.stdout + proc.stderr
     ckpt = proc.stdout.split("checkpoint    :")[1].split()[0]
     assert Path(ckpt).exists()
     before = torch.load(src, weights_only=True)["state_dict"]
     after = torch.load(ckpt, weights_only=True)
-    assert after["braindecode_fw"]["n_features"] == {"subj01": 60, "subj02": 90}
+    assert after["braindecode_fw"]["n_features"] == {"subj01": 60, "subj03": 70, "subj02": 90}
     assert after["braindecode_fw"]["config"]["adaptation"]["subject"] == "subj02"
     shared = [k for k in before if "subj02" not in k]
     assert shared and all(torch.equal(before[k], after["state_dict"][k]) for k in shared)  # frozen
@@ -56,7 +58,7 @@ def test_adapt_new_subject_reset_tuning(tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
 
     again = _run("bdf-adapt", [f"ckpt={src}", "subject=subj01", "trainer.max_epochs=1"], tmp_path)
-    _assert_one_line_error(again, "subject: subj01 is already in the checkpoint (subjects ['subj01'])")
+    _assert_one_line_error(again, "subject: subj01 is already in the checkpoint (subjects ['subj01', 'subj03'])")
     ridge = _run("bdf-adapt", [f"ckpt={src}", "subject=subj02", "adaptation=finetune_all", "trainer.max_epochs=1"],
                  tmp_path)
     _assert_one_line_error(ridge, "adaptation.init_bias_from: only a linear (ridge) adapter has a bias to copy")
