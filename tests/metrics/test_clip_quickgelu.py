@@ -9,7 +9,11 @@ import json
 import pytest
 import torch
 
-from braindecode_fw.metrics.features import ExtractorSpec, FeatureExtractor, openclip_needs_quick_gelu
+from braindecode_fw.metrics.features import (
+    ExtractorSpec,
+    FeatureExtractor,
+    openclip_needs_quick_gelu,
+)
 
 open_clip = pytest.importorskip("open_clip")
 
