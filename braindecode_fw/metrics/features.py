@@ -59,6 +59,9 @@ class ExtractorSpec:
     cuda_dtype: str = "float32"
     batch_size: int = 32
     download: bool = True
+    # open_clip only: the activation the weights were trained with. None = from the tag (OpenAI's
+    # CLIP weights need QuickGELU); set true for a local file holding OpenAI weights
+    quick_gelu: bool | None = None
     name: str = "extractor"
 
     def __post_init__(self) -> None:
@@ -98,6 +101,50 @@ def _build_timm(spec: ExtractorSpec) -> torch.nn.Module:
     return timm.create_model(spec.model_name, pretrained=False, **spec.arch_kwargs)
 
 
+def _tag_quick_gelu(model_name: str, tag: str) -> bool | None:
+    """Activation an open_clip pretrained tag was trained with: True (QuickGELU), False (GELU),
+    None (not a known tag, e.g. a local file). OpenAI's tags are QuickGELU under every open_clip
+    (open_clip < 3 rebuilt them from the state dict with QuickGELU; >= 3 builds the named config and
+    only warns on a mismatch, hence this check)."""
+    import open_clip
+
+    if tag.lower() == "openai":
+        return True
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        return None
+    return bool(cfg.get("quick_gelu", model_name.endswith("-quickgelu")))
+
+
+def openclip_needs_quick_gelu(spec: ExtractorSpec) -> bool:
+    """Whether ``force_quick_gelu`` must be passed so the tower matches its weights; refuses a
+    mismatch between the architecture (``arch``, ``arch_kwargs``, ``quick_gelu``) and the weights."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(spec.model_name) or {}
+    arch_quick = bool(cfg.get("quick_gelu", False)) or bool(spec.arch_kwargs.get("force_quick_gelu", False))
+    wanted = None if is_random(spec.weights) else _tag_quick_gelu(spec.model_name, spec.weights)
+    key = f"metrics.extractors.{spec.name}"
+    if spec.quick_gelu is not None:
+        if wanted is not None and spec.quick_gelu != wanted:
+            raise ValueError(f"{key}.quick_gelu: weights {spec.weights!r} were trained with "
+                             f"{'QuickGELU' if wanted else 'GELU'}; expected quick_gelu={wanted} (or null), "
+                             f"got {spec.quick_gelu}")
+        wanted = spec.quick_gelu
+    if wanted is None:
+        return False
+    if wanted and not arch_quick:
+        if spec.arch_kwargs.get("force_quick_gelu") is False:
+            raise ValueError(f"{key}.arch_kwargs.force_quick_gelu: weights {spec.weights!r} need QuickGELU; "
+                             f"expected true or unset, got false")
+        return True
+    if not wanted and arch_quick:
+        raise ValueError(f"{key}.arch: {spec.arch!r} builds QuickGELU but weights {spec.weights!r} were "
+                         f"trained with GELU; expected the model name without -quickgelu and no "
+                         f"force_quick_gelu")
+    return False
+
+
 class _OpenClipImage(torch.nn.Module):
     """open_clip model exposing ``image_embedding`` (encode_image), ``pooled`` and, for a ViT tower,
     ``tokens`` (a modified-ResNet tower, e.g. the synthetic world's tiny CLIP, has no token sequence)."""
@@ -109,8 +156,11 @@ class _OpenClipImage(torch.nn.Module):
         if spec.model_name not in open_clip.list_models():
             raise ValueError(f"metrics.extractors.{spec.name}.arch: unknown open_clip model {spec.model_name!r}")
         pretrained = None if is_random(spec.weights) else spec.weights
+        kwargs = dict(spec.arch_kwargs)
+        if openclip_needs_quick_gelu(spec):
+            kwargs["force_quick_gelu"] = True
         try:
-            model = open_clip.create_model(spec.model_name, pretrained=pretrained, **spec.arch_kwargs)
+            model = open_clip.create_model(spec.model_name, pretrained=pretrained, **kwargs)
         except RuntimeError as e:
             raise FileNotFoundError(
                 f"metrics.extractors.{spec.name}.weights: open_clip could not load {pretrained!r} for "
