@@ -59,16 +59,29 @@ class TokenAttentionHead(nn.Module):
     ``attention_dim`` = 768, output projected back to ``token_dim``) mixes them with a residual;
     ``LayerNorm -> Linear(token_dim -> mlp_dim) -> LayerNorm -> GELU -> Dropout -> Linear(mlp_dim
     -> width)`` widens each token to the target width (128 -> 1536 -> 768).
+
+    As in STTM's released ``SelfAttention_with_MLP``, ``dropout`` also drops the attention branch
+    before the residual sum, and ``attention_dropout`` the attention probabilities (0.1 there).
+    ``logit_scale``: ``"inverse_sqrt"`` multiplies q·k by 1/√d_head (standard attention);
+    ``"sqrt"`` by √d_head, what the released ``MultiHeadAttention`` computes (it divides by its
+    ``scale = d_head**-0.5``), i.e. 96× sharper logits at real scale.
     """
 
     def __init__(self, hidden: int, n_tokens: int, width: int, token_dim: int = 128, attention_dim: int | None = None,
-                 heads: int = 8, mlp_dim: int | None = None, dropout: float = 0.15):
+                 heads: int = 8, mlp_dim: int | None = None, dropout: float = 0.15, attention_dropout: float = 0.0,
+                 logit_scale: str = "inverse_sqrt"):
         super().__init__()
+        if logit_scale not in ("inverse_sqrt", "sqrt"):
+            raise ValueError(f"model.token_head.logit_scale: 'inverse_sqrt' or 'sqrt', got {logit_scale!r}")
         attention_dim = attention_dim or width
         mlp_dim = mlp_dim or 2 * width
         if attention_dim % heads:
             raise ValueError(f"model.token_head: attention_dim {attention_dim} is not divisible by heads {heads}")
         self.n_tokens, self.token_dim, self.heads = n_tokens, token_dim, heads
+        self.attention_dropout = attention_dropout
+        head_dim = attention_dim // heads
+        self.logit_scale = head_dim ** 0.5 if logit_scale == "sqrt" else head_dim ** -0.5
+        self.residual_dropout = nn.Dropout(dropout)
         self.to_tokens = nn.Sequential(nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, n_tokens * token_dim))
         self.attention_norm = nn.LayerNorm(token_dim)
         self.qkv = nn.Linear(token_dim, 3 * attention_dim)
@@ -79,8 +92,10 @@ class TokenAttentionHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = self.to_tokens(h).view(len(h), self.n_tokens, self.token_dim)
         q, k, v = self.qkv(self.attention_norm(x)).view(len(h), self.n_tokens, 3, self.heads, -1).unbind(2)
-        attended = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        x = x + self.attention_out(attended.transpose(1, 2).flatten(2))
+        attended = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            dropout_p=self.attention_dropout if self.training else 0.0, scale=self.logit_scale)
+        x = x + self.residual_dropout(self.attention_out(attended.transpose(1, 2).flatten(2)))
         return self.widen(x)
 
 
