@@ -93,7 +93,7 @@ def test_forward_matches_numpy_reference_for_mixed_subjects():
     subjects = ["b", "a", "b"]
     idx = torch.tensor([[0, 3, 1], [5, 0, 2], [2, 2, 1]])
     pred = enc(x, subjects, idx).detach().numpy()
-    P = {k: v.detach().numpy().astype(np.float64) for k, v in enc.named_parameters()}
+    P = {k: v.detach().numpy().astype(np.float64) for k, v in enc.state_dict().items()}  # shared pos under each layer
     xn = x.numpy().astype(np.float64)
     for r, s in enumerate(subjects):
         q = P[f"voxel_embeddings.{s}"][idx[r].numpy()]  # (n, e)
