@@ -162,7 +162,7 @@ def save_artifacts(result: dict[str, Any] | None, run_dir: str | Path) -> list[P
     encoder = result.get("encoder")
     if encoder is not None:
         tmp = folder / f".{ENCODER_FILE}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(tmp))
+        save_file({k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}, str(tmp))
         os.replace(tmp, folder / ENCODER_FILE)  # a crash never leaves a half-written file under the real name
         written.append(folder / ENCODER_FILE)
     written.append(atomic_write_json(folder / REPORT_FILE, result["report"]))

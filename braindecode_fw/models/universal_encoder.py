@@ -5,8 +5,9 @@ tokens. Its only subject-specific parameters are the voxel embeddings ``e_v`` (o
 per voxel), which serve twice:
 
 - as the **query** of a per-layer attention over the image tokens (where in the image the voxel
-  looks), with keys ``Linear(d -> e)(features) + positional embedding`` and a softmax **without**
-  the usual ``1/sqrt(e)`` scaling (as in Brain-IT's ``MapAttention_dynamic_pos``);
+  looks), projected by ``Linear(e -> e)``, with keys ``Linear(d -> e)(features) + positional
+  embedding`` and a softmax **without** the usual ``1/sqrt(e)`` scaling (as in Brain-IT's
+  ``MapAttention_dynamic_pos``);
 - through ``W_v = e_v · F`` (``F`` shared, ``e × L·d``) as the voxel's linear read-out of the
   concatenated per-layer features (what the voxel responds to).
 
@@ -42,6 +43,10 @@ if TYPE_CHECKING:  # the datamodule pulls in Lightning; only the Batch type is n
 
 log = logging.getLogger(__name__)
 
+# Brain-IT's encoder initialises its positional embeddings and read-out map with std 1/(2√32)
+# (``encoder_param.embed_dim`` = 32, a constant its training script never changes)
+RELEASED_STD = 1.0 / (2 * math.sqrt(32))
+
 
 @dataclass
 class UniversalEncoderConfig:
@@ -50,9 +55,13 @@ class UniversalEncoderConfig:
     ``in_dim`` C (1024: ViT-L), ``n_layers`` L (blocks [1, 6, 12, 18, 24] of DINOv2 ViT-L/14-reg),
     ``n_tokens`` T (257 at 224 px, register tokens dropped), ``dim`` d (128: per-layer feature
     width), ``embed_dim`` e (256: voxel embedding width), ``dropout`` (0.25, after the attention's
-    LayerNorm), ``mlp_ratio`` (4: the residual MLP is d -> 4d -> d). ``embed_init_std``: std of the
-    random voxel-embedding initialisation, ``None`` = ``1/sqrt(e)`` (Brain-IT's value is not in
-    methods.md; this keeps the unscaled attention logits O(1) at the start).
+    LayerNorm), ``mlp_ratio`` (4: the residual MLP is d -> 4d -> d). ``init``: ``released``
+    (Brain-IT's ``models/encoder_models.py``: voxel embeddings ``N(0, 1)·0.1/(2√e)``, positional
+    embeddings and the read-out map ``F`` ``N(0, 1)/(2√32)``, a constant of its code) or ``unit``
+    (voxel embeddings ``N(0, 1/e)``, ``pos`` ``N(0, 0.02²)``, ``F`` ``N(0, 1/(L·d))``: unit-scale
+    initial predictions and O(1) attention logits). ``embed_init_std`` overrides the voxel
+    embeddings' std. ``shared_pos``: one positional embedding ``(T, e)`` for all layers (Brain-IT's
+    ``pos_embed``; it appears in the state dict under every layer's name) or one per layer.
     """
 
     in_dim: int = 1024
@@ -63,6 +72,8 @@ class UniversalEncoderConfig:
     dropout: float = 0.25
     mlp_ratio: int = 4
     embed_init_std: float | None = None
+    init: str = "released"
+    shared_pos: bool = True
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any], path: str = "model.universal_encoder") -> UniversalEncoderConfig:
@@ -78,6 +89,8 @@ class UniversalEncoderConfig:
                 raise ValueError(f"{path}.{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{path}.dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("released", "unit"):
+            raise ValueError(f"{path}.init must be 'released' or 'unit', got {self.init!r}")
         if self.embed_init_std is not None and self.embed_init_std <= 0:
             raise ValueError(f"{path}.embed_init_std must be > 0 or null, got {self.embed_init_std}")
 
@@ -87,14 +100,16 @@ class VoxelQueryAttention(nn.Module):
 
     queries ``(B, n, e)``, values ``(B, T, d)`` -> ``(B, n, d)``. Keys are
     ``Linear(d -> e)(values) + pos`` with a learned ``pos`` ``(T, e)``; the weights are
-    ``softmax_T(q · k)`` with **no** ``1/sqrt(e)`` factor (the embeddings' norm sets the sharpness).
+    ``softmax_T(Linear(e -> e)(q) · k)`` with **no** ``1/sqrt(e)`` factor (the embeddings' norm sets
+    the sharpness). ``pos_std``: its initialisation (Brain-IT: ``1/(2√32)``).
     """
 
-    def __init__(self, dim: int, embed_dim: int, n_tokens: int):
+    def __init__(self, dim: int, embed_dim: int, n_tokens: int, pos_std: float = 0.02):
         super().__init__()
+        self.query = nn.Linear(embed_dim, embed_dim)
         self.key = nn.Linear(dim, embed_dim)
         self.pos = nn.Parameter(torch.empty(n_tokens, embed_dim))
-        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.pos, std=pos_std)
 
     def forward(self, queries: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         if values.shape[-2] != self.pos.shape[0]:
@@ -103,7 +118,7 @@ class VoxelQueryAttention(nn.Module):
         keys = self.key(values) + self.pos
         # scale=1.0: Brain-IT omits the 1/sqrt(d) factor; SDPA avoids materialising (B, n, T)
         # weights where a fused kernel exists (GPU), and is the plain math path on CPU
-        return F_.scaled_dot_product_attention(queries, keys, values, scale=1.0)
+        return F_.scaled_dot_product_attention(self.query(queries), keys, values, scale=1.0)
 
 
 class _LayerReadout(nn.Module):
@@ -115,7 +130,8 @@ class _LayerReadout(nn.Module):
         d = cfg.dim
         self.norm_in = nn.LayerNorm(cfg.in_dim)
         self.proj = nn.Linear(cfg.in_dim, d)
-        self.attn = VoxelQueryAttention(d, cfg.embed_dim, cfg.n_tokens)
+        self.attn = VoxelQueryAttention(d, cfg.embed_dim, cfg.n_tokens,
+                                        pos_std=RELEASED_STD if cfg.init == "released" else 0.02)
         self.norm_out = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg.dropout)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
@@ -128,9 +144,10 @@ class _LayerReadout(nn.Module):
 def universal_encoder_parameter_count(cfg: UniversalEncoderConfig, n_voxels: Mapping[str, int] | int) -> int:
     """Closed-form parameter count (shared part + ``sum_s V_s · e`` voxel embeddings)."""
     c, d, e, t, h = cfg.in_dim, cfg.dim, cfg.embed_dim, cfg.n_tokens, cfg.mlp_ratio * cfg.dim
-    per_layer = (2 * c) + (c * d + d) + (d * e + e) + (t * e) + (2 * d) + (d * h + h) + (h * d + d)
+    per_layer = (2 * c) + (c * d + d) + (e * e + e) + (d * e + e) + (t * e) + (2 * d) + (d * h + h) + (h * d + d)
     total_voxels = n_voxels if isinstance(n_voxels, int) else sum(n_voxels.values())
-    return cfg.n_layers * per_layer + e * cfg.n_layers * d + total_voxels * e
+    shared = (cfg.n_layers - 1) * t * e if cfg.shared_pos else 0
+    return cfg.n_layers * per_layer - shared + e * cfg.n_layers * d + total_voxels * e
 
 
 class UniversalEncoder(nn.Module):
@@ -154,9 +171,13 @@ class UniversalEncoder(nn.Module):
         self.config = cfg
         self.n_voxels: dict[str, int] = {}
         self.layers = nn.ModuleList([_LayerReadout(cfg) for _ in range(cfg.n_layers)])
+        if cfg.shared_pos:  # one parameter, used (and its gradient summed) by every layer
+            for layer in self.layers[1:]:
+                layer.attn.pos = self.layers[0].attn.pos
         # F: shared e × L·d map from a voxel embedding to its read-out weights W_v = e_v F.
-        # N(0, 1/(L·d)) with e_v ~ N(0, 1/e) gives unit-scale initial predictions (our choice)
-        self.readout = nn.Parameter(torch.randn(cfg.embed_dim, cfg.n_layers * cfg.dim) / math.sqrt(cfg.n_layers * cfg.dim))
+        # unit: N(0, 1/(L·d)) with e_v ~ N(0, 1/e) gives unit-scale initial predictions
+        std = RELEASED_STD if cfg.init == "released" else 1.0 / math.sqrt(cfg.n_layers * cfg.dim)
+        self.readout = nn.Parameter(torch.randn(cfg.embed_dim, cfg.n_layers * cfg.dim) * std)
         self.voxel_embeddings = nn.ParameterDict()
         for s, n in n_voxels.items():
             self.add_subject(s, n)
@@ -173,7 +194,8 @@ class UniversalEncoder(nn.Module):
             raise ValueError(f"subject {subject!r}: n_voxels must be >= 1, got {n_voxels}")
         ref = self.readout
         if init is None:
-            std = self.config.embed_init_std or 1.0 / math.sqrt(e)
+            std = self.config.embed_init_std or (0.1 / (2 * math.sqrt(e)) if self.config.init == "released"
+                                                 else 1.0 / math.sqrt(e))
             weight = torch.randn(n_voxels, e, device=ref.device, dtype=ref.dtype) * std
         else:
             weight = torch.as_tensor(np.asarray(init) if not torch.is_tensor(init) else init).detach()
@@ -410,7 +432,9 @@ def fit_universal_encoder(
         raise ValueError("fit_universal_encoder: no trainable parameters")
     dev = encoder.readout.device
     opt = torch.optim.Adam(params, lr=lr, amsgrad=True)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=scheduler_patience)
+    # Brain-IT's train/train_encoder.py: absolute threshold 0.003 on the validation correlation
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=scheduler_patience,
+                                                       threshold=0.003, threshold_mode="abs")
     gen = torch.Generator().manual_seed(seed)
     history: list[dict[str, Any]] = []
     step = 0

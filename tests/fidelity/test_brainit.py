@@ -43,7 +43,7 @@ def build(prov: dict, weights: dict):
                              "token_sampling": {"scale_sizes": cfg["scales"], "per_scale": cfg["per_scale"]}}}
     model = build_brainit_decoder(cfg["subjects"], targets, branches=branches, dim=cfg["dim"], heads=cfg["heads"],
                                   depth=cfg["blocks"], n_clusters=cfg["clusters"], voxels_per_step=None, seed=0)
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict({k: v for k, v in weights.items() if k.startswith("branches.")}, strict=True)
     return model
 
 
@@ -77,7 +77,7 @@ def test_forward_and_losses_match_the_released_decoder(golden):
         actual[f"{s}/lowlevel/pred_sampled"] = out["vgg_tokens"]
         actual[f"{s}/loss/semantic"], actual[f"{s}/loss/lowlevel"] = parts["semantic"], parts["lowlevel"]
         actual[f"{s}/loss/total"] = total
-    assert_golden(actual, expected, "brainit", keys=[k for k in expected if not k.startswith(("step1/", "schedule/"))])
+    assert_golden(actual, expected, "brainit", keys=[k for k in expected if not k.startswith(("step1/", "schedule/", "encoder"))])
 
 
 def test_one_adamw_step_matches(golden):
@@ -116,3 +116,39 @@ def test_schedule_matches_the_released_loop(golden):
         sched.step(metric[epoch])
     assert_golden({"schedule/lr": torch.tensor(lrs, dtype=torch.float64)}, expected, "brainit",
                   atol=1e-12, keys=["schedule/lr"])
+
+
+def test_universal_encoder_matches_the_released_encoder(golden):
+    """Stage 0's encoder on a stand-in backbone (identity blocks; see make_brainit.py): forward,
+    the MSE − 0.1·cos loss, and one Adam (amsgrad, lr 1e-3) step; eval mode (dropout off)."""
+    from braindecode_fw.models.universal_encoder import (
+        UniversalEncoder,
+        UniversalEncoderConfig,
+        encoder_loss,
+    )
+
+    weights, inputs, expected, prov = golden
+    tokens = inputs["encoder/tokens"]
+    n_layers, n_tokens = 2, tokens.shape[1] - 4
+    cfg = UniversalEncoderConfig(in_dim=tokens.shape[2], n_layers=n_layers, n_tokens=n_tokens, dim=8, embed_dim=8)
+    enc = UniversalEncoder(prov["config"]["subjects"], cfg).eval()
+    prefix = "universal_encoder."
+    enc.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+    # their code drops the 4 register tokens after the class token; every stand-in layer gives the same tokens
+    feats = torch.cat([tokens[:, :1], tokens[:, 5:]], 1)[:, None].expand(-1, n_layers, -1, -1)
+    subjects = ["s1" if f else "s2" for f in inputs["encoder/subject_is_s1"].tolist()]
+    pred = enc(feats, subjects, inputs["encoder/voxel_index"])
+    loss = encoder_loss(pred, inputs["encoder/target"])
+    opt = torch.optim.Adam(enc.parameters(), lr=1e-3, amsgrad=True)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    actual = {"encoder/pred": pred, "encoder/loss": loss}
+    actual.update({f"encoder_step1/{prefix}{k}": v for k, v in enc.state_dict().items()})
+    # the key bias adds q·b to every logit of a voxel, which the softmax cancels (as in the
+    # decoder's tokenizer): its gradient is rounding noise that Adam scales up to ±lr
+    noisy = [k for k in expected if k.startswith("encoder_step1/") and k.endswith("attn.key.bias")]
+    keys = [k for k in expected if k.startswith("encoder") and k not in noisy]
+    assert len(noisy) == n_layers
+    assert_golden(actual, expected, "brainit", keys=keys)
+    assert_golden(actual, expected, "brainit", keys=noisy, atol=2e-3)

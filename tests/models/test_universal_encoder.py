@@ -27,14 +27,14 @@ TINY = {"in_dim": 12, "n_layers": 2, "n_tokens": 9, "dim": 8, "embed_dim": 8, "d
 
 def test_real_scale_forward_backward_with_voxel_subsampling():
     torch.manual_seed(0)
-    enc = UniversalEncoder({"subj01": 40_000, "subj02": 40_000})  # real-scale defaults
+    enc = UniversalEncoder({"subj01": 40_000, "subj02": 40_000}, init="unit")  # real-scale defaults
     cfg = enc.config
     assert (cfg.in_dim, cfg.n_layers, cfg.n_tokens, cfg.dim, cfg.embed_dim, cfg.dropout) == (1024, 5, 257, 128, 256, 0.25)
     c, d, e, t, L = 1024, 128, 256, 257, 5
-    per_layer = 2 * c + (c * d + d) + (d * e + e) + t * e + 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)
-    expected = L * per_layer + e * L * d + 80_000 * e
+    per_layer = 2 * c + (c * d + d) + (e * e + e) + (d * e + e) + t * e + 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    expected = L * per_layer - (L - 1) * t * e + e * L * d + 80_000 * e  # one positional embedding
     n_params = sum(p.numel() for p in enc.parameters())
-    assert n_params == expected == universal_encoder_parameter_count(cfg, enc.n_voxels) == 22_464_000
+    assert n_params == expected == universal_encoder_parameter_count(cfg, enc.n_voxels) == 22_529_792
 
     x = torch.randn(2, L, t, c)
     subjects = ["subj01", "subj02"]
@@ -64,8 +64,9 @@ def test_attention_without_scaling_matches_numpy():
     out = attn(q, v).detach().numpy()
     qn, vn = q.numpy().astype(np.float64), v.numpy().astype(np.float64)
     w, bias, pos = (p.detach().numpy().astype(np.float64) for p in (attn.key.weight, attn.key.bias, attn.pos))
+    wq, bq = (p.detach().numpy().astype(np.float64) for p in (attn.query.weight, attn.query.bias))
     keys = vn @ w.T + bias + pos
-    logits = np.einsum("bne,bte->bnt", qn, keys)  # no 1/sqrt(e)
+    logits = np.einsum("bne,bte->bnt", qn @ wq.T + bq, keys)  # no 1/sqrt(e)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     np.testing.assert_allclose(out, weights @ vn, rtol=1e-5, atol=1e-6)
@@ -92,7 +93,7 @@ def test_forward_matches_numpy_reference_for_mixed_subjects():
     subjects = ["b", "a", "b"]
     idx = torch.tensor([[0, 3, 1], [5, 0, 2], [2, 2, 1]])
     pred = enc(x, subjects, idx).detach().numpy()
-    P = {k: v.detach().numpy().astype(np.float64) for k, v in enc.named_parameters()}
+    P = {k: v.detach().numpy().astype(np.float64) for k, v in enc.state_dict().items()}  # shared pos under each layer
     xn = x.numpy().astype(np.float64)
     for r, s in enumerate(subjects):
         q = P[f"voxel_embeddings.{s}"][idx[r].numpy()]  # (n, e)
@@ -101,7 +102,8 @@ def test_forward_matches_numpy_reference_for_mixed_subjects():
             p = lambda name, layer=layer: P[f"layers.{layer}.{name}"]  # noqa: E731
             h = _layer_norm(xn[r, layer], p("norm_in.weight"), p("norm_in.bias")) @ p("proj.weight").T + p("proj.bias")
             k = h @ p("attn.key.weight").T + p("attn.key.bias") + p("attn.pos")
-            a = np.exp(q @ k.T - (q @ k.T).max(-1, keepdims=True))
+            qp = q @ p("attn.query.weight").T + p("attn.query.bias")
+            a = np.exp(qp @ k.T - (qp @ k.T).max(-1, keepdims=True))
             y = _layer_norm((a / a.sum(-1, keepdims=True)) @ h, p("norm_out.weight"), p("norm_out.bias"))
             feats.append(y + _gelu(y @ p("mlp.0.weight").T + p("mlp.0.bias")) @ p("mlp.2.weight").T + p("mlp.2.bias"))
         w_v = q @ P["readout"]  # W_v = e_v F, (n, L·d)

@@ -41,6 +41,7 @@ SEM_TOKENS, OUT_DIM = 6, 5
 SCALES, PER_SCALE = [8, 6, 4], [3, 2, 2]
 BATCH = {"s1": 3, "s2": 2}
 LR, WARMUP, PATIENCE, EPOCHS = 5e-4, 15, 5, 40
+ENC_LAYERS, ENC_DIM, ENC_EMBED, ENC_IN, ENC_TOKENS = 2, 8, 8, 12, 9
 
 
 def _stub_xformers() -> None:
@@ -227,7 +228,66 @@ def main(their_repo: str) -> None:
     inputs["schedule/metric"] = torch.tensor(metric, dtype=torch.float64)
     expected["schedule/lr"] = torch.tensor(lrs, dtype=torch.float64)
 
+    encoder_part(weights, inputs, expected)
     write(weights, inputs, expected, provenance(their_repo))
+
+
+def encoder_part(weights: dict, inputs: dict, expected: dict) -> None:
+    """Stage 0's universal encoder (their ``models.encoder_models.Encoder``) on a stand-in backbone:
+    ``ENC_LAYERS`` identity blocks and an identity ``prepare_tokens_with_masks``, so each selected
+    layer's tokens are the input tokens (class token, 4 register tokens that their code drops,
+    ``ENC_TOKENS - 1`` patches). Their LoRA residuals start at zero (``lora_B`` zero-initialised) and
+    are left out of the comparison (ours has none). Dropout 0.25: eval mode, also for the step."""
+    from models.encoder_models import Encoder, encoder_param
+
+    torch.manual_seed(1)
+    backbone = torch.nn.Module()
+    backbone.blocks = torch.nn.ModuleList([torch.nn.Identity() for _ in range(ENC_LAYERS)])
+    backbone.prepare_tokens_with_masks = lambda x: x
+    p = encoder_param(sum(SUBJECTS.values()))
+    p.inner_ch, p.embed_dim_vox, p.in_channels, p.in_spatial = ENC_DIM, ENC_EMBED, ENC_IN, ENC_TOKENS
+    enc = Encoder(p, backbone, select_layers=list(range(1, ENC_LAYERS + 1)), r=7, alpha=0.01).eval()
+    with torch.no_grad():
+        for name, t in enc.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                t.add_(0.1 * torch.randn_like(t))
+        enc.voxel_embed.mul_(100.0)  # sharper voxel attention than the released init gives
+    bsz = 3
+    tokens = torch.randn(bsz, ENC_TOKENS + 4, ENC_IN)
+    subjects = ["s2", "s1", "s2"]
+    local = torch.tensor([[0, 3, 1, 2], [5, 0, 2, 29], [2, 2, 1, 19]])
+    starts = {"s1": 0, "s2": SUBJECTS["s1"]}
+    glob = local + torch.tensor([starts[s] for s in subjects])[:, None]
+    target = torch.randn(bsz, local.shape[1])
+    inputs["encoder/tokens"], inputs["encoder/voxel_index"], inputs["encoder/target"] = tokens, local, target
+    inputs["encoder/subject_is_s1"] = torch.tensor([s == "s1" for s in subjects])
+
+    def ours(sd) -> dict:
+        out = {"readout": sd["feat_embed"]}
+        start = 0
+        for s, n in SUBJECTS.items():
+            out[f"voxel_embeddings.{s}"] = sd["voxel_embed"][start:start + n]
+            start += n
+        for i in range(ENC_LAYERS):
+            out[f"layers.{i}.attn.pos"] = sd["pos_embed"]
+            for pp in ("weight", "bias"):
+                for theirs, mine in ((f"norm_in.{i}", "norm_in"), (f"in_project.{i}", "proj"),
+                                     (f"map_att.{i}.project", "attn.query"), (f"map_att.{i}.project_x", "attn.key"),
+                                     (f"norm.{i}", "norm_out"), (f"mlp.{i}.fc1", "mlp.0"), (f"mlp.{i}.fc2", "mlp.2")):
+                    out[f"layers.{i}.{mine}.{pp}"] = sd[f"{theirs}.{pp}"]
+        return {f"universal_encoder.{k}": v.detach().clone() for k, v in out.items()}
+
+    weights.update(ours(enc.state_dict()))
+    pred = enc(tokens, glob)
+    loss = torch.nn.functional.mse_loss(pred, target) - 0.1 * torch.mean(
+        torch.nn.functional.cosine_similarity(pred, target))
+    expected["encoder/pred"], expected["encoder/loss"] = pred.detach().clone(), loss.detach().clone()
+    opt = torch.optim.Adam(enc.parameters(), lr=1e-3, amsgrad=True)  # train/train_encoder.py
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for k, v in ours(enc.state_dict()).items():
+        expected[f"encoder_step1/{k}"] = v
 
 
 def write(weights: dict, inputs: dict, expected: dict, prov: dict) -> None:
@@ -255,7 +315,8 @@ def provenance(their_repo: str) -> dict:
         "repository": "https://github.com/WeizmannVision/brainit-fmri",
         "commit": commit,
         "files": ["models/decoder_models.py", "models/layers_transformer.py", "utils/datasets.py",
-                  "utils/clip_loss.py", "utils/vgg_utils.py", "train/train_decoder.py (optimiser, schedule)"],
+                  "utils/clip_loss.py", "utils/vgg_utils.py", "train/train_decoder.py (optimiser, schedule)",
+                  "models/encoder_models.py", "models/layers_encoder.py", "train/train_encoder.py + utils/train_utils_enc.py (loss, Adam)"],
         "packages": {"torch": torch.__version__, "torch_geometric": torch_geometric.__version__,
                      "numpy": np.__version__, "python": sys.version.split()[0]},
         "dtype": "float32 (schedule: float64)",
