@@ -11,8 +11,9 @@ dalle2-pytorch's ``DiffusionPrior``; MindEye2's network (methods.md §3.3) or ST
 - Training: ``loss = MSE(x̂0, x0)`` on raw targets (ME2 leaves ``image_embed_scale`` out); brain
   tokens and noised image tokens are each replaced by learned nulls with probability
   ``cond_drop_prob`` (0.2).
-- Sampling (:meth:`DiffusionPrior.sample`): DDIM over ``sample_steps`` (20) of the 100, ``eta``
-  (ME2: 1), optional classifier-free guidance ``cond_scale`` (ME2: 1 = none).
+- Sampling (:meth:`DiffusionPrior.sample`): ``sample_steps`` (20) of the 100, ``eta`` (ME2: 1),
+  optional classifier-free guidance ``cond_scale`` (ME2: 1 = none); ``sampler: as_released`` is
+  dalle2-pytorch 1.15.6's schedule and update, ``uniform_ddim`` textbook DDIM (docs/fidelity.md).
 
 Real scale: dim 1664, 256 tokens, depth 6, 32 heads × 52: ≈ 259.9 M parameters (MindEye2).
 """
@@ -37,18 +38,24 @@ def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
 
 
 class GainLayerNorm(nn.Module):
-    """LayerNorm with a gain and no bias (dalle2); ``stable`` divides by the max first."""
+    """LayerNorm with a gain and no bias (dalle2); ``stable`` divides by the max first.
 
-    def __init__(self, dim: int, stable: bool = False, eps: float = 1e-5):
+    ``eps`` for float32 input, ``half_precision_eps`` for any other dtype (what it sees under
+    fp16/bf16 autocast): dalle2-pytorch uses 1e-3 there, so small-variance rows are not blown up;
+    None keeps ``eps`` for every dtype."""
+
+    def __init__(self, dim: int, stable: bool = False, eps: float = 1e-5, half_precision_eps: float | None = 1e-3):
         super().__init__()
         self.gain = nn.Parameter(torch.ones(dim))
         self.stable, self.eps = stable, eps
+        self.half_precision_eps = eps if half_precision_eps is None else half_precision_eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps if x.dtype == torch.float32 else self.half_precision_eps
         if self.stable:
             x = x / x.amax(dim=-1, keepdim=True).detach()
         var = x.var(dim=-1, unbiased=False, keepdim=True)
-        return (x - x.mean(dim=-1, keepdim=True)) * (var + self.eps).rsqrt() * self.gain
+        return (x - x.mean(dim=-1, keepdim=True)) * (var + eps).rsqrt() * self.gain
 
 
 def _rotate(x: torch.Tensor, rot_dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -87,14 +94,16 @@ class RelativePositionBias(nn.Module):
 
 
 class CosineMultiQueryAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, rot_dim: int = 32, scale: float = 16.0):
+    def __init__(self, dim: int, heads: int, dim_head: int, rot_dim: int = 32, scale: float = 16.0,
+                 half_precision_eps: float | None = 1e-3):
         super().__init__()
         self.heads, self.dim_head, self.rot_dim, self.scale = heads, dim_head, min(rot_dim, dim_head), scale
-        self.norm = GainLayerNorm(dim)
+        self.norm = GainLayerNorm(dim, half_precision_eps=half_precision_eps)
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_kv = nn.Linear(dim, 2 * dim_head, bias=False)  # one shared key/value head
         self.null_kv = nn.Parameter(torch.randn(2, dim_head))
-        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim, bias=False), GainLayerNorm(dim))
+        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim, bias=False),
+                                    GainLayerNorm(dim, half_precision_eps=half_precision_eps))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -112,9 +121,9 @@ class CosineMultiQueryAttention(nn.Module):
 
 
 class SwiGLUFeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4, half_precision_eps: float | None = 1e-3):
         super().__init__()
-        self.norm = GainLayerNorm(dim)
+        self.norm = GainLayerNorm(dim, half_precision_eps=half_precision_eps)
         self.proj_in = nn.Linear(dim, 2 * mult * dim, bias=False)
         self.proj_out = nn.Linear(mult * dim, dim, bias=False)
 
@@ -156,13 +165,14 @@ class PriorNetwork(DenoiserBase):
     """``(brain (B, T, D), noised image (B, T, D), t (B,)) -> x̂0 (B, T, D)``."""
 
     def __init__(self, dim: int, n_tokens: int, depth: int = 6, heads: int = 32, dim_head: int = 52,
-                 ff_mult: int = 4):
+                 ff_mult: int = 4, half_precision_eps: float | None = 1e-3):
         super().__init__(dim, n_tokens)
         self.rel_pos = RelativePositionBias(heads)
         self.layers = nn.ModuleList(
-            nn.ModuleList([CosineMultiQueryAttention(dim, heads, dim_head), SwiGLUFeedForward(dim, ff_mult)])
+            nn.ModuleList([CosineMultiQueryAttention(dim, heads, dim_head, half_precision_eps=half_precision_eps),
+                           SwiGLUFeedForward(dim, ff_mult, half_precision_eps=half_precision_eps)])
             for _ in range(depth))
-        self.final_norm = GainLayerNorm(dim, stable=True)
+        self.final_norm = GainLayerNorm(dim, stable=True, half_precision_eps=half_precision_eps)
         self.project_out = nn.Linear(dim, dim, bias=False)
 
     def forward(self, brain: torch.Tensor, noised: torch.Tensor, t: torch.Tensor,
@@ -212,22 +222,51 @@ class TransformerDecoderPriorNetwork(DenoiserBase):
         return self.decoder(x, memory)[:, -self.n_tokens:]
 
 
+SAMPLERS = ("as_released", "uniform_ddim")
+GUIDANCE_NULLS = ("brain_and_image", "brain")
+
+
 class DiffusionPrior(nn.Module):
     """x0-prediction diffusion over CLIP image tokens conditioned on brain tokens (cosine schedule,
     classifier-free condition dropout, DDIM sampling; methods.md §3.3 and §7.2).
 
     ``network``: a partial taking ``dim, n_tokens`` (e.g. :class:`TransformerDecoderPriorNetwork`);
-    None builds MindEye2's :class:`PriorNetwork` from ``depth, heads, dim_head``. ``embed_scale``
+    None builds MindEye2's :class:`PriorNetwork` from ``depth, heads, dim_head`` (its LayerNorms use
+    ``half_precision_eps`` on fp16/bf16 input, dalle2's 1e-3; None keeps 1e-5). ``embed_scale``
     multiplies the target tokens before diffusion and divides samples after (dalle2's
-    ``image_embed_scale``; STTM uses √768, ``"sqrt_dim"``)."""
+    ``image_embed_scale``; STTM uses √768, ``"sqrt_dim"``).
+
+    ``sampler`` (docs/fidelity.md):
+
+    - ``"as_released"``: dalle2-pytorch 1.15.6's ``p_sample_loop``, what MindEye2's
+      ``recon_inference.ipynb`` runs. With ``sample_steps < timesteps`` its DDIM: the timesteps are
+      ``int(linspace(-1, T, n + 1)[:-1])`` reversed (20 of 100: the 19 steps 94, 89, ..., 4, then the
+      clean estimate), the update uses ᾱ_{t-1} ("alphas_cumprod_prev") where DDIM has ᾱ_t, the noise
+      is re-derived with ᾱ_t, and no noise enters the step into t = 0. With every step, its DDPM
+      ancestral chain, which is DDIM with η = 1 over all steps (``eta`` is then ignored).
+    - ``"uniform_ddim"``: DDIM (Song et al., ICLR 2021, eq. 12) with ᾱ_t over
+      ``round(linspace(-1, T - 1, n + 1))`` (20 of 100: 99, 94, ..., 4).
+
+    ``cond_drop_in_eval``: the released loss keeps the condition dropout in evaluation mode too
+    (dalle2's ``p_losses`` draws it regardless), so validation losses are comparable with the
+    released logs; false turns it off outside training. ``guidance_null`` is what the unconditional
+    branch of classifier-free guidance (``cond_scale`` != 1) replaces by the learned nulls: as
+    released both the brain and the noised image tokens, or only the brain tokens."""
 
     def __init__(self, dim: int, n_tokens: int, *, depth: int = 6, heads: int = 32, dim_head: int = 52,
                  timesteps: int = 100, cond_drop_prob: float = 0.2, sample_steps: int = 20, eta: float = 1.0,
                  cond_scale: float = 1.0, network: Callable[..., nn.Module] | None = None,
-                 embed_scale: float | str = 1.0):
+                 embed_scale: float | str = 1.0, sampler: str = "as_released", cond_drop_in_eval: bool = True,
+                 guidance_null: str = "brain_and_image", half_precision_eps: float | None = 1e-3):
         super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"model.prior.sampler: one of {list(SAMPLERS)}, got {sampler!r}")
+        if guidance_null not in GUIDANCE_NULLS:
+            raise ValueError(f"model.prior.guidance_null: one of {list(GUIDANCE_NULLS)}, got {guidance_null!r}")
+        if not 1 <= sample_steps <= timesteps:
+            raise ValueError(f"model.prior.sample_steps: between 1 and timesteps ({timesteps}), got {sample_steps}")
         self.net = network(dim=dim, n_tokens=n_tokens) if network is not None else \
-            PriorNetwork(dim, n_tokens, depth, heads, dim_head)
+            PriorNetwork(dim, n_tokens, depth, heads, dim_head, half_precision_eps=half_precision_eps)
         if embed_scale == "sqrt_dim":
             embed_scale = math.sqrt(dim)
         if isinstance(embed_scale, str) or embed_scale <= 0:
@@ -235,48 +274,82 @@ class DiffusionPrior(nn.Module):
         self.embed_scale = float(embed_scale)
         self.timesteps, self.cond_drop_prob = timesteps, cond_drop_prob
         self.sample_steps, self.eta, self.cond_scale = sample_steps, eta, cond_scale
-        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(timesteps).float(), persistent=False)
+        self.sampler, self.cond_drop_in_eval, self.guidance_null = sampler, cond_drop_in_eval, guidance_null
+        alphas_cumprod = cosine_alphas_cumprod(timesteps)
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+        # ε from (x_t, x̂0) as dalle2 computes it, its coefficients in float64 first (near t = 0,
+        # 1/√(1/ᾱ - 1) amplifies float32 rounding of √(1 - ᾱ))
+        self.register_buffer("sqrt_recip_alphas_cumprod", alphas_cumprod.rsqrt().float(), persistent=False)
+        self.register_buffer("sqrt_recipm1_alphas_cumprod", (1 / alphas_cumprod - 1).sqrt().float(), persistent=False)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod[t].view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def loss(self, brain: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Training objective: ``MSE(x̂0(brain, q(x0, t), t), x0)``, t uniform in [0, T), on the
-        targets times ``embed_scale``."""
+    def loss(self, brain: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Training objective: ``MSE(x̂0(brain, q(x0, t), t), x0)``, t uniform in [0, T) unless
+        given, on the targets times ``embed_scale``; brain and noised-image tokens each replaced by
+        the learned nulls with probability ``cond_drop_prob`` (in training, and in evaluation with
+        ``cond_drop_in_eval``)."""
         target = target * self.embed_scale
         b = len(target)
-        t = torch.randint(0, self.timesteps, (b,), device=target.device)
-        noised = self.q_sample(target, t, torch.randn_like(target))
-        drop_b = torch.rand(b, device=target.device) < self.cond_drop_prob if self.training else None
-        drop_i = torch.rand(b, device=target.device) < self.cond_drop_prob if self.training else None
+        if t is None:
+            t = torch.randint(0, self.timesteps, (b,), device=target.device)
+        noise = torch.randn_like(target) if noise is None else noise
+        noised = self.q_sample(target, t, noise)
+        drop_b = drop_i = None
+        if self.training or self.cond_drop_in_eval:
+            drop_b = torch.rand(b, device=target.device) < self.cond_drop_prob
+            drop_i = torch.rand(b, device=target.device) < self.cond_drop_prob
         return F.mse_loss(self.net(brain, noised, t, drop_b, drop_i), target)
 
     def predict_x0(self, brain: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x0 = self.net(brain, x, t)
         if self.cond_scale != 1.0:
             null = torch.ones(len(x), dtype=torch.bool, device=x.device)
-            x0_null = self.net(brain, x, t, drop_brain=null)
+            x0_null = self.net(brain, x, t, drop_brain=null,
+                               drop_image=null if self.guidance_null == "brain_and_image" else None)
             x0 = x0_null + self.cond_scale * (x0 - x0_null)
         return x0
 
+    def sample_times(self) -> list[int]:
+        """The timesteps :meth:`sample` visits, ending with -1 (the clean estimate)."""
+        if self.sampler == "as_released":
+            if self.sample_steps == self.timesteps:  # dalle2's DDPM chain
+                return list(range(self.timesteps - 1, -2, -1))
+            # dalle2: int() truncates towards zero, the float32 linspace as released
+            times = torch.linspace(-1.0, self.timesteps, self.sample_steps + 1)[:-1].int().tolist()
+            return times[::-1]
+        return torch.linspace(-1, self.timesteps - 1, self.sample_steps + 1).round().long().flip(0).tolist()
+
     @torch.no_grad()
     def sample(self, brain: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM from noise over ``sample_steps`` evenly spaced steps of the ``timesteps``-step
-        schedule: ``(B, T, D)`` brain tokens -> ``(B, T, D)`` predicted image tokens."""
+        """Sampling from noise by ``sampler`` over ``sample_steps`` of the ``timesteps``-step
+        schedule: ``(B, T, D)`` brain tokens -> ``(B, T, D)`` predicted image tokens. The noise is
+        drawn on the CPU from ``generator`` (the initial noise, then one draw per noisy step)."""
         x = torch.randn(brain.shape, generator=generator, device="cpu").to(brain.device, brain.dtype)
-        times = torch.linspace(-1, self.timesteps - 1, self.sample_steps + 1).round().long().flip(0)
-        for t_now, t_next in zip(times[:-1].tolist(), times[1:].tolist(), strict=True):
-            a = self.alphas_cumprod[t_now]
-            a_next = self.alphas_cumprod[t_next] if t_next >= 0 else torch.ones((), device=a.device)
+        released = self.sampler == "as_released"
+        ddpm = released and self.sample_steps == self.timesteps
+        eta = 1.0 if ddpm else self.eta
+        one = torch.ones((), device=self.alphas_cumprod.device)
+        # dalle2's DDIM indexes ᾱ_{t-1} ("alphas_cumprod_prev") where DDIM uses ᾱ_t
+        update_alphas = torch.cat((one[None], self.alphas_cumprod[:-1])) if released and not ddpm \
+            else self.alphas_cumprod
+        times = self.sample_times()
+        for t_now, t_next in zip(times[:-1], times[1:], strict=True):
             tt = torch.full((len(x),), t_now, device=x.device, dtype=torch.long)
             x0 = self.predict_x0(brain, x, tt)
-            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            eps = (self.sqrt_recip_alphas_cumprod[t_now] * x - x0) / self.sqrt_recipm1_alphas_cumprod[t_now]
             if t_next < 0:
                 x = x0
                 continue
-            sigma = self.eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)).sqrt()
-            direction = (1 - a_next - sigma ** 2).clamp(min=0).sqrt() * eps
-            noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
-            x = a_next.sqrt() * x0 + direction + sigma * noise
+            a, a_next = update_alphas[t_now], update_alphas[t_next]
+            # in dalle2's order of operations, so float32 rounding matches too
+            sigma = eta * ((1 - a / a_next) * (1 - a_next) / (1 - a)).sqrt()
+            direction = ((1 - a_next) - sigma.square()).clamp(min=0).sqrt()
+            noise = torch.zeros_like(x)
+            if not (released and not ddpm and t_next == 0):  # dalle2's DDIM adds no noise into t = 0
+                noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
+            x = x0 * a_next.sqrt() + sigma * noise + direction * eps
         return x / self.embed_scale
