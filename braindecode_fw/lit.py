@@ -190,6 +190,8 @@ WEIGHT_DECAY_RULES = {
     # MindBridge's trainer: names without "bias", "Norm" or "temperature"; in its model only the
     # biases match (adapters' biases included), so norm weights are decayed.
     "mindbridge": "every non-bias parameter",
+    # Brain-IT's train script: AdamW(model.parameters()), one group, biases and norms included
+    "all": "every parameter",
 }
 
 
@@ -214,6 +216,8 @@ def weight_decay_groups(module: nn.Module, rule: str = "adapters_and_matrices",
             decayed = in_adapter or p.ndim >= 2
         elif rule == "mindeye2":
             decayed = in_adapter or not _is_bias(name)
+        elif rule == "all":
+            decayed = True
         else:
             decayed = not _is_bias(name)
         (decay if decayed else no_decay).append(p)

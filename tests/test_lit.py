@@ -166,8 +166,10 @@ def test_weight_decay_groups_follow_each_released_rule():
                                    "trunk.2.gain"]
     # MindBridge: no bias anywhere, adapters' included
     assert decayed("mindbridge") == ["adapter.weight", "pos", "trunk.0.weight", "trunk.1.weight", "trunk.2.gain"]
+    # Brain-IT: one group, every parameter
+    assert decayed("all") == sorted(n for n, _ in m.named_parameters())
     with pytest.raises(ValueError, match="optim.weight_decay_groups: one of"):
-        weight_decay_groups(m, "all")
+        weight_decay_groups(m, "biases")
 
 
 @pytest.mark.parametrize("scale", [False, True])

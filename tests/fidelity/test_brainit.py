@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from braindecode_fw.lit import weight_decay_groups
 from tests.fidelity.golden import assert_golden, golden_dir, load_golden
 
 pytest.importorskip("safetensors")
@@ -85,8 +86,11 @@ def test_one_adamw_step_matches(golden):
     model = build(prov, weights).train()
     optim = OmegaConf.load(CONF / "optim" / "adamw_warmup_plateau.yaml").optimizer
     assert (optim.lr, optim.weight_decay) == (prov["config"]["lr"], prov["config"]["weight_decay"])
-    # the released script decays every parameter (one group); see docs for our grouping
-    opt = instantiate(optim)(params=[p for p in model.parameters() if p.requires_grad])
+    # the released script decays every parameter: optim.weight_decay_groups=all (experiment=brainit_nsd)
+    nsd = OmegaConf.load(CONF / "experiment" / "brainit_nsd.yaml")
+    assert nsd.optim.weight_decay_groups == "all"
+    opt = instantiate(optim)(params=weight_decay_groups(model, nsd.optim.weight_decay_groups))
+    assert not opt.param_groups[1]["params"]
     model.generator.manual_seed(0)
     total, _, _ = objective()(model, batch(inputs, "s1"), 0.0)
     opt.zero_grad()
