@@ -30,6 +30,7 @@ def _extractor(name: str, nodes: list[str]) -> FeatureExtractor:
     return FeatureExtractor(ExtractorSpec(name=name, **spec), nodes)
 
 
+@pytest.mark.slow  # four real-architecture networks at their evaluation sizes
 def test_metric_suite_matches_final_evaluations():
     _, inputs, expected, prov = load_golden("metrics")
     gts, recons = inputs["gts"], inputs["recons"]
