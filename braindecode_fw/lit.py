@@ -190,6 +190,9 @@ WEIGHT_DECAY_RULES = {
     # MindBridge's trainer: names without "bias", "Norm" or "temperature"; in its model only the
     # biases match (adapters' biases included), so norm weights are decayed.
     "mindbridge": "every non-bias parameter",
+    # STTM's training script: names without the substring "bias" (its "LayerNorm.*" entries match
+    # nothing, as in MindEye2's), so nn.MultiheadAttention's in_proj_bias is not decayed either
+    "sttm": "every parameter whose name does not contain 'bias'",
 }
 
 
@@ -214,6 +217,8 @@ def weight_decay_groups(module: nn.Module, rule: str = "adapters_and_matrices",
             decayed = in_adapter or p.ndim >= 2
         elif rule == "mindeye2":
             decayed = in_adapter or not _is_bias(name)
+        elif rule == "sttm":
+            decayed = "bias" not in name
         else:
             decayed = not _is_bias(name)
         (decay if decayed else no_decay).append(p)
