@@ -192,6 +192,9 @@ WEIGHT_DECAY_RULES = {
     "mindbridge": "every non-bias parameter",
     # Brain-IT's train script: AdamW(model.parameters()), one group, biases and norms included
     "all": "every parameter",
+    # STTM's training script: names without the substring "bias" (its "LayerNorm.*" entries match
+    # nothing, as in MindEye2's), so nn.MultiheadAttention's in_proj_bias is not decayed either
+    "sttm": "every parameter whose name does not contain 'bias'",
 }
 
 
@@ -218,6 +221,8 @@ def weight_decay_groups(module: nn.Module, rule: str = "adapters_and_matrices",
             decayed = in_adapter or not _is_bias(name)
         elif rule == "all":
             decayed = True
+        elif rule == "sttm":
+            decayed = "bias" not in name
         else:
             decayed = not _is_bias(name)
         (decay if decayed else no_decay).append(p)
