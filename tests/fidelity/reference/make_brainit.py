@@ -27,13 +27,15 @@ sequence.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
+from released import mirror_commit  # noqa: E402
 
 SUBJECTS = {"s1": 30, "s2": 20}
 K, DIM, HEADS, BLOCKS = 4, 8, 2, 2
@@ -306,11 +308,7 @@ def provenance(their_repo: str) -> dict:
     import torch_geometric
 
     mirror = "/work/.mirror/WeizmannVision+brainit-fmri/repo"
-    try:
-        commit = subprocess.run(["git", "--git-dir", mirror, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - provenance only
-        commit = "unknown"
+    commit = mirror_commit(mirror)
     return {
         "repository": "https://github.com/WeizmannVision/brainit-fmri",
         "commit": commit,

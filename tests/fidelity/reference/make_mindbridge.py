@@ -24,7 +24,6 @@ single-subject ``MindSingle``.
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
 import types
@@ -32,6 +31,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
+from released import StandInModule, execute_definitions  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "golden" / "mindbridge"
 SUBJECTS = {"subj01": 20, "subj02": 30}   # ours -> voxel count; the released ids are 1, 2
@@ -43,34 +45,17 @@ MSE_MULT, REC_MULT, CYC_MULT = 1e4, 1.0, 1.0
 MAX_LR, NUM_EPOCHS, NUM_BATCHES = 0.5, 10, 3
 
 
-class _Anything(types.ModuleType):
-    """A stand-in module: every attribute is a placeholder class."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return type(name, (), {})
-
-
 def _stub_imports() -> None:
     try:
         import diffusers.models.autoencoders.vae as vae
 
         sys.modules.setdefault("diffusers.models.vae", vae)  # diffusers >= 0.28 moved it
     except ImportError:
-        sys.modules["diffusers"] = _Anything("diffusers")
-        sys.modules["diffusers.models"] = _Anything("diffusers.models")
-        sys.modules["diffusers.models.vae"] = _Anything("diffusers.models.vae")
+        sys.modules["diffusers"] = StandInModule("diffusers")
+        sys.modules["diffusers.models"] = StandInModule("diffusers.models")
+        sys.modules["diffusers.models.vae"] = StandInModule("diffusers.models.vae")
     for name in ("clip", "torchsnooper", "wandb", "data"):
-        sys.modules[name] = _Anything(name)
-
-
-def _definitions(source: str, names: set[str], namespace: dict) -> dict:
-    """Execute only the top-level function definitions ``names`` of ``source``."""
-    tree = ast.parse(source)
-    body = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name in names]
-    exec(compile(ast.Module(body=body, type_ignores=[]), "<released>", "exec"), namespace)  # noqa: S102
-    return namespace
+        sys.modules[name] = StandInModule(name)
 
 
 class _FixedClip:
@@ -138,7 +123,7 @@ def main(src: Path) -> None:
     import models  # the released models.py
     import trainer  # the released trainer.py
 
-    ns = _definitions((src / "data.py").read_text(), {"pool_voxels"},
+    ns = execute_definitions((src / "data.py").read_text(), {"pool_voxels"},
                       {"torch": torch, "nn": nn, "F": nn.functional})
     torch.manual_seed(0)
     raw = {s: torch.randn(BATCH, n) for s, n in SUBJECTS.items()}

@@ -16,13 +16,14 @@ classes (OpenAI ``clip``, dalle2-pytorch, ``utils``'s data helpers) are stand-in
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
-import types
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
+from released import StandInModule, execute_definitions  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "golden" / "mindeye2"
 SUBJECTS = {"subj_a": 20, "subj_b": 30}
@@ -30,27 +31,12 @@ HIDDEN, N_BLOCKS, TOKENS, WIDTH = 32, 2, 4, 16
 TEMPERATURE_SOFTCLIP, TEMPERATURE_MIXCO = 0.005, 0.006
 
 
-class _Anything(types.ModuleType):
-    """A stand-in module: every attribute is a placeholder class."""
-
-    def __getattr__(self, name):
-        return type(name, (), {})
-
-
 def _stub_imports() -> None:
     import diffusers.models.autoencoders.vae as vae
 
     sys.modules.setdefault("diffusers.models.vae", vae)  # diffusers >= 0.28 moved it
     for name in ("clip", "utils", "dalle2_pytorch", "dalle2_pytorch.dalle2_pytorch", "dalle2_pytorch.train_configs"):
-        sys.modules[name] = _Anything(name)
-
-
-def _definitions(source: str, names: set[str], namespace: dict) -> dict:
-    """Execute only the top-level function/class definitions ``names`` of ``source``."""
-    tree = ast.parse(source)
-    body = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name in names]
-    exec(compile(ast.Module(body=body, type_ignores=[]), "<released>", "exec"), namespace)  # noqa: S102
-    return namespace
+        sys.modules[name] = StandInModule(name)
 
 
 def main(src: Path) -> None:
@@ -59,10 +45,10 @@ def main(src: Path) -> None:
     import models  # the released models.py
 
     ns = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional}
-    _definitions((src / "utils.py").read_text(), {"soft_clip_loss", "mixco_nce"}, ns)
+    execute_definitions((src / "utils.py").read_text(), {"soft_clip_loss", "mixco_nce"}, ns)
     cells = ["".join(c["source"]) for c in json.loads((src / "Train.ipynb").read_text())["cells"]
              if c["cell_type"] == "code"]
-    _definitions(next(c for c in cells if "class RidgeRegression" in c), {"RidgeRegression"}, ns)
+    execute_definitions(next(c for c in cells if "class RidgeRegression" in c), {"RidgeRegression"}, ns)
 
     torch.manual_seed(0)
     ridge = ns["RidgeRegression"](list(SUBJECTS.values()), out_features=HIDDEN)

@@ -22,7 +22,6 @@ stand-ins.
 
 from __future__ import annotations
 
-import ast
 import importlib
 import json
 import sys
@@ -32,18 +31,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
+from released import StandInModule, execute_definitions  # noqa: E402
+
 OUT = Path(__file__).resolve().parents[1] / "golden" / "mindeye2_prior"
 DIM, TOKENS, DEPTH, HEADS, DIM_HEAD, TIMESTEPS = 16, 4, 2, 2, 8, 100
 BATCH, SEED = 3, 7
-
-
-class _Anything(types.ModuleType):
-    """A stand-in module: every attribute is a placeholder class."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return type(name, (), {})
 
 
 class _FixedDenoiser(torch.nn.Module):
@@ -60,18 +53,10 @@ def _load_dalle2(wheel_dir: Path) -> types.ModuleType:
     package.__path__ = [str(wheel_dir / "dalle2_pytorch")]
     sys.modules["dalle2_pytorch"] = package
     for name in ("dalle2_pytorch.tokenizer", "dalle2_pytorch.vqgan_vae", "x_clip", "coca_pytorch", "resize_right"):
-        sys.modules[name] = _Anything(name)
+        sys.modules[name] = StandInModule(name)
     module = importlib.import_module("dalle2_pytorch.dalle2_pytorch")
     package.DiffusionPrior = module.DiffusionPrior
     return module
-
-
-def _definitions(source: str, names: set[str], namespace: dict) -> dict:
-    """Execute only the top-level class definitions ``names`` of ``source``."""
-    tree = ast.parse(source)
-    body = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in names]
-    exec(compile(ast.Module(body=body, type_ignores=[]), "<released>", "exec"), namespace)  # noqa: S102
-    return namespace
 
 
 def _our_names(prior) -> dict[str, torch.Tensor]:
@@ -122,7 +107,7 @@ def main(src: Path, wheel_dir: Path) -> None:
         "l2norm", "default", "exists", "RotaryEmbedding", "SinusoidalPosEmb", "MLP", "Rearrange", "repeat",
         "rearrange", "prob_mask_like", "LayerNorm", "RelPosBias", "Attention", "FeedForward", "DiffusionPrior")}
     ns.update(torch=torch, nn=torch.nn, F=torch.nn.functional, random=random, tqdm=tqdm)
-    _definitions((src / "models.py").read_text(), {"BrainDiffusionPrior", "PriorNetwork", "FlaggedCausalTransformer"},
+    execute_definitions((src / "models.py").read_text(), {"BrainDiffusionPrior", "PriorNetwork", "FlaggedCausalTransformer"},
                  ns)
 
     torch.manual_seed(0)

@@ -36,13 +36,15 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
-import subprocess
 import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
+from released import mirror_commit  # noqa: E402
 
 SUBJECTS = {"s1": 12, "s2": 10}
 THEIR_ID = {"s1": 1, "s2": 2}
@@ -304,11 +306,7 @@ def write(weights: dict, inputs: dict, expected: dict, prov: dict) -> None:
 
 def provenance(their_repo: str, all_weights: list[str]) -> dict:
     mirror = "/work/.mirror/YulongBonjour+STTM/repo"
-    try:
-        commit = subprocess.run(["git", "--git-dir", mirror, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - provenance only
-        commit = "unknown"
+    commit = mirror_commit(mirror)
     return {
         "repository": "https://github.com/YulongBonjour/STTM",
         "commit": commit,
