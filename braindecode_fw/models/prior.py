@@ -277,6 +277,9 @@ class DiffusionPrior(nn.Module):
         self.sampler, self.cond_drop_in_eval, self.guidance_null = sampler, cond_drop_in_eval, guidance_null
         alphas_cumprod = cosine_alphas_cumprod(timesteps)
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+        # ᾱ_{t-1} (ᾱ_{-1} = 1), which dalle2's DDIM update indexes where DDIM uses ᾱ_t
+        self.register_buffer("alphas_cumprod_prev", F.pad(alphas_cumprod[:-1], (1, 0), value=1.0).float(),
+                             persistent=False)
         # ε from (x_t, x̂0) as dalle2 computes it, its coefficients in float64 first (near t = 0,
         # 1/√(1/ᾱ - 1) amplifies float32 rounding of √(1 - ᾱ))
         self.register_buffer("sqrt_recip_alphas_cumprod", alphas_cumprod.rsqrt().float(), persistent=False)
@@ -329,13 +332,10 @@ class DiffusionPrior(nn.Module):
         schedule: ``(B, T, D)`` brain tokens -> ``(B, T, D)`` predicted image tokens. The noise is
         drawn on the CPU from ``generator`` (the initial noise, then one draw per noisy step)."""
         x = torch.randn(brain.shape, generator=generator, device="cpu").to(brain.device, brain.dtype)
-        released = self.sampler == "as_released"
-        ddpm = released and self.sample_steps == self.timesteps
-        eta = 1.0 if ddpm else self.eta
-        one = torch.ones((), device=self.alphas_cumprod.device)
-        # dalle2's DDIM indexes ᾱ_{t-1} ("alphas_cumprod_prev") where DDIM uses ᾱ_t
-        update_alphas = torch.cat((one[None], self.alphas_cumprod[:-1])) if released and not ddpm \
-            else self.alphas_cumprod
+        # as released: with fewer steps than the schedule dalle2's DDIM, with every step its DDPM chain
+        dalle2_ddim = self.sampler == "as_released" and self.sample_steps < self.timesteps
+        eta = self.eta if self.sampler == "uniform_ddim" or dalle2_ddim else 1.0
+        update_alphas = self.alphas_cumprod_prev if dalle2_ddim else self.alphas_cumprod
         times = self.sample_times()
         for t_now, t_next in zip(times[:-1], times[1:], strict=True):
             tt = torch.full((len(x),), t_now, device=x.device, dtype=torch.long)
@@ -348,8 +348,9 @@ class DiffusionPrior(nn.Module):
             # in dalle2's order of operations, so float32 rounding matches too
             sigma = eta * ((1 - a / a_next) * (1 - a_next) / (1 - a)).sqrt()
             direction = ((1 - a_next) - sigma.square()).clamp(min=0).sqrt()
-            noise = torch.zeros_like(x)
-            if not (released and not ddpm and t_next == 0):  # dalle2's DDIM adds no noise into t = 0
+            x_next = x0 * a_next.sqrt()
+            if not (dalle2_ddim and t_next == 0):  # dalle2's DDIM adds no noise into t = 0
                 noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
-            x = x0 * a_next.sqrt() + sigma * noise + direction * eps
+                x_next = x_next + sigma * noise
+            x = x_next + direction * eps
         return x / self.embed_scale
