@@ -25,7 +25,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from braindecode_fw.io import atomic_write_text
-from braindecode_fw.metrics.images import as_float_images, list_images, load_images
+from braindecode_fw.metrics.images import (
+    ARRAY_SUFFIXES,
+    as_float_images,
+    list_images,
+    load_images,
+    read_image_array,
+    resize,
+)
 from braindecode_fw.metrics.report import format_table, retrieval_report, write_report
 from braindecode_fw.metrics.retrieval import RetrievalResult, retrieval_accuracy
 from braindecode_fw.metrics.suite import ImageMetricSuite
@@ -90,18 +97,42 @@ def pairs_from_run(cfg: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch
         if emb is not None:
             retrieval[subject] = _retrieval(emb["pred"], emb["target"], cfg)
     info = {"input": str(cfg.run), "store": str(store_path), "generator": recs.meta.get("generator"),
-            "test_set": cfg.test_set or recs.meta.get("test_set")}
+            "test_set": cfg.test_set or recs.meta.get("test_set"), "pixels": "8-bit files"}
     return pairs, retrieval, info
 
 
 def pairs_from_folders(cfg: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict, dict[str, Any]]:
-    """(b) recon_dir (images, or one subfolder per subject) + gt_dir matched by file stem."""
-    recon_root, gt = Path(cfg.recon_dir), list_images(cfg.gt_dir)
-    if not recon_root.is_dir():
-        raise FileNotFoundError(f"recon_dir: folder not found: {recon_root}")
+    """(b) recon_dir + gt_dir: two folders matched by file stem, or two array files matched by index.
+
+    A folder holds image files and/or one-image array files (``.npy``/``.safetensors``/``.pt``);
+    subfolders of ``recon_dir`` are subjects. Two array files (``(n, 3, h, w)`` float in [0, 1], as
+    a generator returns them) are evaluated without the 8-bit rounding of a PNG.
+    """
+    recon_root, gt_root = Path(cfg.recon_dir), Path(cfg.gt_dir)
+    for key, path in (("recon_dir", recon_root), ("gt_dir", gt_root)):
+        if not path.exists():
+            raise FileNotFoundError(f"{key}: not found: {path} (expected a folder of images or an array "
+                                    f"file {'/'.join(ARRAY_SUFFIXES)})")
+        if path.is_file() and path.suffix.lower() not in ARRAY_SUFFIXES:
+            raise ValueError(f"{key}: {path} is a file but not an array file (expected a folder of images "
+                             f"or one of {', '.join(ARRAY_SUFFIXES)})")
+    size, aa = cfg.metrics.eval_size, cfg.metrics.antialias
+    info = {"input": f"{recon_root} vs {gt_root}", "test_set": cfg.test_set}
+    if recon_root.is_file() or gt_root.is_file():
+        if not (recon_root.is_file() and gt_root.is_file()):
+            raise ValueError(f"recon_dir/gt_dir: give two folders (matched by file name) or two array files "
+                             f"(matched by index), got {'a file' if recon_root.is_file() else 'a folder'} and "
+                             f"{'a file' if gt_root.is_file() else 'a folder'}")
+        recon, gt = read_image_array(recon_root), read_image_array(gt_root)
+        if recon.shape[0] != gt.shape[0]:
+            raise ValueError(f"recon_dir/gt_dir: {recon_root} holds {recon.shape[0]} images, {gt_root} holds "
+                             f"{gt.shape[0]}; array files are matched by index and must have the same count")
+        return ({"all": (resize(recon, size, antialias=aa), resize(gt, size, antialias=aa))}, {},
+                {**info, "pixels": "float arrays"})
+    gt = list_images(gt_root)
     subdirs = sorted(p for p in recon_root.iterdir() if p.is_dir())
     groups = {p.name: p for p in subdirs} if subdirs and not list_images(recon_root) else {"all": recon_root}
-    pairs = {}
+    pairs, image_names = {}, {}
     for subject, folder in groups.items():
         recon = list_images(folder)
         missing = sorted(set(recon) - set(gt))
@@ -110,11 +141,12 @@ def pairs_from_folders(cfg: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, t
                              f"e.g. {missing[:3]} (files are matched by name)")
         if not recon:
             raise ValueError(f"recon_dir: no images in {folder}")
-        names = sorted(recon)
-        size, aa = cfg.metrics.eval_size, cfg.metrics.antialias
+        names = image_names[subject] = sorted(recon)
         pairs[subject] = (load_images([recon[n] for n in names], size, antialias=aa),
                           load_images([gt[n] for n in names], size, antialias=aa))
-    return pairs, {}, {"input": f"{recon_root} vs {cfg.gt_dir}", "test_set": cfg.test_set}
+    kinds = {p.suffix.lower() in ARRAY_SUFFIXES for f in groups.values() for p in list_images(f).values()}
+    return pairs, {}, {**info, "image_names": image_names,
+                       "pixels": "float arrays" if kinds == {True} else "8-bit files" if kinds == {False} else "mixed"}
 
 
 def retrieval_from_checkpoint(cfg: DictConfig) -> tuple[dict[str, RetrievalResult], dict[str, Any], dict[str, Any]]:
@@ -198,7 +230,7 @@ def _plots(cfg: DictConfig, out_dir: Path, table: dict[str, Any], per_image: dic
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     modes = [m for m in ("run", "recon_dir", "ckpt") if cfg.get(m)]
     if len(modes) != 1 or (cfg.get("recon_dir") is None) != (cfg.get("gt_dir") is None):
-        raise ValueError("give exactly one input: run=<bdf-reconstruct folder>, recon_dir=<folder> gt_dir=<folder>, "
+        raise ValueError("give exactly one input: run=<bdf-reconstruct folder>, recon_dir=<folder|array> gt_dir=<folder|array>, "
                          f"or ckpt=<decoder checkpoint> (got {modes or 'none'}"
                          f"{'; gt_dir without recon_dir' if cfg.get('gt_dir') and not cfg.get('recon_dir') else ''})")
     out_dir = Path(cfg.paths.output_dir)
@@ -217,7 +249,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for subject, (recons, gts) in pairs.items():
             log.info("%s: %d image pairs", subject, len(recons))
             per_image[subject] = suite(recons, gts)
-        names = {s: [str(i) for i in range(len(p[0]))] for s, p in pairs.items()}
+        file_names = info.pop("image_names", {})
+        names = {s: file_names.get(s) or [str(i) for i in range(len(p[0]))] for s, p in pairs.items()}
         written.append(atomic_write_text(out_dir / "per_image.csv", _per_image_csv(per_image, names)))
     infos = [suite.info(k) for k in suite.metric_keys] if suite else []
     protocol = {**info, "eval_size": cfg.metrics.eval_size, "antialias": cfg.metrics.antialias,

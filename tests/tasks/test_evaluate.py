@@ -134,3 +134,46 @@ def test_cli_needs_exactly_one_input(tmp_path):
     _assert_one_line_error(proc, "give exactly one input: run=", "got none")
     proc = _run("bdf-evaluate", [f"run={tmp_path}"], tmp_path)
     _assert_one_line_error(proc, "manifest.json: not a reconstruction folder")
+
+
+def test_evaluate_float_array_pair_skips_8bit_rounding(tmp_path):
+    """Two array files are matched by index and evaluated as stored; PNGs of the same recons equal
+    the arrays rounded to 8 bits (so the difference between the two tables is the quantisation)."""
+    g = torch.Generator().manual_seed(3)
+    gts = (torch.rand(6, 3, 40, 40, generator=g) * 255).round() / 255
+    recons = (gts + 0.15 * torch.randn(gts.shape, generator=g)).clamp(0, 1)  # float, not on the 8-bit grid
+    np.save(tmp_path / "recons.npy", recons.numpy())
+    torch.save(gts, tmp_path / "gts.pt")
+    (tmp_path / "png_rec").mkdir()
+    (tmp_path / "png_gt").mkdir()
+    for i in range(6):
+        to_u8 = lambda t: (t.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # noqa: E731
+        Image.fromarray(to_u8(recons[i])).save(tmp_path / "png_rec" / f"img{i}.png")
+        Image.fromarray(to_u8(gts[i])).save(tmp_path / "png_gt" / f"img{i}.png")
+    pixel = ["metrics.feature_metrics.alexnet2=null", "metrics.feature_metrics.alexnet5=null",
+             "metrics.feature_metrics.clip=null", "plots.enabled=false"]
+    arrays = _evaluate([f"recon_dir={tmp_path / 'recons.npy'}", f"gt_dir={tmp_path / 'gts.pt'}", *pixel],
+                       tmp_path / "out_arr")
+    pngs = _evaluate([f"recon_dir={tmp_path / 'png_rec'}", f"gt_dir={tmp_path / 'png_gt'}", *pixel],
+                     tmp_path / "out_png")
+    up = lambda x: torch.nn.functional.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)  # noqa: E731
+    a, p = arrays["rows"][-1], pngs["rows"][-1]
+    assert a["pixcorr"] == pytest.approx(float(pixcorr(up(recons), up(gts)).mean()), abs=1e-9)
+    quantised = (recons * 255).round() / 255
+    assert p["pixcorr"] == pytest.approx(float(pixcorr(up(quantised), up(gts)).mean()), abs=1e-6)
+    assert a["pixcorr"] != p["pixcorr"]
+    assert arrays["protocol"]["pixels"] == "float arrays" and pngs["protocol"]["pixels"] == "8-bit files"
+    assert (tmp_path / "out_png" / "per_image.csv").read_text().splitlines()[1].startswith("all,img0,")
+
+    with pytest.raises(ValueError, match=r"gts.pt holds 5 images.*|recons.npy holds 6 images, .*gts.pt holds 5"):
+        torch.save(gts[:5], tmp_path / "gts.pt")
+        _evaluate([f"recon_dir={tmp_path / 'recons.npy'}", f"gt_dir={tmp_path / 'gts.pt'}", *pixel], tmp_path / "e1")
+    with pytest.raises(ValueError, match=r"give two folders \(matched by file name\) or two array files .*got a file and a folder"):
+        _evaluate([f"recon_dir={tmp_path / 'recons.npy'}", f"gt_dir={tmp_path / 'png_gt'}", *pixel], tmp_path / "e2")
+    with pytest.raises(FileNotFoundError, match=r"gt_dir: not found: .*nope.npy"):
+        _evaluate([f"recon_dir={tmp_path / 'recons.npy'}", f"gt_dir={tmp_path / 'nope.npy'}", *pixel], tmp_path / "e3")
+    (tmp_path / "recons.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"recon_dir: .*recons.txt is a file but not an array file"):
+        _evaluate([f"recon_dir={tmp_path / 'recons.txt'}", f"gt_dir={tmp_path / 'gts.pt'}", *pixel], tmp_path / "e4")
+    for name in ("e1", "e2", "e3", "e4"):
+        assert not (tmp_path / name / "metrics.json").exists()
