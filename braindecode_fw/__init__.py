@@ -21,7 +21,7 @@ def run_dir_of_checkpoint(_root_) -> str:
 def _register_resolvers() -> None:
     """Config resolvers every composition needs, registered on import of the package (the CLI and
     tests compose the same config tree): ``${bdf_demo_weights:}`` = the demo models shipped inside
-    the package (``paths.demo_models``, conf/paths/default.yaml); ``${bdf_run_dir:}`` =
+    the package (``paths.demo_models``, braindecode_fw/conf/paths/default.yaml); ``${bdf_run_dir:}`` =
     the run directory of the checkpoint ``ckpt`` (:func:`run_dir_of_checkpoint`)."""
     from pathlib import Path
 

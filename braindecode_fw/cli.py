@@ -1,4 +1,7 @@
-"""Console entry points. Each is a Hydra app over ``conf/`` that calls one task function.
+"""Console entry points. Each is a Hydra app over the configs shipped inside the package
+(``braindecode_fw/conf/``) that calls one task function. Users add their own config folder with
+Hydra's ``--config-dir <folder>`` (searched first) or ``hydra.searchpath=[file://<folder>]``;
+``BDF_CONFIG_DIR`` replaces the shipped tree altogether.
 
 User errors (bad config keys, missing or invalid data, unknown subjects, ...) are reported as one
 line ``bdf-<cmd>: error: <what and where>`` with exit code 2; set ``BDF_DEBUG=1`` for the full
@@ -19,7 +22,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(os.environ.get("BDF_CONFIG_DIR", Path(__file__).resolve().parent.parent / "conf"))
+#: The shipped config tree; inside the package so that a wheel carries it (pyproject package-data).
+CONF_DIR = Path(os.environ.get("BDF_CONFIG_DIR", Path(__file__).resolve().parent / "conf"))
 
 log = logging.getLogger("braindecode_fw")
 
@@ -69,12 +73,43 @@ def _fail(prog: str, message: str) -> None:
     sys.exit(2)
 
 
-def check_overrides(config_name: str, overrides: list[str], prog: str) -> None:
+def user_config_dirs(argv: list[str], prog: str) -> list[str]:
+    """The folders given with Hydra's ``--config-dir``/``-cd`` (each must exist)."""
+    dirs = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd"):
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        elif arg.startswith("--config-dir="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        if not value or not Path(value).is_dir():
+            _fail(prog, f"--config-dir: folder not found: {value or '(none given)'} (expected a folder of "
+                        f"config groups, e.g. <folder>/experiment/<name>.yaml)")
+        dirs.append(str(Path(value).resolve()))
+    return dirs
+
+
+def _with_search_path(overrides: list[str], config_dirs: list[str]) -> list[str]:
+    """``overrides`` with ``config_dirs`` put in front of any ``hydra.searchpath`` override."""
+    if not config_dirs:
+        return overrides
+    given = [o for o in overrides if o.startswith("hydra.searchpath=")]
+    rest = [o for o in overrides if o not in given]
+    entries = [f"file://{d}" for d in config_dirs]
+    for o in given:
+        entries += [e.strip() for e in o.split("=", 1)[1].strip().strip("[]").split(",") if e.strip()]
+    return [f"hydra.searchpath=[{','.join(entries)}]", *rest]
+
+
+def check_overrides(config_name: str, overrides: list[str], prog: str, config_dirs: list[str] | None = None) -> None:
     """Compose once before Hydra runs, to turn composition errors into one clear line.
 
     Unknown keys get a did-you-mean suggestion; unknown group options list the available ones.
+    ``config_dirs`` (``--config-dir``) are searched before the shipped configs, as Hydra will.
     Sweeps (``-m``) are checked by Hydra itself.
     """
+    overrides = _with_search_path(overrides, config_dirs or [])
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import (
@@ -125,8 +160,9 @@ def run_app(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> N
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
     is_special = any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-c", "--cfg",
                            "--shell-completion", "-sc") or a.startswith("--cfg") for a in argv)
+    config_dirs = user_config_dirs(argv, prog)
     if not is_special:
-        check_overrides(config_name, overrides, prog)
+        check_overrides(config_name, overrides, prog, config_dirs)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def _main(cfg: DictConfig) -> Any:

@@ -79,7 +79,7 @@ def png_round_trip(x: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--metrics", default="random_weights", help="metrics config (conf/metrics/)")
+    ap.add_argument("--metrics", default="random_weights", help="metrics config (braindecode_fw/conf/metrics/)")
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. metrics.device=cuda")

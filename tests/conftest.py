@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "braindecode_fw" / "conf"  # the configs ship inside the package
 
 # Overrides that shrink the synthetic world, the target encoder and the model to seconds on CPU.
 TINY_WORLD = [

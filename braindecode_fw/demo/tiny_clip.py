@@ -58,7 +58,7 @@ PROMPT_CATEGORY = "a {category}"
 
 @dataclass
 class TinyClipConfig:
-    """How the tiny CLIP is trained (``demo_models.clip`` in conf/prepare.yaml)."""
+    """How the tiny CLIP is trained (``demo_models.clip`` in braindecode_fw/conf/prepare.yaml)."""
 
     seed: int = 0
     image_size: int = 64
@@ -83,7 +83,7 @@ class TinyClipConfig:
 
 def preprocess(image_size: int = 64) -> Preprocess:
     """The tiny CLIP's input transform: CLIP's mean/std at ``image_size`` (the target encoders'
-    ``preprocess`` in conf/target/openclip_tiny.yaml)."""
+    ``preprocess`` in braindecode_fw/conf/target/openclip_tiny.yaml)."""
     return Preprocess(image_size=image_size)
 
 

@@ -15,7 +15,7 @@ Stages (each one a function, run in order by :func:`train`):
    β schedule, EMA weights (diffusers' ``EMAModel``) are the ones saved.
 3. **Pipeline**: ``save_pretrained`` with ``image_encoder``/``feature_extractor``/text parts absent;
    the reconstructor reads the embedding from the brain decoder, L2-normalised first
-   (``condition_norm: 1.0`` in conf/generator/tiny.yaml): the generator was trained on unit-norm
+   (``condition_norm: 1.0`` in braindecode_fw/conf/generator/tiny.yaml): the generator was trained on unit-norm
    tiny-CLIP embeddings, and a contrastively trained decoder predicts directions, not norms.
 
 VAE and UNet train on ``device`` (the CPU by default, a CUDA GPU with ``cuda``/``auto``; the
@@ -55,14 +55,14 @@ UNET_PRECISIONS = ("32-true", "bf16-mixed")
 # Random draws are made on the CPU either way, so a run sees the same batches, timesteps and noise on
 # every device (the results differ only by floating-point order).
 TRAINING_DEVICES = ("auto", "cpu", "cuda")
-# SD's sampling noise schedule (the one conf/generator/*.yaml pipelines ship with)
+# SD's sampling noise schedule (the one braindecode_fw/conf/generator/*.yaml pipelines ship with)
 SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
 
 
 @dataclass
 class TinyGeneratorConfig:
-    """How the tiny generator is trained (``demo_models.generator`` in conf/prepare.yaml)."""
+    """How the tiny generator is trained (``demo_models.generator`` in braindecode_fw/conf/prepare.yaml)."""
 
     seed: int = 0
     image_size: int = 64

@@ -257,7 +257,7 @@ def vgg_feature_fn(weights: str = "VGG16_BN_Weights.IMAGENET1K_V1", *, device: s
 @dataclass
 class FeatureInverter:
     """Low-level images from predicted multi-scale VGG tokens (methods.md §5.5 step 1), configured
-    from a dict or the Hydra node ``conf/lowlevel/dip.yaml`` (keys documented there).
+    from a dict or the Hydra node ``braindecode_fw/conf/lowlevel/dip.yaml`` (keys documented there).
 
     ``inverter(tokens)`` with tokens ``(n, T, 512)`` (``T = 7190`` at ``feature_size`` 112), or
     :meth:`invert_maps` with the five maps, -> ``(n, 3, output_size, output_size)`` in [0, 1] on
@@ -361,7 +361,7 @@ class FeatureInverter:
         if self.source not in shapes:
             have = ", ".join(f"{k} {format_shape(v)}" for k, v in sorted(shapes.items())) or "nothing"
             raise ValueError(f"lowlevel.source: the decoder has no output {self.source!r} to invert (it provides "
-                             f"{have}); train it with the multi-scale VGG target (conf/target/vgg_multiscale.yaml) "
+                             f"{have}); train it with the multi-scale VGG target (braindecode_fw/conf/target/vgg_multiscale.yaml) "
                              f"or set lowlevel.source to the output holding those tokens")
         got = shapes[self.source]
         layout = multiscale_layout(self.feature_size)

@@ -65,7 +65,7 @@ def _resolve_device(device: str) -> str:
 
 
 class ImageMetricSuite:
-    """Configured image metrics. ``cfg`` is the ``metrics`` config group (conf/metrics/*.yaml)."""
+    """Configured image metrics. ``cfg`` is the ``metrics`` config group (braindecode_fw/conf/metrics/*.yaml)."""
 
     def __init__(self, cfg: DictConfig | dict[str, Any]):
         cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg

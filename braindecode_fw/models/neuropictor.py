@@ -84,7 +84,7 @@ class FMRIViTEncoder(nn.Module):
 
     Real scale: ``H = 256``, ``P = 16``, ``D = 1024`` -> 257 × 1024 tokens (implied by the mappers);
     depth and heads of the UK-Biobank-pretrained checkpoint are **[unverified]** (24 / 16 by default
-    in ``conf/model/neuropictor.yaml``). This module is trained from scratch; loading the fMRI-PTE
+    in ``braindecode_fw/conf/model/neuropictor.yaml``). This module is trained from scratch; loading the fMRI-PTE
     checkpoint is not implemented.
     """
 

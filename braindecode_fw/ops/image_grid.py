@@ -27,7 +27,7 @@ class ImageGridCallback(L.Callback):
     """``every_n_epochs``: draw after every N-th validation epoch and after the last one.
     ``n_images``: rows (fixed validation items of ``subject``, default the first subject).
     ``n_neighbours``: nearest validation images by decoded-vs-target cosine similarity.
-    ``generator``: a ``conf/generator`` node (train.py passes the run's); ``reconstruct: false``
+    ``generator``: a ``braindecode_fw/conf/generator`` node (train.py passes the run's); ``reconstruct: false``
     leaves the reconstruction column out (e.g. a real Stable Diffusion pipeline is too slow to run
     during training)."""
 

@@ -1,4 +1,4 @@
-"""Experiment loggers (``conf/logger/``): CSV, TensorBoard, W&B and MLflow, all inside the run
+"""Experiment loggers (``braindecode_fw/conf/logger/``): CSV, TensorBoard, W&B and MLflow, all inside the run
 directory, and one function that sends an image to every active logger.
 
 What the stock Lightning loggers leave to the user (ecosystem.md §1.6, §4.5):

@@ -1,6 +1,6 @@
 """Resuming training: which checkpoint, which run directory, and crash-safe checkpoint files.
 
-``ckpt_path`` (conf/train.yaml) chooses:
+``ckpt_path`` (braindecode_fw/conf/train.yaml) chooses:
 
 - ``null`` with ``resume: auto`` (default): start fresh, unless this job's own run directory
   already holds ``checkpoints/last.ckpt`` — a SLURM job requeued after preemption or timeout runs

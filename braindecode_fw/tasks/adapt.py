@@ -1,7 +1,7 @@
 """``bdf-adapt ckpt=<checkpoint> subject=<new> budget.sessions=<k>``: a new subject from a small budget.
 
 The decoder, its targets, loss and evaluation protocol come from the checkpoint's config; the
-adaptation preset (``conf/adaptation/``) decides what is trained (the new subject's parts only, or
+adaptation preset (``braindecode_fw/conf/adaptation/``) decides what is trained (the new subject's parts only, or
 everything), whether the source subjects share the batches (MindBridge's reset-tuning with its
 cycle loss toward the new subject) and how the new parts start (MindEye2 copies a pretrained ridge
 bias; ``init: ridge`` solves the new linear adapter in closed form). Only the new subject's trials

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def build_generator(gen_cfg: DictConfig) -> Reconstructor:
-    """Instantiate ``conf/generator/<name>``; a ``build_tiny`` spec builds the tiny pipeline into
+    """Instantiate ``braindecode_fw/conf/generator/<name>``; a ``build_tiny`` spec builds the tiny pipeline into
     ``model`` first when that folder does not exist yet."""
     from braindecode_fw.generation.tiny import build_tiny_pipeline
 
@@ -74,7 +74,7 @@ def check_generation(generator: Reconstructor, provides: dict[str, tuple[int, ..
                      lowlevel_cfg: DictConfig | dict[str, Any] | None = None
                      ) -> tuple[FeatureInverter | None, dict[str, tuple[int, ...]]]:
     """Check, before any data work, that the decoder outputs ``provides`` (name -> shape per item)
-    feed ``generator``, through the low-level stage of ``lowlevel_cfg`` (conf/lowlevel/dip.yaml;
+    feed ``generator``, through the low-level stage of ``lowlevel_cfg`` (braindecode_fw/conf/lowlevel/dip.yaml;
     None: none) when given: Brain-IT's inversion of the predicted VGG tokens into the image its
     generator starts from (methods.md §5.5 step 1 -> step 2). The decoder must output
     ``lowlevel.source`` as tokens of a ``lowlevel.feature_size`` image, and the generator must read
@@ -204,8 +204,8 @@ def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: 
                  lowlevel_cfg: DictConfig | None = None) -> tuple[Path | None, dict[str, Any] | None]:
     """After training: reconstruct the first subject's test images (by image index); the first
     ``n_images`` make a ground truth | (low-level |) final grid at ``path``, the first
-    ``n_metric_images`` are scored with the ``metrics_cfg`` suite (conf/metrics/; e.g. PixCorr, SSIM,
-    two-way CLIP). ``lowlevel_cfg``: the low-level stage (conf/lowlevel/dip.yaml, as in
+    ``n_metric_images`` are scored with the ``metrics_cfg`` suite (braindecode_fw/conf/metrics/; e.g. PixCorr, SSIM,
+    two-way CLIP). ``lowlevel_cfg``: the low-level stage (braindecode_fw/conf/lowlevel/dip.yaml, as in
     bdf-reconstruct; it inverts all those images). Returns (grid path, ``{"subject", "n_images",
     "metrics": {key: mean}, "ci95", "labels"}``); (None, None) with a warning when the generator or
     the low-level stage does not fit the decoder's outputs."""

@@ -8,6 +8,6 @@ told ``FAIL`` instead of ending the search, and each batch of trials goes throug
 Hydra launcher (basic, submitit_local, submitit_slurm).
 
 Select it with ``defaults: [override /hydra/sweeper: bdf_optuna]`` (see
-``conf/hparams_search/synthetic_optuna.yaml``). Importing this package is cheap: Hydra imports every
+``braindecode_fw/conf/hparams_search/synthetic_optuna.yaml``). Importing this package is cheap: Hydra imports every
 ``hydra_plugins.*`` module at start-up, so Optuna is imported only when a sweep starts.
 """

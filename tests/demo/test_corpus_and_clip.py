@@ -130,7 +130,7 @@ def test_shipped_tiny_clip_matches_its_card_and_the_target_config():
     heldout = build_corpus(card["n_heldout"], seed=record["config"]["seed"], stream=HELDOUT_STREAM, image_size=64)
     assert tiny_clip.evaluate(model, heldout) == pytest.approx(card, abs=1e-6)
 
-    # conf/target/tiny_clip.yaml (the default target) is the same network: its targets are the model's encode_image
+    # braindecode_fw/conf/target/tiny_clip.yaml (the default target) is the same network: its targets are the model's encode_image
     cfg = compose_config("train", [])
     t = cfg.target
     assert t.pretrained == str(SHIPPED_CLIP / tiny_clip.WEIGHTS_FILE)

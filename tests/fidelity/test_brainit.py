@@ -3,9 +3,9 @@
 
 Covered: the brain tokenizer (TransformerConv over the V2C edges, ReLU, LayerNorm), the semantic
 and low-level predictions (all queries, and the sampled query subset), the MSE and multi-scale
-InfoNCE losses and their sum (our ``conf/loss/brainit.yaml`` through ``TermsObjective``), one
+InfoNCE losses and their sum (our ``braindecode_fw/conf/loss/brainit.yaml`` through ``TermsObjective``), one
 AdamW step with the released settings (lr 5e-4, weight decay 0.01 on every parameter), and the
-learning-rate schedule of ``conf/optim/adamw_warmup_plateau.yaml`` against the released loop's.
+learning-rate schedule of ``braindecode_fw/conf/optim/adamw_warmup_plateau.yaml`` against the released loop's.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if not (golden_dir("brainit") / "expected.safetensors").is_file():
 from braindecode_fw.data.datamodule import Batch  # noqa: E402
 from braindecode_fw.models.brainit import build_brainit_decoder  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "braindecode_fw" / "conf"
 
 
 @pytest.fixture(scope="module")

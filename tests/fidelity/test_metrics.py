@@ -21,7 +21,7 @@ from braindecode_fw.metrics.pixel import pixcorr, ssim
 from braindecode_fw.metrics.retrieval import retrieval_accuracy
 from tests.fidelity.golden import assert_golden, load_golden
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "metrics" / "literature.yaml"
+CONF = Path(__file__).resolve().parents[2] / "braindecode_fw" / "conf" / "metrics" / "literature.yaml"
 SEEDS = {"alexnet": 11, "inception": 12, "effnet": 13, "swav": 14}
 
 

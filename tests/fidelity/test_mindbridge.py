@@ -5,7 +5,7 @@ reconstruction, the cycle loss in both directions, every term of the released tr
 steps with the released parameter groups and OneCycle schedule, and the single-subject model
 (``MindSingle``: no builder, no reconstruction or cycle term).
 
-Our side is built from ``conf/model/mindbridge.yaml`` and ``conf/loss/mindbridge.yaml`` at the
+Our side is built from ``braindecode_fw/conf/model/mindbridge.yaml`` and ``braindecode_fw/conf/loss/mindbridge.yaml`` at the
 reference's tiny sizes and runs in eval mode (every dropout off, as the reference); the released
 cycle pair (first subject -> last, ``adapting=True``) is ours with ``cycle_target`` set to the
 second subject. float32 throughout.
@@ -24,7 +24,7 @@ from braindecode_fw.data.datamodule import Batch
 from braindecode_fw.lit import weight_decay_groups
 from tests.fidelity.golden import assert_golden, golden_dir, load_golden
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "braindecode_fw" / "conf"
 TERMS = ("image_softclip", "image_mse", "text_softclip", "text_mse", "reconstruction", "cycle")
 
 
@@ -37,7 +37,7 @@ def golden():
 
 
 def build_ours(cfg: dict, subjects: dict[str, int], weights: dict[str, torch.Tensor]):
-    """Our decoder from ``conf/model/mindbridge.yaml`` at the reference's sizes, its weights loaded."""
+    """Our decoder from ``braindecode_fw/conf/model/mindbridge.yaml`` at the reference's sizes, its weights loaded."""
     tiny = {"hidden": cfg["hidden"], "adapter": {"pool_size": cfg["pool"], "pool": cfg["pool_type"],
                                                  "bottleneck": cfg["bottleneck"]},
             "encoder": {"n_blocks": cfg["n_blocks"]}, "builder": {"bottleneck": cfg["bottleneck"]}}
@@ -151,7 +151,7 @@ def test_single_subject_matches_the_released_mindsingle(golden):
         out = dec(b.responses, b.subject)
     actual = {"single/head/clip_image_tokens": out["clip_image_tokens"].flatten(1),
               "single/head/clip_text_tokens": out["clip_text_tokens"].flatten(1)}
-    # conf/loss/mindbridge.yaml keeps weight 1 on reconstruction and cycle; with no builder both
+    # braindecode_fw/conf/loss/mindbridge.yaml keeps weight 1 on reconstruction and cycle; with no builder both
     # are a constant 0, i.e. the released single-subject objective (rec_mult = cyc_mult = 0)
     opt, sched = _optimizer(dec, cfg)
     opt.zero_grad()

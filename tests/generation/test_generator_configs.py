@@ -1,4 +1,4 @@
-"""Every `conf/generator/*.yaml` composes, builds its tiny pipeline from the config's `build_tiny`
+"""Every `braindecode_fw/conf/generator/*.yaml` composes, builds its tiny pipeline from the config's `build_tiny`
 spec (saved with save_pretrained), loads it through the user's loader and generates images; the
 synthetic world's `tiny` loads the trained pipeline shipped with the package."""
 

@@ -162,7 +162,7 @@ def test_checkpoint_excludes_the_locked_unet_and_reloads_strictly(sd_folder):
 def test_terms_objective_reads_the_aux_diffusion_loss_and_the_semantic_term(sd_folder):
     import yaml
 
-    conf = yaml.safe_load((Path(__file__).parents[2] / "conf/loss/neuropictor.yaml").read_text())
+    conf = yaml.safe_load((Path(__file__).parents[2] / "braindecode_fw/conf/loss/neuropictor.yaml").read_text())
     obj = TermsObjective(conf["terms"])
     dec = _tiny_decoder(sd_folder)
     batch = Batch(subject=["a", "b"], responses=torch.randn(2, 30), image_index=torch.arange(2),

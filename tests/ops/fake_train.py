@@ -1,4 +1,4 @@
-"""A stand-in for ``bdf-train`` for the sweep tests: the real CLI wrapper, ``conf/train.yaml``,
+"""A stand-in for ``bdf-train`` for the sweep tests: the real CLI wrapper, ``braindecode_fw/conf/train.yaml``,
 the Hydra run/sweep directories and the ``result.json`` contract, but no training (milliseconds).
 
 The value it reports peaks at lr=1e-3, model.hidden=512, loss.temperature=0.05. Environment knobs:

@@ -1,4 +1,4 @@
-"""conf/launcher presets compose, resolve, and turn into the sbatch script we expect (nothing is submitted)."""
+"""braindecode_fw/conf/launcher presets compose, resolve, and turn into the sbatch script we expect (nothing is submitted)."""
 
 from __future__ import annotations
 

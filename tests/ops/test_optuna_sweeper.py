@@ -1,5 +1,5 @@
 """The bdf_optuna sweeper end to end on a stand-in task (tests/ops/fake_train.py: the real CLI wrapper
-and conf/train.yaml, no training): failed trials, command-line search space, resume from sqlite,
+and braindecode_fw/conf/train.yaml, no training): failed trials, command-line search space, resume from sqlite,
 non-float returns, and submitit requeues that keep the job's run directory."""
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def test_soft_token_contrast_matches_mindeye2_formula():
 
 
 def test_convnext_teacher_config_names_the_torchvision_weights(tmp_path, monkeypatch):
-    """conf/target/convnext_teacher.yaml's weights resolve to torchvision's ConvNeXt-Base ImageNet file
+    """braindecode_fw/conf/target/convnext_teacher.yaml's weights resolve to torchvision's ConvNeXt-Base ImageNet file
     in the torch hub cache (offline here: the error names that file), not to a missing local path."""
     from braindecode_fw.metrics.weights import MissingWeightsError, resolve_state_dict
     from tests.conftest import compose_config

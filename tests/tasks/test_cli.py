@@ -141,3 +141,51 @@ def test_wrong_optimized_metric(tmp_path, store_copy):
     proc = _run("bdf-train", [*_store_args(store_copy), "logger=csv", "optimized_metric=test/accuracy"], tmp_path)
     _assert_one_line_error(proc, "optimized_metric: 'test/accuracy' was not produced; available:",
                            "test/brain_to_image_top1")
+
+
+def _user_config_folder(root: Path) -> Path:
+    """A lab's own config folder: a new model option and an experiment using it (nothing edited in
+    the package)."""
+    conf = root / "my_conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "experiment").mkdir()
+    (conf / "model" / "wide_mlp.yaml").write_text(
+        "defaults:\n  - residual_mlp\n  - _self_\nhidden: 96\n")
+    (conf / "experiment" / "lab_run.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: wide_mlp\ntrainer:\n  max_epochs: 3\n")
+    return conf
+
+
+def test_user_config_dir_adds_experiments_and_models(tmp_path):
+    conf = _user_config_folder(tmp_path)
+    for flag in (["--config-dir", str(conf)], [f"hydra.searchpath=[file://{conf}]"]):
+        proc = _run("bdf-train", [*flag, "experiment=lab_run", "--cfg", "job", "--resolve"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        import yaml
+
+        cfg = yaml.safe_load(proc.stdout)
+        assert cfg["trainer"]["max_epochs"] == 3 and cfg["model"]["hidden"] == 96
+        assert cfg["model"]["encoder"]["_target_"] == "braindecode_fw.models.encoders.ResidualMLP"
+    # the pre-check sees the user's folder too: a typo there is still one line with a suggestion
+    proc = _run("bdf-train", ["--config-dir", str(conf), "experiment=lab_run", "model.hiden=3"], tmp_path)
+    _assert_one_line_error(proc, "unknown config key 'model.hiden'", "did you mean 'model.hidden'?")
+    proc = _run("bdf-train", ["--config-dir", str(tmp_path / "nope"), "experiment=lab_run"], tmp_path)
+    _assert_one_line_error(proc, "--config-dir: folder not found:", "nope")
+    proc = _run("bdf-train", ["experiment=lab_run"], tmp_path)  # without the folder: not found, options listed
+    _assert_one_line_error(proc, "experiment/lab_run", "synthetic_smoke")
+
+
+def test_config_tree_ships_inside_the_package():
+    """Every config is under the package (so a wheel carries it) and declared as package data."""
+    import tomllib
+
+    import braindecode_fw
+    from braindecode_fw.cli import CONF_DIR
+
+    pkg = Path(braindecode_fw.__file__).parent
+    assert CONF_DIR == pkg / "conf" and (CONF_DIR / "train.yaml").is_file()
+    repo = pkg.parent
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["braindecode_fw"]
+    shipped = {p for g in globs for p in pkg.glob(g)}
+    on_disk = {p for p in CONF_DIR.rglob("*") if p.is_file()}
+    assert on_disk and on_disk == shipped, sorted(str(p) for p in on_disk ^ shipped)

@@ -380,7 +380,7 @@ def _me2_images(path: Path, used: np.ndarray, sink: ImageStream, size: int) -> N
 def convert_mindeye2(dataset_cfg: Any) -> dict[str, Any]:
     """MindEye2's preprocessed release under ``dataset.root`` -> prepared store ``dataset.store``.
 
-    Keys (conf/dataset/mindeye2.yaml): ``root``, ``store``, ``name``, ``subjects``,
+    Keys (braindecode_fw/conf/dataset/mindeye2.yaml): ``root``, ``store``, ``name``, ``subjects``,
     ``test_convention`` (new|legacy), ``image_size``, ``val_fraction``, ``val_seed``, ``chunk_rows``,
     ``validate`` (warn|fail|off), ``force``. Returns a summary whose ``report`` bdf-prepare prints.
     """
@@ -679,7 +679,7 @@ def _me1_iter_rows(s: _Me1Subject, reader: _Me1Reader) -> Iterator[tuple[int, np
 def convert_mindeye1_avg(dataset_cfg: Any) -> dict[str, Any]:
     """MindEye1's ``webdataset_avg_split`` (as MindBridge reads it) -> prepared store ``dataset.store``.
 
-    Keys (conf/dataset/mindeye1_avg.yaml): ``root``, ``store``, ``name``, ``subjects``, ``layout``
+    Keys (braindecode_fw/conf/dataset/mindeye1_avg.yaml): ``root``, ``store``, ``name``, ``subjects``, ``layout``
     (auto|tar|extracted), ``image_size``, ``zscore_at_load``, ``validate``, ``force``.
     """
     t0 = time.perf_counter()

@@ -57,7 +57,7 @@ NSDGENERAL_VOXELS = {1: 15724, 2: 14278, 3: 15226, 4: 13153, 5: 13039, 6: 17907,
 TEST_TRIALS = {1: (3000, 2770), 2: (3000, 2770), 3: (2371, 2113), 4: (2188, 1985),
                5: (3000, 2770), 6: (2371, 2113), 7: (3000, 2770), 8: (2188, 1985)}  # (new, legacy)
 LEGACY_HELD_OUT_SESSIONS = 3  # the pre-2023 release withheld each subject's last 3 sessions
-# keys of conf/dataset/nsd.yaml that do not change the converted content
+# keys of braindecode_fw/conf/dataset/nsd.yaml that do not change the converted content
 _NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root", "force", "validate",
                      "progress", "chunk_trials", "image_chunk")
 
@@ -68,7 +68,7 @@ class NSDInputError(ValueError):
 
 @dataclass
 class NSDConvertConfig:
-    """Mirror of ``conf/dataset/nsd.yaml`` (see docs/datasets/nsd.md for every key)."""
+    """Mirror of ``braindecode_fw/conf/dataset/nsd.yaml`` (see docs/datasets/nsd.md for every key)."""
 
     root: str | None = None
     store: str | None = None

@@ -69,7 +69,7 @@ TRIAL_TYPES = ("exp", "test", "catch")
 RUN_PATTERN = re.compile(r"sub-(?P<sub>[A-Za-z0-9]+)_ses-(?P<ses>\d+)_task-main_run-(?P<run>\d+)_meg\.(?P<ext>ds|fif)$")
 EVENT_COLUMNS = ("trial_type", "things_category_nr", "value")
 ATTRIBUTE_COLUMNS = ("trial_type", "things_image_nr", "image_path")
-# keys of conf/dataset/things_meg.yaml that do not change the converted content
+# keys of braindecode_fw/conf/dataset/things_meg.yaml that do not change the converted content
 _NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root", "images_root", "force",
                      "progress", "image_chunk")
 
@@ -80,7 +80,7 @@ class ThingsMEGInputError(ValueError):
 
 @dataclass
 class ThingsMEGConvertConfig:
-    """Mirror of ``conf/dataset/things_meg.yaml`` (every key is described in docs/datasets/things_meg.md)."""
+    """Mirror of ``braindecode_fw/conf/dataset/things_meg.yaml`` (every key is described in docs/datasets/things_meg.md)."""
 
     root: str | None = None
     images_root: str | None = None

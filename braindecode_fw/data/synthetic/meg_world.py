@@ -47,7 +47,7 @@ _FMRI_ONLY = ("ncsnr_true", "noise_sd", "baseline")
 
 @dataclass
 class SyntheticMEGWorldConfig:
-    """All parameters of the synthetic MEG world (mirrors ``conf/dataset/synthetic_meg.yaml``)."""
+    """All parameters of the synthetic MEG world (mirrors ``braindecode_fw/conf/dataset/synthetic_meg.yaml``)."""
 
     seed: int = 0
     image_size: int = 64

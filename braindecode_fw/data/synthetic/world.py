@@ -32,7 +32,7 @@ GENERATOR_VERSION = "synthetic-fmri-2"
 
 @dataclass
 class SyntheticWorldConfig:
-    """All parameters of the synthetic fMRI world (mirrors ``conf/dataset/synthetic.yaml``)."""
+    """All parameters of the synthetic fMRI world (mirrors ``braindecode_fw/conf/dataset/synthetic.yaml``)."""
 
     seed: int = 0
     image_size: int = 64

@@ -264,7 +264,7 @@ def test_config_errors_name_the_key():
 
 
 def test_yaml_mirrors_the_dataclass_defaults():
-    cfg = OmegaConf.load(REPO / "conf" / "dataset" / "synthetic_meg.yaml")
+    cfg = OmegaConf.load(REPO / "braindecode_fw" / "conf" / "dataset" / "synthetic_meg.yaml")
     assert cfg.kind == "synthetic_meg" and cfg.modality == "meg" and cfg.name == "synthetic_meg"
     world = OmegaConf.to_container(cfg.world)
     assert SyntheticMEGWorldConfig.from_mapping(world) == SyntheticMEGWorldConfig()

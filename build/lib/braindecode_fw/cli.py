@@ -1,0 +1,284 @@
+"""Console entry points. Each is a Hydra app over the configs shipped inside the package
+(``braindecode_fw/conf/``) that calls one task function. Users add their own config folder with
+Hydra's ``--config-dir <folder>`` (searched first) or ``hydra.searchpath=[file://<folder>]``;
+``BDF_CONFIG_DIR`` replaces the shipped tree altogether.
+
+User errors (bad config keys, missing or invalid data, unknown subjects, ...) are reported as one
+line ``bdf-<cmd>: error: <what and where>`` with exit code 2; set ``BDF_DEBUG=1`` for the full
+traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+#: The shipped config tree; inside the package so that a wheel carries it (pyproject package-data).
+CONF_DIR = Path(os.environ.get("BDF_CONFIG_DIR", Path(__file__).resolve().parent / "conf"))
+
+log = logging.getLogger("braindecode_fw")
+
+if not OmegaConf.has_resolver("bdf_uid"):
+    # one random id per process: unique run directories even for jobs started in the same second
+    OmegaConf.register_new_resolver("bdf_uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from hydra.errors import HydraException
+
+    from braindecode_fw.data.store import StoreValidationError
+
+    # FloatingPointError: the NaN guard (lit.NonFiniteLossError) names the step and the batch
+    return (ValueError, KeyError, FileNotFoundError, FileExistsError, StoreValidationError, HydraException,
+            FloatingPointError)
+
+
+def _describe_error(exc: BaseException) -> str:
+    """A one-line description of ``exc`` and its causes."""
+    from hydra.errors import InstantiationException
+
+    msgs = []
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = _one_line(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        if isinstance(e, InstantiationException):
+            text = text.replace("Error in call to target", "cannot build")
+        if text and text not in msgs:
+            msgs.append(text)
+        e = e.__cause__ or e.__context__
+    return ": ".join(msgs) if msgs else type(exc).__name__
+
+
+def _fail(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def user_config_dirs(argv: list[str], prog: str) -> list[str]:
+    """The folders given with Hydra's ``--config-dir``/``-cd`` (each must exist)."""
+    dirs = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd"):
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        elif arg.startswith("--config-dir="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        if not value or not Path(value).is_dir():
+            _fail(prog, f"--config-dir: folder not found: {value or '(none given)'} (expected a folder of "
+                        f"config groups, e.g. <folder>/experiment/<name>.yaml)")
+        dirs.append(str(Path(value).resolve()))
+    return dirs
+
+
+def _with_search_path(overrides: list[str], config_dirs: list[str]) -> list[str]:
+    """``overrides`` with ``config_dirs`` put in front of any ``hydra.searchpath`` override."""
+    if not config_dirs:
+        return overrides
+    given = [o for o in overrides if o.startswith("hydra.searchpath=")]
+    rest = [o for o in overrides if o not in given]
+    entries = [f"file://{d}" for d in config_dirs]
+    for o in given:
+        entries += [e.strip() for e in o.split("=", 1)[1].strip().strip("[]").split(",") if e.strip()]
+    return [f"hydra.searchpath=[{','.join(entries)}]", *rest]
+
+
+def check_overrides(config_name: str, overrides: list[str], prog: str, config_dirs: list[str] | None = None) -> None:
+    """Compose once before Hydra runs, to turn composition errors into one clear line.
+
+    Unknown keys get a did-you-mean suggestion; unknown group options list the available ones.
+    ``config_dirs`` (``--config-dir``) are searched before the shipped configs, as Hydra will.
+    Sweeps (``-m``) are checked by Hydra itself.
+    """
+    overrides = _with_search_path(overrides, config_dirs or [])
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            try:
+                compose(config_name, overrides=overrides)
+            except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
+                _fail(prog, _explain_composition_error(config_name, overrides, e))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _explain_composition_error(config_name: str, overrides: list[str], exc: Exception) -> str:
+    from hydra import compose
+
+    cause = exc.__cause__
+    full_key = getattr(cause, "full_key", None)
+    if full_key and "not in struct" in str(cause):
+        bad = [o for o in overrides if o.split("=", 1)[0].lstrip("~+") == full_key]
+        parent, _, leaf = full_key.rpartition(".")
+        suggestion = ""
+        try:
+            base = compose(config_name, overrides=[o for o in overrides if o not in bad])
+            node = OmegaConf.select(base, parent) if parent else base
+            if isinstance(node, DictConfig):
+                close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1)
+                if close:
+                    suggestion = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+        except Exception:  # noqa: BLE001 - the suggestion is best-effort
+            pass
+        where = f" in override '{bad[0]}'" if bad else ""
+        return f"unknown config key '{full_key}'{where}{suggestion} (use +{full_key}=... to add a new key)"
+    text = _one_line(exc)
+    text = text.replace("Available options in", "available options in").replace("; ;", ";")
+    return text
+
+
+def run_app(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> None:
+    """Run ``task`` as a Hydra app with one-line user errors."""
+    argv = sys.argv[1:]
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    is_special = any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-c", "--cfg",
+                           "--shell-completion", "-sc") or a.startswith("--cfg") for a in argv)
+    config_dirs = user_config_dirs(argv, prog)
+    if not is_special:
+        check_overrides(config_name, overrides, prog, config_dirs)
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def _main(cfg: DictConfig) -> Any:
+        from braindecode_fw.ops.loggers import finish_wandb
+
+        try:
+            return task(cfg)
+        except _user_error_types() as e:
+            if os.environ.get("BDF_DEBUG"):
+                raise
+            log.debug("error details", exc_info=True)
+            _fail(prog, _describe_error(e))
+        except Exception:
+            log.exception("%s failed (run directory %s)", prog, cfg.paths.get("output_dir", "?"))
+            raise
+        finally:
+            finish_wandb()  # a failed job must not leave a W&B run open for the next job of a sweep
+
+    if not Path(sys.argv[0]).is_file():
+        # keep a real script path when there is one: Lightning's DDP launcher re-runs sys.argv[0]
+        # for the other ranks
+        sys.argv[0] = prog
+    _main()
+
+
+def _train(cfg: DictConfig) -> float | None:
+    from braindecode_fw.tasks.train import train
+
+    return _optimized(cfg, train(cfg))
+
+
+def _adapt(cfg: DictConfig) -> float | None:
+    from braindecode_fw.tasks.adapt import adapt
+
+    return _optimized(cfg, adapt(cfg))
+
+
+def _optimized(cfg: DictConfig, result: dict) -> float | None:
+    """The value a sweeper optimises (``optimized_metric``), with a clear error when absent."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in result:
+        options = sorted(k for k in result if k.startswith(("test/", "val/")))
+        raise ConfigError(f"optimized_metric: {name!r} was not produced; available: {options}")
+    return float(result[name])
+
+
+def _evaluate(cfg: DictConfig) -> None:
+    from braindecode_fw.tasks.evaluate import evaluate
+
+    evaluate(cfg)
+
+
+def _reconstruct(cfg: DictConfig) -> None:
+    from braindecode_fw.tasks.reconstruct import reconstruct
+
+    reconstruct(cfg)
+
+
+def _prepare(cfg: DictConfig) -> None:
+    from braindecode_fw.tasks.prepare import describe, prepare
+
+    if cfg.get("demo_models") is not None:
+        from braindecode_fw.demo import retrain
+
+        if cfg.dataset.get("kind") not in ("synthetic_fmri", "synthetic_meg"):
+            raise ConfigError(f"demo_models: the demo models are trained on a synthetic world's scenes; dataset "
+                              f"{cfg.dataset.name!r} is not one (use dataset=synthetic)")
+        summary = retrain.retrain(OmegaConf.to_container(cfg.demo_models, resolve=True),
+                                  OmegaConf.to_container(cfg.dataset.world, resolve=True))
+        print(retrain.describe(summary))
+        return
+    summary = prepare(cfg.dataset, overwrite=cfg.overwrite)
+    if "report" in summary:  # real-data converters
+        print(summary["report"])
+    else:
+        print(describe(summary) if "subjects" in summary else summary)
+    print(f"prepared store: {cfg.dataset.store}")
+
+
+def _bench(cfg: DictConfig) -> None:
+    from braindecode_fw.tasks.bench import bench
+
+    bench(cfg)
+
+
+def _dashboard(cfg: DictConfig) -> None:
+    from braindecode_fw.ops.dashboard import dashboard
+
+    dashboard(cfg.tool, cfg.run, port=cfg.port, host=cfg.host, print_only=cfg.print_only)
+
+
+def dashboard_main() -> None:
+    run_app("dashboard", _dashboard, "bdf-dashboard")
+
+
+def train_main() -> None:
+    run_app("train", _train, "bdf-train")
+
+
+def adapt_main() -> None:
+    run_app("adapt", _adapt, "bdf-adapt")
+
+
+def evaluate_main() -> None:
+    run_app("evaluate", _evaluate, "bdf-evaluate")
+
+
+def reconstruct_main() -> None:
+    run_app("reconstruct", _reconstruct, "bdf-reconstruct")
+
+
+def prepare_main() -> None:
+    run_app("prepare", _prepare, "bdf-prepare")
+
+
+def bench_main() -> None:
+    run_app("bench", _bench, "bdf-bench")

@@ -1,0 +1,89 @@
+"""What the dataset converters share: the validation-image rule and clean-up after killed runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def plain_config(dataset_cfg: Any) -> dict[str, Any]:
+    """A ``dataset`` config (OmegaConf node or mapping) as a plain, resolved dict for a converter."""
+    if hasattr(dataset_cfg, "_get_node"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(dataset_cfg, resolve=True)
+    return dict(dataset_cfg)
+
+
+def hash_uniform(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A stable uniform [0, 1) per id (splitmix64 of id and seed): same answer for any subset."""
+    with np.errstate(over="ignore"):
+        z = (ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def is_val_image(image_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Bool per entry of ``image_ids`` (dataset image ids, e.g. NSD 73k ids): held out for
+    validation when ``hash_uniform(id, seed) < fraction``. Every presentation of an image lands in
+    the same split, and an image's split does not depend on which subjects or sessions are
+    converted, nor on the converter (raw NSD and MindEye2's release agree)."""
+    return hash_uniform(np.asarray(image_ids), seed) < fraction
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**22  # PermissionError: exists (another user); Overflow: impossible pid
+    return True
+
+
+def remove_stale_partials(store: Path) -> list[Path]:
+    """Remove ``<store>.partial-<pid>`` / ``.replaced-<pid>`` folders left by dead conversions."""
+    removed = []
+    if not store.parent.exists():
+        return removed
+    for p in store.parent.glob(f"{store.name}.*-*"):
+        m = re.fullmatch(re.escape(store.name) + r"\.(partial|replaced)-(\d+)", p.name)
+        if not m:
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            if pid != os.getpid():
+                raise RuntimeError(f"{p}: another conversion (pid {pid}) is writing this store; wait for it "
+                                   "or stop it first")
+            continue
+        log.warning("removing %s left by an interrupted conversion (pid %d)", p, pid)
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+
+
+def matching_store(store: Path, fingerprint: str, **provenance: Any) -> dict[str, Any] | None:
+    """``dataset.json`` of the complete store at ``store`` when its ``provenance.config_fingerprint``
+    is ``fingerprint`` and every given provenance field matches (e.g. ``source="nsd"``); else None:
+    a re-run with the same inputs and options is then a no-op."""
+    try:
+        meta = json.loads((store / "dataset.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    prov = meta.get("provenance") or {}
+    if prov.get("config_fingerprint") != fingerprint or any(prov.get(k) != v for k, v in provenance.items()):
+        return None
+    return meta

@@ -1,0 +1,958 @@
+"""THINGS-MEG (Hebart et al. 2023, OpenNeuro ds004212) -> prepared store (docs/datasets/things_meg.md).
+
+Follows Benchetrit et al. 2023's data handling (datasets.md §2.4, brainmagick's conventions §4.5):
+
+``input=raw`` (default) reads every BIDS run ``sub-<label>/ses-NN/meg/sub-<label>_ses-NN_task-main_run-NN_meg.ds``
+through :func:`mne.io.read_raw` (``.ds`` = CTF in the release; ``.fif`` in the fixture; one code path),
+keeps the 272 MEG sensors (``picks="mag"``: MNE exposes CTF axial gradiometers as ``mag``; reference
+and misc channels are dropped), optionally band-passes, resamples the *continuous* run to ``sfreq``
+(120 Hz), cuts ``tmin..tmax`` (-0.5..1.0 s -> 181 samples) around each image onset (events.tsv
+``sample`` column, or the ``UPPT001`` hardware triggers), subtracts each epoch's per-channel baseline
+mean (``baseline``), robust-scales per recording (= run) and channel (median / IQR) and clamps to
+``±clamp``. Catch trials are dropped.
+
+``input=hebart_epochs`` reads Hebart's derivative ``derivatives/preprocessed/preprocessed_P{n}-epo.fif``
+(271 channels, 200 Hz, -0.1..1.3 s, already band-passed 0.1-40 Hz and baseline z-scored), resamples to
+``sfreq`` (169 samples at 120 Hz), baseline-corrects with the same rule and robust-scales per session
+(its runs are concatenated; the metadata ``session_nr`` column says which).
+
+Splits (§2.4): ``test`` rows -> ``test`` (200 images x 12 repetitions in the release); ``exp`` rows
+whose THINGS concept is a test concept -> ``test_large`` (``split=benchetrit``; 2,400 trials);
+remaining ``exp`` rows -> ``train``, of which images with ``hash_uniform(THINGS image number,
+val_seed) < val_fraction`` -> ``val``. ``split=original`` (Hebart) keeps every ``exp`` row for train/val.
+
+Responses are written run by run (session by session for the derivative) into the store's memory map,
+so memory is bounded by one run. The store is published atomically by :class:`StoreWriter`; stale
+partial folders of dead conversions are removed; a store built from the same configuration is left
+as is unless ``force=true``. Responses are already robust-scaled: ``provenance.zscore_at_load=false``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from braindecode_fw.data.convert.common import (
+    is_val_image,
+    matching_store,
+    plain_config,
+    remove_stale_partials,
+)
+from braindecode_fw.data.meg_layout import (
+    CTF_LAYOUT,
+    clean_channel_name,
+    sensor_positions,
+    valid_positions,
+)
+from braindecode_fw.data.meg_preprocessing import RobustScaling, baseline_correct
+from braindecode_fw.data.store import StoreWriter, TrialTable
+from braindecode_fw.schema import dataclass_from_mapping
+
+log = logging.getLogger(__name__)
+
+CONVERTER_VERSION = "things_meg-1"
+TRIGGER_CHANNEL = "UPPT001"
+TRIGGER_IMAGE, TRIGGER_END = 64, 32
+TRIAL_TYPES = ("exp", "test", "catch")
+RUN_PATTERN = re.compile(r"sub-(?P<sub>[A-Za-z0-9]+)_ses-(?P<ses>\d+)_task-main_run-(?P<run>\d+)_meg\.(?P<ext>ds|fif)$")
+EVENT_COLUMNS = ("trial_type", "things_category_nr", "value")
+ATTRIBUTE_COLUMNS = ("trial_type", "things_image_nr", "image_path")
+# keys of braindecode_fw/conf/dataset/things_meg.yaml that do not change the converted content
+_NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root", "images_root", "force",
+                     "progress", "image_chunk")
+
+
+class ThingsMEGInputError(ValueError):
+    """THINGS-MEG input is missing or not in the expected format; the message names the file."""
+
+
+@dataclass
+class ThingsMEGConvertConfig:
+    """Mirror of ``braindecode_fw/conf/dataset/things_meg.yaml`` (every key is described in docs/datasets/things_meg.md)."""
+
+    root: str | None = None
+    images_root: str | None = None
+    store: str | None = None
+    name: str = "things_meg"
+    kind: str = "things_meg"
+    modality: str = "meg"
+    auto_prepare: bool = False
+    input: str = "raw"
+    subjects: list[str] | None = None
+    sessions: Any = None  # null = all on disk | int N = 1..N | list of 1-based sessions
+    onset_source: str = "events_tsv"
+    sfreq: float = 120.0
+    tmin: float = -0.5
+    tmax: float = 1.0
+    baseline: list[float | None] | None = field(default_factory=lambda: [None, 0.0])
+    l_freq: float | None = None
+    h_freq: float | None = None
+    resample_method: str = "fft"
+    clamp: float | None = 20.0
+    split: str = "benchetrit"
+    val_fraction: float = 0.1
+    val_seed: int = 0
+    image_size: int = 224
+    caption_template: str = "{concept}"
+    dtype: str = "float32"
+    force: bool = False
+    progress: bool = True
+    image_chunk: int = 64
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> ThingsMEGConvertConfig:
+        out = dataclass_from_mapping(cls, cfg, what="THINGS-MEG converter")
+        out.validate_choices()
+        return out
+
+    def validate_choices(self) -> None:
+        checks = [("input", self.input, ("raw", "hebart_epochs")),
+                  ("onset_source", self.onset_source, ("events_tsv", "trigger")),
+                  ("split", self.split, ("benchetrit", "original")),
+                  ("dtype", self.dtype, ("float32", "float16")),
+                  ("resample_method", self.resample_method, ("fft", "polyphase"))]
+        for key, value, options in checks:
+            if value not in options:
+                raise ValueError(f"dataset.{key}: {value!r} is not one of {list(options)}")
+        if not float(self.sfreq) > 0:
+            raise ValueError(f"dataset.sfreq: expected a positive rate in Hz, got {self.sfreq}")
+        if not float(self.tmin) < 0 < float(self.tmax):
+            raise ValueError(f"dataset.tmin/tmax: expected tmin < 0 < tmax seconds, got {self.tmin}, {self.tmax}")
+        if self.clamp is not None and not float(self.clamp) > 0:
+            raise ValueError(f"dataset.clamp: expected a positive limit or null (no clamping), got {self.clamp}")
+        if not 0.0 <= float(self.val_fraction) < 1.0:
+            raise ValueError(f"dataset.val_fraction: expected a fraction in [0, 1), got {self.val_fraction}")
+        if int(self.image_size) < 1:
+            raise ValueError(f"dataset.image_size: expected a positive side in pixels, got {self.image_size}")
+        if self.baseline is not None and (len(self.baseline) != 2 or self.baseline[1] is None):
+            raise ValueError(f"dataset.baseline: expected [start or null, end] seconds or null, got {self.baseline}")
+        if "{concept}" not in self.caption_template:
+            raise ValueError(f"dataset.caption_template: must contain '{{concept}}', got {self.caption_template!r}")
+        if self.subjects is not None:
+            self.subjects = [subject_label(s) for s in self.subjects]
+        # one spelling per value, so 120 (YAML) and 120.0 (Python) give the same fingerprint
+        self.sfreq, self.tmin, self.tmax = float(self.sfreq), float(self.tmin), float(self.tmax)
+        self.clamp = None if self.clamp is None else float(self.clamp)
+        self.val_fraction = float(self.val_fraction)
+        if self.baseline is not None:
+            self.baseline = [None if self.baseline[0] is None else float(self.baseline[0]), float(self.baseline[1])]
+        for key in ("l_freq", "h_freq"):
+            if getattr(self, key) is not None:
+                setattr(self, key, float(getattr(self, key)))
+
+    def content(self) -> dict[str, Any]:
+        """The configuration that determines the converted store (what the fingerprint hashes)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NON_CONTENT_KEYS}
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"converter": CONVERTER_VERSION, **self.content()}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def subject_label(s: Any) -> str:
+    """``1`` / ``"1"`` -> ``"BIGMEG1"``; ``"sub-BIGMEG1"`` -> ``"BIGMEG1"``; other labels unchanged."""
+    text = str(s).strip()
+    if text.startswith("sub-"):
+        text = text[4:]
+    if text.isdigit():
+        text = f"BIGMEG{int(text)}"
+    if not re.fullmatch(r"[A-Za-z0-9]+", text):
+        raise ValueError(f"dataset.subjects: {s!r} is not a BIDS subject label (e.g. BIGMEG1)")
+    return text
+
+
+def participant_number(label: str) -> int:
+    """``"BIGMEG3"`` -> 3, the ``n`` of ``sample_attributes_P{n}.csv`` / ``preprocessed_P{n}-epo.fif``."""
+    m = re.search(r"(\d+)$", label)
+    if not m:
+        raise ValueError(f"dataset.subjects: {label!r} has no trailing participant number (P{{n}} files need one)")
+    return int(m.group(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Small readers (each error names the file and what was expected)
+# ---------------------------------------------------------------------------------------------
+
+
+def _float(v: str) -> float:
+    v = v.strip()
+    if v in ("", "N/A", "n/a", "NaN", "nan", "None"):
+        return math.nan
+    return float(v)
+
+
+def read_events_tsv(path: Path) -> dict[str, np.ndarray]:
+    """A run's ``events.tsv``: ``trial_type`` (str), ``things_category_nr`` and ``value`` (float, NaN
+    for ``N/A``), ``onset_s`` (float s from the recording start: ``sample / 1200`` when the ``sample``
+    column exists, else ``onset``) and ``sample`` (int or -1). One entry per row (catch included)."""
+    if not path.exists():
+        raise ThingsMEGInputError(f"{path}: missing file (the run's events, one row per image)")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    if not rows:
+        raise ThingsMEGInputError(f"{path}: empty file, expected a header with {list(EVENT_COLUMNS)} and onset/sample")
+    header = [h.strip() for h in rows[0]]
+    missing = [c for c in EVENT_COLUMNS if c not in header]
+    if "sample" not in header and "onset" not in header:
+        missing.append("sample (or onset)")
+    if missing:
+        raise ThingsMEGInputError(f"{path}: missing column(s) {missing}; header is {header}")
+    body = [r for r in rows[1:] if any(c.strip() for c in r)]
+
+    def col(name: str) -> list[str]:
+        j = header.index(name)
+        return [r[j] if j < len(r) else "" for r in body]
+
+    out: dict[str, np.ndarray] = {"trial_type": np.asarray([t.strip() for t in col("trial_type")], dtype=str)}
+    bad = sorted(set(out["trial_type"].tolist()) - set(TRIAL_TYPES))
+    if bad:
+        raise ThingsMEGInputError(f"{path}: column trial_type has value(s) {bad}, expected {list(TRIAL_TYPES)}")
+    try:
+        for name in ("things_category_nr", "value"):
+            out[name] = np.asarray([_float(v) for v in col(name)], dtype=np.float64)
+        out["onset"] = (np.asarray([_float(v) for v in col("onset")], dtype=np.float64) if "onset" in header
+                        else np.full(len(body), np.nan))
+        out["sample"] = (np.asarray([int(round(_float(v))) if v.strip() not in ("", "N/A", "n/a") else -1
+                                     for v in col("sample")], dtype=np.int64) if "sample" in header
+                         else np.full(len(body), -1, dtype=np.int64))
+    except ValueError as e:
+        raise ThingsMEGInputError(f"{path}: non-numeric value in a numeric column ({e})") from None
+    images = out["trial_type"] != "catch"
+    for name in ("things_category_nr", "value"):
+        if np.isnan(out[name][images]).any():
+            raise ThingsMEGInputError(f"{path}: column {name} is N/A on an exp/test row (only catch rows may be N/A)")
+    return out
+
+
+def read_sample_attributes(path: Path) -> dict[str, list[str]]:
+    """``sourcedata/sample_attributes_P{n}.csv`` as columns of strings (comma-separated, one row per
+    trial in acquisition order, datasets.md §2.2)."""
+    if not path.exists():
+        raise ThingsMEGInputError(f"{path}: missing file (THINGS-MEG sample attributes: trial -> image_path)")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ThingsMEGInputError(f"{path}: empty file")
+    header = [h.strip() for h in rows[0]]
+    missing = [c for c in ATTRIBUTE_COLUMNS if c not in header]
+    if missing:
+        raise ThingsMEGInputError(f"{path}: missing column(s) {missing}; header is {header}")
+    body = [r for r in rows[1:] if any(c.strip() for c in r)]
+    return {h: [r[j].strip() if j < len(r) else "" for r in body] for j, h in enumerate(header)}
+
+
+def image_stem_and_concept(image_path: str) -> tuple[str, str]:
+    """``images_meg/pine_tree/pine_tree_07b.jpg`` -> (``pine_tree_07b``, ``pine_tree``): the concept
+    is the stem without its last ``_`` token (datasets.md §2.5)."""
+    stem = Path(image_path.replace("\\", "/")).stem
+    return stem, "_".join(stem.split("_")[:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: everything small is read and checked before anything is written
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    session: int  # 1-based (BIDS ses-NN)
+    run: int  # 1-based (BIDS run-NN)
+    path: Path
+    events_path: Path
+    events: dict[str, np.ndarray]
+    first_row: int  # row of this run's first event in the subject's acquisition order (all runs on disk)
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.events["trial_type"] != "catch"
+
+
+@dataclass
+class SubjectPlan:
+    label: str
+    runs: list[RunPlan]  # converted runs (raw input)
+    trial_id: np.ndarray  # (n,) row in the subject's acquisition order (= sample_attributes row)
+    value: np.ndarray  # (n,) THINGS image number (1-based)
+    category: np.ndarray  # (n,) THINGS concept number
+    trial_type: np.ndarray  # (n,) "exp" / "test"
+    session: np.ndarray  # (n,) 0-based
+    run: np.ndarray  # (n,) 0-based within session
+    image_path: list[str]  # (n,) sample-attributes image_path of each trial's image
+    attributes_path: Path
+    n_catch: int
+    n_attribute_mismatches: int
+    epochs_path: Path | None = None
+    hebart_rows: np.ndarray | None = None  # (n,) epoch index in the derivative
+    hebart_session_of_row: np.ndarray | None = None
+
+
+def _runs_on_disk(sub_dir: Path, label: str) -> list[tuple[int, int, Path]]:
+    found: dict[tuple[int, int], Path] = {}
+    for p in sorted(sub_dir.glob(f"ses-*/meg/sub-{label}_ses-*_task-main_run-*_meg.*")):
+        m = RUN_PATTERN.match(p.name)
+        if not m or m.group("sub") != label:
+            continue
+        key = (int(m.group("ses")), int(m.group("run")))
+        if key in found and found[key].suffix == ".ds":
+            continue  # the CTF original wins over a converted copy
+        found[key] = p
+    return [(s, r, p) for (s, r), p in sorted(found.items())]
+
+
+def discover_subjects(root: Path) -> list[str]:
+    """Subject labels with at least one run: from ``participants.tsv`` when present, else folders."""
+    labels: list[str] = []
+    tsv = root / "participants.tsv"
+    if tsv.exists():
+        with open(tsv, newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+        if not rows or "participant_id" not in rows[0]:
+            raise ThingsMEGInputError(f"{tsv}: expected a participant_id column")
+        j = rows[0].index("participant_id")
+        labels = [r[j].strip()[4:] for r in rows[1:] if len(r) > j and r[j].strip().startswith("sub-")]
+    else:
+        labels = sorted(p.name[4:] for p in root.glob("sub-*") if p.is_dir())
+    return [s for s in labels if s.lower() != "emptyroom" and _runs_on_disk(root / f"sub-{s}", s)]
+
+
+def _selected_sessions(cfg: ThingsMEGConvertConfig, on_disk: list[int], label: str) -> list[int]:
+    if cfg.sessions is None:
+        return on_disk
+    wanted = list(range(1, int(cfg.sessions) + 1)) if isinstance(cfg.sessions, int) else \
+        sorted({int(s) for s in cfg.sessions})
+    missing = [s for s in wanted if s not in on_disk]
+    if missing:
+        raise ThingsMEGInputError(f"dataset.sessions: sub-{label} has no run of session(s) {missing} on disk "
+                                  f"(sessions found: {on_disk})")
+    return wanted
+
+
+def _int_column(values: list[Any], name: str, path: Path) -> np.ndarray:
+    """A column of 1-based integers (``"3"``, ``"3.0"``, ``3.0``); anything else names the file and column."""
+    try:
+        out = np.asarray([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        out = np.asarray([math.nan])
+    if not np.isfinite(out).all() or (out != np.round(out)).any():
+        raise ThingsMEGInputError(f"{path}: column {name} must hold integers on every row")
+    return out.astype(np.int64)
+
+
+def _image_map(attr: dict[str, list[str]], path: Path) -> dict[int, str]:
+    """THINGS image number -> image_path over the exp/test rows (the first row of each number)."""
+    out: dict[int, str] = {}
+    for tt, nr, ip in zip(attr["trial_type"], attr["things_image_nr"], attr["image_path"], strict=True):
+        if tt == "catch" or not nr:
+            continue
+        out.setdefault(int(round(_float(nr))), ip)
+    return out
+
+
+def _align_attribute_rows(attr: dict[str, list[str]], path: Path, runs: list[tuple[int, int, Path, int]],
+                          label: str) -> list[int]:
+    """First sample-attributes row of each run ``(session, run, events_path, n_events)`` (all runs on
+    disk, acquisition order). By ``session_nr``/``run_nr`` when the CSV has them and they match the
+    events.tsv row counts; otherwise the CSV's rows must be exactly the runs' events in order."""
+    n_rows = len(attr["trial_type"])
+    counts = [n for *_, n in runs]
+    in_order = np.r_[0, np.cumsum(counts)[:-1]].astype(int).tolist()
+    problem = None
+    if "session_nr" in attr and "run_nr" in attr:
+        sess = _int_column(attr["session_nr"], "session_nr", path)
+        run = _int_column(attr["run_nr"], "run_nr", path)
+        firsts = []
+        for s, r, ev_path, n in runs:
+            rows = np.flatnonzero((sess == s) & (run == r))
+            if len(rows) != n or (n and not np.array_equal(rows, rows[0] + np.arange(n))):
+                problem = (f"{path}: {len(rows)} rows with session_nr={s}, run_nr={r}, expected {n} contiguous "
+                           f"rows (one per row of {ev_path.name})")
+                break
+            firsts.append(int(rows[0]) if n else 0)
+        if problem is None:
+            return firsts
+        if sum(counts) == n_rows:
+            log.info("%s; aligning the rows in acquisition order instead (row count matches)", problem)
+            return in_order
+        raise ThingsMEGInputError(problem)
+    if sum(counts) != n_rows:
+        raise ThingsMEGInputError(f"{path}: {n_rows} rows, expected {sum(counts)} (one per events.tsv row of the "
+                                  f"{len(runs)} runs of sub-{label} on disk, in acquisition order)")
+    return in_order
+
+
+def _plan_raw_subject(cfg: ThingsMEGConvertConfig, root: Path, label: str) -> SubjectPlan:
+    sub_dir = root / f"sub-{label}"
+    runs = _runs_on_disk(sub_dir, label)
+    if not runs:
+        raise ThingsMEGInputError(f"{sub_dir}: no run sub-{label}_ses-NN_task-main_run-NN_meg.ds (or .fif) "
+                                  "found (dataset.subjects)")
+    sessions = _selected_sessions(cfg, sorted({s for s, _, _ in runs}), label)
+    attr_path = root / f"sourcedata/sample_attributes_P{participant_number(label)}.csv"
+    attr = read_sample_attributes(attr_path)
+    all_events = []
+    for s, r, p in runs:
+        ev_path = p.with_name(p.name[: -len("_meg" + p.suffix)] + "_events.tsv")
+        all_events.append((s, r, p, ev_path, read_events_tsv(ev_path)))
+    first_rows = _align_attribute_rows(attr, attr_path, [(s, r, ev_path, len(ev["trial_type"]))
+                                                         for s, r, _, ev_path, ev in all_events], label)
+    values_by_row = np.asarray([_float(v) if v else math.nan for v in attr["things_image_nr"]])
+    by_number = _image_map(attr, attr_path)
+    plans: list[RunPlan] = []
+    paths: dict[tuple[int, int], list[str]] = {}
+    mismatches = 0
+    for (s, r, p, ev_path, ev), row in zip(all_events, first_rows, strict=True):
+        if s not in sessions:
+            continue
+        keep = ev["trial_type"] != "catch"
+        bad = keep & ~np.isclose(values_by_row[row:row + len(keep)], ev["value"])
+        if bad.any():
+            mismatches += int(bad.sum())
+            log.warning("%s: things_image_nr differs from events.tsv value on %d exp/test row(s) of %s "
+                        "(the events.tsv value is used)", attr_path.name, int(bad.sum()), ev_path.name)
+        # the aligned row's image when it agrees with events.tsv, else the row listing this number,
+        # else (a number the attributes never list) the aligned row's image
+        paths[(s, r)] = [attr["image_path"][row + i] if not bad[i] else
+                         by_number.get(int(ev["value"][i]), attr["image_path"][row + i])
+                         for i in np.flatnonzero(keep)]
+        plans.append(RunPlan(s, r, p, ev_path, ev, row))
+    keep_cols = [(rp, rp.keep) for rp in plans]
+    run_index = {s: sorted(r for s2, r, _ in runs if s2 == s) for s in sessions}
+    return SubjectPlan(
+        label=label, runs=plans,
+        trial_id=np.concatenate([rp.first_row + np.flatnonzero(k) for rp, k in keep_cols]).astype(np.int64),
+        value=np.concatenate([rp.events["value"][k] for rp, k in keep_cols]).astype(np.int64),
+        category=np.concatenate([rp.events["things_category_nr"][k] for rp, k in keep_cols]).astype(np.int64),
+        trial_type=np.concatenate([rp.events["trial_type"][k] for rp, k in keep_cols]),
+        session=np.concatenate([np.full(k.sum(), rp.session - 1) for rp, k in keep_cols]).astype(np.int64),
+        run=np.concatenate([np.full(k.sum(), run_index[rp.session].index(rp.run)) for rp, k in keep_cols]
+                           ).astype(np.int64),
+        image_path=[ip for rp in plans for ip in paths[(rp.session, rp.run)]],
+        attributes_path=attr_path, n_catch=int(sum((~k).sum() for _, k in keep_cols)),
+        n_attribute_mismatches=mismatches,
+    )
+
+
+def _metadata_columns(metadata: Any, path: Path) -> dict[str, list[Any]]:
+    """Epochs metadata (a DataFrame with pandas, a list of records without) -> columns."""
+    if metadata is None:
+        return {}
+    if hasattr(metadata, "to_dict"):
+        return {str(k): list(v) for k, v in metadata.to_dict(orient="list").items()}
+    if isinstance(metadata, list):
+        keys = list(metadata[0]) if metadata else []
+        return {k: [rec.get(k) for rec in metadata] for k in keys}
+    raise ThingsMEGInputError(f"{path}: unreadable epochs metadata of type {type(metadata).__name__}")
+
+
+def _plan_hebart_subject(cfg: ThingsMEGConvertConfig, root: Path, label: str) -> SubjectPlan:
+    import mne
+
+    n = participant_number(label)
+    path = root / f"derivatives/preprocessed/preprocessed_P{n}-epo.fif"
+    if not path.exists():
+        raise ThingsMEGInputError(f"{path}: missing file (Hebart's preprocessed epochs; dataset.input=hebart_epochs)")
+    epochs = mne.read_epochs(path, preload=False, verbose="error")
+    attr_path = root / f"sourcedata/sample_attributes_P{n}.csv"
+    meta = _metadata_columns(epochs.metadata, path)
+    if not meta:  # no metadata in the file: the sample attributes are its rows (datasets.md §2.2)
+        meta = read_sample_attributes(attr_path)
+        src = attr_path
+    else:
+        src = path
+    n_epochs = len(epochs)
+    need = ("trial_type", "things_image_nr", "session_nr", "image_path")
+    missing = [c for c in need if c not in meta]
+    if missing:
+        raise ThingsMEGInputError(f"{src}: metadata column(s) {missing} missing; columns are {sorted(meta)}")
+    if len(meta["trial_type"]) != n_epochs:
+        raise ThingsMEGInputError(f"{src}: {len(meta['trial_type'])} metadata rows for {n_epochs} epochs in {path}")
+    tt = np.asarray([str(v).strip() for v in meta["trial_type"]])
+    session = _int_column(meta["session_nr"], "session_nr", src)
+    run_col = _int_column(meta["run_nr"], "run_nr", src) if "run_nr" in meta else np.ones(n_epochs, np.int64)
+
+    def num(v: Any) -> float:
+        return math.nan if v is None else _float(v) if isinstance(v, str) else float(v)
+
+    value = np.asarray([num(v) for v in meta["things_image_nr"]])
+    cat_key = "category_nr" if "category_nr" in meta else None
+    concepts = [image_stem_and_concept(str(p))[1] for p in meta["image_path"]]
+    if cat_key:
+        category = np.asarray([num(v) for v in meta[cat_key]])
+    else:  # concept names stand in for concept numbers
+        number = {c: i + 1 for i, c in enumerate(sorted(set(concepts)))}
+        category = np.asarray([number[c] for c in concepts], dtype=np.float64)
+    sessions = _selected_sessions(cfg, sorted(set(session.tolist())), label)
+    keep = (tt != "catch") & np.isin(session, sessions)
+    if np.isnan(value[keep]).any() or np.isnan(category[keep]).any():
+        raise ThingsMEGInputError(f"{src}: things_image_nr/category_nr missing on an exp/test row")
+    rows = np.flatnonzero(keep)
+    run0 = np.zeros(len(rows), dtype=np.int64)
+    for s in sessions:
+        in_s = session[rows] == s
+        uniq = sorted(set(run_col[rows][in_s].tolist()))
+        run0[in_s] = np.searchsorted(uniq, run_col[rows][in_s])
+    return SubjectPlan(
+        label=label, runs=[], trial_id=rows.astype(np.int64), value=value[rows].astype(np.int64),
+        category=category[rows].astype(np.int64), trial_type=tt[rows], session=(session[rows] - 1).astype(np.int64),
+        run=run0, image_path=[str(meta["image_path"][i]) for i in rows], attributes_path=src,
+        n_catch=int(((tt == "catch") & np.isin(session, sessions)).sum()),
+        n_attribute_mismatches=0, epochs_path=path, hebart_rows=rows, hebart_session_of_row=session,
+    )
+
+
+@dataclass
+class ImageTable:
+    values: np.ndarray  # (n_images,) sorted THINGS image numbers
+    stems: list[str]
+    concepts: list[str]
+    files: list[Path]
+
+
+def _plan_images(cfg: ThingsMEGConvertConfig, plans: list[SubjectPlan], images_root: Path) -> ImageTable:
+    """The union of the converted trials' images, sorted by THINGS image number; every file must exist."""
+    values = np.unique(np.concatenate([p.value for p in plans]))
+    maps: dict[int, str] = {}
+    sources: dict[int, Path] = {}
+    for p in plans:
+        for v, ip in zip(p.value.tolist(), p.image_path, strict=True):
+            if image_stem_and_concept(maps.setdefault(v, ip))[0] != image_stem_and_concept(ip)[0]:
+                raise ThingsMEGInputError(f"{p.attributes_path}: THINGS image {v} has image_path {ip!r}, but "
+                                          f"{maps[v]!r} in {sources[v]}")
+            sources.setdefault(v, p.attributes_path)
+    stems, concepts, files = [], [], []
+    for v in values.tolist():
+        stem, concept = image_stem_and_concept(maps[v])
+        f = images_root / concept / f"{stem}.jpg"
+        if not f.exists():
+            raise ThingsMEGInputError(f"{f}: missing image file for THINGS image {v} ({maps[v]}); dataset.images_root "
+                                      "must hold the THINGS images as <concept>/<stem>.jpg")
+        stems.append(stem)
+        concepts.append(concept)
+        files.append(f)
+    return ImageTable(values, stems, concepts, files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------
+
+
+def _progress(total: int, desc: str, enabled: bool, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """A THINGS JPEG -> uint8 ``(size, size, 3)``: RGB, centre-cropped to a square (THINGS images are
+    square already), resized once with PIL bicubic."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        if w != h:
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _write_images(writer: StoreWriter, table: ImageTable, cfg: ThingsMEGConvertConfig) -> None:
+    size = int(cfg.image_size)
+    stream = writer.open_images(len(table.values), size, size)
+    with _progress(len(table.files), "images", cfg.progress, "img") as bar:
+        for start in range(0, len(table.files), cfg.image_chunk):
+            chunk = table.files[start:start + cfg.image_chunk]
+            block = np.empty((len(chunk), size, size, 3), dtype=np.uint8)
+            for j, f in enumerate(chunk):
+                try:
+                    block[j] = load_image(f, size)
+                except OSError as e:
+                    raise ThingsMEGInputError(f"{f}: cannot be read as an image ({e}); dataset.images_root") from None
+            stream.append(block)
+            bar.update(len(chunk))
+    captions = [cfg.caption_template.format(concept=c.replace("_", " ")) for c in table.concepts]
+    stream.close(ids=list(table.stems), captions=captions, source_ids=[int(v) for v in table.values])
+
+
+@dataclass
+class RunResult:
+    epochs: np.ndarray  # (n_kept, C, T) float32, scaled and clamped
+    names: list[str]  # raw channel names in stored order
+    layout: str
+    n_clamped: int
+    trigger_lag_ms: float | None
+
+
+def _check_layout(info: Any, names: list[str], where: Path) -> str:
+    """``mne.find_layout`` must answer CTF-275 for CTF gradiometers, and every channel needs a position."""
+    import mne
+    from mne.io.constants import FIFF
+
+    ctf = all(ch["coil_type"] == FIFF.FIFFV_COIL_CTF_GRAD for ch in info["chs"])
+    layout = mne.channels.find_layout(info)
+    kind = str(layout.kind)
+    if ctf and kind != CTF_LAYOUT:
+        raise ThingsMEGInputError(f"{where}: mne.find_layout gives {kind!r} for CTF gradiometers, expected {CTF_LAYOUT}")
+    pos = sensor_positions(names)
+    missing = [n for n, ok in zip(names, valid_positions(pos), strict=True) if not ok]
+    if missing:
+        raise ThingsMEGInputError(f"{where}: channel(s) {missing[:5]}{'...' if len(missing) > 5 else ''} have no "
+                                  f"{CTF_LAYOUT} position (layout found: {kind})")
+    return kind
+
+
+def _scale(epochs: np.ndarray, times: np.ndarray, cfg: ThingsMEGConvertConfig, fit_rows: np.ndarray,
+           keep_rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """Baseline-correct ``(n, C, T)``, fit the robust scaling on ``fit_rows``, return the scaled and
+    clamped ``keep_rows`` (float32) and how many values the clamp changed."""
+    if cfg.baseline is not None:
+        lo = None if cfg.baseline[0] is None else float(cfg.baseline[0])
+        epochs = baseline_correct(epochs, times, (lo, float(cfg.baseline[1])))
+    scaler = RobustScaling.fit(epochs[fit_rows])
+    scaled = scaler.apply(epochs[keep_rows], clamp=None)
+    n_clamped = 0
+    if cfg.clamp is not None:
+        n_clamped = int(np.count_nonzero(np.abs(scaled) > float(cfg.clamp)))
+        np.clip(scaled, -float(cfg.clamp), float(cfg.clamp), out=scaled)
+    return scaled, n_clamped
+
+
+def _window(sfreq: float, tmin: float, tmax: float) -> tuple[int, int, np.ndarray]:
+    """First-sample offset, number of samples and times of the epoch window on the ``sfreq`` grid."""
+    i0 = int(round(tmin * sfreq))
+    n = int(round(tmax * sfreq)) - i0 + 1
+    return i0, n, (i0 + np.arange(n)) / sfreq
+
+
+def _process_run(rp: RunPlan, cfg: ThingsMEGConvertConfig) -> RunResult:
+    """One raw run -> its kept (non-catch) epochs ``(n_kept, 272, T)``, scaled per run."""
+    import mne
+
+    raw = mne.io.read_raw(rp.path, preload=False, verbose="error")
+    sf0 = float(raw.info["sfreq"])
+    n_events = len(rp.events["trial_type"])
+    triggers = None
+    if TRIGGER_CHANNEL in raw.ch_names:
+        found = mne.find_events(raw, stim_channel=TRIGGER_CHANNEL, shortest_event=1, verbose="error")
+        triggers = (found[:, 0] - raw.first_samp) / sf0
+        if cfg.onset_source == "trigger" and len(found) != n_events + 1:
+            raise ThingsMEGInputError(
+                f"{rp.path}: {len(found)} {TRIGGER_CHANNEL} triggers, expected {n_events + 1} ({n_events} images "
+                f"in {rp.events_path.name} + one final {TRIGGER_END}); use dataset.onset_source=events_tsv")
+        odd = int(np.count_nonzero(found[:-1, 2] != TRIGGER_IMAGE)) if len(found) == n_events + 1 else 0
+        if cfg.onset_source == "trigger" and odd:
+            log.warning("%s: %d of the %d image triggers have a value other than %d", rp.path.name, odd, n_events,
+                        TRIGGER_IMAGE)
+    elif cfg.onset_source == "trigger":
+        raise ThingsMEGInputError(f"{rp.path}: no {TRIGGER_CHANNEL} channel (dataset.onset_source=trigger)")
+    sample = rp.events["sample"]
+    tsv_onsets = np.where(sample >= 0, sample / sf0, rp.events["onset"])
+    if np.isnan(tsv_onsets).any():
+        raise ThingsMEGInputError(f"{rp.events_path}: sample/onset missing on some row")
+    lag = None
+    if triggers is not None and len(triggers) == n_events + 1:
+        lag = float(np.median(triggers[:-1] - tsv_onsets) * 1000.0)
+    onsets = triggers[:-1] if cfg.onset_source == "trigger" else tsv_onsets
+
+    raw.pick("mag")
+    names = list(raw.ch_names)
+    layout = _check_layout(raw.info, names, rp.path)
+    raw.load_data(verbose="error")
+    if cfg.l_freq is not None or cfg.h_freq is not None:
+        raw.filter(cfg.l_freq, cfg.h_freq, verbose="error")
+    if float(cfg.sfreq) != sf0:
+        raw.resample(float(cfg.sfreq), method=cfg.resample_method, verbose="error")
+    sf = float(raw.info["sfreq"])
+    data = raw.get_data()  # (C, N) float64, T
+    del raw
+    i0, n_t, times = _window(sf, cfg.tmin, cfg.tmax)
+    starts = np.round(onsets * sf).astype(np.int64) + i0
+    if starts.min() < 0 or starts.max() + n_t > data.shape[1]:
+        bad = int(np.flatnonzero((starts < 0) | (starts + n_t > data.shape[1]))[0])
+        raise ThingsMEGInputError(f"{rp.path}: the {cfg.tmin}..{cfg.tmax} s window of event row {bad + 2} of "
+                                  f"{rp.events_path.name} (onset {onsets[bad]:.3f} s) runs outside the recording "
+                                  f"({data.shape[1] / sf:.1f} s)")
+    epochs = np.moveaxis(data[:, starts[:, None] + np.arange(n_t)], 1, 0)  # (n_events, C, T)
+    del data
+    all_rows = np.arange(n_events)
+    scaled, n_clamped = _scale(epochs, times, cfg, all_rows, np.flatnonzero(rp.keep))
+    return RunResult(scaled, names, layout, n_clamped, lag)
+
+
+def _split(plan: SubjectPlan, test_concepts: set[int], cfg: ThingsMEGConvertConfig) -> np.ndarray:
+    is_test = plan.trial_type == "test"
+    large = (plan.trial_type == "exp") & np.isin(plan.category, sorted(test_concepts))
+    if cfg.split == "original":
+        large[:] = False
+    val = ~is_test & ~large & is_val_image(plan.value, cfg.val_fraction, cfg.val_seed)
+    return np.where(is_test, "test", np.where(large, "test_large", np.where(val, "val", "train"))).astype(str)
+
+
+def _repeat(values: np.ndarray) -> np.ndarray:
+    rep = np.zeros(len(values), dtype=np.int64)
+    seen: dict[int, int] = {}
+    for t, v in enumerate(values.tolist()):
+        rep[t] = seen.get(v, 0)
+        seen[v] = rep[t] + 1
+    return rep
+
+
+def _convert_raw_subject(writer: StoreWriter, plan: SubjectPlan, cfg: ThingsMEGConvertConfig
+                         ) -> tuple[list[str], str, dict[str, Any]]:
+    n_trials = len(plan.value)
+    _, n_t, _ = _window(float(cfg.sfreq), cfg.tmin, cfg.tmax)
+    resp = None
+    names: list[str] | None = None
+    layout = ""
+    offset, clamped, per_run = 0, 0, []
+    with _progress(len(plan.runs), f"sub-{plan.label} runs", cfg.progress, "run") as bar:
+        for rp in plan.runs:
+            res = _process_run(rp, cfg)
+            if names is None:
+                names, layout = res.names, res.layout
+                resp = writer.open_responses(plan.label, (n_trials, len(names), n_t), cfg.dtype)
+            elif res.names != names:
+                raise ThingsMEGInputError(f"{rp.path}: MEG channels differ from {plan.runs[0].path.name}'s "
+                                          f"({len(res.names)} vs {len(names)} channels or another order)")
+            k = len(res.epochs)
+            assert resp is not None
+            resp[offset:offset + k] = res.epochs.astype(cfg.dtype)
+            offset += k
+            clamped += res.n_clamped
+            per_run.append({"session": rp.session, "run": rp.run, "file": rp.path.name, "n_trials": k,
+                            "n_catch_dropped": int((~rp.keep).sum()),
+                            "clamp_fraction": res.n_clamped / max(res.epochs.size, 1),
+                            "trigger_minus_events_tsv_ms": res.trigger_lag_ms})
+            bar.set_postfix_str(f"ses-{rp.session:02d} run-{rp.run:02d}")
+            bar.update(1)
+    assert resp is not None and names is not None and offset == n_trials
+    resp.flush()
+    del resp
+    return names, layout, {"runs": per_run, "n_clamped": clamped, "n_values": n_trials * len(names) * n_t,
+                           "n_runs": len(plan.runs)}
+
+
+def _hebart_chunks(rows: np.ndarray, size: int = 256) -> Iterator[np.ndarray]:
+    for i in range(0, len(rows), size):
+        yield rows[i:i + size]
+
+
+def _convert_hebart_subject(writer: StoreWriter, plan: SubjectPlan, cfg: ThingsMEGConvertConfig
+                            ) -> tuple[list[str], str, dict[str, Any]]:
+    """Derivative epochs -> resampled, baseline-corrected, robust-scaled per session. Memory: one
+    session of resampled epochs (~0.4 GB float32 for 2,254 x 271 x 169)."""
+    import mne
+
+    assert plan.epochs_path is not None and plan.hebart_rows is not None and plan.hebart_session_of_row is not None
+    epochs = mne.read_epochs(plan.epochs_path, preload=False, verbose="error")
+    picks = mne.pick_types(epochs.info, meg="mag", ref_meg=False)
+    names = [epochs.ch_names[i] for i in picks]
+    layout = _check_layout(mne.pick_info(epochs.info, picks), names, plan.epochs_path)
+    sf0 = float(epochs.info["sfreq"])
+    n_trials = len(plan.hebart_rows)
+    resp = None
+    offset, clamped, per_session = 0, 0, []
+    session_of_row = plan.hebart_session_of_row
+    sessions = sorted(set((plan.session + 1).tolist()))
+    with _progress(len(sessions), f"sub-{plan.label} sessions", cfg.progress, "session") as bar:
+        for s in sessions:
+            rows = np.flatnonzero(session_of_row == s)  # every epoch of the session (catch included): fit
+            parts, times = [], None
+            for chunk in _hebart_chunks(rows):
+                ep = epochs[chunk]
+                ep.load_data()
+                if float(cfg.sfreq) != sf0:
+                    ep.resample(float(cfg.sfreq), method=cfg.resample_method, verbose="error")
+                parts.append(ep.get_data(picks=picks).astype(np.float32))
+                times = ep.times
+            assert times is not None
+            x = np.concatenate(parts)
+            keep = np.flatnonzero(np.isin(rows, plan.hebart_rows))
+            scaled, n_c = _scale(x, times, cfg, np.arange(len(rows)), keep)
+            del x, parts
+            if resp is None:
+                resp = writer.open_responses(plan.label, (n_trials, len(names), scaled.shape[-1]), cfg.dtype)
+            resp[offset:offset + len(keep)] = scaled.astype(cfg.dtype)
+            offset += len(keep)
+            clamped += n_c
+            per_session.append({"session": s, "n_trials": int(len(keep)), "clamp_fraction": n_c / max(scaled.size, 1)})
+            bar.update(1)
+    assert resp is not None and offset == n_trials
+    n_t = resp.shape[-1]
+    resp.flush()
+    del resp
+    return names, layout, {"sessions": per_session, "n_clamped": clamped, "n_values": n_trials * len(names) * n_t,
+                           "n_runs": int(len(set(zip(plan.session.tolist(), plan.run.tolist(), strict=True)))),
+                           "tmin": float(times[0]), "tmax": float(times[-1]), "n_times": int(n_t)}
+
+
+def _convert_subject(writer: StoreWriter, plan: SubjectPlan, cfg: ThingsMEGConvertConfig, images: ImageTable,
+                     test_concepts: set[int]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if cfg.input == "raw":
+        names, layout, info = _convert_raw_subject(writer, plan, cfg)
+        tmin = _window(float(cfg.sfreq), cfg.tmin, cfg.tmax)[2][0]
+    else:
+        names, layout, info = _convert_hebart_subject(writer, plan, cfg)
+        tmin = info["tmin"]
+    split = _split(plan, test_concepts, cfg)
+    trials = TrialTable(trial_id=plan.trial_id, image_index=np.searchsorted(images.values, plan.value).astype(np.int64),
+                        session=plan.session, run=plan.run, repeat=_repeat(plan.value), split=split)
+    clean = [clean_channel_name(n) for n in names]
+    counts = {s: int((split == s).sum()) for s in ("train", "val", "test", "test_large")}
+    stats = {
+        "n_trials": int(len(split)), "n_channels": len(names), "split_counts": counts,
+        "n_catch_dropped": plan.n_catch, "n_runs": info.pop("n_runs"),
+        "sessions": sorted({int(s) + 1 for s in plan.session.tolist()}),
+        "n_test_images": int(len(np.unique(plan.value[split == "test"]))),
+        "clamp": cfg.clamp, "clamp_fraction": info.pop("n_clamped") / max(info.pop("n_values"), 1),
+        "layout": layout, "onset_source": cfg.onset_source if cfg.input == "raw" else "hebart derivative",
+        "input": cfg.input, "attribute_mismatches": plan.n_attribute_mismatches,
+        "seconds": round(time.perf_counter() - t0, 2), **info,
+    }
+    writer.write_subject(plan.label, trials, sensor_names=clean, sensor_positions=sensor_positions(clean),
+                         sfreq=float(cfg.sfreq), tmin=float(tmin), statistics=stats)
+    return stats
+
+
+def _report(summary: dict[str, Any]) -> str:
+    if summary.get("noop"):
+        return (f"THINGS-MEG store {summary['store']} is up to date (configuration {summary['config_fingerprint']}); "
+                "nothing to do (dataset.force=true reconverts)")
+    lines = ["subject   runs  trials  channels  train/val/test/test_large  catch dropped  clamped %  layout"]
+    for tag, st in summary["subjects"].items():
+        c = st["split_counts"]
+        lines.append(f"{tag:<9} {st['n_runs']:>4}  {st['n_trials']:>6}  {st['n_channels']:>8}  "
+                     f"{c['train']}/{c['val']}/{c['test']}/{c['test_large']:<12} {st['n_catch_dropped']:>13}  "
+                     f"{100 * st['clamp_fraction']:>9.4f}  {st['layout']}")
+    lines.append(f"{summary['n_images']} images at {summary['image_size']} px; input {summary['input']}; "
+                 f"converted in {summary['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def convert_things_meg(dataset_cfg: Any) -> dict[str, Any]:
+    """Convert THINGS-MEG (``dataset.root``, BIDS) into the prepared store at ``dataset.store``.
+
+    Returns a summary with per-subject statistics and a printable ``report``; ``noop`` is true when
+    the existing store already matches the configuration.
+    """
+    t_start = time.perf_counter()
+    cfg = ThingsMEGConvertConfig.from_mapping(plain_config(dataset_cfg))
+    if not cfg.store:
+        raise ValueError("dataset.store: not set (where the prepared THINGS-MEG store is written)")
+    if not cfg.root:
+        raise ValueError("dataset.root: not set; pass the BIDS folder of OpenNeuro ds004212, e.g. "
+                         "`bdf-prepare dataset=things_meg dataset.root=/data/ds004212 dataset.images_root=/data/THINGS/Images`")
+    if not cfg.images_root:
+        raise ValueError("dataset.images_root: not set; pass the THINGS image folder (<concept>/<stem>.jpg), "
+                         "e.g. dataset.images_root=/data/THINGS/Images")
+    root, store, images_root = Path(cfg.root), Path(cfg.store), Path(cfg.images_root)
+    if not root.is_dir():
+        raise ThingsMEGInputError(f"{root}: dataset.root does not exist or is not a folder")
+    if not images_root.is_dir():
+        raise ThingsMEGInputError(f"{images_root}: dataset.images_root does not exist or is not a folder")
+    remove_stale_partials(store)
+    fingerprint = cfg.fingerprint()
+    if (store / "dataset.json").exists() and not cfg.force:
+        if matching_store(store, fingerprint, source="things_meg") is not None:
+            summary = {"store": str(store), "noop": True, "config_fingerprint": fingerprint,
+                       "seconds": time.perf_counter() - t_start}
+            summary["report"] = _report(summary)
+            log.info(summary["report"])
+            return summary
+        log.warning("%s holds another configuration (or another source): reconverting", store)
+
+    # ---- plan: read and check every small input before writing anything ---------------------
+    available = discover_subjects(root)
+    labels = cfg.subjects if cfg.subjects is not None else available
+    if not labels:
+        raise ThingsMEGInputError(f"{root}: no subject with runs found (participants.tsv / sub-*/ses-*/meg/)")
+    for s in labels:
+        if not (root / f"sub-{s}").is_dir():
+            raise ThingsMEGInputError(f"{root / f'sub-{s}'}: missing subject folder (dataset.subjects: {labels}; "
+                                      f"found {available})")
+    plan_fn = _plan_raw_subject if cfg.input == "raw" else _plan_hebart_subject
+    plans = [plan_fn(cfg, root, s) for s in labels]
+    images = _plan_images(cfg, plans, images_root)
+    test_concepts = {int(c) for p in plans for c in p.category[p.trial_type == "test"].tolist()}
+
+    # ---- write -----------------------------------------------------------------------------
+    summary: dict[str, Any] = {"store": str(store), "noop": False, "config_fingerprint": fingerprint,
+                               "subjects": {}, "n_images": int(len(images.values)), "image_size": int(cfg.image_size),
+                               "input": cfg.input}
+    i0, n_t, times = _window(float(cfg.sfreq), cfg.tmin, cfg.tmax)
+    with StoreWriter(store, name=cfg.name, modality="meg", overwrite=True) as writer:
+        _write_images(writer, images, cfg)
+        writer.write_extra("things_images", {
+            "things_image_nr": [int(v) for v in images.values], "stem": images.stems, "concept": images.concepts,
+            "test_concepts": sorted(test_concepts)})
+        for p in plans:
+            summary["subjects"][p.label] = _convert_subject(writer, p, cfg, images, test_concepts)
+        if cfg.input == "raw":
+            window = {"tmin": float(times[0]), "tmax": float(times[-1]), "n_times": int(n_t)}
+        else:
+            st = next(iter(summary["subjects"].values()))
+            window = {"tmin": st["tmin"], "tmax": st["tmax"], "n_times": st["n_times"],
+                      "source": "the Hebart derivative's epochs"}
+        writer.finalize(
+            provenance={
+                "source": "things_meg",
+                "converter": CONVERTER_VERSION,
+                "config": cfg.content(),
+                "config_fingerprint": fingerprint,
+                "root": str(root),
+                "images_root": str(images_root),
+                "input": cfg.input,
+                "onset_source": (cfg.onset_source if cfg.input == "raw"
+                                 else "Hebart derivative (events.tsv sample, photodiode)"),
+                "sfreq": float(cfg.sfreq),
+                "window": window,
+                "resample": f"mne {cfg.resample_method} resampling of the continuous run before epoching"
+                            if cfg.input == "raw" else f"mne {cfg.resample_method} resampling of the epochs",
+                "band_pass": [cfg.l_freq, cfg.h_freq] if cfg.input == "raw" else "0.1-40 Hz (Hebart derivative)",
+                "baseline": cfg.baseline,
+                "scaling": ("robust per channel (median, IQR = q75 - q25) fitted per recording = run on all its "
+                            "image epochs (catch included)" if cfg.input == "raw" else
+                            "robust per channel (median, IQR) fitted per session on all its epochs"),
+                "clamp": cfg.clamp,
+                "zscore_at_load": False,
+                "normalisation": "robust-scaled and clamped by the converter; the datamodule must not z-score again",
+                "split": cfg.split,
+                "split_rule": ("test: trial_type test; test_large: exp trials of the test concepts "
+                               "(things_category_nr of the test images); train: other exp; val: train images with "
+                               "splitmix64(THINGS image number, val_seed) < val_fraction" if cfg.split == "benchetrit"
+                               else "original (Hebart): test: trial_type test; train: all exp; val as benchetrit"),
+                "val": {"fraction": cfg.val_fraction, "seed": cfg.val_seed, "rule": "hash of THINGS image number"},
+                "subjects": [p.label for p in plans],
+                "subject_index": {p.label: i for i, p in enumerate(plans)},
+                "sessions": {p.label: sorted({int(s) + 1 for s in p.session.tolist()}) for p in plans},
+                "trial_id": "row of the trial in the subject's acquisition order over all its runs (catch included) "
+                            "= row of sample_attributes_P{n}.csv = epoch index of the Hebart derivative",
+                "run": "0-based within the session (BIDS run-NN - 1 when all runs are present)",
+                "repeat": "0-based presentation count of the image among the subject's converted trials",
+                "images": {"ids": "THINGS file stems", "source_ids": "THINGS image numbers (events.tsv value)",
+                           "captions": cfg.caption_template + " with underscores as spaces",
+                           "resize": f"PIL bicubic to {cfg.image_size} px (centre square crop first)"},
+                "channels": "MEG sensors (picks mag), names without the -1609 suffix, positions of MNE's CTF-275 "
+                            "layout min-max normalised to [0, 1]",
+            },
+            image_size=int(cfg.image_size),
+        )
+    summary["seconds"] = time.perf_counter() - t_start
+    summary["report"] = _report(summary)
+    return summary

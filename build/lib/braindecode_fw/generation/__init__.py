@@ -1,0 +1,1 @@
+"""Image generation from decoded embeddings: reconstructors wrapping diffusers pipelines."""

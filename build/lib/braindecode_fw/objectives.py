@@ -1,0 +1,324 @@
+"""Training objectives: what one optimisation step computes from a decoder and a batch.
+
+The LightningModule calls ``objective(decoder, batch, progress) -> (loss, parts, outputs)`` and never
+branches on the method; a method is a model config plus an objective config.
+
+- :class:`PairObjective`: one contrastive pair loss (InfoNCE, SoftCLIP) between the decoder's
+  output for the primary target and that target (the foundation default).
+- :class:`TermsObjective`: a weighted sum of named terms (methods.md §3.4, §4.3, §7.3):
+  contrastive terms (BiMixCo during the first ``mixco.until`` of training, SoftCLIP afterwards, with
+  a fixed or cosine-scheduled temperature), token-level soft distillation (``token_contrast``:
+  every token a row, the term's own τ), regression terms (normalised MSE, MSE, L1) and the
+  decoder's auxiliary losses (``outputs["loss/<name>"]``: cycle, brain reconstruction, prior), and
+  Brain-IT's multi-scale InfoNCE over the query subset a decoder sampled (``multiscale_infonce``:
+  the decoder gives ``<output>/index`` and ``<output>/scale`` next to ``<output>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from braindecode_fw.data.datamodule import Batch
+from braindecode_fw.losses import (
+    bimixco_loss,
+    cosine_temperature,
+    mixco_inputs,
+    mixco_permutation,
+    mixco_soft_labels,
+    multiscale_infonce,
+    normalized_mse,
+    soft_clip_loss,
+    soft_token_contrast,
+)
+from braindecode_fw.ops.distributed import gather_block_diagonal, gather_rows
+
+KINDS = ("contrastive", "token_contrast", "normalized_mse", "mse", "l1", "multiscale_infonce", "aux")
+REGRESSION_KINDS = ("token_contrast", "normalized_mse", "mse", "l1", "multiscale_infonce")
+AUX_PREFIX = "loss/"
+
+
+class Objective(nn.Module):
+    """``forward(decoder, batch, progress)`` -> (scalar loss, {part name: detached value}, the
+    decoder's outputs). ``progress`` is the fraction of training done, in [0, 1] (epoch-based
+    schedules). Validation reuses the returned outputs for retrieval instead of a second forward."""
+
+    def forward(self, decoder: nn.Module, batch: Batch,
+                progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class PairObjective(Objective):
+    """A pair loss ``loss(pred, target)`` on the output named ``target``. While training under DDP
+    the pairs of all ranks are gathered (:func:`~braindecode_fw.ops.distributed.gather_rows`), so a
+    contrastive loss sees the global batch as candidates; ``negatives`` (logged as
+    ``train/negatives``) is the number of negatives per row actually used."""
+
+    def __init__(self, loss: nn.Module, target: str, gather: bool = True):
+        super().__init__()
+        self.loss = loss
+        self.target = target
+        self.gather = gather
+
+    def forward(self, decoder, batch, progress):
+        out = decoder(batch.responses, batch.subject, batch.repeat_mask)
+        pred, y = out[self.target], batch.targets[self.target]
+        if self.training and self.gather:
+            pred, y = gather_rows(pred), gather_rows(y)
+        loss = self.loss(pred, y)
+        return loss, {"negatives": torch.tensor(float(len(pred) - 1))}, out
+
+
+@dataclass
+class Term:
+    """One weighted term. ``output``: decoder output key; ``target``: batch target key (for
+    ``aux`` terms: the name of the decoder's ``loss/<name>`` output). ``output_index`` /
+    ``target_index`` pick one token of a token output/target (STTM's global terms use token 0, the
+    class-token slot). ``mixco_weight``: the weight during the BiMixCo phase, if it differs (STTM:
+    0.5 then 0.2). ``temperature``: a ``token_contrast`` term's own τ (MindEye2's ConvNeXt
+    distillation: 0.2)."""
+
+    kind: str
+    weight: float = 1.0
+    output: str | None = None
+    target: str | None = None
+    output_index: int | None = None
+    target_index: int | None = None
+    mixco_weight: float | None = None
+    temperature: float = 0.2
+
+    def weight_at(self, mixing: bool) -> float:
+        return self.mixco_weight if mixing and self.mixco_weight is not None else self.weight
+
+
+class TermsObjective(Objective):
+    """Weighted terms with MindEye2's contrastive schedule.
+
+    ``mixco``: ``{until: 0.33, temperature: 0.006, beta_alpha: 0.15, select_prob: 0.5,
+    original_label_bug: false, mix_regression_targets: true}`` or None (no BiMixCo phase).
+    While ``progress < until`` the responses are MixCo-mixed within each subject before the
+    decoder and contrastive terms use BiMixCo with the mixing's soft labels; the regression targets
+    named by ``mix_regression_targets`` (:meth:`mixed_targets`: ``true`` all of them, token-contrast
+    teachers included; a list, e.g. MindEye2's ``[vae_latent]``; ``false`` none) are mixed with the
+    same β and partners. MindEye2 mixed its VAE targets only after the L1 had been computed, i.e.
+    not at all: ``false`` reproduces that.
+    ``softclip``: ``{temperature: 0.005}`` (fixed, MindBridge) or ``{start: 0.004, end: 0.0075}``
+    (cosine over the SoftCLIP phase, MindEye2).
+    ``random_weighting``: groups of term names, e.g. ``[[clip, global_image, global_text], [prior]]``;
+    every training step the group sums are weighted by ``softmax(randn(n_groups))`` (STTM's loss,
+    methods.md §7.3), drawn from the objective's own seeded generator; terms outside every group
+    keep weight 1. ``input_noise``: the standard deviation of Gaussian noise added to the responses
+    while training (STTM: 0.01).
+    ``gather``: under DDP, contrastive and token-contrast terms run over the rows of all ranks (the
+    BiMixCo soft labels become block-diagonal: partners stay on their rank), so the negatives do
+    not depend on the GPU count; regression terms stay per rank (DDP's gradient average already
+    makes them global means). ``negatives`` is logged.
+    """
+
+    def __init__(self, terms: Mapping[str, Mapping[str, Any]], softclip: Mapping[str, float] | None = None,
+                 mixco: Mapping[str, Any] | None = None, seed: int = 0,
+                 random_weighting: list[list[str]] | None = None, input_noise: float = 0.0,
+                 gather: bool = True):
+        super().__init__()
+        self.gather = gather
+        self.terms: dict[str, Term] = {}
+        dropped = {name for name, spec in terms.items() if spec is None}
+        for name, spec in terms.items():
+            if spec is None:
+                continue
+            term = Term(**dict(spec))
+            if term.kind not in KINDS:
+                raise ValueError(f"loss.terms.{name}.kind: one of {KINDS}, got {term.kind!r}")
+            if term.kind != "aux" and (term.output is None or term.target is None):
+                raise ValueError(f"loss.terms.{name}: a {term.kind} term needs `output` and `target`")
+            self.terms[name] = term
+        if not self.terms:
+            raise ValueError("loss.terms: no terms configured")
+        self.softclip = dict(softclip or {"temperature": 0.005})
+        if "temperature" not in self.softclip and not {"start", "end"} <= set(self.softclip):
+            raise ValueError("loss.softclip: give `temperature`, or `start` and `end` for the cosine schedule")
+        self.mixco = dict(mixco) if mixco else None
+        # a term set to null leaves its group; a group left empty goes
+        self.groups = [g for g in ([n for n in group if n not in dropped] for group in (random_weighting or [])) if g]
+        grouped = [n for g in self.groups for n in g]
+        unknown = sorted(set(grouped) - set(self.terms))
+        if unknown or len(grouped) != len(set(grouped)):
+            raise ValueError(f"loss.random_weighting: every name once and among the terms {sorted(self.terms)}; "
+                             f"got {self.groups}")
+        self.input_noise = float(input_noise)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.mixed_targets()  # refuse a malformed value before training starts
+
+    def mixed_targets(self) -> list[str]:
+        """The regression targets mixed with the inputs during BiMixCo (``mixco.mix_regression_targets``:
+        ``true`` every target a regression or token-contrast term reads, ``false`` none, or a list
+        of target names), each once however many terms read it."""
+        spec = self.mixco.get("mix_regression_targets", True) if self.mixco else False
+        read = list(dict.fromkeys(t.target for t in self.terms.values() if t.kind in REGRESSION_KINDS))
+        if spec is True:
+            return read
+        if spec is False or spec is None:
+            return []
+        names = [spec] if isinstance(spec, str) else list(spec)
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError(f"loss.mixco.mix_regression_targets: true, false or a list of target names, got {spec!r}")
+        # a named target whose term a recipe switched off (e.g. `loss.terms.blur: null`) is skipped
+        return [n for n in names if n in read]
+
+    def softclip_temperature(self, progress: float) -> float:
+        if "temperature" in self.softclip:
+            return float(self.softclip["temperature"])
+        until = self.mixco["until"] if self.mixco else 0.0
+        phase = (progress - until) / max(1e-12, 1 - until)
+        return cosine_temperature(phase, self.softclip["start"], self.softclip["end"])
+
+    def forward(self, decoder, batch, progress):
+        responses, targets = batch.responses, dict(batch.targets)
+        soft_labels = None
+        mixing = self.mixco is not None and progress < self.mixco["until"] and self.training
+        if self.input_noise and self.training:
+            noise = torch.randn(responses.shape, generator=self.generator)
+            responses = responses + self.input_noise * noise.to(responses.device, responses.dtype)
+        if mixing:
+            partner, label = mixco_permutation(batch.subject, generator=self.generator,
+                                               original_label_bug=self.mixco.get("original_label_bug", False))
+            responses, beta = mixco_inputs(responses, partner, beta_alpha=self.mixco.get("beta_alpha", 0.15),
+                                           select_prob=self.mixco.get("select_prob", 0.5), generator=self.generator)
+            soft_labels = mixco_soft_labels(beta, label).to(responses.device)
+            for key in self.mixed_targets():
+                if key in targets:
+                    y = targets[key]
+                    b = beta.view(-1, *[1] * (y.ndim - 1)).to(y.dtype)
+                    targets[key] = b * y + (1 - b) * y[partner.to(y.device)]
+        # repeated test responses (validation without a val split) are averaged in output space; the
+        # decoder then has no auxiliary losses, and evaluation skips those terms
+        out = decoder(responses, batch.subject, batch.repeat_mask, targets=targets)
+        scales = {}
+        if self.groups and self.training:
+            weights = torch.softmax(torch.randn(len(self.groups), generator=self.generator), 0)
+            scales = {n: float(w) for g, w in zip(self.groups, weights, strict=True) for n in g}
+        parts: dict[str, torch.Tensor] = {f"group_weight/{g[0]}": torch.tensor(scales[g[0]])
+                                          for g in (self.groups if scales else [])}
+        total = responses.new_zeros(())
+        tau = self.softclip_temperature(progress)
+        gather = self.gather and self.training
+        if gather and soft_labels is not None:
+            soft_labels = gather_block_diagonal(soft_labels)
+        for name, t in self.terms.items():
+            if t.kind == "aux":
+                key = AUX_PREFIX + (t.target or name)
+                if key not in out and not self.training:
+                    continue
+                if key not in out:
+                    raise KeyError(f"loss.terms.{name}: the decoder has no auxiliary output {key!r}; "
+                                   f"it provides {sorted(k for k in out if k.startswith(AUX_PREFIX))}")
+                value = out[key]
+            else:
+                if t.output not in out:
+                    raise KeyError(f"loss.terms.{name}: the decoder has no output {t.output!r}; it provides "
+                                   f"{sorted(k for k in out if not k.startswith(AUX_PREFIX))} (drop the term with "
+                                   f"loss.terms.{name}=null, or train the target that head needs)")
+                if t.target not in targets:
+                    raise KeyError(f"loss.terms.{name}: no target {t.target!r} in the batch; the run trains "
+                                   f"{sorted(targets)} (add it under extra_targets)")
+                pred, y = out[t.output].float(), targets[t.target].float()
+                if t.kind == "multiscale_infonce":
+                    # the decoder predicted only the queries it sampled: take the same target tokens
+                    y = y[:, self._sampled(out, t.output, name, "index").to(y.device)]
+                if t.output_index is not None:
+                    pred = pred[:, t.output_index]
+                if t.target_index is not None:
+                    y = y[:, t.target_index]
+                if gather and t.kind in ("contrastive", "token_contrast"):
+                    pred, y = gather_rows(pred), gather_rows(y)
+                if t.kind == "contrastive":
+                    parts.setdefault("negatives", torch.tensor(float(len(pred) - 1)))
+                    value = (bimixco_loss(pred, y, soft_labels, self.mixco.get("temperature", 0.006))
+                             if soft_labels is not None else soft_clip_loss(pred, y, tau))
+                elif t.kind == "token_contrast":
+                    value = soft_token_contrast(pred, y, t.temperature)
+                elif t.kind == "normalized_mse":
+                    value = normalized_mse(pred, y)
+                elif t.kind == "multiscale_infonce":
+                    # negatives stay per rank: a (B·S_i)² logit matrix per scale is large already
+                    value = multiscale_infonce(pred, y, self._sampled(out, t.output, name, "scale"))
+                elif t.kind == "mse":
+                    value = F.mse_loss(pred, y)
+                else:
+                    value = F.l1_loss(pred, y)
+            parts[name] = value.detach()
+            total = total + scales.get(name, 1.0) * t.weight_at(soft_labels is not None) * value
+        parts["temperature"] = torch.tensor(tau if soft_labels is None else self.mixco.get("temperature", 0.006))
+        return total, parts, out
+
+    @staticmethod
+    def _sampled(out: Mapping[str, torch.Tensor], output: str, term: str, what: str) -> torch.Tensor:
+        key = f"{output}/{what}"
+        if key not in out:
+            raise KeyError(f"loss.terms.{term}: a multiscale_infonce term needs the decoder's sampled queries "
+                           f"{output + '/index'!r} and {output + '/scale'!r} (model=brainit with token_sampling "
+                           f"on the branch of {output!r})")
+        return out[key]
+
+
+class ClipMSEObjective(Objective):
+    """Benchetrit et al. 2023's objective (datasets.md §4.4 b) for decoders with a contrastive and a
+    regression head per target (:class:`~braindecode_fw.models.meg.MEGDecoder`):
+    ``L = Σ_targets λ·L_CLIP(out[name], z) + (1 − λ)·L_MSE(out["regression/<name>"], z)``, with
+    :class:`~braindecode_fw.models.meg.ClipMSELoss`'s learned scale ``exp(t)`` and ``symmetric`` flag.
+
+    ``targets``: the target names to train (default: every output that has a batch target). Under DDP
+    the contrastive term runs over the rows of all ranks (as :class:`PairObjective`); the MSE term
+    stays per rank. Parts logged: ``clip``, ``mse`` (suffixed ``/<name>`` with several targets),
+    ``scale`` (the current ``exp(t)``) and ``negatives``.
+    """
+
+    def __init__(self, lambda_clip: float = 0.75, init_log_scale: float = 5.0, learn_scale: bool = True,
+                 symmetric: bool = True, targets: list[str] | None = None, gather: bool = True):
+        super().__init__()
+        from braindecode_fw.models.meg import ClipMSELoss
+
+        self.loss = ClipMSELoss(lambda_clip, init_log_scale, learn_scale, symmetric)
+        self.targets = list(targets) if targets else None
+        self.gather = gather
+
+    def forward(self, decoder, batch, progress):
+        from braindecode_fw.models.meg import REGRESSION_PREFIX
+
+        out = decoder(batch.responses, batch.subject, batch.repeat_mask)
+        names = self.targets or [k for k in out if k in batch.targets]
+        if not names:
+            raise KeyError(f"loss: no decoder output matches a batch target; outputs {sorted(out)}, "
+                           f"targets {sorted(batch.targets)}")
+        lam = self.loss.lambda_clip
+        total = batch.responses.new_zeros((), dtype=torch.float32)
+        parts: dict[str, torch.Tensor] = {}
+        for name in names:
+            suffix = f"/{name}" if len(names) > 1 else ""
+            if name not in out or name not in batch.targets:
+                raise KeyError(f"loss.targets: {name!r} needs a decoder output and a batch target of that name; "
+                               f"outputs {sorted(out)}, targets {sorted(batch.targets)}")
+            y = batch.targets[name]
+            if lam > 0:
+                pred, yy = out[name], y
+                if self.training and self.gather:
+                    pred, yy = gather_rows(pred), gather_rows(yy)
+                parts.setdefault("negatives", torch.tensor(float(len(pred) - 1)))
+                clip = self.loss.clip_loss(pred, yy)
+                parts["clip" + suffix] = clip.detach()
+                total = total + lam * clip
+            if lam < 1:
+                key = REGRESSION_PREFIX + name
+                if key not in out:
+                    raise KeyError(f"loss.lambda_clip={lam} needs the regression output {key!r}; the decoder has "
+                                   f"{sorted(out)} (set model.regression_heads=true, or loss.lambda_clip=1)")
+                mse = F.mse_loss(out[key].float(), y.float())
+                parts["mse" + suffix] = mse.detach()
+                total = total + (1 - lam) * mse
+        parts["scale"] = self.loss.log_scale.detach().exp()
+        return total, parts, out

@@ -1,0 +1,1 @@
+"""Experiment operations: loggers, image logging, resume, multi-GPU helpers, sweeps, dashboards."""

@@ -1,0 +1,67 @@
+"""On-disk cache of target embeddings, keyed by (dataset version, encoder id).
+
+Layout: ``<cache_dir>/<dataset name>-<dataset version>/<feature>-<encoder id>.npy`` (memory-mapped
+on read) with a ``.json`` sidecar describing the encoder. A changed dataset (new version) or
+encoder (new id) maps to a new file, so stale embeddings are never reused. Files are written to a
+temporary name in chunks and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from braindecode_fw.data.store import PreparedStore
+from braindecode_fw.io import atomic_write_json
+from braindecode_fw.targets.encoders import TargetEncoder
+
+log = logging.getLogger(__name__)
+
+
+def target_cache_path(cache_dir: str | Path, store: PreparedStore, encoder: TargetEncoder) -> Path:
+    return Path(cache_dir) / f"{store.name}-{store.version}" / f"{encoder.feature_name}-{encoder.encoder_id}.npy"
+
+
+def load_or_compute_targets(
+    store: PreparedStore,
+    encoder: TargetEncoder,
+    cache_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    chunk: int = 1024,
+) -> np.ndarray:
+    """Target embeddings for every image of ``store``: ``(n_images, *encoder.output_shape)``.
+
+    Read from the cache when present; otherwise encoded chunk by chunk into a temporary memory map
+    (so 73k NSD images × 256×1664 never sit in RAM) and published by rename.
+    """
+    path = target_cache_path(cache_dir, store, encoder)
+    if path.exists():
+        log.info("targets %s: cache hit %s", encoder.feature_name, path)
+        return np.load(path, mmap_mode="r")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = encoder.n_items(store)
+    t0 = time.perf_counter()
+    first = encoder.encode_store(store, 0, min(chunk, n))
+    tmp = path.with_name(f"{path.stem}.partial-{os.getpid()}.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, *first.shape[1:]))
+    try:
+        out[: len(first)] = first.numpy()
+        for start in range(len(first), n, chunk):
+            out[start : start + chunk] = encoder.encode_store(store, start, min(start + chunk, n)).numpy()
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    meta = {"dataset": store.name, "dataset_version": store.version, "feature": encoder.feature_name,
+            "encoder_id": encoder.encoder_id, "encoder": encoder.identity(), "output": encoder.output,
+            "shape": [n, *first.shape[1:]], "seconds": round(time.perf_counter() - t0, 2)}
+    atomic_write_json(path.with_suffix(".json"), meta)
+    log.info("targets %s: encoded %d images in %.1f s -> %s", encoder.feature_name, n, meta["seconds"], path)
+    return np.load(path, mmap_mode="r")

@@ -1,0 +1,1 @@
+"""Tasks: plain functions of a composed config (the console scripts are thin wrappers)."""
