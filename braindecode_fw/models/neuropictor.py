@@ -129,7 +129,8 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class SemanticBranch(nn.Module):
-    """``(B, N, D)`` -> Conv1d(N→128, k1) -> Conv1d(128→L, k1) -> Linear(D→D_text) -> LN -> ``(B, L, D_text)``."""
+    """``(B, N, D)`` -> Conv1d(N→M, k1) -> Conv1d(M→L, k1) -> Linear(D→D_text) -> LN -> ``(B, L, D_text)``
+    (real: M = 128)."""
 
     def __init__(self, n_tokens: int, dim: int, text_tokens: int, text_dim: int, mid_tokens: int = 128):
         super().__init__()
@@ -151,11 +152,15 @@ class SemanticMapper(nn.Module):
     conditioning equals ``clip_txt`` exactly. ``L_sem`` supervises ``clip_txt`` with final-layer text
     tokens; the extra branch lets the conditioning move towards SD 2.1's penultimate-layer space
     (methods.md §6.3). Without it ``condition`` is ``clip_txt``.
+
+    ``mid_tokens``: the token count between the two convolutions; None = ``n_tokens // 2``, the
+    released rule (128 at 257 tokens).
     """
 
     def __init__(self, n_tokens: int, dim: int, text_tokens: int = 77, text_dim: int = 1024,
-                 extra_branch: bool = False, mid_tokens: int = 128):
+                 extra_branch: bool = False, mid_tokens: int | None = None):
         super().__init__()
+        mid_tokens = n_tokens // 2 if mid_tokens is None else int(mid_tokens)
         self.main = SemanticBranch(n_tokens, dim, text_tokens, text_dim, mid_tokens)
         self.extra = SemanticBranch(n_tokens, dim, text_tokens, text_dim, mid_tokens) if extra_branch else None
         self.extra_out = _zero(nn.Conv1d(text_tokens, text_tokens, 3, padding=1)) if extra_branch else None
@@ -168,14 +173,15 @@ class SemanticMapper(nn.Module):
 
 
 class ControlMapper(nn.Module):
-    """NeuroPictor's ``FMRIToControlModel``: ``(B, N, D)`` -> Conv1d(N→2C, k1) -> Conv1d(2C→C, k1) over
+    """NeuroPictor's ``FMRIToControlModel``: ``(B, N, D)`` -> Conv1d(N→M, k1) -> Conv1d(M→C, k1) over
     tokens -> Linear(D→h·w) + SiLU -> zero-initialised Conv1d(C→C, k3) -> ``(B, C, h, w)`` (real:
-    257 × 1024 -> 320 × 64 × 64). The zero convolution makes the map exactly 0 at initialisation."""
+    257 × 1024 -> 320 × 64 × 64, M = 514). The zero convolution makes the map exactly 0 at
+    initialisation. ``mid_tokens`` M: None = ``2 · n_tokens``, the released rule."""
 
-    def __init__(self, n_tokens: int, dim: int, channels: int = 320, size: int = 64):
+    def __init__(self, n_tokens: int, dim: int, channels: int = 320, size: int = 64, mid_tokens: int | None = None):
         super().__init__()
         self.channels, self.size = channels, size
-        self.tokens = TokenMixer(n_tokens, 2 * channels, channels)
+        self.tokens = TokenMixer(n_tokens, 2 * n_tokens if mid_tokens is None else int(mid_tokens), channels)
         self.linear = nn.Linear(dim, size * size)
         self.out = _zero(nn.Conv1d(channels, channels, 3, padding=1))
 
@@ -446,13 +452,17 @@ def build_neuropictor_decoder(
     control_channels: int = 320,
     control_size: int | None = 64,
     extra_branch: bool = False,
+    semantic_mid_tokens: int | None = None,
+    control_mid_tokens: int | None = None,
     diffusion: Mapping[str, Any] | None = None,
 ) -> NeuroPictorDecoder:
     """Hydra entry point (``model=neuropictor``); sizes from the data.
 
     ``semantic_target`` (a token target ``(L, D_text)``, e.g. final-layer text tokens 77 × 1024) sets
     the semantic mapper's output (``text_tokens``, when given, must match ``L``); ``control_size``
-    (None: from ``latent_target``'s ``(4, h, w)``) and ``control_channels`` the control map's. With
+    (None: from ``latent_target``'s ``(4, h, w)``) and ``control_channels`` the control map's.
+    ``semantic_mid_tokens`` / ``control_mid_tokens``: the token counts between each mapper's two
+    token convolutions; None = the released rules ``N // 2`` and ``2·N`` (128 and 514 at N = 257). With
     ``diffusion`` = ``{model, controlnet?, cond_dropout, uncond?, dtype?, num_train_timesteps?,
     beta_start?, beta_end?, control_scale?}`` (:meth:`NeuroPictorDiffusionLoss.from_pretrained`) the
     decoder adds ``loss/diffusion``; None = no diffusion term (regression only).
@@ -473,8 +483,9 @@ def build_neuropictor_decoder(
                          f"{latent[1]}×{latent[2]} (the control map is added at latent resolution)")
     projection = CorticalProjection(n_features, map_size, fill_radius=fill_radius)
     encoder = FMRIViTEncoder(map_size, patch, dim, depth, heads, mlp_ratio)
-    semantic = SemanticMapper(encoder.n_tokens, dim, l_text, d_text, extra_branch=extra_branch)
-    control = ControlMapper(encoder.n_tokens, dim, control_channels, int(control_size))
+    semantic = SemanticMapper(encoder.n_tokens, dim, l_text, d_text, extra_branch=extra_branch,
+                              mid_tokens=semantic_mid_tokens)
+    control = ControlMapper(encoder.n_tokens, dim, control_channels, int(control_size), mid_tokens=control_mid_tokens)
     module = None
     if diffusion is not None:
         spec = dict(diffusion)

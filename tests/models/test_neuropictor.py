@@ -71,7 +71,8 @@ def test_real_scale_shapes_backward_and_mapper_parameter_counts():
 
     branch = (257 * 128 + 128) + (128 * 77 + 77) + (1024 * 1024 + 1024) + 2 * 1024  # convs, linear, LN
     assert n_params(sem) == 2 * branch + (77 * 77 * 3 + 77)
-    assert n_params(ctl) == (257 * 640 + 640) + (640 * 320 + 320) + (1024 * 4096 + 4096) + (320 * 320 * 3 + 320)
+    # the released middle widths: 257 // 2 = 128 (semantic), 2 · 257 = 514 (control)
+    assert n_params(ctl) == (257 * 514 + 514) + (514 * 320 + 320) + (1024 * 4096 + 4096) + (320 * 320 * 3 + 320)
 
 
 def test_zero_initialised_parts_contribute_exactly_zero():
