@@ -1,7 +1,7 @@
 """NeuroPictor's two fMRI -> diffusion mappers against golden values from the authors' released
 code (tests/fidelity/reference/make_neuropictor.py; tests/fidelity/golden/neuropictor/provenance.json).
 
-Our decoder is built from ``conf/model/neuropictor.yaml`` at the reference's tiny configuration
+Our decoder is built from ``braindecode_fw/conf/model/neuropictor.yaml`` at the reference's tiny configuration
 (17 tokens × 8 -> 77 × 8 conditioning, 4 × 3 × 3 control map, the extra branch on as in the
 fine-tune model, the mappers' middle widths by the released rules); its cortical projection and
 ViT are replaced by a pass-through (the reference fed fixed tokens to the mappers), its diffusion
@@ -10,9 +10,9 @@ term by the reference's stand-in for ``L_simple``. Covered:
 - the semantic mapper's ``clip_txt`` and conditioning (the zero-initialised extra branch with
   non-zero weights), the pretraining model's conditioning (``extra_branch: false``), the control
   map;
-- ``conf/loss/neuropictor.yaml`` through ``TermsObjective``: ``w_sem · L_sem`` against the released
+- ``braindecode_fw/conf/loss/neuropictor.yaml`` through ``TermsObjective``: ``w_sem · L_sem`` against the released
   ``sem_loss`` and the total against theirs (``L_simple + sem_loss``, with the stand-in);
-- one AdamW step with ``conf/experiment/neuropictor_nsd.yaml``'s optimiser and parameter groups
+- one AdamW step with ``braindecode_fw/conf/experiment/neuropictor_nsd.yaml``'s optimiser and parameter groups
   (the update divided by the lr, every parameter; float64 as in the reference), and the weight
   decay of every parameter against the released single group.
 """
@@ -30,7 +30,7 @@ from torch import nn
 
 from tests.fidelity.golden import assert_golden, golden_dir, load_golden
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "braindecode_fw" / "conf"
 METHOD = "neuropictor"
 # the reference's sizes: 4 × 4 patches + CLS = 17 tokens of width 8
 TINY = {"map_size": 16, "patch": 4, "dim": 8, "depth": 1, "heads": 2, "fill_radius": 0.0, "text_tokens": 77,
@@ -97,7 +97,7 @@ def objective():
 
 
 def optimizer(decoder):
-    """``conf/experiment/neuropictor_nsd.yaml`` over ``conf/optim/adam.yaml``, the groups as
+    """``braindecode_fw/conf/experiment/neuropictor_nsd.yaml`` over ``braindecode_fw/conf/optim/adam.yaml``, the groups as
     ``LitDecoder._param_groups`` forms them (the decoder held as ``decoder``)."""
     from braindecode_fw.lit import weight_decay_groups
 

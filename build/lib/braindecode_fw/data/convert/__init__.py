@@ -1,1 +1,0 @@
-"""Converters from raw/public dataset layouts into the prepared store (docs/data_format.md)."""

@@ -1,1 +1,0 @@
-"""Image generation from decoded embeddings: reconstructors wrapping diffusers pipelines."""

@@ -1,1 +1,0 @@
-"""Experiment operations: loggers, image logging, resume, multi-GPU helpers, sweeps, dashboards."""

@@ -1,1 +1,0 @@
-"""Tasks: plain functions of a composed config (the console scripts are thin wrappers)."""
