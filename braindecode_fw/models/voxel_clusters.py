@@ -27,12 +27,19 @@ FORMAT_VERSION = 1
 
 
 def normalize_embeddings(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation, ``(V, e)`` -> float32 ``(V, e)`` (zero rows stay zero)."""
+    """Row-wise L2 normalisation, ``(V, e)`` -> float32 ``(V, e)``.
+
+    scikit-learn's ``normalize`` on float32, as Brain-IT's ``get_clusters.py`` does, so the mixture
+    sees the released inputs bit for bit (its row norms round differently from
+    ``np.linalg.norm``'s by an ulp); rows of norm below 10 float32 eps (zero rows) are left as
+    they are.
+    """
+    from sklearn.preprocessing import normalize
+
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"voxel embeddings must be (V, e), got shape {x.shape}")
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
+    return normalize(x, axis=1)
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -167,7 +174,9 @@ def fit_voxel_clusters(embeddings: Mapping[str, Any], n_clusters: int = 128, *, 
         raise ValueError(f"n_clusters={n_clusters} must be between 1 and the total voxel count {len(pooled)}")
     gmm = GaussianMixture(n_components=n_clusters, covariance_type=covariance_type, max_iter=max_iter,
                           n_init=n_init, reg_covar=reg_covar, random_state=seed)
-    pooled_labels = gmm.fit_predict(pooled).astype(np.int64)
+    # fit, then predict, as released: fit_predict's labels come from the responsibilities, which can
+    # tie (and so pick another component) where predict's weighted log-likelihoods do not
+    pooled_labels = gmm.fit(pooled).predict(pooled).astype(np.int64)
     bounds = np.cumsum([0, *[len(x) for x in normed.values()]])
     labels = {s: pooled_labels[bounds[i]: bounds[i + 1]] for i, s in enumerate(normed)}
     info = {"method": "gmm", "n_clusters": n_clusters, "seed": seed, "covariance_type": covariance_type,
