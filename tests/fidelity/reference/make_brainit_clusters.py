@@ -18,7 +18,10 @@ replaced:
 - ``torch.load`` of their encoder checkpoints returns a module whose ``voxel_embed`` is a fixed
   tiny embedding: the three reference subjects' voxels concatenated for ``encoder_ch128.pth`` (the
   clustering) and ``encoder_base.pth`` (the transfer's reference), the new subject's for
-  ``encoder_transfer_sub.pth``;
+  ``encoder_transfer_sub.pth``. The transfer script runs twice: for a new subject drawn like the
+  references, and for a "ties" subject whose voxels sit halfway between two reference voxels of
+  different clusters (the nearest one is decided at ~1e-10, which their float64 search resolves
+  and a float32 one does not: it moves 8 of the 24);
 - ``sklearn.mixture.GaussianMixture`` is the real class with ``random_state=0`` added (the released
   call passes none, so every run of theirs clusters differently);
 - the literal ``centers_num = 128`` (once in each script) is replaced by ``centers_num = K`` as the
@@ -28,8 +31,8 @@ replaced:
 but unused for its outputs) is written into the working directory; the clustering file it saves,
 ``data/derived_data/gmm_centers_<K>.npz``, is copied to ``gmm_centers_128_v2.npz``, the name the
 transfer script reads (the release saves one name and reads the other). The fixture keeps what
-they save (labels, centers, the V2C mapping; the transfer mapping and ``nn_vox``) and, from their
-namespaces, the normalised embeddings and the transfer's inherited labels.
+they save (labels, centers, the V2C mapping; per transferred subject its mapping and ``nn_vox``)
+and, from their namespaces, the normalised embeddings and the transfer's inherited labels.
 
 Re-running writes the same bytes. Under scikit-learn 1.7.0, the release's ``env.yml`` pin (a second
 venv with ``pip install --no-deps scikit-learn==1.7.0``), ``inputs`` and ``expected`` come out
@@ -62,9 +65,26 @@ CLUSTER_SCRIPT = "data/scripts/get_clusters.py"
 TRANSFER_SCRIPT = "data/scripts/transfer/map_clusters_transfer.py"
 SUBJECTS = {"s1": 40, "s2": 50, "s3": 60}  # reference subjects (voxels each)
 NEW_SUBJECT, NEW_VOXELS = "new", 30
+TIE_SUBJECT, TIE_VOXELS = "ties", 24  # voxels halfway between two reference voxels of different clusters
 EMBED_DIM, GROUPS, K = 8, 6, 6  # embedding width, true voxel groups, mixture components
 NOISE, SEED, GMM_SEED = 0.25, 0, 0
 HARD_CODED_K = "centers_num = 128"
+
+
+def make_ties(reference: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``(TIE_VOXELS, EMBED_DIM)`` float32 voxels at the normalised midpoint of a reference voxel and
+    its nearest reference voxel of another cluster, at random norms: both are (almost) equally
+    near, and only the float32 rounding of these inputs decides which one is nearer, by a margin
+    float64 resolves and float32 arithmetic does not."""
+    rng = np.random.default_rng(SEED + 1)
+    unit = reference / np.linalg.norm(reference.astype(np.float64), axis=1, keepdims=True)
+    out = []
+    for a in rng.choice(len(reference), TIE_VOXELS, replace=False):
+        d = ((unit - unit[a]) ** 2).sum(1)
+        d[labels == labels[a]] = np.inf
+        mid = unit[a] + unit[int(d.argmin())]
+        out.append(mid / np.linalg.norm(mid) * rng.uniform(0.5, 2.0))
+    return np.stack(out).astype(np.float32)
 
 
 def make_embeddings() -> dict[str, np.ndarray]:
@@ -146,23 +166,33 @@ def main(their_repo: str) -> None:
             labels, centers = saved["labels"], saved["centers"]
             mapping = np.load(f"data/derived_data/v2c_{K}_mapping_gmm.npy")
             shutil.copy(f"data/derived_data/gmm_centers_{K}.npz", "data/derived_data/gmm_centers_128_v2.npz")
-            ns_t = run_released(repo, TRANSFER_SCRIPT, {
-                "results/saved_models/encoder_transfer_sub.pth": emb[NEW_SUBJECT],
-                "results/saved_models/encoder_base.pth": reference})
-            t_mapping = np.load("data/transfer/v2c_128_mapping_gmm_transfer_sub.npy")
-            nn_vox = np.load("data/transfer/v2c_transfer_sub_nnvox.npy")
+            emb[TIE_SUBJECT] = make_ties(reference, labels)
+            transfers = {}
+            for s in (NEW_SUBJECT, TIE_SUBJECT):
+                ns_t = run_released(repo, TRANSFER_SCRIPT, {
+                    "results/saved_models/encoder_transfer_sub.pth": emb[s],
+                    "results/saved_models/encoder_base.pth": reference})
+                transfers[s] = (ns_t, np.load("data/transfer/v2c_128_mapping_gmm_transfer_sub.npy"),
+                                np.load("data/transfer/v2c_transfer_sub_nnvox.npy"))
         finally:
             os.chdir(cwd)
             os.environ.clear()  # their scripts set CUDA_VISIBLE_DEVICES
             os.environ.update(env_before)
 
-    assert np.array_equal(ns_t["label_vox"], labels[nn_vox])
-    dist = ns_t["dis_l2"].numpy()  # (reference, new) distances of the transfer
-    two = np.sort(dist, axis=0)[:2]
     print(f"clusters: sizes {np.bincount(labels, minlength=K).tolist()}, GMM converged "
           f"{ns_c['gmm'].converged_} in {ns_c['gmm'].n_iter_} iterations; means dtype {centers.dtype}")
-    print(f"transfer: normalised dtype {ns_t['vox_embed_normalized'].dtype}, distances {dist.dtype}; "
-          f"smallest gap nearest vs second nearest {float((two[1] - two[0]).min()):.3g}")
+    for s, (ns_t, _, nn_vox) in transfers.items():
+        assert np.array_equal(ns_t["label_vox"], labels[nn_vox])
+        dist = ns_t["dis_l2"].numpy()  # (reference, new) distances of the transfer
+        two = np.sort(dist, axis=0)[:2]
+        # the same search in float32 (for the record: how many voxels float32 arithmetic moves)
+        d32 = torch.cdist(torch.from_numpy(ns_t["vox_embed_ref_normalized"].astype(np.float32)),
+                          torch.from_numpy(ns_t["vox_embed_normalized"].astype(np.float32)))
+        moved = int((d32.argmin(0).numpy() != nn_vox).sum())
+        print(f"transfer {s}: normalised dtype {ns_t['vox_embed_normalized'].dtype}, distances {dist.dtype}; "
+              f"gap nearest vs second nearest min {float((two[1] - two[0]).min()):.3g}; "
+              f"a float32 search moves {moved}/{len(nn_vox)} voxels")
+        assert (two[1] - two[0]).min() > 1e-12  # far above float64 rounding: any float64 search agrees
 
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x))
@@ -173,11 +203,15 @@ def main(their_repo: str) -> None:
         "clusters/labels": t(labels.astype(np.int64)),
         "clusters/centers": t(centers),
         "clusters/mapping": t(mapping.astype(np.int64)),
-        "transfer/normalized": t(ns_t["vox_embed_normalized"]),  # float64 (sklearn normalize of a torch tensor)
-        "transfer/labels": t(ns_t["label_vox"].astype(np.int64)),
-        "transfer/mapping": t(t_mapping.astype(np.int64)),
-        "transfer/nn_vox": t(nn_vox.astype(np.int64)),
     }
+    for s, part in ((NEW_SUBJECT, "transfer"), (TIE_SUBJECT, "ties")):
+        ns_t, t_mapping, nn_vox = transfers[s]
+        expected.update({
+            f"{part}/normalized": t(ns_t["vox_embed_normalized"]),  # float64 (sklearn normalize of a torch tensor)
+            f"{part}/labels": t(ns_t["label_vox"].astype(np.int64)),
+            f"{part}/mapping": t(t_mapping.astype(np.int64)),
+            f"{part}/nn_vox": t(nn_vox.astype(np.int64)),
+        })
     OUT.mkdir(parents=True, exist_ok=True)
     save_file({}, str(OUT / "weights.safetensors"))  # the clustering has no weights
     save_file(inputs, str(OUT / "inputs.safetensors"))
@@ -190,7 +224,8 @@ def main(their_repo: str) -> None:
         "stubs": {
             "torch.hub.load": "placeholder (DINOv2 download, unused)",
             "torch.load": "module with voxel_embed: encoder_ch128.pth and encoder_base.pth = reference subjects "
-                          "concatenated (s1, s2, s3), encoder_transfer_sub.pth = the new subject",
+                          "concatenated (s1, s2, s3), encoder_transfer_sub.pth = the new subject (first run) or "
+                          "the near-tie subject (second run)",
             "sklearn.mixture.GaussianMixture": f"real class, random_state={GMM_SEED} added (released: none)",
             "files": "data/nsd_data/num_voxels_all_subjects.npy written; gmm_centers_<K>.npz copied to "
                      "gmm_centers_128_v2.npz (the name the transfer script reads)",
@@ -201,7 +236,8 @@ def main(their_repo: str) -> None:
         "dtype": "embeddings float32; clustering float32 (means_ as sklearn returns them); transfer float64",
         "command": "OMP_NUM_THREADS=1 PYTHONPATH=$PWD /work/refenv-bitclust/bin/python "
                    "tests/fidelity/reference/make_brainit_clusters.py /work/ref/brainit",
-        "config": {"subjects": SUBJECTS, "new_subject": {NEW_SUBJECT: NEW_VOXELS}, "embed_dim": EMBED_DIM,
+        "config": {"subjects": SUBJECTS, "new_subject": {NEW_SUBJECT: NEW_VOXELS},
+                   "tie_subject": {TIE_SUBJECT: TIE_VOXELS}, "embed_dim": EMBED_DIM,
                    "groups": GROUPS, "noise": NOISE, "data_seed": SEED, "clusters": K, "gmm_seed": GMM_SEED},
     }
     (OUT / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
