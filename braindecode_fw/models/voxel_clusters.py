@@ -26,13 +26,21 @@ from braindecode_fw.io import atomic_write_bytes
 FORMAT_VERSION = 1
 
 
-def normalize_embeddings(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation, ``(V, e)`` -> float32 ``(V, e)`` (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
+def normalize_embeddings(x: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """Row-wise L2 normalisation, ``(V, e)`` -> ``(V, e)`` of ``dtype``.
+
+    scikit-learn's ``normalize``, as Brain-IT does, so the results are the released ones bit for
+    bit (its row norms round differently from ``np.linalg.norm``'s by an ulp); rows of norm below
+    10 eps (zero rows) are left as they are. ``get_clusters.py`` normalises float32 (the default);
+    ``map_clusters_transfer.py`` passes torch tensors, which scikit-learn turns into float64:
+    ``dtype=np.float64`` reproduces that.
+    """
+    from sklearn.preprocessing import normalize
+
+    x = np.asarray(x, dtype=dtype)
     if x.ndim != 2:
         raise ValueError(f"voxel embeddings must be (V, e), got shape {x.shape}")
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
+    return normalize(x, axis=1)
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -167,7 +175,9 @@ def fit_voxel_clusters(embeddings: Mapping[str, Any], n_clusters: int = 128, *, 
         raise ValueError(f"n_clusters={n_clusters} must be between 1 and the total voxel count {len(pooled)}")
     gmm = GaussianMixture(n_components=n_clusters, covariance_type=covariance_type, max_iter=max_iter,
                           n_init=n_init, reg_covar=reg_covar, random_state=seed)
-    pooled_labels = gmm.fit_predict(pooled).astype(np.int64)
+    # fit, then predict, as released: fit_predict's labels come from the responsibilities, which can
+    # tie (and so pick another component) where predict's weighted log-likelihoods do not
+    pooled_labels = gmm.fit(pooled).predict(pooled).astype(np.int64)
     bounds = np.cumsum([0, *[len(x) for x in normed.values()]])
     labels = {s: pooled_labels[bounds[i]: bounds[i + 1]] for i, s in enumerate(normed)}
     info = {"method": "gmm", "n_clusters": n_clusters, "seed": seed, "covariance_type": covariance_type,
@@ -181,12 +191,16 @@ def fit_voxel_clusters(embeddings: Mapping[str, Any], n_clusters: int = 128, *, 
 def nearest_reference(reference: np.ndarray, query: np.ndarray, *, max_elements: int = 1 << 25) -> np.ndarray:
     """Index of the nearest ``reference`` row (L2) for every ``query`` row: ``(Q,)`` int64.
 
-    The distance matrix is built ``max_elements`` entries at a time (default 32M float32 = 128 MB),
-    so 40k new × 160k reference voxels stay small in memory.
+    Computed in float64 when either input is float64 (Brain-IT's transfer: ``torch.cdist`` on
+    float64, which decides near-ties float32 cannot), else in float32. The distance matrix is
+    built ``max_elements`` entries at a time (default 32M: 128 MB float32, 256 MB float64), so
+    40k new × 160k reference voxels stay small in memory.
     """
-    ref = np.asarray(reference, dtype=np.float32)
-    q = np.asarray(query, dtype=np.float32)
-    ref_sq = (ref.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    wide = np.float64 in (np.asarray(reference).dtype, np.asarray(query).dtype)
+    dtype = np.float64 if wide else np.float32
+    ref = np.asarray(reference, dtype=dtype)
+    q = np.asarray(query, dtype=dtype)
+    ref_sq = (ref.astype(np.float64) ** 2).sum(1).astype(dtype)
     chunk = max(1, max_elements // max(len(ref), 1))
     out = np.empty(len(q), dtype=np.int64)
     for a in range(0, len(q), chunk):
@@ -198,12 +212,17 @@ def nearest_reference(reference: np.ndarray, query: np.ndarray, *, max_elements:
 
 
 def assign_new_subject(clusters: VoxelClusters, subject: str, embeddings: Any, *,
-                       max_elements: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
+                       max_elements: int = 1 << 25,
+                       reference_embeddings: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Map a new subject onto the shared clusters (methods.md §5.6): each voxel inherits the
-    cluster of its nearest reference voxel in the normalised embedding space (L2).
+    cluster of its nearest reference voxel in the normalised embedding space (L2), searched in
+    float64 as Brain-IT's ``map_clusters_transfer.py`` does.
 
     embeddings: ``(V, e)`` new-subject voxel embeddings (from the reference encoder trained with
-    only these embeddings free). Returns ``labels`` ``(V,)`` int64 and ``nearest`` ``(V, 2)``
+    only these embeddings free). reference_embeddings: the reference subjects' raw embeddings
+    (subject -> ``(V_s, e)``), normalised in float64 as released; without them the stored float32
+    normalised ones are used (near-ties within ~1e-7 may then resolve differently from the
+    release). Returns ``labels`` ``(V,)`` int64 and ``nearest`` ``(V, 2)``
     int64 = (index into ``clusters.reference_subjects``, voxel index in that subject) — the
     ``nnvox`` used to initialise the decoder's new voxel embeddings. Both, and the normalised
     embeddings, are stored in ``clusters`` under ``subject``.
@@ -216,13 +235,25 @@ def assign_new_subject(clusters: VoxelClusters, subject: str, embeddings: Any, *
         raise ValueError(f"the clustering lacks the embeddings of reference subject(s) {missing}")
     if subject in refs:
         raise ValueError(f"subject {subject!r} is a reference subject of this clustering")
-    new = normalize_embeddings(_as_numpy(embeddings))
+    raw = _as_numpy(embeddings)
+    new = normalize_embeddings(raw)
     e = clusters.embeddings[refs[0]].shape[1]
     if new.shape[1] != e:
         raise ValueError(f"subject {subject!r}: embeddings have width {new.shape[1]}, the clustering has {e}")
-    ref = np.concatenate([clusters.embeddings[s] for s in refs])
+    if reference_embeddings is None:
+        ref = np.concatenate([clusters.embeddings[s] for s in refs]).astype(np.float64)
+    else:
+        missing = [s for s in refs if s not in reference_embeddings]
+        if missing:
+            raise KeyError(f"reference_embeddings lack reference subject(s) {missing}")
+        raw_refs = [_as_numpy(reference_embeddings[s]) for s in refs]
+        for s, x in zip(refs, raw_refs, strict=True):
+            if x.shape != clusters.embeddings[s].shape:
+                raise ValueError(f"reference_embeddings[{s!r}] has shape {x.shape}, the clustering has "
+                                 f"{clusters.embeddings[s].shape}")
+        ref = normalize_embeddings(np.concatenate(raw_refs), np.float64)
     bounds = np.cumsum([0, *[len(clusters.embeddings[s]) for s in refs]])
-    flat = nearest_reference(ref, new, max_elements=max_elements)
+    flat = nearest_reference(ref, normalize_embeddings(raw, np.float64), max_elements=max_elements)
     which = np.searchsorted(bounds, flat, side="right") - 1
     nearest = np.stack([which, flat - bounds[which]], axis=1).astype(np.int64)
     ref_labels = np.concatenate([clusters.labels[s] for s in refs])
