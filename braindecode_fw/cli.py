@@ -1,6 +1,6 @@
 """Console entry points. Each is a Hydra app over the configs shipped inside the package
 (``braindecode_fw/conf/``) that calls one task function. Users add their own config folder with
-Hydra's ``--config-dir <folder>`` (searched first) or ``hydra.searchpath=[file://<folder>]``;
+Hydra's ``--config-dir <folder>`` or ``hydra.searchpath=[file://<folder>]``;
 ``BDF_CONFIG_DIR`` replaces the shipped tree altogether.
 
 User errors (bad config keys, missing or invalid data, unknown subjects, ...) are reported as one
@@ -106,7 +106,7 @@ def check_overrides(config_name: str, overrides: list[str], prog: str, config_di
     """Compose once before Hydra runs, to turn composition errors into one clear line.
 
     Unknown keys get a did-you-mean suggestion; unknown group options list the available ones.
-    ``config_dirs`` (``--config-dir``) are searched before the shipped configs, as Hydra will.
+    ``config_dirs`` (``--config-dir``) are searched after the shipped configs, as Hydra does.
     Sweeps (``-m``) are checked by Hydra itself.
     """
     overrides = _with_search_path(overrides, config_dirs or [])
