@@ -263,7 +263,7 @@ def predict(decoder: Decoder, batches: Iterable[Batch], target: str,
     ``derived``: name -> ``fn(decoder outputs, batch)`` giving ``(B, *shape)`` per batch, stored as
     ``outputs[name]`` in place of the decoder outputs it is computed from, which are dropped with
     the batch: what keeps large outputs out of memory (Brain-IT's predicted VGG tokens are
-    7,190 × 512 floats per item; its low-level image is inverted from them here, methods.md §5.5).
+    7,190 × 512 floats per item; its low-level image is inverted from them here, docs/methods/brainit.md §6).
     ``items``: ``(subject, image index)`` pairs; only those items of each batch go through the
     decoder (the other rows are dropped before it), e.g. the ones a resumed reconstruction still needs.
     """

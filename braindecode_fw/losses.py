@@ -1,4 +1,4 @@
-"""Contrastive losses between brain predictions and target embeddings (methods.md §3.4).
+"""Contrastive losses between brain predictions and target embeddings (docs/methods/mindeye2.md §4).
 
 All take ``pred`` and ``target`` of shape ``(B, *shape)``, flatten and L2-normalise them, and
 return a scalar. Row ``i`` of ``pred`` and of ``target`` belong together.
@@ -62,7 +62,7 @@ class InfoNCELoss(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# MixCo / BiMixCo (MindEye2 §3.4) and the loss pieces of MindBridge (§4.3)
+# MixCo / BiMixCo (docs/methods/mindeye2.md §4) and the loss pieces of MindBridge (docs/methods/mindbridge.md §4)
 
 
 def mixco_permutation(subjects: list[str], *, generator: torch.Generator | None = None,
@@ -72,7 +72,7 @@ def mixco_permutation(subjects: list[str], *, generator: torch.Generator | None 
     spaces differ between subjects) and its soft label points at column ``label_column[i]``.
 
     MindEye2 drew a local permutation per subject and concatenated them without an offset, so
-    mixed rows of every subject but the first point at the first subject's columns (methods.md §3.4);
+    mixed rows of every subject but the first point at the first subject's columns (docs/methods/mindeye2.md §4);
     ``original_label_bug=True`` reproduces that (rows are assumed grouped by subject, as ME2's
     concatenated per-subject batches were); the default points the label at the true partner."""
     partner = torch.empty(len(subjects), dtype=torch.long)
@@ -135,7 +135,7 @@ def soft_clip_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float)
 
 
 def soft_token_contrast(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
-    """MindEye2's ``soft_cont_loss`` (methods.md §3.4) with the clean teacher on both sides: SoftCLIP
+    """MindEye2's ``soft_cont_loss`` (docs/methods/mindeye2.md §4) with the clean teacher on both sides: SoftCLIP
     over every spatial token of the batch as its own row, ``(B, N, C)`` -> ``(B·N, C)`` rows of the
     student (the low-level head's auxiliary tokens) against the teacher's (ConvNeXt tokens)."""
     return soft_clip_loss(student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]),
@@ -157,7 +157,7 @@ def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def sample_scale_tokens(scale_sizes: list[int], per_scale: list[int], generator: torch.Generator | None = None,
                         *, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Brain-IT's token sampling for the multi-scale InfoNCE (methods.md §5.3, "Low-level (VGG)").
+    """Brain-IT's token sampling for the multi-scale InfoNCE (docs/methods/brainit.md §4, "Low-level (VGG)").
 
     ``scale_sizes[i]`` tokens of scale ``i`` sit consecutively in the concatenated token axis
     (:func:`braindecode_fw.targets.multiscale.scale_sizes`); ``per_scale[i]`` of them are drawn
@@ -185,7 +185,7 @@ def sample_scale_tokens(scale_sizes: list[int], per_scale: list[int], generator:
 
 
 def multiscale_infonce(pred: torch.Tensor, target: torch.Tensor, scale_of_token: torch.Tensor) -> torch.Tensor:
-    """Brain-IT's multi-scale InfoNCE (methods.md §5.3, "Low-level (VGG)").
+    """Brain-IT's multi-scale InfoNCE (docs/methods/brainit.md §4, "Low-level (VGG)").
 
     ``pred``, ``target``: ``(B, S, D)`` predicted and true tokens at the sampled positions;
     ``scale_of_token``: ``(S,)`` scale of each position (:func:`sample_scale_tokens`). Per scale the

@@ -5,7 +5,7 @@ branches on the method; a method is a model config plus an objective config.
 
 - :class:`PairObjective`: one contrastive pair loss (InfoNCE, SoftCLIP) between the decoder's
   output for the primary target and that target (the foundation default).
-- :class:`TermsObjective`: a weighted sum of named terms (methods.md §3.4, §4.3, §7.3):
+- :class:`TermsObjective`: a weighted sum of named terms (docs/methods/mindeye2.md §4, docs/methods/mindbridge.md §4, docs/methods/sttm.md §4):
   contrastive terms (BiMixCo during the first ``mixco.until`` of training, SoftCLIP afterwards, with
   a fixed or cosine-scheduled temperature), token-level soft distillation (``token_contrast``:
   every token a row, the term's own τ), regression terms (normalised MSE, MSE, L1) and the
@@ -111,7 +111,7 @@ class TermsObjective(Objective):
     (cosine over the SoftCLIP phase, MindEye2).
     ``random_weighting``: groups of term names, e.g. ``[[clip, global_image, global_text], [prior]]``;
     every training step the group sums are weighted by ``softmax(randn(n_groups))`` (STTM's loss,
-    methods.md §7.3), drawn from the objective's own seeded generator; terms outside every group
+    docs/methods/sttm.md §4), drawn from the objective's own seeded generator; terms outside every group
     keep weight 1. ``input_noise``: the standard deviation of Gaussian noise added to the responses
     while training (STTM: 0.01).
     ``gather``: under DDP, contrastive and token-contrast terms run over the rows of all ranks (the
@@ -267,7 +267,7 @@ class TermsObjective(Objective):
 
 
 class ClipMSEObjective(Objective):
-    """Benchetrit et al. 2023's objective (datasets.md §4.4 b) for decoders with a contrastive and a
+    """Benchetrit et al. 2023's objective (docs/methods/meg_brainmodule.md §5) for decoders with a contrastive and a
     regression head per target (:class:`~braindecode_fw.models.meg.MEGDecoder`):
     ``L = Σ_targets λ·L_CLIP(out[name], z) + (1 − λ)·L_MSE(out["regression/<name>"], z)``, with
     :class:`~braindecode_fw.models.meg.ClipMSELoss`'s learned scale ``exp(t)`` and ``symmetric`` flag.

@@ -1,6 +1,6 @@
 """Learning-rate schedules that torch does not ship.
 
-:class:`WarmupPlateau`: Brain-IT's decoder schedule (methods.md §5.3): for the first
+:class:`WarmupPlateau`: Brain-IT's decoder schedule (docs/methods/brainit.md §4): for the first
 ``warmup_epochs`` epochs the learning rate is ``lr · (floor + (1 − floor)·(e / warmup_epochs)³)``,
 then ``ReduceLROnPlateau`` on the monitored validation metric (factor 0.1, patience 5, absolute
 threshold 1e-3). It is a ``ReduceLROnPlateau`` so Lightning steps it once per epoch with the

@@ -162,7 +162,7 @@ def _token_batch(n=8):
 
 
 def test_sttm_terms_token_selection_phase_weights_random_weighting_and_noise():
-    """STTM (methods.md §7.3): global terms on token 0, weights 0.5 in the BiMixCo phase and 0.2
+    """STTM (docs/methods/sttm.md §4): global terms on token 0, weights 0.5 in the BiMixCo phase and 0.2
     after, L = w0·L_c + w1·30·L_prior with (w0, w1) = softmax(randn(2)) per step, σ-noise on inputs."""
     obj, dec, batch = TermsObjective(**STTM, seed=7), TokenRecorder(), _token_batch()
     loss, parts, _ = obj(dec, batch, progress=0.5)  # SoftCLIP phase

@@ -1,4 +1,4 @@
-"""Brain-IT's warm-up + plateau schedule (methods.md §5.3) against its formula."""
+"""Brain-IT's warm-up + plateau schedule (docs/methods/brainit.md §4) against its formula."""
 
 from __future__ import annotations
 

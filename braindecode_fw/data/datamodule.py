@@ -1,4 +1,4 @@
-"""BrainDataModule: prepared store + targets -> subject-balanced batches (design.md §2, §4 "Batch").
+"""BrainDataModule: prepared store + targets -> subject-balanced batches (docs/architecture.md §2, §4.2).
 
 - Responses are read from the store's memory maps batch by batch (sorted fancy indexing) and
   z-scored per subject and session with statistics fitted on that session's *training* trials.
@@ -7,7 +7,7 @@
   resumed run replays exactly the same batches.
 - Test items are (subject, image) pairs holding every repetition; they are averaged in input space
   (``repeat_averaging=inputs``) or passed as ``(repeats, features)`` with a ``repeat_mask`` so the
-  model averages its outputs (``repeat_averaging=outputs``, MindEye2's choice, methods.md §1.3).
+  model averages its outputs (``repeat_averaging=outputs``, MindEye2's choice, docs/evaluation.md).
 - Batches mix subjects; ``responses`` are zero-padded to the largest feature count in the batch and
   adapters route rows by ``subject``.
 - *Online targets* (``data.online_targets``) are not cached: their batches carry the stimulus images

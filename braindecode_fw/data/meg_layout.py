@@ -1,4 +1,4 @@
-"""MEG sensor layouts: channel names and 2-D positions for the spatial attention (datasets.md §2.3, §4.2).
+"""MEG sensor layouts: channel names and 2-D positions for the spatial attention (docs/datasets/things_meg.md, docs/methods/meg_brainmodule.md §2).
 
 The positions follow brainmagick's convention: MNE's 2-D ``CTF-275`` layout (``mne.channels.read_layout``),
 channel names cleaned of their system suffix (``MLC11-1609`` / ``MLC11-2622`` -> ``MLC11``), x and y
@@ -7,7 +7,7 @@ missing sensor keeps the same coordinates for all others), and channels the layo
 :data:`MISSING_POSITION` (-0.1, -0.1), which the brain module masks out.
 
 THINGS-MEG records 272 of the 275 CTF sensors: ``MLF25``, ``MRF43`` and ``MRO13`` are missing
-(datasets.md §2.2); the Hebart derivative also drops ``MRO11`` (271 channels).
+(docs/datasets/things_meg.md); the Hebart derivative also drops ``MRO11`` (271 channels).
 """
 
 from __future__ import annotations

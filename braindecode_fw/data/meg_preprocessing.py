@@ -1,6 +1,6 @@
 """Epoch-level MEG preprocessing shared by the THINGS-MEG converter and the synthetic MEG world.
 
-Benchetrit et al. 2023 / brainmagick (datasets.md §2.4, §4.5): per epoch and channel, subtract the
+Benchetrit et al. 2023 / brainmagick (docs/methods/meg_brainmodule.md §1, §6): per epoch and channel, subtract the
 mean over the baseline window ``[tmin, 0]``; then per *recording* (one run) and channel, centre on the
 median and divide by the inter-quartile range (``RobustScaler``), and clamp to ``±clamp``.
 brainmagick fits the scaler on ~200 sampled windows; we fit it on every sample of every epoch of the

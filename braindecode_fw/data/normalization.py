@@ -1,6 +1,6 @@
 """Per-subject, per-session z-scoring with statistics from training trials only, and NSD's ncsnr.
 
-NSD practice (datasets.md §1.6) z-scores each voxel within each session. We fit the statistics on
+NSD practice (docs/datasets/nsd.md) z-scores each voxel within each session. We fit the statistics on
 the *training* trials of each session only, so that test trials (shared1000 / the synthetic shared
 set) never leak into the normalisation, and apply them to every trial of that session.
 """

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MODALITIES = ("fmri", "meg")
-# test_large: a second held-out set evaluated separately (THINGS-MEG's "large" test set, datasets.md §2.4)
+# test_large: a second held-out set evaluated separately (THINGS-MEG's "large" test set, docs/datasets/things_meg.md)
 SPLITS = ("train", "val", "test", "test_large")
 TRIAL_COLUMNS = ("trial_id", "image_index", "session", "run", "repeat", "split")
 RESPONSE_DTYPES = (np.dtype("float16"), np.dtype("float32"))

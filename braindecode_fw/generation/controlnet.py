@@ -1,6 +1,6 @@
 """ControlNet-modulated Stable Diffusion: a predicted low-level control map injected into the UNet
 encoder, predicted high-level tokens in place of the text context (``generator=controlnet_modulated``;
-NeuroPictor, methods.md §6.2, §6.5).
+NeuroPictor, docs/methods/neuropictor.md §2, §5).
 
 NeuroPictor keeps SD 2.1 locked and trains a ControlNet copy of its encoder whose image-hint CNN is
 unused: the fMRI low-level map ``(320, 64, 64)`` is *added* to the output of the ControlNet's first

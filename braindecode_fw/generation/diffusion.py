@@ -1,4 +1,4 @@
-"""Reconstructors over diffusers pipelines (methods.md §3.6, §4.6, §5.5; ecosystem.md §5).
+"""Reconstructors over diffusers pipelines (docs/methods/{mindeye2,mindbridge,brainit}.md §6; docs/reconstruction.md).
 
 - :class:`DiffusersReconstructor`: what every pipeline-backed generator shares: one loader for a
   hub id or a local folder, the scheduler/steps/guidance/dtype/batching options, and the
@@ -8,8 +8,8 @@
 - :class:`UnClipReconstructor` (``generator=sd21_unclip``): Stable unCLIP conditioned on a predicted
   CLIP image embedding (``image_embeds``; ``stabilityai/stable-diffusion-2-1-unclip``: 1024-d
   OpenCLIP ViT-H/14 pooled), empty prompt, zero unconditional class embedding as the pipeline
-  does; with a low-level image and ``strength`` < 1 it starts from that image (Brain-IT §5.5 starts
-  its unCLIP from the VAE-encoded low-level image).
+  does; with a low-level image and ``strength`` < 1 it starts from that image (Brain-IT, docs/methods/brainit.md
+  §6, starts its unCLIP from the VAE-encoded low-level image).
 - :class:`EmbedsConditionedReconstructor` (``generator=sd_embeds``, ``sd_img2img`` and the synthetic
   world's ``tiny``): a Stable Diffusion UNet whose cross-attention context is a predicted token
   sequence (``prompt_embeds``), zero unconditional embeddings; img2img from the decoded low-level
@@ -42,7 +42,7 @@ def effective_dtype(dtype: str, device: str) -> str:
 
 def compress_contrast(images: torch.Tensor, factor: float) -> torch.Tensor:
     """Images ``(n, 3, H, W)`` in [0, 1] -> ``clamp((s − 0.5)·factor + 0.5, 0, 1)``: Brain-IT's output
-    contrast compression with ``factor`` 0.8 (methods.md §5.5 step 2); ``factor`` 1 returns them as they are."""
+    contrast compression with ``factor`` 0.8 (docs/methods/brainit.md §6 step 2); ``factor`` 1 returns them as they are."""
     if factor == 1:
         return images
     return ((images - 0.5) * factor + 0.5).clamp(0, 1)
@@ -56,7 +56,7 @@ class DiffusersReconstructor(Reconstructor):
     option; ``strength`` < 1 starts sampling from the VAE-encoded low-level image (the last
     ``int(steps·strength)`` steps run: Brain-IT's unCLIP starts at step index 14 of 50, i.e.
     ``strength`` 0.72). ``contrast`` < 1 compresses the final images around mid-grey,
-    ``clamp((s − 0.5)·contrast + 0.5, 0, 1)`` (Brain-IT's 0.8, methods.md §5.5 step 2); 1 leaves them."""
+    ``clamp((s − 0.5)·contrast + 0.5, 0, 1)`` (Brain-IT's 0.8, docs/methods/brainit.md §6 step 2); 1 leaves them."""
 
     pipeline_class = "DiffusionPipeline"
     default_components: dict[str, Any] = {}

@@ -1,5 +1,5 @@
 """Deep-Image-Prior inversion of (predicted) multi-scale VGG16-BN features into an image: Brain-IT's
-low-level image (methods.md §5.5 step 1).
+low-level image (docs/methods/brainit.md §6 step 1).
 
 A randomly initialised "skip" encoder-decoder (Ulyanov et al.'s Deep Image Prior, written here in
 plain torch) maps a fixed noise image to an RGB image; its weights are optimised with Adam so that
@@ -190,7 +190,7 @@ def invert_features(
     expected_channels: Sequence[int] | None = VGG_CHANNELS,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Images whose features match ``target_maps`` (methods.md §5.5 step 1).
+    """Images whose features match ``target_maps`` (docs/methods/brainit.md §6 step 1).
 
     ``target_maps``: the feature maps ``(n, C_i, h_i, w_i)`` of ``n`` images (for VGG16-BN at
     ``feature_size`` = 112: 64@112, 128@56, 256@28, 512@14, 512@7; checked against
@@ -256,7 +256,7 @@ def vgg_feature_fn(weights: str = "VGG16_BN_Weights.IMAGENET1K_V1", *, device: s
 
 @dataclass
 class FeatureInverter:
-    """Low-level images from predicted multi-scale VGG tokens (methods.md §5.5 step 1), configured
+    """Low-level images from predicted multi-scale VGG tokens (docs/methods/brainit.md §6 step 1), configured
     from a dict or the Hydra node ``braindecode_fw/conf/lowlevel/dip.yaml`` (keys documented there).
 
     ``inverter(tokens)`` with tokens ``(n, T, 512)`` (``T = 7190`` at ``feature_size`` 112), or
@@ -265,7 +265,7 @@ class FeatureInverter:
     ``seed + start + k`` (pass ``start`` when calling per chunk, for results independent of chunking),
     or ``seeds[k]`` when given.
 
-    In reconstruction (``bdf-reconstruct lowlevel=dip``, methods.md §5.5 step 1 -> step 2) it inverts
+    In reconstruction (``bdf-reconstruct lowlevel=dip``, docs/methods/brainit.md §6 step 1 -> step 2) it inverts
     the decoder output ``source`` and hands the images to the generator as the input ``output``
     (:meth:`check_source`, :meth:`invert_outputs`).
     """
@@ -346,7 +346,7 @@ class FeatureInverter:
     def __call__(self, tokens: torch.Tensor, *, start: int = 0, seeds: Sequence[int] | None = None) -> torch.Tensor:
         return self.invert_maps(fold_tokens(tokens.float(), self.feature_size), start=start, seeds=seeds)
 
-    # --- as a reconstruction stage (methods.md §5.5 step 1 -> step 2) ---------------------------------
+    # --- as a reconstruction stage (docs/methods/brainit.md §6 step 1 -> step 2) ---------------------------------
 
     @property
     def output_shape(self) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""One loader for every diffusers pipeline: a hub id or a local folder (design.md §4 "Reconstructor").
+"""One loader for every diffusers pipeline: a hub id or a local folder (docs/architecture.md §4.5).
 
 Real pipelines (``stabilityai/stable-diffusion-2-1-unclip``, ``shi-labs/versatile-diffusion``, ...)
 and the tiny ones the tests and the synthetic world build with ``save_pretrained`` go through

@@ -1,4 +1,4 @@
-"""The reconstructor interface (design.md §4) and sample selection.
+"""The reconstructor interface (docs/architecture.md §4.5) and sample selection.
 
 A :class:`Reconstructor` declares which decoder outputs it needs (target name -> shape) so that a
 mismatch fails before any sampling, with a message naming both sides, and turns those outputs into

@@ -1,5 +1,5 @@
 """Versatile Diffusion dual guidance from predicted image and text tokens (``generator=versatile_dual``;
-MindBridge's generator, methods.md §4.6).
+MindBridge's generator, docs/methods/mindbridge.md §6).
 
 ``VersatileDiffusionDualGuidedPipeline`` encodes a prompt and an image itself; brain decoding has
 predicted CLIP ViT-L/14 tokens instead (image 257×768, text 77×768 at real scale). This

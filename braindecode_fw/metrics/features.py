@@ -1,4 +1,4 @@
-"""Frozen feature extractors for the image metrics (methods.md §2.4–2.5).
+"""Frozen feature extractors for the image metrics (docs/evaluation.md).
 
 An :class:`ExtractorSpec` names an architecture, its weights (see :mod:`.weights`) and the exact
 preprocessing the reference evaluation applies to the 256×256 [0, 1] images; a

@@ -1,4 +1,4 @@
-"""Feature-space metrics: two-way identification and correlation distance (methods.md §2.4–2.5).
+"""Feature-space metrics: two-way identification and correlation distance (docs/evaluation.md).
 
 Both take features already extracted from ground truths and reconstructions (``(n, ...)``, any
 trailing shape, flattened per image) so the extractor can be anything: AlexNet ``features.4`` at

@@ -1,4 +1,4 @@
-"""Image batches for evaluation: conversion, resizing and loading (methods.md §2.1).
+"""Image batches for evaluation: conversion, resizing and loading (docs/evaluation.md).
 
 Evaluation images are float tensors ``(n, 3, h, w)`` in ``[0, 1]``. Every metric starts from the
 same evaluation resolution (256×256, as MindEye2's ``final_evaluations``) and then applies its own

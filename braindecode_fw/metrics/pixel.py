@@ -1,4 +1,4 @@
-"""Low-level image metrics: PixCorr and SSIM (methods.md §2.2–2.3, MindEye2 ``final_evaluations``).
+"""Low-level image metrics: PixCorr and SSIM (docs/evaluation.md, MindEye2 ``final_evaluations``).
 
 Both take reconstructions and ground truths as float ``(n, 3, h, w)`` in [0, 1] at the evaluation
 resolution and resize them to 425×425 (bilinear, the NSD stimulus size) first. They return one
@@ -75,7 +75,7 @@ def ssim(
 
     ``legacy_skimage_multichannel=True`` reproduces scikit-image ≤ 0.19, where ``multichannel=True``
     on a 2-D grayscale image made each *column* a channel: a 1-D vertical SSIM per column, then the
-    mean over columns. It reads 0.07–0.10 higher on natural images (methods.md §2.3); use it only
+    mean over columns. It reads 0.07–0.10 higher on natural images (docs/evaluation.md); use it only
     to compare with numbers produced that way.
     """
     _check_pair(recons, gts)

@@ -1,9 +1,9 @@
-"""Published NSD reconstruction numbers (methods.md §8) for side-by-side comparison tables.
+"""Published NSD reconstruction numbers (docs/evaluation.md) for side-by-side comparison tables.
 
 Values are means over subjects 1, 2, 5, 7 as reported (fractions, not percentages); ``None`` where
-a paper gives no number. ``test_set`` names the test convention (methods.md §1.2): numbers from
+a paper gives no number. ``test_set`` names the test convention (docs/evaluation.md): numbers from
 different test sets are not strictly comparable, so a comparison is only printed against rows whose
-test set matches the evaluated one. ``source`` carries the provenance caveats of methods.md.
+test set matches the evaluated one. ``source`` carries the provenance caveats (docs/evaluation.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Image/brain retrieval with the MindEye2 protocol (methods.md §2.6).
+"""Image/brain retrieval with the MindEye2 protocol (docs/evaluation.md).
 
 Protocol: cosine similarity between flattened, L2-normalised brain predictions and image
 embeddings; ``n_subsets`` (30) random subsets of ``subset_size`` (300) test items drawn without
@@ -145,5 +145,5 @@ def retrieval_accuracy(
     image: torch.Tensor | np.ndarray,
     **kwargs,
 ) -> RetrievalResult:
-    """Cosine-similarity retrieval between predicted and true embeddings (methods.md §2.6)."""
+    """Cosine-similarity retrieval between predicted and true embeddings (docs/evaluation.md)."""
     return retrieval_from_scores(cosine_scores(brain, image), **kwargs)

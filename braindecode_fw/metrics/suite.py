@@ -1,4 +1,4 @@
-"""The literature's image-metric table as one configurable suite (methods.md §2, ME2 reference).
+"""The literature's image-metric table as one configurable suite (docs/evaluation.md, ME2 reference).
 
 Columns, in the papers' order: PixCorr↑ SSIM↑ Alex(2)↑ Alex(5)↑ Incep↑ CLIP↑ EffNet↓ SwAV↓.
 :class:`ImageMetricSuite` brings reconstructions and ground truths to the evaluation resolution
@@ -38,7 +38,7 @@ class MetricInfo:
     higher_is_better: bool
 
 
-# the papers' column order (methods.md §8)
+# the papers' column order (docs/evaluation.md)
 PAPER_METRICS: tuple[MetricInfo, ...] = (
     MetricInfo("pixcorr", "PixCorr", True),
     MetricInfo("ssim", "SSIM", True),

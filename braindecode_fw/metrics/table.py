@@ -111,7 +111,7 @@ def markdown_table(table: dict[str, Any]) -> str:
     if table["comparison"]:
         ours = table["rows"][-1]
         lines += ["", f"Published results on the same test set ({table['test_set_description']}); "
-                      "methods.md §8 lists their provenance:", "",
+                      "docs/evaluation.md lists their provenance:", "",
                   "| Method | " + " | ".join(head[2:]) + " |", "|---|" + "---|" * len(cols)]
         for p in table["comparison"]:
             lines.append(f"| {p['method']} | " + " | ".join(_fmt(c, _published(p, c)) for c in cols) + " |")

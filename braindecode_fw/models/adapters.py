@@ -13,7 +13,7 @@ from braindecode_fw.models.encoders import PostNormResidualBlock
 class SubjectLinearAdapter(nn.Module):
     """One linear map per subject, ``(batch, n_voxels_s) -> (batch, hidden)``.
 
-    MindEye2's "ridge" shared-subject functional alignment (methods.md §3.2): ``nn.Linear`` with
+    MindEye2's "ridge" shared-subject functional alignment (docs/methods/mindeye2.md §2): ``nn.Linear`` with
     bias and no activation, regularised only by weight decay. Rows of a mixed-subject batch are
     routed to their subject's linear layer; each row's input is cropped to its subject's voxel
     count (batches are zero-padded to the widest subject).
@@ -67,7 +67,7 @@ def _route(x: torch.Tensor, subjects: Sequence[str], modules: Mapping[str, nn.Mo
 
 
 class SubjectMLPAdapter(nn.Module):
-    """STTM's shallow per-subject adapter (methods.md §7.2), ``(B, F_max) -> (B, hidden)``:
+    """STTM's shallow per-subject adapter (docs/methods/sttm.md §2), ``(B, F_max) -> (B, hidden)``:
     ``Linear(n_voxels_s -> hidden) -> LayerNorm -> GELU -> Dropout(0.5)`` then ``n_blocks``
     post-norm residual blocks (1 at real scale, hidden 4096, block dropout 0.15)."""
 
@@ -99,7 +99,7 @@ class SubjectMLPAdapter(nn.Module):
 class LowRankResidualAdapter(nn.Module):
     """``x + up(dropout(relu(down(x))))``, ``(..., dim) -> (..., dim)``, initialised like LoRA
     (down: Kaiming-uniform with a=√5, up and both biases zero), so it starts as the identity
-    (MindBridge's subject adapter, methods.md §4.2)."""
+    (MindBridge's subject adapter, docs/methods/mindbridge.md §2)."""
 
     def __init__(self, dim: int, bottleneck: int = 128, dropout: float = 0.0):
         super().__init__()
@@ -116,7 +116,7 @@ class LowRankResidualAdapter(nn.Module):
 
 
 class PooledSubjectEmbedder(nn.Module):
-    """MindBridge's input side (methods.md §4.2): each subject's voxels are adaptively max- (or
+    """MindBridge's input side (docs/methods/mindbridge.md §2): each subject's voxels are adaptively max- (or
     average-) pooled to ``pool_size`` features (8192 at real scale), then a per-subject embedder
     ``LowRankResidualAdapter -> Linear(pool_size, hidden) -> LayerNorm -> GELU -> Dropout``
     maps them to the shared space. ``(B, F_max) -> (B, hidden)``."""
@@ -167,7 +167,7 @@ class PooledSubjectEmbedder(nn.Module):
 
 
 class SubjectBuilder(nn.Module):
-    """MindBridge's per-subject builder B_s (methods.md §4.2): shared-space ``(B, hidden)`` back to the
+    """MindBridge's per-subject builder B_s (docs/methods/mindbridge.md §2): shared-space ``(B, hidden)`` back to the
     subject's pooled voxel space ``(B, pool_size)``: ``Linear -> LayerNorm -> GELU ->
     LowRankResidualAdapter``. Used for the brain-reconstruction and cycle losses only."""
 

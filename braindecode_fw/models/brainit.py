@@ -1,4 +1,4 @@
-"""Brain-IT's Brain Interaction Transformer (BIT; Beliy et al., ICLR 2026; methods.md §5.3).
+"""Brain-IT's Brain Interaction Transformer (BIT; Beliy et al., ICLR 2026; docs/methods/brainit.md §3).
 
 Voxels become tokens, voxels of one functional cluster are pooled into one *brain token* per
 cluster, and learned output queries read the brain tokens through a cross-transformer:
@@ -30,7 +30,7 @@ and the V2C clustering that gives every voxel its cluster) is
 
 Deviations, on purpose: voxels are subsampled per subject group of a batch (``voxels_per_step``),
 without replacement — Brain-IT samples 15,000 per sample *with* replacement, and its graph
-construction then silently drops all but the last copy of a duplicated voxel (methods.md §5.3).
+construction then silently drops all but the last copy of a duplicated voxel (docs/methods/brainit.md §3).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def cluster_layout(labels: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor,
 class BrainTokenizer(nn.Module):
     """Voxel tokens -> one brain token per cluster: ``TransformerConv(dim, dim)`` (one head, root
     weight, biased query/key/value/skip projections) over voxel -> cluster edges, the cluster nodes
-    carrying learned centre embeddings ``(K, dim)``, then ReLU and LayerNorm (methods.md §5.3).
+    carrying learned centre embeddings ``(K, dim)``, then ReLU and LayerNorm (docs/methods/brainit.md §3).
 
     For cluster ``c`` with voxels ``v ∈ c`` and voxel tokens ``t_v = y_v e_v``::
 
@@ -220,7 +220,7 @@ class BrainInteractionTransformer(nn.Module):
 
     ``n_features``: voxels per subject; cluster labels per subject are buffers set by
     :meth:`set_cluster_labels` (from stage 0) and saved with the state dict.
-    Real scale (methods.md §5.3): dim 512, heads 8, depth 5, 128 clusters; semantic 256 × 1664,
+    Real scale (docs/methods/brainit.md §3): dim 512, heads 8, depth 5, 128 clusters; semantic 256 × 1664,
     low-level 7,190 × 512.
     """
 
@@ -296,7 +296,7 @@ class BrainInteractionTransformer(nn.Module):
 
 
 class BrainITDecoder(Decoder):
-    """Brain-IT behind the framework's decoder contract (methods.md §5.3): one
+    """Brain-IT behind the framework's decoder contract (docs/methods/brainit.md §3): one
     :class:`BrainInteractionTransformer` per branch, each predicting its target's tokens.
 
     ``forward(responses, subjects)``: ``(B, F_max)`` -> ``{target: (B, N, W)}`` per branch, or
@@ -356,7 +356,7 @@ class BrainITDecoder(Decoder):
     def add_subject(self, subject: str, n_voxels: int) -> list[str]:
         """Fresh voxel embeddings (and unset cluster labels) for a new subject in every branch and
         in the universal encoder; returns the parameter-name prefixes of the BIT embeddings, the
-        only parameters Brain-IT's transfer trains (methods.md §5.6)."""
+        only parameters Brain-IT's transfer trains (docs/methods/brainit.md §7)."""
         prefixes = []
         for name, bit in self.branches.items():
             bit.add_subject(subject, n_voxels)

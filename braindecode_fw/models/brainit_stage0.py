@@ -1,4 +1,4 @@
-"""Brain-IT stage 0 inside a training run (methods.md §5.2): give every voxel its functional cluster
+"""Brain-IT stage 0 inside a training run (docs/methods/brainit.md §2): give every voxel its functional cluster
 before the BIT decoder trains.
 
 With ``model.stage0.load_from`` unset, :func:`configure` trains the decoder's universal encoder
@@ -170,7 +170,7 @@ def save_artifacts(result: dict[str, Any] | None, run_dir: str | Path) -> list[P
 
 
 def transfer_initialise(decoder, subject: str, datamodule, spec: dict[str, Any]) -> dict[str, Any]:
-    """Brain-IT's transfer to a new subject (methods.md §5.6, ``adaptation.init: nearest_voxel``),
+    """Brain-IT's transfer to a new subject (docs/methods/brainit.md §7, ``adaptation.init: nearest_voxel``),
     after :meth:`~braindecode_fw.models.brainit.BrainITDecoder.add_subject`:
 
     1. train only the new subject's universal-encoder voxel embeddings on its budget data

@@ -1,9 +1,9 @@
-"""fMRI responses as a 2-D cortical image per subject (NeuroPictor's input, methods.md §6.1).
+"""fMRI responses as a 2-D cortical image per subject (NeuroPictor's input, docs/methods/neuropictor.md §1).
 
 NeuroPictor feeds its ViT a ``(1, 256, 256)`` image of the visual cortex: fsLR flat maps (360-ROI
 HCP-MMP surfaces), the visual-cortex bounding box resized to 256² and every pixel outside the
 visual-cortex mask set to zero. How its surfaces were projected to the plane is **[unverified]**
-(methods.md §6.1), and prepared stores hold *volumetric* voxels (NSD's func1pt8mm betas, the synthetic
+(docs/methods/neuropictor.md §1), and prepared stores hold *volumetric* voxels (NSD's func1pt8mm betas, the synthetic
 world), so this module offers:
 
 - :func:`coordinates_from_geometry`: a documented **substitute** flattening of volumetric voxels
@@ -47,7 +47,7 @@ def _ras_axes(voxel_ijk: np.ndarray, affine: np.ndarray | None) -> np.ndarray:
 def flatten_volume(voxel_ijk: np.ndarray, affine: np.ndarray | None = None, midline: float | None = None,
                    gap: float = 0.02) -> np.ndarray:
     """A substitute flat map for volumetric voxels: ``(V, 3)`` indices -> ``(V, 2)`` ``(x, y)`` in
-    ``[0, 1]²`` (x rightward, y upward; **not** NeuroPictor's fsLR flat map, methods.md §6.1).
+    ``[0, 1]²`` (x rightward, y upward; **not** NeuroPictor's fsLR flat map, docs/methods/neuropictor.md §1).
 
     The left-right axis is unrolled into two halves: voxels left of ``midline`` (in the RAS-oriented
     left-right voxel coordinate; default the middle of the voxels' left-right extent, i.e. the brain's
@@ -75,7 +75,7 @@ def flatten_volume(voxel_ijk: np.ndarray, affine: np.ndarray | None = None, midl
 
 def normalise_flat_coordinates(coords: np.ndarray) -> np.ndarray:
     """``(V, 2)`` flat-map ``(x, y)`` coordinates (any units) -> ``[0, 1]²``, each axis min-max scaled
-    independently (NeuroPictor resizes the visual-cortex bounding box to a square, methods.md §6.1)."""
+    independently (NeuroPictor resizes the visual-cortex bounding box to a square, docs/methods/neuropictor.md §1)."""
     c = np.asarray(coords, dtype=np.float64)
     lo, span = c.min(0), np.maximum(np.ptp(c, axis=0), 1e-12)
     return (c - lo) / span
@@ -88,7 +88,7 @@ def coordinates_from_geometry(coordinates: np.ndarray, size: int | tuple[int, in
     ``(V, 3)``: volumetric voxel indices (a store's ``geometry.npz`` ``voxel_ijk``, with its
     ``affine``), flattened by :func:`flatten_volume` (left hemisphere on the left half, right on the
     right) -- a substitute for NeuroPictor's fsLR flat maps, whose projection is **[unverified]**
-    (methods.md §6.1). ``(V, 2)``: flat-map ``(x, y)`` coordinates (x rightward, y upward), e.g. each
+    (docs/methods/neuropictor.md §1). ``(V, 2)``: flat-map ``(x, y)`` coordinates (x rightward, y upward), e.g. each
     voxel's position on a surface flatmap, min-max scaled per axis (:func:`normalise_flat_coordinates`).
     Points land in the map inside a ``margin``-pixel border (default ``H // 32``: 8 px at 256²);
     upward ``y`` is the top of the image (row 0).

@@ -1,4 +1,4 @@
-"""Decoder: subject adapters -> shared encoder -> one head per target (design.md §2, §4)."""
+"""Decoder: subject adapters -> shared encoder -> one head per target (docs/architecture.md §2, §4.4)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class Decoder(nn.Module):
     ``forward(responses, subjects)``: ``(B, F_max)`` -> ``{target_name: (B, *target_shape)}``.
     With ``responses`` of shape ``(B, R, F_max)`` and ``repeat_mask`` ``(B, R)``, every repetition
     goes through the network and the outputs are averaged over the real repetitions (MindEye2's
-    test-time averaging in output space, methods.md §1.3).
+    test-time averaging in output space, docs/evaluation.md).
     """
 
     def __init__(self, adapter: nn.Module, encoder: nn.Module, heads: Mapping[str, nn.Module]):
@@ -80,7 +80,7 @@ def build_decoder(
 
 
 class BridgeDecoder(Decoder):
-    """MindBridge (methods.md §4.2–4.3): pooled per-subject embedders -> shared translator -> heads,
+    """MindBridge (docs/methods/mindbridge.md §2, §4): pooled per-subject embedders -> shared translator -> heads,
     plus per-subject builders that map the shared embedding back to a subject's pooled voxels.
 
     With ``targets`` given (training/validation) it adds two auxiliary losses:
@@ -156,10 +156,10 @@ class TokenDecoder(Decoder):
     """Token-space decoders: adapter -> shared trunk -> token head -> per-token projector, with an
     optional low-level head and diffusion prior.
 
-    - MindEye2 (methods.md §3.2–3.4): ridge adapter, residual MLP, token head
+    - MindEye2 (docs/methods/mindeye2.md §2–4): ridge adapter, residual MLP, token head
       ``Linear(hidden -> T·W)`` (the "backbone" tokens the prior reads), 3-layer projector,
       VAE-latent low-level head, dalle2-style prior.
-    - STTM (methods.md §7.2): 2-layer MLP adapters, post-norm residual MLP, token-attention head
+    - STTM (docs/methods/sttm.md §2): 2-layer MLP adapters, post-norm residual MLP, token-attention head
       (:class:`~braindecode_fw.models.heads.TokenAttentionHead`), ME1-style projector,
       ``nn.TransformerDecoder`` prior.
 

@@ -8,7 +8,7 @@ from torch import nn
 
 class ResidualMLPBlock(nn.Module):
     """``x + Dropout(W2 · GELU(W1 · LayerNorm(x)))`` on ``(..., hidden)`` (MindEye2 mixer block,
-    methods.md §3.2, without the input-independent seq_len=1 token mixer)."""
+    docs/methods/mindeye2.md §2, without the input-independent seq_len=1 token mixer)."""
 
     def __init__(self, hidden: int, expansion: float = 1.0, dropout: float = 0.15):
         super().__init__()
@@ -41,7 +41,7 @@ class ResidualMLP(nn.Module):
 
 class PostNormResidualBlock(nn.Sequential):
     """``x + Dropout(GELU(LayerNorm(W·x)))`` on ``(..., hidden)`` (post-norm ordering: MindBridge's
-    translator block, STTM's adapter and shared blocks, methods.md §4.2, §7.2)."""
+    translator block, STTM's adapter and shared blocks, docs/methods/mindbridge.md §2, docs/methods/sttm.md §2)."""
 
     def __init__(self, hidden: int, dropout: float = 0.15):
         super().__init__(nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout))
@@ -67,7 +67,7 @@ TRUNKS = ("as_released", "residual")
 
 
 class MindEye2Trunk(nn.Module):
-    """MindEye2's backbone trunk (Scotti et al. 2024, §3.1; the released ``BrainNetwork``),
+    """MindEye2's backbone trunk (Scotti et al. 2024; docs/methods/mindeye2.md §2; the released ``BrainNetwork``),
     ``(..., hidden) -> (..., hidden)``, with its parameters laid out as released
     (``mixer_blocks1[i] = LayerNorm(hidden) -> Linear -> GELU -> Dropout -> Linear`` and the
     token-mixing ``mixer_blocks2[i]`` = the same over a sequence axis of length ``seq_len`` = 1),

@@ -35,9 +35,9 @@ class ProjectionHead(nn.Module):
 class TokenProjector(nn.Module):
     """Per-token MLP ``n_layers`` × (LayerNorm -> GELU -> Linear), ``(..., width) -> (..., width)``.
 
-    MindEye2's ``clip_proj`` retrieval head keeps the width (3 layers, methods.md §3.2); with
+    MindEye2's ``clip_proj`` retrieval head keeps the width (3 layers, docs/methods/mindeye2.md §2); with
     ``inner`` the hidden layers are ``inner`` wide (STTM / MindEye1: 768 -> 2048 -> 2048 -> 768,
-    methods.md §7.2)."""
+    docs/methods/sttm.md §2)."""
 
     def __init__(self, width: int, n_layers: int = 3, inner: int | None = None):
         super().__init__()
@@ -52,7 +52,7 @@ class TokenProjector(nn.Module):
 
 
 class TokenAttentionHead(nn.Module):
-    """STTM's token head (methods.md §7.2), ``(B, hidden) -> (B, T, width)``.
+    """STTM's token head (docs/methods/sttm.md §2), ``(B, hidden) -> (B, T, width)``.
 
     ``LayerNorm -> GELU -> Linear(hidden -> T·token_dim)`` gives ``T`` narrow tokens (257 × 128 at
     real scale); a pre-norm self-attention block (``heads`` heads, q/k/v projected to
@@ -100,7 +100,7 @@ class TokenAttentionHead(nn.Module):
 
 
 class LowLevelHead(nn.Module):
-    """MindEye2's low-level branch (methods.md §3.2): ``(B, hidden)`` -> predicted VAE latent
+    """MindEye2's low-level branch (docs/methods/mindeye2.md §2): ``(B, hidden)`` -> predicted VAE latent
     ``(B, c, s, s)`` (4×28×28 at real scale) and, with ``aux_dim``, auxiliary tokens
     ``(B, (s/4)², aux_dim)`` for the ConvNeXt distillation.
 

@@ -1,18 +1,18 @@
-"""MEG brain module of Défossez et al. 2023 / Benchetrit et al. 2023 (datasets.md §4.1–§4.4).
+"""MEG brain module of Défossez et al. 2023 / Benchetrit et al. 2023 (docs/methods/meg_brainmodule.md §2–5).
 
 Pipeline, ``(B, C, T)`` MEG window -> ``{"clip": (B, F), "mse": (B, F)}``:
 
-1. :class:`SpatialAttention` (§4.2): Fourier-parameterised softmax over the 2-D sensor positions,
+1. :class:`SpatialAttention` (§2): Fourier-parameterised softmax over the 2-D sensor positions,
    ``(B, C, T) -> (B, 270, T)``; padded / missing channels get ``-inf`` scores, and during training
    one random disk of radius 0.2 is dropped per forward pass.
 2. ``Conv1d(270, 270, 1)`` then :class:`SubjectLayers` (one ``270×270`` matrix per subject).
-3. :class:`DilatedConvStack` (§4.1): 10 residual dilated conv layers (dilations 1,2,4,8,16,1,2,4,8,16),
+3. :class:`DilatedConvStack` (§3): 10 residual dilated conv layers (dilations 1,2,4,8,16,1,2,4,8,16),
    BN + GELU, a GLU gate after layers 1,3,5,7,9, ``(B, 270, T) -> (B, 320, T)``.
 4. Backbone output ("complex_out"): ``Conv1x1 320→640 -> GELU -> Conv1x1 640→F'``, ``(B, F', T)``.
-5. :class:`TemporalAggregation` (§4.3): ``mean`` | ``affine`` | ``attention`` over time -> ``(B, F')``.
+5. :class:`TemporalAggregation` (§4): ``mean`` | ``affine`` | ``attention`` over time -> ``(B, F')``.
 6. Two heads ``clip`` / ``mse``: ``LayerNorm -> GELU -> Linear(F'→F)`` each.
 
-:class:`ClipMSELoss` is the Benchetrit objective ``λ·CLIP + (1−λ)·MSE`` (§4.4 b).
+:class:`ClipMSELoss` is the Benchetrit objective ``λ·CLIP + (1−λ)·MSE`` (§5).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from braindecode_fw.data.meg_layout import MISSING_POSITION, valid_positions
 from braindecode_fw.models.decoder import Decoder
 
 # ---------------------------------------------------------------------------------------------
-# Spatial attention (§4.2)
+# Spatial attention (§2)
 
 
 def fourier_positions(positions: torch.Tensor, n_harmonics: int = 32, margin: float = 0.2) -> torch.Tensor:
-    """Fourier features of 2-D sensor positions (datasets.md §4.2), ``(..., C, 2) -> (..., C, 2K²)``.
+    """Fourier features of 2-D sensor positions (docs/methods/meg_brainmodule.md §2), ``(..., C, 2) -> (..., C, 2K²)``.
 
     With ``w = 1 + 2·margin`` and ``φ_kl(p) = 2π(k(x + m) + l(y + m)) / w`` for ``k, l = 0..K-1``, the
     feature vector is ``[cos φ_kl for all (k, l)] ++ [sin φ_kl for all (k, l)]``, each half flattened
@@ -51,7 +51,7 @@ def fourier_positions(positions: torch.Tensor, n_harmonics: int = 32, margin: fl
 
 
 class SpatialAttention(nn.Module):
-    """Défossez's "ChannelMerger" (datasets.md §4.2): ``(B, C, T) -> (B, n_out, T)``.
+    """Défossez's "ChannelMerger" (docs/methods/meg_brainmodule.md §2): ``(B, C, T) -> (B, n_out, T)``.
 
     ``score[b, j, i] = <H_j, e(p_{b,i})>`` with ``e`` = :func:`fourier_positions` (``2K²`` = 2048
     features for K = 32) and ``H ∈ R^{n_out × 2K²}`` initialised ``N(0, 1)/√(2K²)``; invalid channels
@@ -111,11 +111,11 @@ class SpatialAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Subject layer (§4.1 row 3)
+# Subject layer (§3)
 
 
 class SubjectLayers(nn.Module):
-    """One ``channels × channels`` matrix per subject (datasets.md §4.1):
+    """One ``channels × channels`` matrix per subject (docs/methods/meg_brainmodule.md §3):
     ``y[b, d, t] = Σ_c x[b, c, t] W_{s_b}[c, d]``, ``(B, C, T) -> (B, C, T)``.
 
     Init ``randn/√channels`` (``init="identity"``: identity/√channels). Rows are routed with one
@@ -161,11 +161,11 @@ class SubjectLayers(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Dilated residual conv stack (§4.1 rows 4–5)
+# Dilated residual conv stack (§3)
 
 
 class DilatedConvStack(nn.Module):
-    """Défossez's conv stack (datasets.md §4.1), ``(B, in_channels, T) -> (B, hidden, T)``.
+    """Défossez's conv stack (docs/methods/meg_brainmodule.md §3), ``(B, in_channels, T) -> (B, hidden, T)``.
 
     Layer ``k = 0..depth-1``: ``Conv1d(k=kernel_size, dilation d_k, padding d_k·(kernel_size−1)/2)
     -> BatchNorm1d -> GELU`` with ``d_k = dilation_growth^(k mod dilation_period)`` (1,2,4,8,16,1,2,4,
@@ -209,11 +209,11 @@ class DilatedConvStack(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Temporal aggregation and heads (§4.3)
+# Temporal aggregation and heads (§4)
 
 
 class TemporalAggregation(nn.Module):
-    """Reduce the time axis (datasets.md §4.3), ``(B, F', T) -> (B, F')``.
+    """Reduce the time axis (docs/methods/meg_brainmodule.md §4), ``(B, F', T) -> (B, F')``.
 
     - ``mean``: average over time (GAP).
     - ``affine``: ``y[b, f] = Σ_t w_t x[b, f, t] + β`` with ``w ∈ R^T`` shared by all features
@@ -250,7 +250,7 @@ class TemporalAggregation(nn.Module):
 
 
 class MEGHead(nn.Module):
-    """``LayerNorm(F') -> GELU -> Linear(F' → F)``, ``(B, F') -> (B, F)`` (datasets.md §4.3 [R])."""
+    """``LayerNorm(F') -> GELU -> Linear(F' → F)``, ``(B, F') -> (B, F)`` (docs/methods/meg_brainmodule.md §4)."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -265,7 +265,7 @@ class MEGHead(nn.Module):
 
 
 class MEGBrainModule(nn.Module):
-    """Benchetrit et al. 2023 MEG → image-latent module (datasets.md §4.1–§4.3).
+    """Benchetrit et al. 2023 MEG → image-latent module (docs/methods/meg_brainmodule.md §2–4).
 
     ``forward(meg, subjects, positions, valid)``: meg ``(B, C, T)`` (C = ``n_sensors``, padded
     channels allowed when marked invalid), subjects ``B`` id strings, positions ``(C, 2)`` or
@@ -345,11 +345,11 @@ class MEGBrainModule(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss (§4.4 b)
+# Loss (§5)
 
 
 class ClipMSELoss(nn.Module):
-    """Benchetrit's objective (datasets.md §4.4 b): ``L = λ·L_CLIP + (1 − λ)·L_MSE``.
+    """Benchetrit's objective (docs/methods/meg_brainmodule.md §5): ``L = λ·L_CLIP + (1 − λ)·L_MSE``.
 
     ``L_CLIP``: logits ``S_ij = exp(t)·cos(ẑ_i^{clip}, z_j)`` (``(B, B)``); symmetric:
     ``½[CE(S, arange) + CE(Sᵀ, arange)]``, otherwise only the brain→image direction ``CE(S, arange)``.
@@ -400,7 +400,7 @@ class ClipMSELoss(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The brain module as a framework decoder (design.md §4 "Decoder output")
+# The brain module as a framework decoder (docs/architecture.md §4.4)
 
 REGRESSION_PREFIX = "regression/"
 
@@ -412,7 +412,7 @@ class MEGDecoder(Decoder):
     the subjects; rows zero-padded beyond their subject's sensors, as the datamodule delivers them) ->
     ``{name: (B, *shape)}`` from the contrastive ("CLIP") head and ``{"regression/<name>": (B, *shape)}``
     from the regression ("MSE") head, one pair of heads per target (Benchetrit et al. 2023,
-    datasets.md §4.3: retrieval uses the CLIP head, generation the MSE head). With ``(B, R, C, T)``
+    docs/methods/meg_brainmodule.md §4: retrieval uses the CLIP head, generation the MSE head). With ``(B, R, C, T)``
     and a ``repeat_mask`` the outputs are averaged over repetitions (:class:`Decoder`).
 
     Each subject's sensor positions (``(C_s, 2)`` in ``[0, 1]²``) live in the buffers

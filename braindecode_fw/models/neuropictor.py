@@ -1,15 +1,15 @@
-"""NeuroPictor (Huo et al., ECCV 2024; methods.md §6) as a framework decoder.
+"""NeuroPictor (Huo et al., ECCV 2024; docs/methods/neuropictor.md) as a framework decoder.
 
 ``(B, V)`` responses -> :class:`~braindecode_fw.models.cortical_map.CorticalProjection` (the only
 per-subject part) -> ``(B, 1, H, W)`` cortical map -> :class:`FMRIViTEncoder` (shared across
-subjects) -> ``(B, 1 + (H/P)², D)`` tokens (real: 257 × 1024), then two mappers (§6.2):
+subjects) -> ``(B, 1 + (H/P)², D)`` tokens (real: 257 × 1024), then two mappers (§2):
 
 - :class:`SemanticMapper` -> ``clip_txt`` ``(B, 77, D_text)`` (+ the zero-initialised extra branch of
   the fine-tune model): the tokens that replace SD 2.1's text conditioning;
 - :class:`ControlMapper` -> ``control_map`` ``(B, C, h, w)`` (real: 320 × 64 × 64), added to the
   output of the ControlNet's first block (``generation/controlnet.py``, ``injection="first_block"``).
 
-Training loss (§6.3): ``L = L_simple + w_sem·L_sem``. ``L_simple`` is the decoder's auxiliary output
+Training loss (§3): ``L = L_simple + w_sem·L_sem``. ``L_simple`` is the decoder's auxiliary output
 ``loss/diffusion`` (:class:`NeuroPictorDiffusionLoss`: ε-MSE of a locked SD UNet driven by a trainable
 ControlNet copy), read by a TermsObjective ``aux`` term; ``L_sem`` is an ordinary ``mse`` term between
 ``<semantic_target>/main`` (``clip_txt``) and the final-layer text-token target.
@@ -45,7 +45,7 @@ MAIN_SUFFIX = "/main"
 CONTROLNET_EXPORT = "controlnet"  # <run dir>/controlnet/: the trained ControlNet, exported after training
 
 # ---------------------------------------------------------------------------------------------
-# fMRI encoder (fMRI-PTE-style ViT, methods.md §6.2)
+# fMRI encoder (fMRI-PTE-style ViT, docs/methods/neuropictor.md §2)
 
 
 def sincos_position_embedding_2d(dim: int, grid: int) -> torch.Tensor:
@@ -78,7 +78,7 @@ class PatchEmbed2D(nn.Module):
 
 
 class FMRIViTEncoder(nn.Module):
-    """NeuroPictor's fMRI encoder (methods.md §6.2, fMRI-PTE's ``forward_encoder_wo_pred``), shared
+    """NeuroPictor's fMRI encoder (docs/methods/neuropictor.md §2, fMRI-PTE's ``forward_encoder_wo_pred``), shared
     across subjects: ``(B, 1, H, W)`` -> PatchEmbed2D -> + fixed 2-D sin-cos position embedding ->
     prepend CLS -> ``depth`` blocks -> LayerNorm -> ``(B, 1 + (H/P)², D)``.
 
@@ -112,7 +112,7 @@ class FMRIViTEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Mappers (methods.md §6.2 table)
+# Mappers (docs/methods/neuropictor.md §2 table)
 
 
 class TokenMixer(nn.Sequential):
@@ -151,7 +151,7 @@ class SemanticMapper(nn.Module):
     included) followed by a zero-initialised Conv1d(L→L, k3) over the tokens, so at initialisation the
     conditioning equals ``clip_txt`` exactly. ``L_sem`` supervises ``clip_txt`` with final-layer text
     tokens; the extra branch lets the conditioning move towards SD 2.1's penultimate-layer space
-    (methods.md §6.3). Without it ``condition`` is ``clip_txt``.
+    (docs/methods/neuropictor.md §3). Without it ``condition`` is ``clip_txt``.
 
     ``mid_tokens``: the token count between the two convolutions; None = ``n_tokens // 2``, the
     released rule (128 at 257 tokens).
@@ -191,7 +191,7 @@ class ControlMapper(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# L_simple with a locked UNet and a trainable ControlNet (methods.md §6.2–6.3)
+# L_simple with a locked UNet and a trainable ControlNet (docs/methods/neuropictor.md §2–3)
 
 
 class NeuroPictorDiffusionLoss(nn.Module):
@@ -334,14 +334,14 @@ class NeuroPictorDiffusionLoss(nn.Module):
 
 
 class NeuroPictorDecoder(Decoder):
-    """NeuroPictor behind the framework's decoder contract (methods.md §6).
+    """NeuroPictor behind the framework's decoder contract (docs/methods/neuropictor.md).
 
     ``forward(responses, subjects, repeat_mask=None, targets=None)``: ``(B, V_max)`` ->
     ``{<semantic_target>: condition (B, L, D_text), <semantic_target>/main: clip_txt (B, L, D_text),
     "control_map": (B, C, h, w)}``; with ``targets`` holding ``latent_target`` and a diffusion module
     attached, also ``loss/diffusion`` (:class:`NeuroPictorDiffusionLoss`). The conditioning (the
     output named after the target, which the ``controlnet_modulated`` generator reads) is
-    ``clip_txt`` plus the extra branch; ``L_sem`` (methods.md §6.3) reads ``.../main`` = ``clip_txt``.
+    ``clip_txt`` plus the extra branch; ``L_sem`` (docs/methods/neuropictor.md §3) reads ``.../main`` = ``clip_txt``.
     Without the extra branch both are the same tensor.
 
     Only the :class:`CorticalProjection` is per subject (each subject's voxel layout); the ViT, the

@@ -1,6 +1,6 @@
 """Diffusion priors: brain tokens -> CLIP image tokens by x0-prediction diffusion, after
-dalle2-pytorch's ``DiffusionPrior``; MindEye2's network (methods.md §3.3) or STTM's
-``nn.TransformerDecoder`` network (§7.2, :class:`TransformerDecoderPriorNetwork`).
+dalle2-pytorch's ``DiffusionPrior``; MindEye2's network (docs/methods/mindeye2.md §3) or STTM's
+``nn.TransformerDecoder`` network (docs/methods/sttm.md §2, :class:`TransformerDecoderPriorNetwork`).
 
 - Schedule: cosine β (s = 0.008, β clipped at 0.999), ``timesteps`` = 100 training steps.
 - Network (:class:`PriorNetwork`): sequence [brain tokens (T); time token (1); noised image tokens
@@ -187,7 +187,7 @@ class PriorNetwork(DenoiserBase):
 
 
 class TransformerDecoderPriorNetwork(DenoiserBase):
-    """STTM's prior network (methods.md §7.2): ``nn.TransformerDecoder`` (6 layers, d 768, 12 heads,
+    """STTM's prior network (docs/methods/sttm.md §2): ``nn.TransformerDecoder`` (6 layers, d 768, 12 heads,
     FF 3072, GELU, dropout 0 at real scale). The decoded sequence is [time token; noised image
     tokens + learned positions] and the output its last ``T`` positions; the memory is the brain
     tokens + a separate learned position embedding. While training, a random ``brain_token_drop``
@@ -228,7 +228,7 @@ GUIDANCE_NULLS = ("brain_and_image", "brain")
 
 class DiffusionPrior(nn.Module):
     """x0-prediction diffusion over CLIP image tokens conditioned on brain tokens (cosine schedule,
-    classifier-free condition dropout, DDIM sampling; methods.md §3.3 and §7.2).
+    classifier-free condition dropout, DDIM sampling; docs/methods/mindeye2.md §3, docs/methods/sttm.md §2).
 
     ``network``: a partial taking ``dim, n_tokens`` (e.g. :class:`TransformerDecoderPriorNetwork`);
     None builds MindEye2's :class:`PriorNetwork` from ``depth, heads, dim_head`` (its LayerNorms use

@@ -1,4 +1,4 @@
-"""Universal Brain Encoder (Brain-IT stage 0, methods.md §5.2): image features -> every voxel's response.
+"""Universal Brain Encoder (Brain-IT stage 0, docs/methods/brainit.md §2): image features -> every voxel's response.
 
 The encoder predicts the fMRI response of any voxel of any subject from frozen-backbone image
 tokens. Its only subject-specific parameters are the voxel embeddings ``e_v`` (one ``e``-dim vector
@@ -13,7 +13,7 @@ per voxel), which serve twice:
 
 Because all voxels of all subjects live in one embedding space, the learned embeddings can be
 clustered jointly across subjects (V2C, :mod:`braindecode_fw.models.voxel_clusters`), and a new
-subject only needs new embeddings (transfer, methods.md §5.6: train with
+subject only needs new embeddings (transfer, docs/methods/brainit.md §7: train with
 ``parameters=encoder.voxel_parameters([new])``).
 
 Not included: the frozen DINOv2 ViT-L/14-reg backbone and the LoRA-like residuals Brain-IT adds
@@ -50,7 +50,7 @@ RELEASED_STD = 1.0 / (2 * math.sqrt(32))
 
 @dataclass
 class UniversalEncoderConfig:
-    """Sizes of the Universal Brain Encoder; defaults are Brain-IT's real scale (methods.md §5.2).
+    """Sizes of the Universal Brain Encoder; defaults are Brain-IT's real scale (docs/methods/brainit.md §2).
 
     ``in_dim`` C (1024: ViT-L), ``n_layers`` L (blocks [1, 6, 12, 18, 24] of DINOv2 ViT-L/14-reg),
     ``n_tokens`` T (257 at 224 px, register tokens dropped), ``dim`` d (128: per-layer feature
@@ -151,7 +151,7 @@ def universal_encoder_parameter_count(cfg: UniversalEncoderConfig, n_voxels: Map
 
 
 class UniversalEncoder(nn.Module):
-    """Image tokens -> voxel responses for any subject (methods.md §5.2).
+    """Image tokens -> voxel responses for any subject (docs/methods/brainit.md §2).
 
     ``n_voxels``: subject -> voxel count (the columns ``[:V_s]`` of ``Batch.responses``). See
     :meth:`forward` for shapes. Memory at Brain-IT's training scale (5000 sampled voxels, T = 257,
@@ -206,7 +206,7 @@ class UniversalEncoder(nn.Module):
         self.voxel_embeddings[subject] = nn.Parameter(weight)
 
     def voxel_parameters(self, subjects: Iterable[str] | None = None) -> list[nn.Parameter]:
-        """The voxel embeddings of ``subjects`` (all if None): what transfer trains (methods.md §5.6)."""
+        """The voxel embeddings of ``subjects`` (all if None): what transfer trains (docs/methods/brainit.md §7)."""
         names = self.subjects if subjects is None else list(subjects)
         return [self.voxel_embeddings[self._check_subject(s)] for s in names]
 
@@ -286,7 +286,7 @@ class UniversalEncoder(nn.Module):
 
 def encoder_loss(pred: torch.Tensor, target: torch.Tensor, *, cosine_weight: float = 0.1,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Brain-IT's encoder loss (methods.md §5.2): ``MSE − 0.1 · mean_b cos(pred_b, target_b)``.
+    """Brain-IT's encoder loss (docs/methods/brainit.md §2): ``MSE − 0.1 · mean_b cos(pred_b, target_b)``.
 
     pred, target: ``(B, n)``; the cosine is over the voxel axis of each sample. ``mask`` ``(B, n)``
     (optional) excludes padded voxels from both terms.
@@ -408,7 +408,7 @@ def fit_universal_encoder(
     scheduler_patience: int = 4,
     log: Callable[[dict[str, Any]], None] | None = _log_epoch,
 ) -> list[dict[str, Any]]:
-    """Train the encoder with Brain-IT's recipe (methods.md §5.2): Adam (amsgrad), lr 1e-3,
+    """Train the encoder with Brain-IT's recipe (docs/methods/brainit.md §2): Adam (amsgrad), lr 1e-3,
     :func:`encoder_loss` on ``voxels_per_sample`` voxels drawn per sample (see
     :func:`sample_voxels`), ReduceLROnPlateau (factor 0.1, ``scheduler_patience`` 4) on the mean
     validation voxel correlation when ``val_batches`` is given (Brain-IT: 30 epochs, batch 32).
@@ -416,7 +416,7 @@ def fit_universal_encoder(
     batches_fn: returns a fresh iterable of :class:`Batch` per epoch; ``batch.targets[feature]``
     holds the image tokens ``(B, [L,] T, C)`` and ``batch.responses`` ``(B, F_max)`` is cropped to
     each subject's own voxel count. ``parameters``: what to optimise (default: every parameter that
-    requires grad; transfer, §5.6, passes ``encoder.voxel_parameters([new_subject])``).
+    requires grad; transfer, docs/methods/brainit.md §7, passes ``encoder.voxel_parameters([new_subject])``).
     ``max_steps`` stops early (over all epochs). ``seed`` fixes voxel sampling and dropout without
     touching the global RNG state. ``log`` gets each epoch's record.
 

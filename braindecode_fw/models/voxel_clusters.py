@@ -1,4 +1,4 @@
-"""Voxel-to-cluster (V2C) mapping of Brain-IT (methods.md §5.2) and new-subject mapping (§5.6).
+"""Voxel-to-cluster (V2C) mapping of Brain-IT (docs/methods/brainit.md §2) and new-subject mapping (§7).
 
 - :func:`fit_voxel_clusters`: L2-normalise the Universal Encoder's voxel embeddings and fit one
   Gaussian mixture jointly over all subjects' voxels, so clusters are shared across subjects; hard
@@ -156,7 +156,7 @@ class VoxelClusters:
 def fit_voxel_clusters(embeddings: Mapping[str, Any], n_clusters: int = 128, *, seed: int = 0,
                        covariance_type: str = "full", max_iter: int = 100, n_init: int = 1,
                        reg_covar: float = 1e-6) -> VoxelClusters:
-    """V2C (methods.md §5.2): one GaussianMixture over the L2-normalised voxel embeddings of all
+    """V2C (docs/methods/brainit.md §2): one GaussianMixture over the L2-normalised voxel embeddings of all
     subjects jointly (so clusters are shared across subjects), hard labels.
 
     embeddings: subject -> ``(V_s, e)`` (numpy or torch). Brain-IT: K = 128, sklearn defaults
@@ -214,7 +214,7 @@ def nearest_reference(reference: np.ndarray, query: np.ndarray, *, max_elements:
 def assign_new_subject(clusters: VoxelClusters, subject: str, embeddings: Any, *,
                        max_elements: int = 1 << 25,
                        reference_embeddings: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Map a new subject onto the shared clusters (methods.md §5.6): each voxel inherits the
+    """Map a new subject onto the shared clusters (docs/methods/brainit.md §7): each voxel inherits the
     cluster of its nearest reference voxel in the normalised embedding space (L2), searched in
     float64 as Brain-IT's ``map_clusters_transfer.py`` does.
 

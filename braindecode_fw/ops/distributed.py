@@ -1,7 +1,7 @@
 """Multi-process helpers: rank queries and an all-gather that keeps gradients.
 
 Contrastive losses need every rank's rows as candidates, or the number of negatives (and with it
-the loss and the result) depends on the GPU count (ecosystem.md §4.1; brainmagick's README warns
+the loss and the result) depends on the GPU count (docs/operations.md, "Multi-GPU"; brainmagick's README warns
 about exactly this). :func:`gather_rows` concatenates the rows of all ranks in rank order and sends
 the gradient of every gathered row back to the rank that produced it.
 

@@ -1,4 +1,4 @@
-"""A Lightning callback that shows what the decoder sees, every few epochs (ecosystem.md §4.7).
+"""A Lightning callback that shows what the decoder sees, every few epochs (docs/operations.md).
 
 For a fixed set of validation trials (the same every epoch and every run: evenly spaced over one
 subject's validation items), one row per trial: the ground-truth image | the reconstruction from the

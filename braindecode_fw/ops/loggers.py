@@ -1,7 +1,7 @@
 """Experiment loggers (``braindecode_fw/conf/logger/``): CSV, TensorBoard, W&B and MLflow, all inside the run
 directory, and one function that sends an image to every active logger.
 
-What the stock Lightning loggers leave to the user (ecosystem.md §1.6, §4.5):
+What the stock Lightning loggers leave to the user (docs/operations.md, "Loggers and dashboards"):
 
 - **W&B offline by default.** Without an API key (``WANDB_API_KEY`` or a ``~/.netrc`` entry for
   ``api.wandb.ai``) the run is written offline under ``<run dir>/wandb`` (``wandb sync`` uploads

@@ -2,8 +2,8 @@
 shapes match, then trains with its own data, loss, optimiser and schedule from step 0.
 
 This is fine-tuning, not resuming (``ckpt_path`` continues the same run: optimiser state, epoch,
-RNG). Typical uses: NeuroPictor's per-subject refining after multi-subject pretraining (methods.md
-§6.4; the refined model adds the semantic mapper's extra branch, which the pretrained one lacks), or
+RNG). Typical uses: NeuroPictor's per-subject refining after multi-subject pretraining (docs/methods/neuropictor.md
+§4; the refined model adds the semantic mapper's extra branch, which the pretrained one lacks), or
 a longer schedule started from a short run. Parameters and buffers the checkpoint lacks, or holds with
 another shape, keep the new model's initialisation; the report says which, and is saved with the run.
 """

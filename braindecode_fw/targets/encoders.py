@@ -1,4 +1,4 @@
-"""Frozen image encoders that define the target feature spaces (design.md §4 "Targets").
+"""Frozen image encoders that define the target feature spaces (docs/architecture.md §4.3).
 
 Every encoder has a stable ``encoder_id`` (backend + model + weights + output + preprocessing), so
 the target cache is invalidated whenever any of these change, and declares its preprocessing in
@@ -53,7 +53,7 @@ class Preprocess:
     antialias: bool = True
     align_corners: bool = False
     # MindEye2's OpenCLIP embedder maps its input with (x+1)/2 although its images are already in
-    # [0, 1], so bigG sees [0.5, 1] (methods.md §3.1). Needed to match ME2's released checkpoints.
+    # [0, 1], so bigG sees [0.5, 1] (docs/methods/mindeye2.md §1). Needed to match ME2's released checkpoints.
     mindeye2_half_shift: bool = False
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -245,7 +245,7 @@ class HFClipImageEncoder(ImageEncoder):
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels)
         if self.output == "tokens_vd":
-            # Versatile Diffusion's image context (MindBridge/STTM targets, methods.md §4.1): every
+            # Versatile Diffusion's image context (MindBridge/STTM targets, docs/methods/mindbridge.md §1): every
             # token through post_layernorm + visual_projection, divided by the class token's norm
             tokens = self.model.visual_projection(self.model.vision_model.post_layernorm(out.last_hidden_state))
             return tokens / tokens[:, :1].norm(dim=-1, keepdim=True)
@@ -271,7 +271,7 @@ class HFDinov2ImageEncoder(ImageEncoder):
     - ``tokens``: ``last_hidden_state``, ``(n, 1 + n_patches, hidden)`` (257 at 224 px, patch 14);
     - ``layer_tokens``: the outputs of the transformer blocks ``layers`` (1-based, before the final
       layernorm), register tokens dropped, ``(n, len(layers), 1 + n_patches, hidden)``: Brain-IT's
-      universal-encoder input (methods.md §5.2: ViT-L/14-reg blocks [1, 6, 12, 18, 24] -> 5 × 257 × 1024).
+      universal-encoder input (docs/methods/brainit.md §2: ViT-L/14-reg blocks [1, 6, 12, 18, 24] -> 5 × 257 × 1024).
 
     Models with register tokens (``dinov2_with_registers``) are accepted too: ``mean`` then
     averages the patch tokens only, and ``tokens`` keeps the registers after the class token.

@@ -1,5 +1,5 @@
 """Spatial feature-map tokens of a frozen CNN as a target: MindEye2's ConvNeXt teacher for the
-low-level branch's auxiliary tokens (methods.md §3.2, §3.4).
+low-level branch's auxiliary tokens (docs/methods/mindeye2.md §2, §4).
 
 The image is resized to ``image_size`` (224), normalised (ImageNet statistics), and the activation
 of one graph ``node`` — a ``(C, h, w)`` feature map — becomes ``h·w`` tokens of width ``C``

@@ -1,4 +1,4 @@
-"""SD-VAE latents as a target (MindEye2's low-level branch, methods.md §3.1): images resized to
+"""SD-VAE latents as a target (MindEye2's low-level branch, docs/methods/mindeye2.md §1): images resized to
 ``image_size`` (224 -> 4×28×28), mapped to [-1, 1], encoded with a diffusers ``AutoencoderKL``
 (hub id or local folder, optional ``subfolder``), the latent distribution's mode times the scaling
 factor (0.18215 for SD-1.x VAEs)."""

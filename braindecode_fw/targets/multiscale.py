@@ -1,6 +1,6 @@
-"""Brain-IT's multi-scale VGG16-BN feature tokens: the low-level branch's target (methods.md §5.3,
-"Low-level (VGG)" row) and their inverse, the folding back into feature maps that the Deep Image
-Prior inversion starts from (methods.md §5.5 step 1).
+"""Brain-IT's multi-scale VGG16-BN feature tokens: the low-level branch's target (docs/methods/brainit.md §3,
+"Low-level (VGG)" branch) and their inverse, the folding back into feature maps that the Deep Image
+Prior inversion starts from (docs/methods/brainit.md §6 step 1).
 
 The image (``image_size`` = 112 in Brain-IT) goes through torchvision ``vgg16_bn().features`` with
 ImageNet normalisation; the activations after the ReLUs at indices 5, 12, 22, 32, 42 are five maps
@@ -118,7 +118,7 @@ def _check_maps(maps: list[torch.Tensor] | tuple[torch.Tensor, ...], what: str) 
 
 
 def tokenise_maps(maps: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Five VGG16-BN maps ``(n, C_i, h_i, h_i)`` -> tokens ``(n, T, 512)`` (methods.md §5.3).
+    """Five VGG16-BN maps ``(n, C_i, h_i, h_i)`` -> tokens ``(n, T, 512)`` (docs/methods/brainit.md §3).
 
     ``T = sum(scale_sizes(h_0))``: 7190 at 112 px. The image size is read off the first map.
     """
@@ -132,7 +132,7 @@ def tokenise_maps(maps: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.
 
 
 def fold_tokens(tokens: torch.Tensor, image_size: int) -> list[torch.Tensor]:
-    """Tokens ``(n, T, 512)`` -> the five maps ``(n, C_i, h_i, h_i)`` (methods.md §5.5 step 1).
+    """Tokens ``(n, T, 512)`` -> the five maps ``(n, C_i, h_i, h_i)`` (docs/methods/brainit.md §6 step 1).
 
     Exact inverse of :func:`tokenise_maps` on its image; for predicted tokens: scale (a) averages the
     two 256-wide halves and folds 2×2/stride 2, scale (b) folds 2×2/stride 1 and divides by the number
@@ -238,7 +238,7 @@ class VggImageFeatures(nn.Module):
 
 
 class VggMultiScaleTokenEncoder(ImageEncoder):
-    """uint8 images -> Brain-IT's multi-scale VGG16-BN tokens ``(n, T, 512)`` (methods.md §5.3).
+    """uint8 images -> Brain-IT's multi-scale VGG16-BN tokens ``(n, T, 512)`` (docs/methods/brainit.md §3).
 
     Preprocessing: bicubic antialiased resize to ``image_size`` (112), ImageNet normalisation.
     ``weights``: the torchvision tag ``VGG16_BN_Weights.IMAGENET1K_V1`` (read from the torch hub

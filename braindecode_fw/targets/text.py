@@ -1,4 +1,4 @@
-"""Caption targets: frozen CLIP text towers over each stimulus's caption (methods.md §4.1, §7.1).
+"""Caption targets: frozen CLIP text towers over each stimulus's caption (docs/methods/mindbridge.md §1, docs/methods/sttm.md §7).
 
 - :class:`HFClipTextEncoder`: transformers ``CLIPTextModelWithProjection`` + its tokenizer from a
   hub id or local folder (``openai/clip-vit-large-patch14``). ``output="tokens_vd"``: Versatile
@@ -7,7 +7,7 @@
 - :class:`OpenClipTextEncoder`: an open_clip text tower (tag, local file, or seeded random init with
   ``model_overrides``: the synthetic world), with the same two outputs and ``"tokens"``: the
   final-layer token outputs after ``ln_final``, unprojected, ``(context, width)`` (77 × 1024 for
-  ViT-H/14: NeuroPictor's semantic target, methods.md §6.3).
+  ViT-H/14: NeuroPictor's semantic target, docs/methods/neuropictor.md §3).
 
 Captions come from the store's ``images/metadata.json``; an image with several captions uses
 ``caption_index`` (MindBridge cycles captions per iteration; a cached target fixes one).

@@ -49,7 +49,7 @@ INITS = (None, "ridge", "nearest_voxel")
 def add_subject(decoder: Decoder, subject: str, n_features: int, init_bias_from: str | None) -> list[str]:
     """Give ``decoder`` fresh subject-specific parts for ``subject``; returns the parameter-name
     prefixes that belong to it."""
-    if isinstance(decoder, BrainITDecoder):  # per-voxel embeddings in every BIT branch (methods.md §5.6)
+    if isinstance(decoder, BrainITDecoder):  # per-voxel embeddings in every BIT branch (docs/methods/brainit.md §7)
         if init_bias_from is not None:
             raise ValueError("adaptation.init_bias_from: Brain-IT has no adapter bias; use adaptation.init: "
                              "nearest_voxel (adaptation=brainit_transfer)")

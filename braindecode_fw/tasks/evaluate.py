@@ -1,6 +1,6 @@
 """``bdf-evaluate``: the literature's metric table for reconstructions or a decoder checkpoint.
 
-Three inputs (methods.md §2; docs/evaluation.md):
+Three inputs (docs/evaluation.md, "Three inputs"):
 
 - ``run=<folder>``: a ``bdf-reconstruct`` output folder (manifest + PNGs); ground truths come from
   the prepared store the manifest names; retrieval too when the folder holds embeddings;

@@ -1,7 +1,7 @@
 """The linear (ridge) decoder baseline, scored with the same retrieval protocol as the trained decoder.
 
 Benchetrit et al. 2023 compare their MEG module against "linear decoders" (the 7× retrieval gain,
-datasets.md §4.6): per subject, a ridge regression from the flattened response (``voxels`` for fMRI,
+docs/methods/meg_brainmodule.md §7): per subject, a ridge regression from the flattened response (``voxels`` for fMRI,
 ``sensors × times`` for MEG) to the target, the penalty chosen by exact leave-one-out error
 (:func:`~braindecode_fw.models.ridge.fit_ridge`). It learns from the same training trials as the
 decoder and is evaluated on the same test items (repetitions averaged in input space), so the report

@@ -7,7 +7,7 @@ folder (docs/data_format.md): PNGs, retrieval embeddings, a manifest rewritten a
 (rerunning with the same ``out=`` resumes), a comparison grid (ground truth | low-level | final)
 logged to the configured loggers, and optionally the evaluation table (``evaluate=true``).
 
-``lowlevel=dip`` adds Brain-IT's low-level stage (methods.md §5.5 step 1 -> step 2): the decoder's
+``lowlevel=dip`` adds Brain-IT's low-level stage (docs/methods/brainit.md §6 step 1 -> step 2): the decoder's
 predicted VGG tokens of each batch to generate are inverted into images (Deep Image Prior,
 :class:`~braindecode_fw.generation.feature_inversion.FeatureInverter`) that the generator starts
 from (``lowlevel_target``, ``lowlevel_kind: image``, ``strength`` < 1).
@@ -76,7 +76,7 @@ def check_generation(generator: Reconstructor, provides: dict[str, tuple[int, ..
     """Check, before any data work, that the decoder outputs ``provides`` (name -> shape per item)
     feed ``generator``, through the low-level stage of ``lowlevel_cfg`` (braindecode_fw/conf/lowlevel/dip.yaml;
     None: none) when given: Brain-IT's inversion of the predicted VGG tokens into the image its
-    generator starts from (methods.md §5.5 step 1 -> step 2). The decoder must output
+    generator starts from (docs/methods/brainit.md §6 step 1 -> step 2). The decoder must output
     ``lowlevel.source`` as tokens of a ``lowlevel.feature_size`` image, and the generator must read
     ``lowlevel.output`` as an image (``lowlevel_target``, ``lowlevel_kind: image``). Returns the
     inverter (or None) and the outputs the generator sees: ``provides`` plus ``lowlevel.output``
@@ -139,7 +139,7 @@ def _warn_other_vgg_weights(inverter: FeatureInverter, train_cfg: DictConfig) ->
 def lowlevel_images(decoder: Any, loader: Any, target: str, inverter: FeatureInverter, subject: str,
                     image_index: Any) -> torch.Tensor:
     """The low-level images ``(n, 3, S, S)`` in [0, 1] of ``subject``'s test items showing
-    ``image_index`` (``(n,)``, in that order; methods.md §5.5 step 1). Only those items go through
+    ``image_index`` (``(n,)``, in that order; docs/methods/brainit.md §6 step 1). Only those items go through
     the decoder, and each batch's predicted ``inverter.source`` is inverted inside the prediction
     loop (:func:`braindecode_fw.lit.predict`'s ``derived``), so the tokens (7,190 × 512 floats per
     item for Brain-IT) are never collected. Seeds are per image (``lowlevel.seed + image index``)."""
@@ -163,7 +163,7 @@ def generator_inputs(generator: Reconstructor, available: Any) -> list[str]:
 def conditioning_sources(decoder: Any, names: list[str]) -> dict[str, str]:
     """Generator input -> the decoder output that feeds it: the regression head's output where the
     decoder has one for that target (``regression/<name>``, the MEG module: Benchetrit et al. 2023
-    retrieve with the CLIP head and generate from the MSE head, datasets.md §4.3), otherwise the
+    retrieve with the CLIP head and generate from the MSE head, docs/methods/meg_brainmodule.md §4), otherwise the
     output of the same name."""
     from braindecode_fw.models.meg import REGRESSION_PREFIX
 
@@ -172,7 +172,7 @@ def conditioning_sources(decoder: Any, names: list[str]) -> dict[str, str]:
 
 
 def calibrate_to_targets(pred: np.ndarray, mean: np.ndarray, std: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    """Benchetrit et al.'s de-standardisation before generation (datasets.md §4.3): z-score every
+    """Benchetrit et al.'s de-standardisation before generation (docs/methods/meg_brainmodule.md §4): z-score every
     feature over the predictions ``(n, *shape)``, then give it the training targets' ``mean`` and
     ``std`` (``shape`` each), so a regression output shrunk towards the mean regains the scale the
     generator was trained on. Needs several predictions (all test items, not one)."""

@@ -1,4 +1,4 @@
-"""Deep-Image-Prior inversion of multi-scale VGG16-BN features (methods.md §5.5 step 1): it recovers a
+"""Deep-Image-Prior inversion of multi-scale VGG16-BN features (docs/methods/brainit.md §6 step 1): it recovers a
 real image from its features, the batched nets are independent per image, and the errors say what
 was expected."""
 

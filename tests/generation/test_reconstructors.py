@@ -256,7 +256,7 @@ def test_unclip_img2img_from_lowlevel(unclip_pipe):
 
 
 def test_contrast_compression(embeds_pipe):
-    """Brain-IT's output compression (methods.md §5.5 step 2): clamp((s − 0.5)·0.8 + 0.5) of the
+    """Brain-IT's output compression (docs/methods/brainit.md §6 step 2): clamp((s − 0.5)·0.8 + 0.5) of the
     final image, not of the low-level one; 1 (the default) leaves the images as they are."""
     kw = dict(condition="tokens", steps=2, lowlevel_target="low", lowlevel_kind="image", strength=0.5)
     inputs = {"tokens": torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(0)),

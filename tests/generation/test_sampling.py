@@ -87,7 +87,7 @@ def test_strength_bounds_and_kept_steps(folders):
     gen = EmbedsConditionedReconstructor("t", str(folders["embeds"]), condition="tokens", steps=20)
     assert len(start_timesteps(gen.pipe.scheduler, 20, 0.85, "cpu")) == 17  # MindEye1's int(20·0.85)
     assert len(start_timesteps(gen.pipe.scheduler, 20, 1.0, "cpu")) == 20
-    # Brain-IT's unCLIP starts at step index 14 of 50 (36 steps run, methods.md §5.5): strength 0.72
+    # Brain-IT's unCLIP starts at step index 14 of 50 (36 steps run, docs/methods/brainit.md §6): strength 0.72
     brainit = start_timesteps(gen.pipe.scheduler, 50, 0.72, "cpu")
     gen.pipe.scheduler.set_timesteps(50)
     assert len(brainit) == 36 and torch.equal(brainit, gen.pipe.scheduler.timesteps[14:])

@@ -1,4 +1,4 @@
-"""PixCorr and SSIM against independent numpy/skimage computations (methods.md §2.2–2.3)."""
+"""PixCorr and SSIM against independent numpy/skimage computations (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def _natural_images():
 
 
 def test_ssim_legacy_flag_reads_higher_on_natural_images():
-    """methods.md §2.3: column-as-channel SSIM (skimage<=0.19) reads +0.07-0.10 above 2-D SSIM on
+    """docs/evaluation.md: column-as-channel SSIM (skimage<=0.19) reads +0.07-0.10 above 2-D SSIM on
     natural images with reconstruction-like degradations (here: a 28-px blurry version, as a
     VAE-latent low-level branch gives, plus mild noise; 2-D SSIM ~0.25-0.35 like published recons)."""
     gt = _natural_images()

@@ -1,4 +1,4 @@
-"""Brain-IT's BIT decoder (methods.md §5.3): the brain tokenizer against an explicit per-cluster
+"""Brain-IT's BIT decoder (docs/methods/brainit.md §3): the brain tokenizer against an explicit per-cluster
 TransformerConv, the cross block against per-head attention written out, routing, voxel
 subsampling, real-scale shapes and the errors."""
 
@@ -130,7 +130,7 @@ def test_errors_name_the_problem():
 
 def bit_parameters(n_voxels: list[int], n_queries: int, out_dim: int, dim: int = 512, depth: int = 5,
                    n_clusters: int = 128) -> int:
-    """The BIT's parameter count written out from its definition (methods.md §5.3)."""
+    """The BIT's parameter count written out from its definition (docs/methods/brainit.md §3)."""
     ln, lin = 2 * dim, dim * dim + dim
     mlp = dim * 4 * dim + 4 * dim + 4 * dim * dim + dim
     tokenizer = n_clusters * dim + 4 * lin + ln
@@ -143,7 +143,7 @@ def bit_parameters(n_voxels: list[int], n_queries: int, out_dim: int, dim: int =
 @pytest.mark.parametrize("branch,n_queries,out_dim,sampled", [("semantic", 256, 1664, None),
                                                               ("lowlevel", 7190, 512, 1232)])
 def test_real_scale_forward_backward(branch, n_queries, out_dim, sampled):
-    """NSD surface scale (methods.md §5.1, §5.3): ~40k vertices per subject, 15,000 sampled per
+    """NSD surface scale (docs/methods/brainit.md §1, §3): ~40k vertices per subject, 15,000 sampled per
     step, 128 clusters, dim 512, 8 heads, 5 blocks; the low-level branch predicts 1,232 sampled
     queries of 7,190 in training."""
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Cortical maps (NeuroPictor's input, methods.md §6.1): scatter mean, mask, hemisphere layout."""
+"""Cortical maps (NeuroPictor's input, docs/methods/neuropictor.md §1): scatter mean, mask, hemisphere layout."""
 
 from __future__ import annotations
 

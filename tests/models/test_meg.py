@@ -1,4 +1,4 @@
-"""MEG brain module (datasets.md §4.1–§4.4): shapes at real size, spatial attention masking and
+"""MEG brain module (docs/methods/meg_brainmodule.md §2–5): shapes at real size, spatial attention masking and
 dropout, subject routing, receptive field, Fourier features, aggregation, loss, parameter counts."""
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def test_dilation_schedule_and_receptive_field():
     assert schedule == [1, 2, 4, 8, 16, 1, 2, 4, 8, 16]
     n_glu = len([k for k in range(depth) if k % 2 == 1])
     rf = 1 + sum((kernel - 1) * d for d in schedule) + 2 * n_glu
-    assert rf == 135  # datasets.md §4.1: 1 + 2·Σd + 5·2
+    assert rf == 135  # docs/methods/meg_brainmodule.md §3: 1 + 2·Σd + 5·2
     torch.manual_seed(0)
     stack = DilatedConvStack(in_channels=8, hidden=16, depth=depth).double().eval()
     assert stack.dilations == schedule and stack.glu_after == [1, 3, 5, 7, 9]
@@ -246,7 +246,7 @@ def test_clip_mse_loss_reference(symmetric):
 
 def test_parameter_counts_brainmagick_and_recommended():
     # brainmagick clip_conv: SA 270 (K=32), 1×1 270→270, subject layers, 10 layers hidden 320,
-    # complex_out 320→640→F with F = 1024, no aggregation / heads (datasets.md §4.1: ≈7.6 M + 72,900/subject)
+    # complex_out 320→640→F with F = 1024, no aggregation / heads (docs/methods/meg_brainmodule.md §3: ≈7.6 M + 72,900/subject)
     bm = MEGBrainModule(SUBJECTS, backbone_out=1024, aggregation=None, out_dim=None)
     counts = bm.parameter_counts()
     expected_shared = (

@@ -1,4 +1,4 @@
-"""MindBridge parts: parameter counts at real scale (methods.md §4.2), pooling per subject,
+"""MindBridge parts: parameter counts at real scale (docs/methods/mindbridge.md §2), pooling per subject,
 LoRA-initialised adapters, builders, reconstruction and cycle losses against manual computations."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_parameter_counts_at_real_scale():
     with torch.device("meta"):
         four = _build(MB_SUBJECTS, MB_TARGETS)
         single = _build({"subj01": 15724}, MB_TARGETS)
-    # methods.md §4.2: embedder 18.89 M, builder 18.91 M, translator 16.80 M, heads 404.4 M + 121.2 M
+    # docs/methods/mindbridge.md §2: embedder 18.89 M, builder 18.91 M, translator 16.80 M, heads 404.4 M + 121.2 M
     assert _millions(four.adapter.embedders["subj01"]) == pytest.approx(18.89, abs=0.01)
     assert _millions(four.builder.builders["subj01"]) == pytest.approx(18.91, abs=0.01)
     assert _millions(four.encoder) == pytest.approx(16.80, abs=0.01)

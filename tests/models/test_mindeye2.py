@@ -1,4 +1,4 @@
-"""MindEye2 parts: parameter counts at real scale against methods.md §3.2 (meta device), the low-level
+"""MindEye2 parts: parameter counts at real scale against docs/methods/mindeye2.md §2 (meta device), the low-level
 head's shapes, the diffusion prior's schedule, loss and DDIM sampler against manual references."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_parameter_counts_at_real_scale():
     with torch.device("meta"):
         big = _build({"subj01": 15724}, shapes, hidden=4096)
         small = _build({"subj01": 15724}, {"clip_image_tokens": (256, 1664)}, hidden=1024)
-    # methods.md §3.2 [nb-out]: h=4096: ridge 64.4 M, backbone incl. heads 1,903.0 M, prior 259.9 M,
+    # docs/methods/mindeye2.md §2: h=4096: ridge 64.4 M, backbone incl. heads 1,903.0 M, prior 259.9 M,
     # total 2,227.3 M; h=1024 without the low-level head: 16.1 M, 453.4 M, 259.9 M, 729.3 M
     assert _m(big.adapter) == pytest.approx(64.4, abs=0.05)
     assert _m(big.prior) == pytest.approx(259.9, abs=0.5)

@@ -1,4 +1,4 @@
-"""NeuroPictor (methods.md §6): real-scale shapes, zero initialisation, the locked-UNet diffusion loss,
+"""NeuroPictor (docs/methods/neuropictor.md): real-scale shapes, zero initialisation, the locked-UNet diffusion loss,
 building from a saved tiny UNet, configuration from the store's geometry."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""STTM parts (methods.md §7.2): real-scale parameter counts against sums over the specification
+"""STTM parts (docs/methods/sttm.md §2): real-scale parameter counts against sums over the specification
 (meta device), the token-attention head against a manual computation, the TransformerDecoder prior's
 brain-token drop and √d target scaling, and new-subject adapters."""
 

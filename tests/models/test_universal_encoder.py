@@ -1,4 +1,4 @@
-"""Universal Brain Encoder (methods.md §5.2): shapes at real scale, the unscaled voxel-query
+"""Universal Brain Encoder (docs/methods/brainit.md §2): shapes at real scale, the unscaled voxel-query
 attention and the whole forward pass against independent NumPy code, the loss, and a tiny fit on a
 planted world whose clusters V2C must recover."""
 

@@ -1,4 +1,4 @@
-"""V2C clustering (methods.md §5.2) and nearest-neighbour mapping of new subjects (§5.6)."""
+"""V2C clustering (docs/methods/brainit.md §2) and nearest-neighbour mapping of new subjects (§7)."""
 
 from __future__ import annotations
 

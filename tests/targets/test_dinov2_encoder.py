@@ -150,7 +150,7 @@ def test_register_tokens_excluded_from_mean(tmp_path):
 
 
 def test_layer_tokens_are_block_outputs_without_registers(tmp_path):
-    """Brain-IT's universal-encoder input (methods.md §5.2): chosen blocks' outputs, registers dropped."""
+    """Brain-IT's universal-encoder input (docs/methods/brainit.md §2): chosen blocks' outputs, registers dropped."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     cfg = Dinov2WithRegistersConfig(hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=2,

@@ -1,4 +1,4 @@
-"""Brain-IT's multi-scale VGG16-BN tokens (methods.md §5.3, §5.5): token counts at real size, the
+"""Brain-IT's multi-scale VGG16-BN tokens (docs/methods/brainit.md §3, §6): token counts at real size, the
 tokenisation against an independent reshape, the fold round trip and overlap averaging, and the
 encoder against torchvision's VGG16-BN layers."""
 

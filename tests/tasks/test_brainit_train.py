@@ -1,4 +1,4 @@
-"""Brain-IT end to end on the tiny world (methods.md §5.2–5.3, §5.6): bdf-train runs stage 0
+"""Brain-IT end to end on the tiny world (docs/methods/brainit.md §2–3, §7): bdf-train runs stage 0
 (universal encoder + shared voxel clusters, saved with the run and scored against the simulator),
 a second run reuses that stage 0, and bdf-adapt transfers to a new subject by training only its
 voxel embeddings, started from its nearest reference voxels."""

@@ -1,4 +1,4 @@
-"""NeuroPictor end to end on the tiny world (methods.md §6.2–6.5): bdf-train with the diffusion term
+"""NeuroPictor end to end on the tiny world (docs/methods/neuropictor.md §2–5): bdf-train with the diffusion term
 (a tiny locked UNet + trainable ControlNet) exports the trained ControlNet to ``<run dir>/controlnet``,
 and bdf-reconstruct with ``generator=controlnet_modulated`` samples from it."""
 
@@ -92,7 +92,7 @@ def test_trained_controlnet_is_exported_and_reconstructs(tmp_path):
         with Image.open(out / item["path"]) as img:
             assert img.size == (IMAGE_SIZE, IMAGE_SIZE) and img.mode == "RGB"
 
-    # per-subject refining after multi-subject pretraining (methods.md §6.4): a new run on subj01
+    # per-subject refining after multi-subject pretraining (docs/methods/neuropictor.md §4): a new run on subj01
     # with the extra semantic branch starts from the pretrained weights (init_from)
     refine = _run("bdf-train", [*_neuropictor_tiny(sd_folder), f"init_from={ckpt}", "model.extra_branch=true",
                                 "data.subjects=[subj01]"], tmp_path)

@@ -93,7 +93,7 @@ def test_meg_generation_reads_the_calibrated_regression_head():
     assert (np.argsort(out[:, 1, 2]) == np.argsort(pred[:, 1, 2])).all()
 
 
-# Brain-IT's low-level stage (methods.md §5.5): a decoder with a `vgg_tokens` output (a head on the
+# Brain-IT's low-level stage (docs/methods/brainit.md §6): a decoder with a `vgg_tokens` output (a head on the
 # multi-scale VGG target at 32 px, random weights: 565 × 512 per image, cached), inverted by a tiny DIP
 VGG_TARGET = ["+target@extra_targets.vgg=vgg_multiscale", "extra_targets.vgg.weights=random:0",
               "extra_targets.vgg.image_size=32"]

@@ -1,6 +1,6 @@
 """Import MindEye2's preprocessed release and MindEye1's ``webdataset_avg_split`` into a prepared store.
 
-``bdf-prepare dataset=mindeye2 dataset.root=<MindEye2 data_path>`` (datasets.md §1.7) reads
+``bdf-prepare dataset=mindeye2 dataset.root=<MindEye2 data_path>`` (docs/datasets/mindeye.md) reads
 
 - ``betas_all_subjXX_fp32_renorm.hdf5`` (``betas`` float32 ``(n_trials, n_voxels)``, row = global trial),
 - ``coco_images_224_float16.hdf5`` (``images`` float16 ``(73000, 3, 224, 224)`` in [0, 1]),
@@ -15,7 +15,7 @@ training-trial statistics. The store says so in ``provenance.normalisation = "mi
 ``provenance.zscore_at_load = false``, the flag the datamodule reads to skip its own per-session
 z-scoring (docs/datasets/mindeye.md, "No double z-scoring").
 
-``bdf-prepare dataset=mindeye1_avg dataset.root=<webdataset_avg_split>`` (datasets.md §1.8) reads
+``bdf-prepare dataset=mindeye1_avg dataset.root=<webdataset_avg_split>`` (docs/datasets/mindeye.md) reads
 MindEye1's tars ``{train,val,test}/{split}_subjXX_{k}.tar`` or MindBridge's extracted layout
 ``{train,val,test}/subjXX/sampleNNNNNNNNN.<ext>``; every sample's ``nsdgeneral.npy`` ``(3, n_voxels)``
 becomes three trial rows (``repeat`` 0..2), ``jpg`` the stimulus, ``coco73k.npy`` its 73k id.
@@ -53,10 +53,10 @@ CONVERTER_VERSION = "2"  # 2: validation images by the shared hash rule (convert
 N_IMAGES_73K = 73000
 TRIALS_PER_SESSION = 750
 BEHAV_COLUMNS = 17
-# column indices of MindEye2's behav.npy (datasets.md §1.7)
+# column indices of MindEye2's behav.npy (docs/datasets/mindeye.md)
 COL_ID73K, COL_SESSION, COL_RUN, COL_GLOBAL_TRIAL, COL_SHARED = 0, 2, 3, 5, 16
 
-# real-data expectations (datasets.md §1.7, §1.8), checked only when the arrays have real sizes
+# real-data expectations (docs/datasets/mindeye.md), checked only when the arrays have real sizes
 ME2_SESSIONS = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30}
 ME2_TEST_TRIALS = {
     "new": {1: 3000, 2: 3000, 3: 2371, 4: 2188, 5: 3000, 6: 2371, 7: 3000, 8: 2188},
@@ -759,7 +759,7 @@ def convert_mindeye1_avg(dataset_cfg: Any) -> dict[str, Any]:
                 "root": str(root), "options": options, "sources": sources,
                 "normalisation": "mindeye1_unknown",
                 "normalisation_detail": "nsdgeneral.npy copied as released; MindEye1's normalisation is not "
-                                        "documented (datasets.md §1.6/§7); MindBridge feeds it without scaling",
+                                        "documented (docs/datasets/mindeye.md); MindBridge feeds it without scaling",
                 "zscore_at_load": zscore_at_load,
                 "zscore_choice": "dataset.zscore_at_load=" + str(zscore_at_load).lower() + ": "
                                  + ("the datamodule z-scores voxel-wise with training-trial statistics (one "

@@ -1,4 +1,4 @@
-"""Miniature MindEye2 / MindEye1 releases in the real on-disk formats (datasets.md §1.7, §1.8, §6.2).
+"""Miniature MindEye2 / MindEye1 releases in the real on-disk formats (docs/datasets/mindeye.md).
 
 The files carry the real names, dtypes, keys, axis orders and index bases; only the sizes are tiny
 (8 voxels, a few hundred images). The 73k image array keeps its full logical shape
@@ -123,7 +123,7 @@ def _mindeye2_design(subject: int, n_sessions: int, n_voxels: int, rng: np.rando
 
 
 def _sample_members(design: MindEye2Design, g: int) -> dict[str, np.ndarray]:
-    """behav / past_behav / future_behav / olds_behav of global trial ``g`` (datasets.md §1.7)."""
+    """behav / past_behav / future_behav / olds_behav of global trial ``g`` (docs/datasets/mindeye.md)."""
     behav = design.behav
     ses0 = (g // TRIALS_PER_SESSION) * TRIALS_PER_SESSION
     past = np.full((15, N_BEHAV_COLUMNS), -1.0)
@@ -158,7 +158,7 @@ def write_behaviour_tar(path: Path, design: MindEye2Design, trials: np.ndarray, 
 
 def write_mindeye2_fixture(root: str | Path, subjects: tuple[int, ...] = (1,), n_sessions: int = 2,
                            n_voxels: int = 8, n_shared: int = 8, seed: int = 0) -> dict[int, MindEye2Design]:
-    """Write a miniature MindEye2 release under ``root`` (datasets.md §6.2).
+    """Write a miniature MindEye2 release under ``root`` (format: docs/datasets/mindeye.md).
 
     Per subject: ``betas_all_subjXX_fp32_renorm.hdf5`` ``betas`` float32 ``(n_sessions*750, n_voxels)``,
     ``wds/subjXX/train/{0..n_sessions-1}.tar`` (non-shared trials of each session),
@@ -225,7 +225,7 @@ def _jpeg_bytes(id73k: int, size: int) -> bytes:
 def write_mindeye1_avg_fixture(root: str | Path, subjects: tuple[int, ...] = (1,), layout: str = "tar",
                                counts: dict[str, int] | None = None, n_voxels: int = 10,
                                image_size: int = 64, seed: int = 0) -> dict[int, list[MindEye1Sample]]:
-    """Write a miniature MindEye1 ``webdataset_avg_split`` under ``root`` (datasets.md §1.8).
+    """Write a miniature MindEye1 ``webdataset_avg_split`` under ``root`` (docs/datasets/mindeye.md).
 
     ``layout="tar"``: ``{train,val,test}/{split}_subjXX_{k}.tar`` (train in 2 shards, test in 2) and
     ``metadata_subjXX.json``; ``layout="extracted"``: MindBridge's

@@ -1,9 +1,9 @@
 """Raw Natural Scenes Dataset (NSD, Allen et al. 2022) -> prepared store (docs/datasets/nsd.md).
 
-Reads the release layout (datasets.md §1.2): volume betas ``betas_sessionNN.nii.gz`` (X, Y, Z, 750)
+Reads the release layout (docs/datasets/nsd.md): volume betas ``betas_sessionNN.nii.gz`` (X, Y, Z, 750)
 or ``betas_sessionNN.hdf5`` (dataset ``betas``, axis-reversed (750, Z, Y, X)), int16 = % signal change
 x 300; an ROI volume (nsdgeneral by default, -1 voxels never selected); ``nsd_expdesign.mat`` for the
-trial -> image mapping (1-based ``masterordering`` / ``subjectim``, §1.4), cross-checked against
+trial -> image mapping (1-based ``masterordering`` / ``subjectim``), cross-checked against
 ``responses.tsv``; ``nsd_stim_info_merged.csv`` for COCO ids; ``nsd_stimuli.hdf5`` ``imgBrick``.
 
 Betas are stored as % signal change (the datamodule z-scores each session with its training-trial
@@ -49,7 +49,7 @@ N_TOTAL_TRIALS = 30000
 N_IMAGES_73K = 73000
 BETA_DIRS = {"b1": "betas_assumehrf", "b2": "betas_fithrf", "b3": "betas_fithrf_GLMdenoise_RR"}
 BETA_SCALE = 300.0
-# datasets.md §1.1/§1.2 (NSD manual, MindEye code): per-subject facts used by the validation
+# docs/datasets/nsd.md (NSD manual, MindEye code): per-subject facts used by the validation
 SESSIONS_PER_SUBJECT = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30}
 REAL_VOLUME_SHAPES = {1: (81, 104, 83), 2: (82, 106, 84), 3: (81, 106, 82), 4: (85, 99, 80),
                       5: (79, 97, 78), 6: (85, 113, 83), 7: (78, 95, 81), 8: (80, 103, 78)}
@@ -148,7 +148,7 @@ class ExpDesign:
 
 
 def load_expdesign(path: Path) -> ExpDesign:
-    """``nsd_expdesign.mat`` with the shapes and value ranges of datasets.md §1.4."""
+    """``nsd_expdesign.mat`` with the shapes and value ranges of docs/datasets/nsd.md."""
     from scipy.io import loadmat
 
     if not path.exists():
@@ -372,7 +372,7 @@ def check_real_invariants(
     n_nsdgeneral_voxels: int | None = None,
     shared_ids: Mapping[int, np.ndarray] | None = None,
 ) -> list[str]:
-    """Problems (empty if none) comparing a converted subject with the real NSD (datasets.md §1.1).
+    """Problems (empty if none) comparing a converted subject with the real NSD (docs/datasets/nsd.md).
 
     ``n_nsdgeneral_voxels`` only when the ROI is nsdgeneral==1; the test-trial count is checked only
     when every session of the convention was converted; ``shared_ids`` maps subject -> its shared
@@ -488,7 +488,7 @@ def _plan_subject(cfg: NSDConvertConfig, root: Path, subject: int, design: ExpDe
                             f"({files[0]})")
     labels = [int(v) for v in cfg.roi["labels"]]
     mask = np.isin(np.rint(roi).astype(np.int64), labels)  # -1 (outside the labelled region) never matches
-    voxel_ijk = np.argwhere(mask)  # C-order over (X, Y, Z), like nibabel masking (datasets.md §1.3)
+    voxel_ijk = np.argwhere(mask)  # C-order over (X, Y, Z), like nibabel masking (docs/datasets/nsd.md)
     if len(voxel_ijk) == 0:
         raise NSDInputError(f"{roi_file}: no voxel has label(s) {labels} (dataset.roi.labels)")
     brainmask = func / "brainmask.nii.gz"

@@ -1,4 +1,4 @@
-"""A miniature Natural Scenes Dataset in the real on-disk layout (datasets.md §6.1).
+"""A miniature Natural Scenes Dataset in the real on-disk layout (docs/datasets/nsd.md).
 
 Same paths, file names, dtypes, axis orders, keys and 1-/0-based conventions as the real release,
 tiny volumes. The stimulus brick keeps its full logical shape ``(73000, 425, 425, 3)`` with lazily
@@ -77,7 +77,7 @@ def write_nsd_fixture(
     signal_sd: float = 1.0,
     gzip_level: int = 6,
 ) -> dict[str, Any]:
-    """Write the §6.1 NSD fixture under ``root``; return a description (paths, shared ids, ...).
+    """Write the NSD fixture described above under ``root``; return a description (paths, shared ids, ...).
 
     ``sessions`` (1-based) overrides ``n_sessions`` (e.g. ``(1, 38)`` to exercise the legacy
     37-session convention). Betas are ``round(pct * 300)`` int16 with ``pct`` = per-session offset

@@ -1,6 +1,6 @@
 """THINGS-MEG (Hebart et al. 2023, OpenNeuro ds004212) -> prepared store (docs/datasets/things_meg.md).
 
-Follows Benchetrit et al. 2023's data handling (datasets.md §2.4, brainmagick's conventions §4.5):
+Follows Benchetrit et al. 2023's data handling (docs/methods/meg_brainmodule.md §1, brainmagick's conventions §6):
 
 ``input=raw`` (default) reads every BIDS run ``sub-<label>/ses-NN/meg/sub-<label>_ses-NN_task-main_run-NN_meg.ds``
 through :func:`mne.io.read_raw` (``.ds`` = CTF in the release; ``.fif`` in the fixture; one code path),
@@ -16,7 +16,7 @@ mean (``baseline``), robust-scales per recording (= run) and channel (median / I
 ``sfreq`` (169 samples at 120 Hz), baseline-corrects with the same rule and robust-scales per session
 (its runs are concatenated; the metadata ``session_nr`` column says which).
 
-Splits (§2.4): ``test`` rows -> ``test`` (200 images x 12 repetitions in the release); ``exp`` rows
+Splits (docs/methods/meg_brainmodule.md §1): ``test`` rows -> ``test`` (200 images x 12 repetitions in the release); ``exp`` rows
 whose THINGS concept is a test concept -> ``test_large`` (``split=benchetrit``; 2,400 trials);
 remaining ``exp`` rows -> ``train``, of which images with ``hash_uniform(THINGS image number,
 val_seed) < val_fraction`` -> ``val``. ``split=original`` (Hebart) keeps every ``exp`` row for train/val.
@@ -238,7 +238,7 @@ def read_events_tsv(path: Path) -> dict[str, np.ndarray]:
 
 def read_sample_attributes(path: Path) -> dict[str, list[str]]:
     """``sourcedata/sample_attributes_P{n}.csv`` as columns of strings (comma-separated, one row per
-    trial in acquisition order, datasets.md §2.2)."""
+    trial in acquisition order, docs/datasets/things_meg.md)."""
     if not path.exists():
         raise ThingsMEGInputError(f"{path}: missing file (THINGS-MEG sample attributes: trial -> image_path)")
     with open(path, newline="") as f:
@@ -255,7 +255,7 @@ def read_sample_attributes(path: Path) -> dict[str, list[str]]:
 
 def image_stem_and_concept(image_path: str) -> tuple[str, str]:
     """``images_meg/pine_tree/pine_tree_07b.jpg`` -> (``pine_tree_07b``, ``pine_tree``): the concept
-    is the stem without its last ``_`` token (datasets.md §2.5)."""
+    is the stem without its last ``_`` token (docs/datasets/things_meg.md)."""
     stem = Path(image_path.replace("\\", "/")).stem
     return stem, "_".join(stem.split("_")[:-1])
 
@@ -466,7 +466,7 @@ def _plan_hebart_subject(cfg: ThingsMEGConvertConfig, root: Path, label: str) ->
     epochs = mne.read_epochs(path, preload=False, verbose="error")
     attr_path = root / f"sourcedata/sample_attributes_P{n}.csv"
     meta = _metadata_columns(epochs.metadata, path)
-    if not meta:  # no metadata in the file: the sample attributes are its rows (datasets.md §2.2)
+    if not meta:  # no metadata in the file: the sample attributes are its rows (docs/datasets/things_meg.md)
         meta = read_sample_attributes(attr_path)
         src = attr_path
     else:

@@ -1,4 +1,4 @@
-"""A miniature THINGS-MEG (OpenNeuro ds004212) in the real BIDS layout (datasets.md §6.3).
+"""A miniature THINGS-MEG (OpenNeuro ds004212) in the real BIDS layout (docs/datasets/things_meg.md).
 
 Same paths, file names, columns, index bases and channel names as the release, tiny durations:
 
@@ -93,7 +93,7 @@ def write_things_meg_fixture(
     hebart: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Write the §6.3 THINGS-MEG fixture under ``root``; return a description of what was written.
+    """Write the THINGS-MEG fixture described above under ``root``; return a description of what was written.
 
     Each run has ``n_exp + n_test + n_catch`` trials (SOA uniform in 1.25-1.70 s, first onset 2 s,
     run ends 2 s after the last onset). ``trigger_lag`` (s) delays the ``UPPT001`` pulses relative to

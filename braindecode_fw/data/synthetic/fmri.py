@@ -1,4 +1,4 @@
-"""Simulated multi-subject fMRI with a known generative model (design.md §5).
+"""Simulated multi-subject fMRI with a known generative model (docs/architecture.md §5).
 
 Generative model for subject ``s``, voxel ``v``, trial ``t`` showing image ``i`` in session ``e``::
 

@@ -1,9 +1,9 @@
-"""Simulated MEG with a known generative model (design.md §5, "an MEG variant").
+"""Simulated MEG with a known generative model (docs/architecture.md §5, "an MEG variant").
 
 The sources are the fMRI world's populations (:func:`fmri.build_subject`): a retinotopic early
 population and a semantically tuned higher population, each source with an image-dependent
 amplitude ``f[i, v]`` (:func:`fmri.noise_free_responses`, unit variance over images). Here they get
-time courses and are mixed into the 272 THINGS-MEG sensors (datasets.md §2.1-§2.4)::
+time courses and are mixed into the 272 THINGS-MEG sensors (docs/datasets/things_meg.md, docs/methods/meg_brainmodule.md §1)::
 
     y[t] (C, T) = s[i] + e,      s[i][c, t] = gain * sum_v L[c, v] * (evoked + f[i, v]) * K[v, t]
     e ~ N(0, Sigma),             Sigma = (1 - w) * Sigma_space ⊗ Sigma_1/f  +  w * I ⊗ I
@@ -157,7 +157,7 @@ class NoiseModel:
 
 def time_axis(sfreq: float, tmin: float, tmax: float) -> np.ndarray:
     """Sample times in seconds: ``tmin + arange(T) / sfreq`` up to ``tmax`` inclusive, ``(T,)``
-    (181 samples for 120 Hz over -0.5...1.0 s, datasets.md §2.4)."""
+    (181 samples for 120 Hz over -0.5...1.0 s, docs/methods/meg_brainmodule.md §1)."""
     n = int(round((tmax - tmin) * sfreq)) + 1
     return tmin + np.arange(n) / sfreq
 

@@ -1,9 +1,9 @@
 """The synthetic MEG world: the fMRI world's scenes and populations, seen through 272 MEG sensors.
 
-THINGS-MEG-like design (datasets.md §2.1): 4 subjects, each sees its own training images once and
+THINGS-MEG-like design (docs/datasets/things_meg.md): 4 subjects, each sees its own training images once and
 a shared test set repeated ``test_repetitions`` (12) times, spread over ``n_sessions`` (12) sessions
 (once per session when the two are equal) of ``runs_per_session`` runs. The epochs are processed as
-the THINGS-MEG converter does (Benchetrit et al. 2023, datasets.md §2.4): baseline correction over
+the THINGS-MEG converter does (Benchetrit et al. 2023, docs/methods/meg_brainmodule.md §1): baseline correction over
 ``[tmin, 0]`` per epoch and channel, then per run (= recording) robust scaling per channel (median /
 IQR) and clamping to ``±clamp``; the store holds the result as ``(trials, 272, 181)`` and says
 ``provenance.zscore_at_load = false`` so the datamodule does not normalise again.
@@ -350,7 +350,7 @@ def generate_meg_world(cfg: SyntheticMEGWorldConfig, root: str | Path, *, name: 
                 "split_rule": f"test: {n_test} shared images x {cfg.test_repetitions} (over {cfg.n_sessions} "
                 f"sessions); val: random {cfg.val_fraction:.0%} of each subject's training images (seeded)",
                 "normalisation": f"baseline {cfg.baseline} s per epoch and channel; robust scaling (median/IQR) "
-                f"per run and channel; clamp ±{cfg.clamp} (Benchetrit et al. 2023, datasets.md §2.4)",
+                f"per run and channel; clamp ±{cfg.clamp} (Benchetrit et al. 2023, docs/methods/meg_brainmodule.md §1)",
                 "zscore_at_load": False,
                 "sfreq": cfg.sfreq,
                 "tmin": float(times[0]),

@@ -2,7 +2,7 @@
 
 Each scene has a symbolic description (category, colour, size, position of every object and the
 background style) from which both the RGB image and an English caption are derived, and from which
-the fMRI simulator reads its semantic features (design.md §5).
+the fMRI simulator reads its semantic features (docs/architecture.md §5).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The synthetic fMRI world: scenes + simulated subjects + oracle, written as a prepared store.
 
-NSD-like design (methods.md §1.1): every subject sees its own training images and a shared test
+NSD-like design (docs/datasets/nsd.md): every subject sees its own training images and a shared test
 set shown ``test_repetitions`` (3) times, trials shuffled into sessions of fixed length. The store
 also keeps the simulator's ground truth (``subjects/<id>/simulator.npz``), the measured per-voxel
 ncsnr (``ncsnr.npy``, NSD formula on session-z-scored test repeats) and the oracle retrieval

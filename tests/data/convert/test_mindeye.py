@@ -1,4 +1,4 @@
-"""MindEye2 release and MindEye1 avg-split import on miniature real-format fixtures (datasets.md §6.2)."""
+"""MindEye2 release and MindEye1 avg-split import on miniature real-format fixtures (braindecode_fw/data/convert/mindeye_fixture.py)."""
 
 from __future__ import annotations
 

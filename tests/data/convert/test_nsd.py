@@ -1,4 +1,4 @@
-"""Raw-NSD converter on the §6.1 miniature fixture (real paths, dtypes, axis orders, index bases)."""
+"""Raw-NSD converter on the miniature fixture of braindecode_fw/data/convert/nsd_fixture.py (real paths, dtypes, axis orders, index bases)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""THINGS-MEG converter on the §6.3 miniature BIDS fixture (real names, columns, index bases)."""
+"""THINGS-MEG converter on the miniature BIDS fixture of braindecode_fw/data/convert/things_meg_fixture.py (real names, columns, index bases)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The synthetic world: determinism and the properties design.md §5 promises."""
+"""The synthetic world: determinism and the properties docs/architecture.md §5 promises."""
 
 from __future__ import annotations
 
