@@ -130,7 +130,7 @@ def _zero(module: nn.Module) -> nn.Module:
 
 class SemanticBranch(nn.Module):
     """``(B, N, D)`` -> Conv1d(N→M, k1) -> Conv1d(M→L, k1) -> Linear(D→D_text) -> LN -> ``(B, L, D_text)``
-    (real: M = 128)."""
+    (M = N // 2 as released, 128 at N = 257; ``SemanticMapper`` chooses it)."""
 
     def __init__(self, n_tokens: int, dim: int, text_tokens: int, text_dim: int, mid_tokens: int = 128):
         super().__init__()
