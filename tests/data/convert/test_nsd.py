@@ -448,7 +448,7 @@ def test_bdf_prepare_then_bdf_train(nsd_root, tmp_path):
 
     tiny = [o for o in TINY_MODEL if not o.startswith(("generator.", "trainer.max_epochs"))]
     args = ["experiment=mindeye2_nsd", "dataset=nsd", f"dataset.store={store}", "target=openclip_tiny",
-            "~extra_targets.vae", "~extra_targets.teacher", "trainer=cpu", "model.lowlevel=null",
+            "~extra_targets.vae", "~extra_targets.teacher", "trainer=cpu", "data.subjects=null", "model.lowlevel=null",
             "model.prior=null", "loss.terms.blur=null", "loss.terms.blur_cont=null", "loss.terms.prior=null",
             *tiny, "trainer.max_epochs=1"]
     proc = _run("bdf-train", args, tmp_path)
