@@ -224,24 +224,9 @@ def _reconstruct(cfg: DictConfig) -> None:
 
 
 def _prepare(cfg: DictConfig) -> None:
-    from braindecode_fw.tasks.prepare import describe, prepare
+    from braindecode_fw.tasks.prepare import prepare_task
 
-    if cfg.get("demo_models") is not None:
-        from braindecode_fw.demo import retrain
-
-        if cfg.dataset.get("kind") not in ("synthetic_fmri", "synthetic_meg"):
-            raise ConfigError(f"demo_models: the demo models are trained on a synthetic world's scenes; dataset "
-                              f"{cfg.dataset.name!r} is not one (use dataset=synthetic)")
-        summary = retrain.retrain(OmegaConf.to_container(cfg.demo_models, resolve=True),
-                                  OmegaConf.to_container(cfg.dataset.world, resolve=True))
-        print(retrain.describe(summary))
-        return
-    summary = prepare(cfg.dataset, overwrite=cfg.overwrite)
-    if "report" in summary:  # real-data converters
-        print(summary["report"])
-    else:
-        print(describe(summary) if "subjects" in summary else summary)
-    print(f"prepared store: {cfg.dataset.store}")
+    prepare_task(cfg)
 
 
 def _bench(cfg: DictConfig) -> None:

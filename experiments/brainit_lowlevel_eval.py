@@ -26,9 +26,9 @@ from braindecode_fw.lit import predict
 from braindecode_fw.metrics.images import as_float_images
 from braindecode_fw.metrics.pixel import pixcorr, ssim
 from braindecode_fw.metrics.retrieval import retrieval_accuracy
+from braindecode_fw.pipeline.build import build_datamodule, build_model
+from braindecode_fw.pipeline.checkpoint import load_checkpoint
 from braindecode_fw.targets.multiscale import multiscale_layout
-from braindecode_fw.tasks.evaluate import load_checkpoint
-from braindecode_fw.tasks.train import build_datamodule, build_model
 from braindecode_fw.viz.grids import comparison_grid, save_png
 
 

@@ -101,7 +101,7 @@ class ImageGridCallback(L.Callback):
                      images: list[int]) -> torch.Tensor | None:
         if not self.reconstruct or self.generator_cfg is None:
             return None
-        from braindecode_fw.tasks.reconstruct import (
+        from braindecode_fw.pipeline.generation import (
             conditioning_sources,
             fitting_generator,
             generator_inputs,

@@ -29,15 +29,10 @@ from braindecode_fw.models.adapters import SubjectLinearAdapter
 from braindecode_fw.models.brainit import BrainITDecoder
 from braindecode_fw.models.decoder import BridgeDecoder, Decoder
 from braindecode_fw.models.ridge import fit_ridge
-from braindecode_fw.tasks.evaluate import load_checkpoint
-from braindecode_fw.tasks.train import (
-    _save_config,
-    build_datamodule,
-    build_model,
-    evaluate_predictions,
-    fit_and_evaluate,
-    start_run,
-)
+from braindecode_fw.pipeline.build import build_datamodule, build_model
+from braindecode_fw.pipeline.checkpoint import load_checkpoint
+from braindecode_fw.pipeline.evaluation import evaluate_predictions
+from braindecode_fw.pipeline.fitting import fit_and_evaluate, save_config, start_run
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +225,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
              subject, n_train, budget_text, sources or "none", f"{trainable:,}")
     _save_trials(dm, subject, run_dir / "adaptation_trials.tsv")
     resolved = OmegaConf.to_container(run_cfg, resolve=True)
-    _save_config(resolved, run_dir / "config_resolved.yaml")
+    save_config(resolved, run_dir / "config_resolved.yaml")
     # the checkpoint lists every subject the decoder has (sources and the new one), so that
     # bdf-evaluate / bdf-reconstruct / a further bdf-adapt rebuild the same modules
     result = fit_and_evaluate(run_cfg, dm, decoder, run_dir=run_dir, checkpoint_config=resolved, t_start=t_start,

@@ -69,14 +69,10 @@ def _train_config(world: DictConfig, device: str) -> DictConfig:
 
 
 def bench_world(name: str, world: DictConfig, device: str) -> dict[str, Any]:
+    from braindecode_fw.data.prepare import ensure_store
     from braindecode_fw.lit import DecoderModule
-    from braindecode_fw.tasks.prepare import ensure_store
-    from braindecode_fw.tasks.train import (
-        build_datamodule,
-        build_model,
-        count_parameters,
-        evaluate_predictions,
-    )
+    from braindecode_fw.pipeline.build import build_datamodule, build_model, count_parameters
+    from braindecode_fw.pipeline.evaluation import evaluate_predictions
 
     cfg = _train_config(world, device)
     L.seed_everything(0, verbose=False)
@@ -360,7 +356,7 @@ def bench_generation(gc: DictConfig, device: str, cache_dir: Path) -> dict[str, 
     """Seconds per image and peak memory of each configured generator on random decoder outputs of
     the shapes it needs (tokens of ``token_lengths``). Real weights by default (their hub cache or
     local folders); ``tiny`` builds each generator's tiny pipeline instead (CPU smoke numbers)."""
-    from braindecode_fw.tasks.reconstruct import build_generator
+    from braindecode_fw.pipeline.generation import build_generator
 
     rows = []
     for name, spec in gc.generators.items():

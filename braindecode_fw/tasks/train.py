@@ -3,123 +3,20 @@
 from __future__ import annotations
 
 import logging
-import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from braindecode_fw.data.datamodule import BrainDataModule
-from braindecode_fw.io import atomic_write_json, atomic_write_text
-from braindecode_fw.lit import DecoderModule, predict
-from braindecode_fw.metrics.report import format_table, retrieval_report, write_report
-from braindecode_fw.models.decoder import Decoder
+from braindecode_fw.data.prepare import ensure_store
+from braindecode_fw.io import atomic_write_json
 from braindecode_fw.ops.distributed import is_rank_zero
-from braindecode_fw.ops.loggers import build_loggers
-from braindecode_fw.ops.resume import AtomicCheckpointIO, config_differences, resolve_resume
-from braindecode_fw.tasks.evaluate import load_checkpoint
-from braindecode_fw.tasks.prepare import ensure_store
+from braindecode_fw.ops.resume import config_differences, resolve_resume
+from braindecode_fw.pipeline.build import build_datamodule, build_model
+from braindecode_fw.pipeline.fitting import fit_and_evaluate, save_config, start_run
 
 log = logging.getLogger(__name__)
-
-
-def build_datamodule(cfg: DictConfig, store: Path | None = None) -> BrainDataModule:
-    """Target encoders + datamodule from ``cfg.target`` (the primary target), ``cfg.extra_targets``
-    (further targets some methods train on: text tokens, VAE latents, ...) and ``cfg.data``, set up
-    (targets cached)."""
-    encoder = instantiate(cfg.target)
-    extras = [instantiate(node) for node in (cfg.get("extra_targets") or {}).values() if node is not None]
-    dm = instantiate(cfg.data, store=str(store or cfg.dataset.store), target_encoder=encoder,
-                     extra_target_encoders=extras, seed=cfg.seed)
-    dm.setup()
-    return dm
-
-
-def build_model(cfg: DictConfig, n_features: dict[str, int], target_shapes: dict[str, tuple[int, ...]]) -> Decoder:
-    """``cfg.model`` is a partial of :func:`build_decoder`; sizes come from the data."""
-    return instantiate(cfg.model)(n_features=dict(n_features), target_shapes=dict(target_shapes))
-
-
-def count_parameters(module: torch.nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable}
-
-
-class EpochLogger(L.Callback):
-    """One plain log line per epoch (used when stdout is not a terminal, instead of a bar)."""
-
-    def __init__(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        m = trainer.callback_metrics
-        parts = [f"{k}={float(v):.4f}" for k, v in sorted(m.items()) if k.count("/") == 1]
-        log.info("epoch %d (%.0f s): %s", trainer.current_epoch, time.perf_counter() - self._t0, " ".join(parts))
-
-
-def _callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[L.Callback], Any]:
-    callbacks: list[L.Callback] = []
-    checkpoint = None
-    for name, node in (cfg.get("callbacks") or {}).items():
-        if node is None:
-            continue
-        if str(node.get("_target_", "")).endswith("ModelCheckpoint"):
-            callbacks.append(instantiate(node, dirpath=str(run_dir / "checkpoints")))
-            if name == "model_checkpoint":  # the best-by-validation one the test evaluation reloads
-                checkpoint = callbacks[-1]
-        elif name == "image_grid":  # draws reconstructions with the run's generator
-            callbacks.append(instantiate(node, generator=cfg.get("generator"), _recursive_=False))
-        else:
-            callbacks.append(instantiate(node))
-    if sys.stdout.isatty():
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        callbacks.append(RichProgressBar())
-    else:
-        callbacks.append(EpochLogger())
-    return callbacks, checkpoint
-
-
-def evaluate_predictions(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, split: str = "test",
-                         baseline: bool = False) -> dict[str, Any]:
-    """``split`` predictions -> retrieval report (with the store's oracle, if any, for ``test``).
-
-    ``split="test_large"`` scores a second held-out set (THINGS-MEG's 2,400 single trials) against
-    ``evaluation.large_subset_size`` candidates. ``baseline``: also fit and score the ridge decoder
-    of ``evaluation.linear_baseline`` on the same data (:mod:`braindecode_fw.tasks.linear_baseline`).
-    """
-    target = cfg.target.feature_name
-    preds = predict(decoder, dm.eval_dataloader(split), target)
-    ev = cfg.evaluation
-    assert dm.store is not None
-    linear = None
-    if baseline and split == "test":
-        from braindecode_fw.tasks.linear_baseline import linear_baseline_predictions
-
-        lb = ev.linear_baseline
-        linear = linear_baseline_predictions(dm, target, alphas=list(lb.alphas), max_train_trials=lb.max_train_trials,
-                                             seed=cfg.seed)
-    subset = ev.subset_size if split == "test" else ev.get("large_subset_size", ev.subset_size)
-    return retrieval_report(preds, oracle=dm.store.extra("oracle") if split == "test" else None, subset_size=subset,
-                            n_subsets=ev.n_subsets, seed=ev.seed, ks=tuple(ev.topk),
-                            table_topk=tuple(ev.get("table_topk", [1])), baseline=linear)
-
-
-def start_run(cfg: DictConfig) -> Path:
-    """The run directory (created), global seeds and matmul precision of a training-like task."""
-    run_dir = Path(cfg.paths.output_dir)
-    if is_rank_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.get("matmul_precision"):
-        torch.set_float32_matmul_precision(cfg.matmul_precision)
-    return run_dir
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -149,158 +46,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if changed:
             log.warning("continuing %s with a different config than it started with: %s", run_dir, changed)
     if is_rank_zero():
-        _save_config(resolved, previous)
+        save_config(resolved, previous)
     return fit_and_evaluate(cfg, dm, decoder, run_dir=run_dir, checkpoint_config=resolved, t_start=t_start,
                             resume_from=resume_from)
 
 
-def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, run_dir: Path,
-                     checkpoint_config: dict[str, Any], t_start: float,
-                     n_features: dict[str, int] | None = None, resume_from: str | None = None) -> dict[str, Any]:
-    """Train ``decoder`` on ``dm`` with ``cfg.loss``/``cfg.optim``/``cfg.trainer`` (continuing from
-    the checkpoint ``resume_from``, if given), reload the best checkpoint, evaluate retrieval on the
-    test split; rank zero then exports what the decoder writes after training
-    (:meth:`~braindecode_fw.models.decoder.Decoder.export_trained_parts`, e.g. NeuroPictor's
-    ControlNet) and writes the report, the preview grid and ``result.json``. Returns the test metrics
-    (shared by ``bdf-train`` and ``bdf-adapt``). ``n_features`` (default: the data's subjects) is
-    what the checkpoint records as the decoder's subjects."""
-    target = cfg.target.feature_name
-    module = DecoderModule(
-        decoder,
-        loss=instantiate(cfg.loss),
-        target=target,
-        optimizer=instantiate(cfg.optim.optimizer),
-        scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
-        val_subset_size=cfg.evaluation.subset_size,
-        weight_decay_groups=cfg.optim.get("weight_decay_groups", "adapters_and_matrices"),
-        scale_lr_by_devices=bool(cfg.optim.get("scale_lr_by_devices", False)),
-        checkpoint_extra={
-            "config": checkpoint_config,
-            "n_features": n_features or dm.n_features,
-            "target_shapes": {k: list(v) for k, v in dm.target_shapes.items()},
-            # outputs not named after a target that generators read (NeuroPictor's control map)
-            "auxiliary_output_shapes": {k: list(v) for k, v in decoder.auxiliary_output_shapes().items()},
-            "dataset_version": dm.store.version if dm.store else None,
-        },
-    )
-    callbacks, checkpoint = _callbacks(cfg, run_dir)
-    loggers = build_loggers(cfg.get("logger"), run_dir, resume_from=resume_from)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
-        enable_progress_bar=sys.stdout.isatty(), use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
-    )
-    n_params = count_parameters(decoder)
-    for lg in loggers:
-        if resume_from and type(lg).__name__ in ("WandbLogger", "MLFlowLogger"):
-            continue  # a continued W&B / MLflow run has its parameters (MLflow refuses changed ones)
-        lg.log_hyperparams({**_flatten(checkpoint_config), "params/total": n_params["total"],
-                            "params/trainable": n_params["trainable"]})
-    log.info("decoder: %s parameters; subjects %s; target %s %s", f"{n_params['total']:,}",
-             dm.n_features, target, dm.target_shapes[target])
-    trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
-
-    best = checkpoint.best_model_path if checkpoint is not None else ""
-    last = str(run_dir / "checkpoints" / "last.ckpt")
-    eval_ckpt = best or (last if Path(last).exists() else "")
-    if eval_ckpt:
-        module.load_state_dict(load_checkpoint(eval_ckpt)["state_dict"])
-    lb = cfg.evaluation.get("linear_baseline")
-    report = evaluate_predictions(cfg, dm, module.decoder, baseline=bool(lb and lb.enabled))
-    reports = {"test": report}
-    if dm.has_split("test_large"):
-        reports["test_large"] = evaluate_predictions(cfg, dm, module.decoder, "test_large")
-    metrics = {}
-    for split, rep in reports.items():
-        metrics.update({f"{split}/{k}": float(v) for k, v in rep["rows"][-1].items() if isinstance(v, float)})
-        for row in rep["rows"][:-1]:
-            for d in ("brain_to_image_top1", "image_to_brain_top1"):
-                metrics[f"{split}/{d}/{row['subject']}"] = float(row[d])
-    result = {**metrics, "run_dir": str(run_dir), "checkpoint": eval_ckpt, "report": report}
-    if not trainer.is_global_zero:  # run-level files and the summary are rank zero's
-        return result
-    # from the reloaded best weights, before the preview grid (a generator may load the export)
-    exports = module.decoder.export_trained_parts(run_dir)
-    result["exports"] = exports
-    for split, rep in reports.items():
-        write_report(rep, run_dir, stem="retrieval" if split == "test" else f"retrieval_{split}")
-    grid, image_metrics = None, None
-    rc = cfg.get("reconstruction")
-    if rc is not None and rc.enabled and cfg.get("generator") is not None:
-        from braindecode_fw.tasks.reconstruct import preview_grid
-
-        grid, image_metrics = preview_grid(
-            cfg.generator, dm, module.decoder, target, run_dir / "reconstructions_grid.png", n_images=rc.n_images,
-            seed=rc.seed, loggers=loggers, n_metric_images=int(rc.get("n_metric_images") or 0),
-            metrics_cfg=rc.get("metrics"), lowlevel_cfg=rc.get("lowlevel"))
-        if image_metrics is not None:
-            atomic_write_json(run_dir / "reconstruction_metrics.json", image_metrics)
-            metrics.update({f"test/recon_{k}": v for k, v in image_metrics["metrics"].items()})
-    for lg in loggers:
-        lg.log_metrics(metrics, step=trainer.global_step)
-        lg.save()
-    elapsed = time.perf_counter() - t_start
-    print()
-    print(format_table(report))
-    if "test_large" in reports:
-        print()
-        print("large test set (single trials of held-out concepts)")
-        print(format_table(reports["test_large"]))
-    if image_metrics is not None:
-        from braindecode_fw.tasks.reconstruct import format_image_metrics
-
-        print()
-        print(format_image_metrics(image_metrics, cfg.generator.name))
-    print()
-    print(f"run directory : {run_dir}")
-    print(f"checkpoint    : {eval_ckpt or '(checkpointing disabled)'}")
-    print(f"results       : {run_dir / 'retrieval.json'}, {run_dir / 'retrieval.csv'}")
-    for name, path in exports.items():
-        print(f"{name:<14}: {path}")
-    if grid is not None:
-        print(f"reconstructions: {grid}")
-    if any(type(lg).__name__ == "TensorBoardLogger" for lg in loggers):
-        print(f"dashboard     : bdf-dashboard run={run_dir}")
-    print(f"wall time     : {elapsed:.0f} s")
-    write_result(cfg, run_dir, metrics, exports)
-    return result
-
-
-def write_result(cfg: DictConfig, run_dir: Path, metrics: dict[str, float],
-                 exports: dict[str, str] | None = None) -> Path | None:
-    """``<run dir>/result.json``: the optimised metric and every test metric of a finished job, what
-    sweep summaries and searches read, and ``exports`` (name -> path of what the decoder wrote after
-    training). Written last, atomically: its presence means success. Not written when
-    ``optimized_metric`` names no produced metric (the CLI then fails naming it)."""
-    name = cfg.get("optimized_metric")
-    if name and name not in metrics:
-        return None
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:  # not running under Hydra (tests calling train() directly)
-        overrides = []
-    return atomic_write_json(run_dir / "result.json", {
-        "task": cfg.get("task_name"), "optimized_metric": name, "value": metrics.get(name) if name else None,
-        "metrics": metrics, "overrides": overrides, "run_dir": str(run_dir), "exports": dict(exports or {}),
-    })
-
-
-def _save_config(config: dict[str, Any], path: Path) -> None:
-    """The fully resolved config tree (Hydra's .hydra/config.yaml keeps the interpolations)."""
-    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(config)))
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        elif isinstance(v, list | tuple):
-            out[key] = str(v)
-        elif v is None or (isinstance(v, float) and math.isnan(v)):
-            out[key] = "None"
-        else:
-            out[key] = v
-    return out

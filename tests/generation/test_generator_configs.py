@@ -10,7 +10,7 @@ import torch
 from braindecode_fw.generation.controlnet import ControlNetModulatedReconstructor
 from braindecode_fw.generation.diffusion import EmbedsConditionedReconstructor, UnClipReconstructor
 from braindecode_fw.generation.versatile import VersatileDualReconstructor
-from braindecode_fw.tasks.reconstruct import build_generator
+from braindecode_fw.pipeline.generation import build_generator
 from tests.conftest import CONF, compose_config
 
 # config -> (tiny kind, class, decoder outputs it is fed)

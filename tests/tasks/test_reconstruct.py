@@ -63,7 +63,7 @@ def test_meg_generation_reads_the_calibrated_regression_head():
     """MEG decoders feed generators from their MSE head, de-standardised to the training targets."""
     from braindecode_fw.models.decoder import build_decoder
     from braindecode_fw.models.meg import build_meg_decoder
-    from braindecode_fw.tasks.reconstruct import calibrate_to_targets, conditioning_sources
+    from braindecode_fw.pipeline.generation import calibrate_to_targets, conditioning_sources
 
     meg = build_meg_decoder({"s": 8}, {"clip_image": (4,)}, n_times=10, spatial_channels=4, n_harmonics=2,
                             hidden=4, depth=1, backbone_out=8)
@@ -146,8 +146,8 @@ def test_reconstruct_from_the_dip_lowlevel_image(tmp_path):
     # the stored images are the DIP inversion of the decoder's predicted tokens, seed lowlevel.seed + image index
     from braindecode_fw.generation.feature_inversion import FeatureInverter
     from braindecode_fw.lit import predict
-    from braindecode_fw.tasks.evaluate import load_checkpoint
-    from braindecode_fw.tasks.train import build_datamodule, build_model
+    from braindecode_fw.pipeline.build import build_datamodule, build_model
+    from braindecode_fw.pipeline.checkpoint import load_checkpoint
 
     extra = load_checkpoint(ckpt)["braindecode_fw"]
     train_cfg = OmegaConf.create(extra["config"])
@@ -182,7 +182,7 @@ def test_lowlevel_stage_fits_the_generator(tmp_path):
     """The generator must read the low-level image as an image; errors name the key to set."""
     from braindecode_fw.generation.diffusion import EmbedsConditionedReconstructor
     from braindecode_fw.generation.tiny import build_tiny_pipeline
-    from braindecode_fw.tasks.reconstruct import check_generation
+    from braindecode_fw.pipeline.generation import check_generation
 
     folder = build_tiny_pipeline("embeds", tmp_path / "tiny", image_size=32, cross_attention_dim=24)
     provides = {"clip_image_tokens": (6, 24), "vgg_tokens": (565, 512)}
@@ -213,7 +213,7 @@ def test_lowlevel_stage_warns_about_other_vgg_weights(caplog):
     from omegaconf import OmegaConf
 
     from braindecode_fw.generation.feature_inversion import FeatureInverter
-    from braindecode_fw.tasks.reconstruct import _warn_other_vgg_weights
+    from braindecode_fw.pipeline.generation import _warn_other_vgg_weights
 
     train_cfg = OmegaConf.create({"target": {"feature_name": "clip_image_tokens"},
                                   "extra_targets": {"vgg": {"feature_name": "vgg_tokens", "weights": "random:0"}}})

@@ -315,7 +315,7 @@ def test_stale_partial_of_dead_process_is_removed(fx, tmp_path):
 def test_prepare_task_with_the_composed_config(fx, tmp_path):
     from hydra.core.global_hydra import GlobalHydra
 
-    from braindecode_fw.tasks.prepare import prepare
+    from braindecode_fw.data.prepare import prepare
     from tests.conftest import compose_config
 
     GlobalHydra.instance().clear()

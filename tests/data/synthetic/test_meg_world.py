@@ -274,7 +274,7 @@ def test_yaml_mirrors_the_dataclass_defaults():
 
 
 def test_ensure_store_generates_and_regenerates_on_change(tmp_path):
-    from braindecode_fw.tasks.prepare import describe, ensure_store, prepare
+    from braindecode_fw.data.prepare import describe, ensure_store, prepare
 
     small = {**SMALL, "sources_per_subject": [100], "n_train_images": 8, "n_test_images": 6,
              "test_repetitions": 2, "n_sessions": 2, "oracle_subset_size": 6}

@@ -11,7 +11,7 @@ from braindecode_fw.data.meg_layout import sensor_positions, things_meg_channel_
 from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.metrics.report import format_table, retrieval_report
 from braindecode_fw.metrics.retrieval import retrieval_accuracy
-from braindecode_fw.tasks.linear_baseline import linear_baseline_predictions
+from braindecode_fw.pipeline.linear_baseline import linear_baseline_predictions
 
 D, C, T = 6, 5, 4
 

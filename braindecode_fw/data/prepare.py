@@ -1,0 +1,123 @@
+"""Building a prepared store from the data source named by ``dataset.kind`` (a converter of real
+files or a synthetic-world generator), and reusing one that is up to date (:func:`ensure_store`).
+``bdf-prepare`` and ``bdf-train`` (``dataset.auto_prepare``) call it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# dataset.kind -> "module:function" converting ``dataset_cfg`` into ``dataset_cfg.store``; each returns
+# a summary dict whose "report" (if any) bdf-prepare prints
+CONVERTERS = {
+    "nsd": "braindecode_fw.data.convert.nsd:convert_nsd",
+    "mindeye2": "braindecode_fw.data.convert.mindeye:convert_mindeye2",
+    "mindeye1_avg": "braindecode_fw.data.convert.mindeye:convert_mindeye1_avg",
+    "things_meg": "braindecode_fw.data.convert.things_meg:convert_things_meg",
+}
+# generated worlds: dataset.kind -> ("module:config class", "module:generator")
+SYNTHETIC = {
+    "synthetic_fmri": ("braindecode_fw.data.synthetic.world:SyntheticWorldConfig",
+                       "braindecode_fw.data.synthetic.world:generate_world"),
+    "synthetic_meg": ("braindecode_fw.data.synthetic.meg_world:SyntheticMEGWorldConfig",
+                      "braindecode_fw.data.synthetic.meg_world:generate_meg_world"),
+}
+PREPARERS = (*SYNTHETIC, *CONVERTERS)
+
+
+def _load(spec: str) -> Any:
+    import importlib
+
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _world_config(dataset_cfg: DictConfig):
+    """The world config of a synthetic dataset (``dataset.world``), validated."""
+    config_cls = _load(SYNTHETIC[dataset_cfg.kind][0])
+    return config_cls.from_mapping(OmegaConf.to_container(dataset_cfg.world, resolve=True))
+
+
+def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any]:
+    """Convert/generate the dataset described by ``dataset_cfg`` into ``dataset_cfg.store``."""
+    kind = dataset_cfg.get("kind")
+    if kind in SYNTHETIC:
+        generate = _load(SYNTHETIC[kind][1])
+        return generate(_world_config(dataset_cfg), dataset_cfg.store, name=dataset_cfg.name, overwrite=overwrite)
+    if kind in CONVERTERS:
+        import importlib
+
+        module, function = CONVERTERS[kind].split(":")
+        return getattr(importlib.import_module(module), function)(dataset_cfg)
+    raise ValueError(f"dataset.kind: no preparer for {kind!r}; available: {list(PREPARERS)}")
+
+
+def ensure_store(dataset_cfg: DictConfig) -> Path:
+    """Return the prepared store path.
+
+    Synthetic worlds are generated on first use when ``dataset.auto_prepare`` is true, and
+    regenerated when their configuration changed; an existing store is otherwise used as is.
+    A missing store fails with the command that prepares it.
+    """
+    store = Path(dataset_cfg.store)
+    generated = dataset_cfg.get("kind") in SYNTHETIC
+    auto = generated and bool(dataset_cfg.get("auto_prepare", False))
+    if (store / "dataset.json").exists():
+        if not auto:
+            return store
+        # only the fingerprint is needed here; the datamodule opens and validates the store next
+        provenance = json.loads((store / "dataset.json").read_text()).get("provenance", {})
+        stored = provenance.get("config_fingerprint")
+        if stored == _world_config(dataset_cfg).fingerprint():
+            return store
+        log.warning("synthetic world at %s was generated from another configuration: regenerating", store)
+    if auto:
+        log.info("generating the synthetic world into %s (first run only)", store)
+        summary = prepare(dataset_cfg)
+        log.info("synthetic world ready in %.1f s", summary["seconds"])
+        return store
+    hint = f"run `bdf-prepare dataset={dataset_cfg.name}`" if generated else \
+        f"run `bdf-prepare dataset={dataset_cfg.name} dataset.root=<raw data root>`"
+    raise FileNotFoundError(f"dataset.store: prepared store not found at {store}; {hint}")
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """Human-readable report of a freshly generated synthetic world: per subject its size and oracle
+    (fMRI: measured ncsnr + top-1; MEG: sources, SNR, clamping + top-1/top-5, both directions)."""
+    if summary.get("modality") == "meg":
+        return _describe_meg(summary)
+    lines = ["subject  voxels  trials  ncsnr p5/p50/p95 (measured, NSD formula)  oracle b→i / i→b top-1"]
+    for s, st in summary["subjects"].items():
+        m = st["ncsnr_measured_percentiles"]
+        o = st["oracle"]
+        lines.append(f"{s:<8} {st['n_voxels']:>6}  {st['n_trials']:>6}  "
+                     f"{m['5']:.3f} / {m['50']:.3f} / {m['95']:.3f}{'':>19}"
+                     f"{o['brain_to_image_top1']:.3f} / {o['image_to_brain_top1']:.3f}")
+    mean = summary["oracle"]["mean"]
+    lines.append(f"mean oracle top-1: brain→image {mean['brain_to_image_top1']:.3f}, image→brain "
+                 f"{mean['image_to_brain_top1']:.3f}; chance {summary['oracle']['chance_top1']:.4f}; "
+                 f"generated in {summary['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def _describe_meg(summary: dict[str, Any]) -> str:
+    lines = ["subject  sources  trials  sensors x times  snr    clamped   oracle b→i top-1/top-5   i→b top-1/top-5"]
+    for s, st in summary["subjects"].items():
+        o = st["oracle"]
+        lines.append(f"{s:<8} {st['n_sources']:>7}  {st['n_trials']:>6}  {st['n_sensors']:>7} x {st['n_times']:<5}  "
+                     f"{st['snr']:<5.3f}  {st['clamped_fraction']:.1e}   "
+                     f"{o['brain_to_image_top1']:.3f} / {o['brain_to_image_top5']:.3f}{'':>10}"
+                     f"{o['image_to_brain_top1']:.3f} / {o['image_to_brain_top5']:.3f}")
+    oracle = summary["oracle"]
+    mean = oracle["mean"]
+    lines.append(f"mean oracle brain→image top-1 {mean['brain_to_image_top1']:.3f}, top-5 "
+                 f"{mean['brain_to_image_top5']:.3f}; image→brain top-1 {mean['image_to_brain_top1']:.3f}, top-5 "
+                 f"{mean['image_to_brain_top5']:.3f}; chance top-1 {oracle['chance_top1']:.4f}, top-5 "
+                 f"{oracle['chance_top5']:.4f}; generated in {summary['seconds']:.1f} s")
+    return "\n".join(lines)
