@@ -44,8 +44,38 @@ def _world_config(dataset_cfg: DictConfig):
     return config_cls.from_mapping(OmegaConf.to_container(dataset_cfg.world, resolve=True))
 
 
+def _converter(spec: str) -> Any:
+    """``"package.module:function"`` (``dataset.converter``) -> the function, or a clear error."""
+    import importlib
+
+    module, sep, name = str(spec).partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"dataset.converter: expected 'package.module:function', got {spec!r}")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"dataset.converter: cannot import {module!r} ({e}); is its folder on PYTHONPATH "
+                         f"or the package installed?") from None
+    fn = getattr(mod, name, None)
+    if not callable(fn):
+        raise ValueError(f"dataset.converter: {module!r} has no function {name!r}")
+    return fn
+
+
 def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any]:
-    """Convert/generate the dataset described by ``dataset_cfg`` into ``dataset_cfg.store``."""
+    """Convert/generate the dataset described by ``dataset_cfg`` into ``dataset_cfg.store``.
+
+    ``dataset.converter: "package.module:function"`` names a converter outside the package (a lab's
+    own format; docs/extending.md): it is called with the ``dataset`` config, writes the store with
+    :class:`~braindecode_fw.data.store.StoreWriter` and returns a summary whose ``report`` is
+    printed. Otherwise ``dataset.kind`` picks one of :data:`CONVERTERS` or :data:`SYNTHETIC`.
+    """
+    if dataset_cfg.get("converter"):
+        summary = _converter(dataset_cfg.converter)(dataset_cfg)
+        if not isinstance(summary, dict):
+            raise ValueError(f"dataset.converter: {dataset_cfg.converter} returned {type(summary).__name__}, "
+                             f"expected a summary dict (with a 'report' line to print)")
+        return summary
     kind = dataset_cfg.get("kind")
     if kind in SYNTHETIC:
         generate = _load(SYNTHETIC[kind][1])
@@ -55,7 +85,8 @@ def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any
 
         module, function = CONVERTERS[kind].split(":")
         return getattr(importlib.import_module(module), function)(dataset_cfg)
-    raise ValueError(f"dataset.kind: no preparer for {kind!r}; available: {list(PREPARERS)}")
+    raise ValueError(f"dataset.kind: no preparer for {kind!r}; available: {list(PREPARERS)} (or set "
+                     f"dataset.converter: 'package.module:function' for a converter of your own)")
 
 
 def ensure_store(dataset_cfg: DictConfig) -> Path:

@@ -1,0 +1,1 @@
+"""A lab's own extension of braindecode_fw, kept outside the package (docs/extending.md)."""
