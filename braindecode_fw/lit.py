@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from braindecode_fw.data.datamodule import Batch
+from braindecode_fw.contracts import Batch
 from braindecode_fw.metrics.retrieval import DIRECTIONS, retrieval_accuracy
 from braindecode_fw.models.decoder import Decoder
 from braindecode_fw.objectives import Objective, PairObjective

@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from braindecode_fw.data.datamodule import Batch
+from braindecode_fw.contracts import (
+    AUX_LOSS_PREFIX,
+    SAMPLED_INDEX_SUFFIX,
+    SAMPLED_SCALE_SUFFIX,
+    Batch,
+    aux_loss_key,
+    is_aux_loss,
+    regression_key,
+)
 from braindecode_fw.losses import (
     bimixco_loss,
     cosine_temperature,
@@ -40,7 +48,7 @@ from braindecode_fw.ops.distributed import gather_block_diagonal, gather_rows
 
 KINDS = ("contrastive", "token_contrast", "normalized_mse", "mse", "l1", "multiscale_infonce", "aux")
 REGRESSION_KINDS = ("token_contrast", "normalized_mse", "mse", "l1", "multiscale_infonce")
-AUX_PREFIX = "loss/"
+AUX_PREFIX = AUX_LOSS_PREFIX  # the old name of contracts.AUX_LOSS_PREFIX
 
 
 class Objective(nn.Module):
@@ -211,17 +219,17 @@ class TermsObjective(Objective):
             soft_labels = gather_block_diagonal(soft_labels)
         for name, t in self.terms.items():
             if t.kind == "aux":
-                key = AUX_PREFIX + (t.target or name)
+                key = aux_loss_key(t.target or name)
                 if key not in out and not self.training:
                     continue
                 if key not in out:
                     raise KeyError(f"loss.terms.{name}: the decoder has no auxiliary output {key!r}; "
-                                   f"it provides {sorted(k for k in out if k.startswith(AUX_PREFIX))}")
+                                   f"it provides {sorted(k for k in out if is_aux_loss(k))}")
                 value = out[key]
             else:
                 if t.output not in out:
                     raise KeyError(f"loss.terms.{name}: the decoder has no output {t.output!r}; it provides "
-                                   f"{sorted(k for k in out if not k.startswith(AUX_PREFIX))} (drop the term with "
+                                   f"{sorted(k for k in out if not is_aux_loss(k))} (drop the term with "
                                    f"loss.terms.{name}=null, or train the target that head needs)")
                 if t.target not in targets:
                     raise KeyError(f"loss.terms.{name}: no target {t.target!r} in the batch; the run trains "
@@ -229,7 +237,7 @@ class TermsObjective(Objective):
                 pred, y = out[t.output].float(), targets[t.target].float()
                 if t.kind == "multiscale_infonce":
                     # the decoder predicted only the queries it sampled: take the same target tokens
-                    y = y[:, self._sampled(out, t.output, name, "index").to(y.device)]
+                    y = y[:, self._sampled(out, t.output, name, SAMPLED_INDEX_SUFFIX).to(y.device)]
                 if t.output_index is not None:
                     pred = pred[:, t.output_index]
                 if t.target_index is not None:
@@ -246,7 +254,7 @@ class TermsObjective(Objective):
                     value = normalized_mse(pred, y)
                 elif t.kind == "multiscale_infonce":
                     # negatives stay per rank: a (B·S_i)² logit matrix per scale is large already
-                    value = multiscale_infonce(pred, y, self._sampled(out, t.output, name, "scale"))
+                    value = multiscale_infonce(pred, y, self._sampled(out, t.output, name, SAMPLED_SCALE_SUFFIX))
                 elif t.kind == "mse":
                     value = F.mse_loss(pred, y)
                 else:
@@ -257,11 +265,11 @@ class TermsObjective(Objective):
         return total, parts, out
 
     @staticmethod
-    def _sampled(out: Mapping[str, torch.Tensor], output: str, term: str, what: str) -> torch.Tensor:
-        key = f"{output}/{what}"
+    def _sampled(out: Mapping[str, torch.Tensor], output: str, term: str, suffix: str) -> torch.Tensor:
+        key = output + suffix
         if key not in out:
             raise KeyError(f"loss.terms.{term}: a multiscale_infonce term needs the decoder's sampled queries "
-                           f"{output + '/index'!r} and {output + '/scale'!r} (model=brainit with token_sampling "
+                           f"{output + SAMPLED_INDEX_SUFFIX!r} and {output + SAMPLED_SCALE_SUFFIX!r} (model=brainit with token_sampling "
                            f"on the branch of {output!r})")
         return out[key]
 
@@ -288,8 +296,6 @@ class ClipMSEObjective(Objective):
         self.gather = gather
 
     def forward(self, decoder, batch, progress):
-        from braindecode_fw.models.meg import REGRESSION_PREFIX
-
         out = decoder(batch.responses, batch.subject, batch.repeat_mask)
         names = self.targets or [k for k in out if k in batch.targets]
         if not names:
@@ -313,7 +319,7 @@ class ClipMSEObjective(Objective):
                 parts["clip" + suffix] = clip.detach()
                 total = total + lam * clip
             if lam < 1:
-                key = REGRESSION_PREFIX + name
+                key = regression_key(name)
                 if key not in out:
                     raise KeyError(f"loss.lambda_clip={lam} needs the regression output {key!r}; the decoder has "
                                    f"{sorted(out)} (set model.regression_heads=true, or loss.lambda_clip=1)")

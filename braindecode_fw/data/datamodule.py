@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from braindecode_fw.contracts import Batch  # re-exported: the batch contract lives in contracts.py
 from braindecode_fw.data.budget import Budget, budget_mask, chronological_order
 from braindecode_fw.data.normalization import SessionStats, fit_session_stats
 from braindecode_fw.data.store import PreparedStore, open_store
@@ -48,24 +48,6 @@ def resolve_zscore(setting: bool | str, provenance: Mapping[str, Any]) -> bool:
     if setting == "auto":
         return bool(provenance.get("zscore_at_load", True))
     return bool(setting)
-
-
-@dataclass
-class Batch:
-    """One batch. ``responses``: ``(B, F)`` or, for output averaging, ``(B, R, F)`` with
-    ``repeat_mask`` ``(B, R)`` marking real repetitions; ``F`` is the largest feature count in the
-    batch (rows are zero-padded beyond their subject's count). ``targets[name]``: ``(B, *shape)``."""
-
-    subject: list[str]
-    responses: torch.Tensor
-    image_index: torch.Tensor
-    targets: dict[str, torch.Tensor] = field(default_factory=dict)
-    repeat_mask: torch.Tensor | None = None
-    # uint8 (B, H, W, 3) stimulus images; only when the run has online targets (encoded on the device)
-    images: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.subject)
 
 
 class _LazyMemmap:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from braindecode_fw.contracts import GENERATED_FINAL
 from braindecode_fw.data.synthetic import scenes as sc
 from braindecode_fw.demo import scene_classifier, tiny_clip
 from braindecode_fw.demo.corpus import SceneCorpus
@@ -53,7 +54,7 @@ def evaluate(folder: str | Path, clip, heldout: SceneCorpus, classifier_corpus: 
     uint8 images. ``device`` is where the generator samples (the judges run on the CPU)."""
     generator = reconstructor(folder, steps=steps, guidance_scale=guidance_scale, device=device)
     embeds = tiny_clip.encode_images(clip, heldout.images)
-    samples = generator.reconstruct({"tiny_clip_image": embeds}, list(range(seed, seed + len(heldout))))["final"]
+    samples = generator.reconstruct({"tiny_clip_image": embeds}, list(range(seed, seed + len(heldout))))[GENERATED_FINAL]
     gts = scene_classifier.as_unit_images(heldout.images)
     vae_roundtrip = generator.decode_latents(generator.encode_images(gts))
 

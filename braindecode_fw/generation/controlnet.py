@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from braindecode_fw.contracts import CONTROL_MAP
 from braindecode_fw.generation.diffusion import DiffusersReconstructor, effective_dtype
 from braindecode_fw.generation.loading import load_model
 
@@ -33,7 +34,7 @@ class ControlNetModulatedReconstructor(DiffusersReconstructor):
     pipeline_class = "StableDiffusionControlNetPipeline"
     default_components = {"safety_checker": None, "feature_extractor": None, "image_encoder": None}
 
-    def __init__(self, name: str, model: str, *, condition: str = "clip_text_tokens", control: str = "control_map",
+    def __init__(self, name: str, model: str, *, condition: str = "clip_text_tokens", control: str = CONTROL_MAP,
                  controlnet: str | None = None, injection: str = "first_block", control_scale: float = 1.0,
                  negative: str = "zeros", **kwargs: Any):
         if injection not in INJECTIONS:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from braindecode_fw.contracts import GENERATED_FINAL, GENERATED_LOWLEVEL
 from braindecode_fw.generation.loading import load_pipeline
 from braindecode_fw.generation.reconstructor import Reconstructor
 from braindecode_fw.generation.sampling import denoise, seeded_generators
@@ -174,9 +175,9 @@ class DiffusersReconstructor(Reconstructor):
             part = slice(start, min(start + self.batch_size, n))
             chunk = {k: v[part] for k, v in outputs.items()}
             finals.append(self.reconstruct_batch(chunk, seeds[part], None if lowlevel is None else lowlevel[part]))
-        result = {"final": compress_contrast(torch.cat(finals), self.contrast)}
+        result = {GENERATED_FINAL: compress_contrast(torch.cat(finals), self.contrast)}
         if lowlevel is not None:
-            result["lowlevel"] = lowlevel
+            result[GENERATED_LOWLEVEL] = lowlevel
         return result
 
     def reconstruct_batch(self, outputs: dict[str, torch.Tensor], seeds: Sequence[int],

@@ -55,7 +55,8 @@ class Reconstructor:
 
     def reconstruct(self, outputs: dict[str, torch.Tensor], seeds: Sequence[int]) -> dict[str, torch.Tensor]:
         """``outputs[name]``: ``(n, *shape)`` -> ``{"final": (n, 3, H, W)}`` (+ ``"lowlevel"`` when
-        the generator produced one), float in [0, 1]."""
+        the generator produced one), float in [0, 1]; the keys are ``contracts.GENERATED_FINAL`` /
+        ``GENERATED_LOWLEVEL``."""
         raise NotImplementedError
 
 

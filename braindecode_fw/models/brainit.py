@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.contracts import SAMPLED_INDEX_SUFFIX, SAMPLED_SCALE_SUFFIX
 from braindecode_fw.losses import sample_scale_tokens
 from braindecode_fw.models.decoder import Decoder
 
@@ -347,7 +348,7 @@ class BrainITDecoder(Decoder):
                 index, scale = index.to(responses.device), scale.to(responses.device)
                 out[target] = bit(responses, subjects, query_index=index, voxels_per_step=vps,
                                   generator=self.generator)
-                out[f"{target}/index"], out[f"{target}/scale"] = index, scale
+                out[target + SAMPLED_INDEX_SUFFIX], out[target + SAMPLED_SCALE_SUFFIX] = index, scale
             else:
                 value = bit(responses, subjects, voxels_per_step=vps, generator=self.generator)
                 out[target] = value[:, 0] if name in self.pooled else value

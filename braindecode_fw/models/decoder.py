@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from braindecode_fw.contracts import LOWLEVEL_AUX_TOKENS, aux_loss_key, backbone_key, is_aux_loss
+
 
 class Decoder(nn.Module):
     """Composes the three parts; built from config with the data-dependent sizes injected.
@@ -35,7 +37,7 @@ class Decoder(nn.Module):
             w = repeat_mask.to(responses.dtype)
             w = w / w.sum(1, keepdim=True).clamp(min=1)
             return {k: torch.einsum("br...,br->b...", v.reshape(b, r, *v.shape[1:]), w) for k, v in out.items()
-                    if not k.startswith("loss/")}
+                    if not is_aux_loss(k)}
         return self.compute(responses, subjects, targets)
 
     def configure_from_data(self, datamodule) -> None:
@@ -106,10 +108,10 @@ class BridgeDecoder(Decoder):
         h = self.encoder(embedded)
         out = {name: head(h) for name, head in self.heads.items()}
         if targets is not None and self.builder is None:
-            out["loss/reconstruction"] = out["loss/cycle"] = embedded.new_zeros(())
+            out[aux_loss_key("reconstruction")] = out[aux_loss_key("cycle")] = embedded.new_zeros(())
         elif targets is not None:
-            out["loss/reconstruction"] = nn.functional.mse_loss(self.builder(embedded, subjects), pooled)
-            out["loss/cycle"] = self.cycle_loss(embedded, subjects)
+            out[aux_loss_key("reconstruction")] = nn.functional.mse_loss(self.builder(embedded, subjects), pooled)
+            out[aux_loss_key("cycle")] = self.cycle_loss(embedded, subjects)
         return out
 
     def cycle_loss(self, embedded: torch.Tensor, subjects: Sequence[str]) -> torch.Tensor:
@@ -182,14 +184,14 @@ class TokenDecoder(Decoder):
     def compute(self, responses, subjects, targets):
         h = self.encoder(self.adapter(responses, subjects))
         backbone = self.heads["tokens"](h).view(len(h), *self.target_shape)
-        out = {self.target: self.heads["projector"](backbone), f"{self.target}/backbone": backbone}
+        out = {self.target: self.heads["projector"](backbone), backbone_key(self.target): backbone}
         if "lowlevel" in self.heads:
             low = self.heads["lowlevel"](h)
             out[self.lowlevel_target] = low["latent"]
             if "aux_tokens" in low:
-                out["lowlevel_aux_tokens"] = low["aux_tokens"]
+                out[LOWLEVEL_AUX_TOKENS] = low["aux_tokens"]
         if targets is not None and self.prior is not None and self.target in targets:
-            out["loss/prior"] = self.prior.loss(backbone, targets[self.target].to(backbone.dtype))
+            out[aux_loss_key("prior")] = self.prior.loss(backbone, targets[self.target].to(backbone.dtype))
         return out
 
     @torch.no_grad()

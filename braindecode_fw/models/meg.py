@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.contracts import REGRESSION_PREFIX  # also importable from here, its old home
 from braindecode_fw.data.meg_layout import MISSING_POSITION, valid_positions
 from braindecode_fw.models.decoder import Decoder
 
@@ -401,8 +402,6 @@ class ClipMSELoss(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # The brain module as a framework decoder (docs/architecture.md §4.4)
-
-REGRESSION_PREFIX = "regression/"
 
 
 class MEGDecoder(Decoder):

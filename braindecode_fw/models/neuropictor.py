@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.contracts import CONTROL_MAP, MAIN_SUFFIX, aux_loss_key
 from braindecode_fw.io import atomic_write_dir
 from braindecode_fw.models.brainit import SelfAttentionBlock
 from braindecode_fw.models.cortical_map import CorticalProjection
@@ -40,8 +41,7 @@ from braindecode_fw.models.decoder import Decoder
 
 log = logging.getLogger(__name__)
 
-CONTROL_OUTPUT = "control_map"
-MAIN_SUFFIX = "/main"
+CONTROL_OUTPUT = CONTROL_MAP  # the old name of contracts.CONTROL_MAP; MAIN_SUFFIX is contracts.MAIN_SUFFIX
 CONTROLNET_EXPORT = "controlnet"  # <run dir>/controlnet/: the trained ControlNet, exported after training
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +392,7 @@ class NeuroPictorDecoder(Decoder):
             if self.latent_target not in targets:
                 raise KeyError(f"model.latent_target: the diffusion loss needs the {self.latent_target!r} target "
                                f"(VAE latents); the batch has {sorted(targets)}")
-            out["loss/diffusion"] = self.diffusion(targets[self.latent_target], condition, control)
+            out[aux_loss_key("diffusion")] = self.diffusion(targets[self.latent_target], condition, control)
         return out
 
     def configure_from_data(self, datamodule) -> None:

@@ -29,17 +29,15 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F_
 
+from braindecode_fw.contracts import Batch
 from braindecode_fw.schema import check_keys
-
-if TYPE_CHECKING:  # the datamodule pulls in Lightning; only the Batch type is needed here
-    from braindecode_fw.data.datamodule import Batch
 
 log = logging.getLogger(__name__)
 

@@ -156,7 +156,7 @@ def conditioning_sources(decoder: Any, names: list[str]) -> dict[str, str]:
     decoder has one for that target (``regression/<name>``, the MEG module: Benchetrit et al. 2023
     retrieve with the CLIP head and generate from the MSE head, docs/methods/meg_brainmodule.md §4), otherwise the
     output of the same name."""
-    from braindecode_fw.models.meg import REGRESSION_PREFIX
+    from braindecode_fw.contracts import REGRESSION_PREFIX
 
     heads = getattr(decoder, "regression_heads", {})
     return {n: REGRESSION_PREFIX + n if n in heads else n for n in names}

@@ -239,7 +239,7 @@ def render_evaluation_markdown(result: dict[str, Any], machine: dict[str, Any], 
 
 def _bench_model_case(name: str, case: DictConfig, n_features: dict[str, int], mc: DictConfig,
                       device: str) -> dict[str, Any]:
-    from braindecode_fw.data.datamodule import Batch
+    from braindecode_fw.contracts import Batch
     from braindecode_fw.lit import DecoderModule
 
     cfg = compose("train", overrides=[f"model={case.model}", f"loss={case.loss}", *(case.get("overrides") or [])])
