@@ -1,12 +1,15 @@
 """Contrastive losses between brain predictions and target embeddings (docs/methods/mindeye2.md §4).
 
 All take ``pred`` and ``target`` of shape ``(B, *shape)``, flatten and L2-normalise them, and
-return a scalar. Row ``i`` of ``pred`` and of ``target`` belong together.
+return a scalar. Row ``i`` of ``pred`` and of ``target`` belong together. Also Benchetrit et al.
+2023's CLIP + MSE loss for the MEG brain module (:class:`ClipMSELoss`, docs/methods/meg_brainmodule.md §5)
+and Brain-IT's multi-scale InfoNCE (:func:`multiscale_infonce`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -210,3 +213,55 @@ def multiscale_infonce(pred: torch.Tensor, target: torch.Tensor, scale_of_token:
         labels = torch.arange(len(p), device=p.device)
         losses.append((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
     return torch.stack(losses).mean()
+
+
+class ClipMSELoss(nn.Module):
+    """Benchetrit's objective (docs/methods/meg_brainmodule.md §5): ``L = λ·L_CLIP + (1 − λ)·L_MSE``.
+
+    ``L_CLIP``: logits ``S_ij = exp(t)·cos(ẑ_i^{clip}, z_j)`` (``(B, B)``); symmetric:
+    ``½[CE(S, arange) + CE(Sᵀ, arange)]``, otherwise only the brain→image direction ``CE(S, arange)``.
+    The scale is ``exp(t)`` with ``t`` learnable (``learn_scale``) initialised at ``init_log_scale``
+    (5.0, a THINGS re-implementation's value, docs/methods/meg_brainmodule.md §8; CLIP's
+    ``log(1/0.07) ≈ 2.66`` is the usual alternative).
+    ``L_MSE = mean_{i,f} (z_if − ẑ_if^{mse})²``.
+
+    ``forward(pred, target)``: pred ``{"clip": (B, F), "mse": (B, F)}`` (a plain tensor is used for
+    both terms), target ``(B, F)`` -> scalar. A term whose weight is 0 may be absent from ``pred``.
+    """
+
+    def __init__(self, lambda_clip: float = 0.75, init_log_scale: float = 5.0, learn_scale: bool = True,
+                 symmetric: bool = True):
+        super().__init__()
+        if not 0.0 <= lambda_clip <= 1.0:
+            raise ValueError(f"loss.lambda_clip must be in [0, 1], got {lambda_clip}")
+        self.lambda_clip, self.symmetric = lambda_clip, symmetric
+        t = torch.tensor(float(init_log_scale))
+        self.log_scale = nn.Parameter(t) if learn_scale else nn.Buffer(t)
+
+    def clip_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p = F.normalize(pred.reshape(len(pred), -1).float(), dim=-1)
+        t = F.normalize(target.reshape(len(target), -1).float(), dim=-1)
+        logits = p @ t.T * self.log_scale.exp()
+        labels = torch.arange(len(p), device=p.device)
+        loss = F.cross_entropy(logits, labels)
+        if self.symmetric:
+            loss = (loss + F.cross_entropy(logits.T, labels)) / 2
+        return loss
+
+    def parts(self, pred: Mapping[str, torch.Tensor] | torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"loss", "clip", "mse"}`` (the terms a zero weight skips are absent)."""
+        if isinstance(pred, torch.Tensor):
+            pred = {"clip": pred, "mse": pred}
+        out: dict[str, torch.Tensor] = {}
+        total = target.new_zeros((), dtype=torch.float32)
+        if self.lambda_clip > 0:
+            out["clip"] = self.clip_loss(pred["clip"], target)
+            total = total + self.lambda_clip * out["clip"]
+        if self.lambda_clip < 1:
+            out["mse"] = F.mse_loss(pred["mse"].float(), target.float())
+            total = total + (1 - self.lambda_clip) * out["mse"]
+        out["loss"] = total
+        return out
+
+    def forward(self, pred: Mapping[str, torch.Tensor] | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.parts(pred, target)["loss"]

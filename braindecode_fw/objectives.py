@@ -34,6 +34,7 @@ from braindecode_fw.contracts import (
     regression_key,
 )
 from braindecode_fw.losses import (
+    ClipMSELoss,
     bimixco_loss,
     cosine_temperature,
     mixco_inputs,
@@ -278,7 +279,7 @@ class ClipMSEObjective(Objective):
     """Benchetrit et al. 2023's objective (docs/methods/meg_brainmodule.md §5) for decoders with a contrastive and a
     regression head per target (:class:`~braindecode_fw.models.meg.MEGDecoder`):
     ``L = Σ_targets λ·L_CLIP(out[name], z) + (1 − λ)·L_MSE(out["regression/<name>"], z)``, with
-    :class:`~braindecode_fw.models.meg.ClipMSELoss`'s learned scale ``exp(t)`` and ``symmetric`` flag.
+    :class:`~braindecode_fw.losses.ClipMSELoss`'s learned scale ``exp(t)`` and ``symmetric`` flag.
 
     ``targets``: the target names to train (default: every output that has a batch target). Under DDP
     the contrastive term runs over the rows of all ranks (as :class:`PairObjective`); the MSE term
@@ -289,8 +290,6 @@ class ClipMSEObjective(Objective):
     def __init__(self, lambda_clip: float = 0.75, init_log_scale: float = 5.0, learn_scale: bool = True,
                  symmetric: bool = True, targets: list[str] | None = None, gather: bool = True):
         super().__init__()
-        from braindecode_fw.models.meg import ClipMSELoss
-
         self.loss = ClipMSELoss(lambda_clip, init_log_scale, learn_scale, symmetric)
         self.targets = list(targets) if targets else None
         self.gather = gather

@@ -12,7 +12,8 @@ Pipeline, ``(B, C, T)`` MEG window -> ``{"clip": (B, F), "mse": (B, F)}``:
 5. :class:`TemporalAggregation` (§4): ``mean`` | ``affine`` | ``attention`` over time -> ``(B, F')``.
 6. Two heads ``clip`` / ``mse``: ``LayerNorm -> GELU -> Linear(F'→F)`` each.
 
-:class:`ClipMSELoss` is the Benchetrit objective ``λ·CLIP + (1−λ)·MSE`` (§5).
+The Benchetrit objective ``λ·CLIP + (1−λ)·MSE`` (§5) is :class:`~braindecode_fw.losses.ClipMSELoss`
+(importable from here too, its old home) and :class:`~braindecode_fw.objectives.ClipMSEObjective`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from braindecode_fw.contracts import REGRESSION_PREFIX  # also importable from here, its old home
 from braindecode_fw.data.meg_layout import MISSING_POSITION, valid_positions
+from braindecode_fw.losses import ClipMSELoss  # noqa: F401  (moved to losses.py; old import path kept)
 from braindecode_fw.models.decoder import Decoder
 
 # ---------------------------------------------------------------------------------------------
@@ -343,61 +345,6 @@ class MEGBrainModule(nn.Module):
         if return_features:
             out["features"] = features
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss (§5)
-
-
-class ClipMSELoss(nn.Module):
-    """Benchetrit's objective (docs/methods/meg_brainmodule.md §5): ``L = λ·L_CLIP + (1 − λ)·L_MSE``.
-
-    ``L_CLIP``: logits ``S_ij = exp(t)·cos(ẑ_i^{clip}, z_j)`` (``(B, B)``); symmetric:
-    ``½[CE(S, arange) + CE(Sᵀ, arange)]``, otherwise only the brain→image direction ``CE(S, arange)``.
-    The scale is ``exp(t)`` with ``t`` learnable (``learn_scale``) initialised at ``init_log_scale``
-    (5.0 as in the re-implementation [R]; CLIP's ``log(1/0.07) ≈ 2.66`` is the usual alternative).
-    ``L_MSE = mean_{i,f} (z_if − ẑ_if^{mse})²``.
-
-    ``forward(pred, target)``: pred ``{"clip": (B, F), "mse": (B, F)}`` (a plain tensor is used for
-    both terms), target ``(B, F)`` -> scalar. A term whose weight is 0 may be absent from ``pred``.
-    """
-
-    def __init__(self, lambda_clip: float = 0.75, init_log_scale: float = 5.0, learn_scale: bool = True,
-                 symmetric: bool = True):
-        super().__init__()
-        if not 0.0 <= lambda_clip <= 1.0:
-            raise ValueError(f"loss.lambda_clip must be in [0, 1], got {lambda_clip}")
-        self.lambda_clip, self.symmetric = lambda_clip, symmetric
-        t = torch.tensor(float(init_log_scale))
-        self.log_scale = nn.Parameter(t) if learn_scale else nn.Buffer(t)
-
-    def clip_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        p = F.normalize(pred.reshape(len(pred), -1).float(), dim=-1)
-        t = F.normalize(target.reshape(len(target), -1).float(), dim=-1)
-        logits = p @ t.T * self.log_scale.exp()
-        labels = torch.arange(len(p), device=p.device)
-        loss = F.cross_entropy(logits, labels)
-        if self.symmetric:
-            loss = (loss + F.cross_entropy(logits.T, labels)) / 2
-        return loss
-
-    def parts(self, pred: Mapping[str, torch.Tensor] | torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"loss", "clip", "mse"}`` (the terms a zero weight skips are absent)."""
-        if isinstance(pred, torch.Tensor):
-            pred = {"clip": pred, "mse": pred}
-        out: dict[str, torch.Tensor] = {}
-        total = target.new_zeros((), dtype=torch.float32)
-        if self.lambda_clip > 0:
-            out["clip"] = self.clip_loss(pred["clip"], target)
-            total = total + self.lambda_clip * out["clip"]
-        if self.lambda_clip < 1:
-            out["mse"] = F.mse_loss(pred["mse"].float(), target.float())
-            total = total + (1 - self.lambda_clip) * out["mse"]
-        out["loss"] = total
-        return out
-
-    def forward(self, pred: Mapping[str, torch.Tensor] | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.parts(pred, target)["loss"]
 
 
 # ---------------------------------------------------------------------------------------------
