@@ -4,6 +4,10 @@ Layout: ``<cache_dir>/<dataset name>-<dataset version>/<feature>-<encoder id>.np
 on read) with a ``.json`` sidecar describing the encoder. A changed dataset (new version) or
 encoder (new id) maps to a new file, so stale embeddings are never reused. Files are written to a
 temporary name in chunks and renamed when complete.
+
+A store is anything with the :class:`~braindecode_fw.contracts.StimulusStore` attributes (a
+:class:`~braindecode_fw.data.store.PreparedStore`): ``targets/`` does not import ``data/``, which
+imports it.
 """
 
 from __future__ import annotations
@@ -15,19 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from braindecode_fw.data.store import PreparedStore
+from braindecode_fw.contracts import StimulusStore
 from braindecode_fw.io import atomic_write_json
 from braindecode_fw.targets.encoders import TargetEncoder
 
 log = logging.getLogger(__name__)
 
 
-def target_cache_path(cache_dir: str | Path, store: PreparedStore, encoder: TargetEncoder) -> Path:
+def target_cache_path(cache_dir: str | Path, store: StimulusStore, encoder: TargetEncoder) -> Path:
     return Path(cache_dir) / f"{store.name}-{store.version}" / f"{encoder.feature_name}-{encoder.encoder_id}.npy"
 
 
 def load_or_compute_targets(
-    store: PreparedStore,
+    store: StimulusStore,
     encoder: TargetEncoder,
     cache_dir: str | Path,
     *,

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from braindecode_fw.contracts import StimulusStore
+
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("pooled", "tokens")
@@ -104,10 +106,10 @@ class TargetEncoder(torch.nn.Module):
     def encoder_id(self) -> str:
         return hashlib.sha256(json.dumps(self.id_blob(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def n_items(self, store) -> int:  # pragma: no cover - overridden
+    def n_items(self, store: StimulusStore) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def encode_store(self, store, start: int, stop: int) -> torch.Tensor:  # pragma: no cover - overridden
+    def encode_store(self, store: StimulusStore, start: int, stop: int) -> torch.Tensor:  # pragma: no cover - overridden
         """Targets of stimuli ``start:stop`` of ``store``: ``(stop - start, *output_shape)``."""
         raise NotImplementedError
 
