@@ -354,10 +354,14 @@ class BrainITDecoder(Decoder):
                 out[target] = value[:, 0] if name in self.pooled else value
         return out
 
-    def add_subject(self, subject: str, n_voxels: int) -> list[str]:
+    def add_subject(self, subject: str, n_voxels: int, init_bias_from: str | None = None) -> list[str]:
         """Fresh voxel embeddings (and unset cluster labels) for a new subject in every branch and
         in the universal encoder; returns the parameter-name prefixes of the BIT embeddings, the
-        only parameters Brain-IT's transfer trains (docs/methods/brainit.md §7)."""
+        only parameters Brain-IT's transfer trains (docs/methods/brainit.md §7). There is no adapter
+        bias to start from (``init_bias_from`` must be None): :meth:`nearest_voxel_init` starts them."""
+        if init_bias_from is not None:
+            raise ValueError("adaptation.init_bias_from: Brain-IT has no adapter bias; use adaptation.init: "
+                             "nearest_voxel (adaptation=brainit_transfer)")
         prefixes = []
         for name, bit in self.branches.items():
             bit.add_subject(subject, n_voxels)
@@ -365,6 +369,13 @@ class BrainITDecoder(Decoder):
         if self.universal_encoder is not None:
             self.universal_encoder.add_subject(subject, n_voxels)
         return prefixes
+
+    def nearest_voxel_init(self, subject: str, datamodule, spec: Mapping) -> dict:
+        """Brain-IT's transfer to a new subject (:func:`~braindecode_fw.models.brainit_stage0.transfer_initialise`,
+        docs/methods/brainit.md §7)."""
+        from braindecode_fw.models.brainit_stage0 import transfer_initialise
+
+        return transfer_initialise(self, subject, datamodule, spec)
 
     def set_clusters(self, labels: Mapping[str, torch.Tensor]) -> None:
         """Every branch's cluster labels per subject (``labels[s]`` ``(V_s,)``)."""

@@ -1,14 +1,21 @@
-"""Decoder: subject adapters -> shared encoder -> one head per target (docs/architecture.md §2, §4.4)."""
+"""Decoder: subject adapters -> shared encoder -> one head per target (docs/architecture.md §2, §4.4).
+
+:class:`Decoder` also declares the optional hooks the tasks call on every decoder (data
+configuration, artifacts of a run, voxel clusters and coordinates, adding a subject): each has a
+documented default, and a method overrides the ones it needs.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from braindecode_fw.contracts import LOWLEVEL_AUX_TOKENS, aux_loss_key, backbone_key, is_aux_loss
+from braindecode_fw.models.adapters import SubjectLinearAdapter
 
 
 class Decoder(nn.Module):
@@ -18,6 +25,14 @@ class Decoder(nn.Module):
     With ``responses`` of shape ``(B, R, F_max)`` and ``repeat_mask`` ``(B, R)``, every repetition
     goes through the network and the outputs are averaged over the real repetitions (MindEye2's
     test-time averaging in output space, docs/evaluation.md).
+
+    Optional hooks (defaults here; a method overrides what it needs): :meth:`configure_from_data`,
+    :meth:`use_saved_artifacts` / :meth:`save_artifacts` (``bdf-train``, Brain-IT's stage 0),
+    :meth:`auxiliary_output_shapes`, :meth:`export_trained_parts` (NeuroPictor's ControlNet),
+    :attr:`n_clusters` / :meth:`has_clusters` / :meth:`set_clusters` (Brain-IT's voxel clusters),
+    :attr:`uses_voxel_coordinates` / :meth:`set_voxel_coordinates` (NeuroPictor's cortical map), and
+    for ``bdf-adapt`` :meth:`add_subject`, :attr:`subject_adapter`, :attr:`linear_adapter` and
+    :meth:`nearest_voxel_init` (Brain-IT's transfer).
     """
 
     def __init__(self, adapter: nn.Module, encoder: nn.Module, heads: Mapping[str, nn.Module]):
@@ -62,6 +77,97 @@ class Decoder(nn.Module):
         diffusers folder for ``generator=controlnet_modulated``). Returns name -> path written, which
         ``bdf-train`` records in ``result.json``. Nothing by default."""
         return {}
+
+    # -- a run's artifacts (bdf-train) ----------------------------------------------------------
+
+    def use_saved_artifacts(self, run_dir: str | Path) -> None:
+        """Called by ``bdf-train`` when it continues a run, before :meth:`configure_from_data`, with the
+        folder of the run the checkpoint belongs to: reuse what :meth:`save_artifacts` wrote when the
+        run started instead of recomputing it differently (Brain-IT reloads its stage 0 clusters from
+        ``<run_dir>/stage0``). Nothing by default."""
+
+    def save_artifacts(self, run_dir: str | Path) -> list[Path]:
+        """Called by ``bdf-train`` after :meth:`configure_from_data` (rank zero only): write what the
+        data configuration made into ``run_dir`` (Brain-IT: stage 0's clustering, encoder and report in
+        ``<run_dir>/stage0/``). Returns the paths written; nothing by default."""
+        return []
+
+    # -- voxel clusters and coordinates (set from the data, or at random by bdf-bench) ---------------
+
+    @property
+    def n_clusters(self) -> int | None:
+        """The number of functional voxel clusters each subject's voxels are assigned to before the
+        decoder can run (Brain-IT's stage 0, docs/methods/brainit.md §2.3); None: the decoder uses none."""
+        return None
+
+    def has_clusters(self) -> bool:
+        """Whether every subject's voxels have their cluster (:meth:`set_clusters`). True for decoders
+        without clusters (nothing to set)."""
+        return True
+
+    def set_clusters(self, labels: Mapping[str, torch.Tensor]) -> None:
+        """Every subject's cluster labels ``labels[s]`` ``(V_s,)`` in ``[0, n_clusters)``; only decoders
+        with :attr:`n_clusters` take them."""
+        raise ValueError(f"{type(self).__name__} has no voxel clusters to set")
+
+    @property
+    def uses_voxel_coordinates(self) -> bool:
+        """Whether the decoder places each subject's voxels by their coordinates
+        (:meth:`set_voxel_coordinates`; NeuroPictor's cortical map). False by default."""
+        return False
+
+    def set_voxel_coordinates(self, subject: str, coordinates: Any, **kwargs: Any) -> None:
+        """Place ``subject``'s voxels by ``coordinates``: ``(V, 3)`` voxel indices or ``(V, 2)`` flat-map
+        coordinates (NeuroPictor: :meth:`~braindecode_fw.models.cortical_map.CorticalProjection.set_coordinates`).
+        Only decoders with :attr:`uses_voxel_coordinates` take them."""
+        raise ValueError(f"{type(self).__name__} does not place voxels by coordinates")
+
+    # -- a new subject (bdf-adapt, tasks/adapt.py) -------------------------------------------------
+
+    @property
+    def subject_adapter(self) -> nn.Module | None:
+        """The per-subject input part that :meth:`add_subject` extends (the ``adapter`` of the adapter ->
+        encoder -> heads decoders); None where the subject-specific parts are not an adapter (MEG's
+        subject layers, NeuroPictor's cortical projection, Brain-IT's voxel embeddings)."""
+        return self._modules.get("adapter")
+
+    @property
+    def linear_adapter(self) -> SubjectLinearAdapter | None:
+        """The adapter when it is one linear (ridge) map per subject (MindEye2's, docs/methods/mindeye2.md §2):
+        what ``adaptation.init: ridge`` solves in closed form and ``adaptation.init_bias_from`` copies a
+        bias of; None otherwise."""
+        adapter = self.subject_adapter
+        return adapter if isinstance(adapter, SubjectLinearAdapter) else None
+
+    def add_subject(self, subject: str, n_features: int, init_bias_from: str | None = None) -> list[str]:
+        """Fresh subject-specific parts for a new ``subject`` with ``n_features`` inputs (``bdf-adapt``);
+        returns the parameter-name prefixes that belong to them (what ``adaptation.trainable:
+        new_subject`` trains). ``init_bias_from``: a checkpoint subject whose adapter bias the new
+        linear map starts from (MindEye2's adaptation). This default extends :attr:`subject_adapter`;
+        MindBridge adds a builder (:class:`BridgeDecoder`), Brain-IT voxel embeddings."""
+        adapter = self.subject_adapter
+        if adapter is None:
+            raise ValueError(f"bdf-adapt: {type(self).__name__} has no subject adapter to extend (the MEG brain "
+                             f"module's subject layers are trained jointly: bdf-train with the subject in data.subjects)")
+        if not hasattr(adapter, "add_subject"):  # adapters are plain modules: the one duck-typed check left
+            raise ValueError(f"model.adapter: {type(adapter).__name__} cannot add subjects")
+        adapter.add_subject(subject, n_features)
+        prefixes = [f"adapter.{name}.{subject}." for name in ("linears", "embedders", "mlps")]
+        if init_bias_from is not None:
+            linear = self.linear_adapter
+            if linear is None:
+                raise ValueError("adaptation.init_bias_from: only a linear (ridge) adapter has a bias to copy")
+            with torch.no_grad():
+                linear.linears[subject].bias.copy_(linear.linears[init_bias_from].bias)
+        return prefixes
+
+    def nearest_voxel_init(self, subject: str, datamodule: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """``adaptation.init: nearest_voxel``, after :meth:`add_subject`: start the new subject's voxel
+        parts from the nearest voxels of the checkpoint's subjects (Brain-IT's transfer,
+        docs/methods/brainit.md §7; ``spec`` is ``adaptation.nearest_voxel``). Returns what was done;
+        only Brain-IT implements it."""
+        raise ValueError(f"adaptation.init: nearest_voxel is Brain-IT's transfer (model=brainit); the "
+                         f"checkpoint's decoder is {type(self).__name__}")
 
 
 def build_decoder(
@@ -113,6 +219,19 @@ class BridgeDecoder(Decoder):
             out[aux_loss_key("reconstruction")] = nn.functional.mse_loss(self.builder(embedded, subjects), pooled)
             out[aux_loss_key("cycle")] = self.cycle_loss(embedded, subjects)
         return out
+
+    def add_subject(self, subject: str, n_features: int, init_bias_from: str | None = None) -> list[str]:
+        """:meth:`Decoder.add_subject` plus the new subject's builder, and the cycle loss runs toward the
+        new subject (docs/methods/mindbridge.md §5, reset-tuning). A single-subject model (no builders)
+        cannot be adapted this way."""
+        if self.builder is None:
+            # MindBridge adapts from a multi-subject model: the cycle loss needs a source subject's builder
+            raise ValueError("bdf-adapt: the MindBridge checkpoint has one subject and no builders; adapt "
+                             "from a model trained on at least two subjects (data.subjects)")
+        prefixes = super().add_subject(subject, n_features, init_bias_from)
+        self.builder.add_subject(subject)
+        self.cycle_target = subject
+        return [*prefixes, f"builder.builders.{subject}."]
 
     def cycle_loss(self, embedded: torch.Tensor, subjects: Sequence[str]) -> torch.Tensor:
         present = list(dict.fromkeys(subjects))

@@ -379,6 +379,16 @@ class NeuroPictorDecoder(Decoder):
         log.info("NeuroPictor: trained ControlNet exported to %s", folder)
         return {CONTROLNET_EXPORT: str(folder)}
 
+    @property
+    def uses_voxel_coordinates(self) -> bool:
+        """True: each subject's voxels are placed on the cortical map by their coordinates."""
+        return True
+
+    def set_voxel_coordinates(self, subject: str, coordinates: np.ndarray, **kwargs: Any) -> None:
+        """``subject``'s voxel -> pixel layout from ``(V, 3)`` voxel indices or ``(V, 2)`` flat-map
+        coordinates (:meth:`CorticalProjection.set_coordinates`; ``kwargs``: ``margin``, ``affine``, ``midline``)."""
+        self.projection.set_coordinates(subject, coordinates, **kwargs)
+
     def tokens(self, responses: torch.Tensor, subjects: Sequence[str]) -> torch.Tensor:
         """``(B, V)`` -> the encoder's ``(B, 1 + (H/P)², D)`` tokens."""
         return self.encoder(self.projection(responses, subjects))

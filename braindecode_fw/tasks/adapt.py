@@ -25,9 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from braindecode_fw.data.budget import Budget
 from braindecode_fw.data.datamodule import BrainDataModule
 from braindecode_fw.io import atomic_write_json, atomic_write_text
-from braindecode_fw.models.adapters import SubjectLinearAdapter
-from braindecode_fw.models.brainit import BrainITDecoder
-from braindecode_fw.models.decoder import BridgeDecoder, Decoder
+from braindecode_fw.models.decoder import Decoder
 from braindecode_fw.models.ridge import fit_ridge
 from braindecode_fw.pipeline.build import build_datamodule, build_model
 from braindecode_fw.pipeline.checkpoint import load_checkpoint
@@ -43,34 +41,9 @@ INITS = (None, "ridge", "nearest_voxel")
 
 def add_subject(decoder: Decoder, subject: str, n_features: int, init_bias_from: str | None) -> list[str]:
     """Give ``decoder`` fresh subject-specific parts for ``subject``; returns the parameter-name
-    prefixes that belong to it."""
-    if isinstance(decoder, BrainITDecoder):  # per-voxel embeddings in every BIT branch (docs/methods/brainit.md §7)
-        if init_bias_from is not None:
-            raise ValueError("adaptation.init_bias_from: Brain-IT has no adapter bias; use adaptation.init: "
-                             "nearest_voxel (adaptation=brainit_transfer)")
-        return decoder.add_subject(subject, n_features)
-    adapter = getattr(decoder, "adapter", None)
-    if adapter is None:
-        raise ValueError(f"bdf-adapt: {type(decoder).__name__} has no subject adapter to extend (the MEG brain "
-                         f"module's subject layers are trained jointly: bdf-train with the subject in data.subjects)")
-    if not hasattr(adapter, "add_subject"):
-        raise ValueError(f"model.adapter: {type(adapter).__name__} cannot add subjects")
-    if isinstance(decoder, BridgeDecoder) and decoder.builder is None:
-        # MindBridge adapts from a multi-subject model: the cycle loss needs a source subject's builder
-        raise ValueError("bdf-adapt: the MindBridge checkpoint has one subject and no builders; adapt "
-                         "from a model trained on at least two subjects (data.subjects)")
-    adapter.add_subject(subject, n_features)
-    prefixes = [f"adapter.{name}.{subject}." for name in ("linears", "embedders", "mlps")]
-    if isinstance(decoder, BridgeDecoder):
-        decoder.builder.add_subject(subject)
-        decoder.cycle_target = subject
-        prefixes.append(f"builder.builders.{subject}.")
-    if init_bias_from is not None:
-        if not hasattr(adapter, "linears"):
-            raise ValueError("adaptation.init_bias_from: only a linear (ridge) adapter has a bias to copy")
-        with torch.no_grad():
-            adapter.linears[subject].bias.copy_(adapter.linears[init_bias_from].bias)
-    return prefixes
+    prefixes that belong to it (:meth:`~braindecode_fw.models.decoder.Decoder.add_subject`, which
+    each method's decoder overrides as it needs)."""
+    return decoder.add_subject(subject, n_features, init_bias_from=init_bias_from)
 
 
 def freeze_except(decoder: Decoder, prefixes: list[str]) -> int:
@@ -92,9 +65,10 @@ def ridge_initialise(decoder: Decoder, subject: str, new_dm: BrainDataModule, so
     vectors for the new subject's budget images; (3) the new adapter is the ridge solution from the
     new subject's responses to them. Penalties are chosen by leave-one-out error (models/ridge.py).
     """
-    adapter = decoder.adapter
-    if not isinstance(adapter, SubjectLinearAdapter):
-        raise ValueError(f"adaptation.init: ridge needs a linear (ridge) adapter, the model has {type(adapter).__name__}")
+    adapter = decoder.linear_adapter
+    if adapter is None:
+        raise ValueError(f"adaptation.init: ridge needs a linear (ridge) adapter, the model has "
+                         f"{type(decoder.subject_adapter).__name__}")
     seed = int(spec.get("seed", 0))
     xs, ys = [], []
     with torch.no_grad():
@@ -211,12 +185,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     if ad.get("init") == "ridge":
         init_info = ridge_initialise(decoder.eval(), subject, dm, source_dm, train_cfg.target.feature_name, ad.ridge)
     elif ad.get("init") == "nearest_voxel":
-        if not isinstance(decoder, BrainITDecoder):
-            raise ValueError(f"adaptation.init: nearest_voxel is Brain-IT's transfer (model=brainit); the "
-                             f"checkpoint's decoder is {type(decoder).__name__}")
-        from braindecode_fw.models.brainit_stage0 import transfer_initialise
-
-        init_info = transfer_initialise(decoder, subject, dm, OmegaConf.to_container(ad.nearest_voxel))
+        init_info = decoder.nearest_voxel_init(subject, dm, OmegaConf.to_container(ad.nearest_voxel))
     trainable = freeze_except(decoder, prefixes) if ad.trainable == "new_subject" else \
         sum(p.numel() for p in decoder.parameters())
     n_train = dm.trial_counts("train")[subject]

@@ -295,15 +295,14 @@ def _stand_in_data_configuration(decoder, n_features: dict[str, int]) -> None:
     import numpy as np
 
     gen = torch.Generator().manual_seed(0)
-    if hasattr(decoder, "has_clusters") and not decoder.has_clusters():
+    if not decoder.has_clusters():
         decoder.set_clusters({s: torch.randint(0, decoder.n_clusters, (n,), generator=gen)
                               for s, n in n_features.items()})
-    projection = getattr(decoder, "projection", None)
-    if projection is not None and hasattr(projection, "set_coordinates"):
+    if decoder.uses_voxel_coordinates:
         rng = np.random.default_rng(0)
         for s, n in n_features.items():
             flat = rng.choice(81 * 104 * 83, n, replace=False)
-            projection.set_coordinates(s, np.stack(np.unravel_index(flat, (81, 104, 83)), -1))
+            decoder.set_voxel_coordinates(s, np.stack(np.unravel_index(flat, (81, 104, 83)), -1))
 
 
 def bench_models(mc: DictConfig, device: str) -> dict[str, Any]:

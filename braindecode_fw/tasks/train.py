@@ -28,7 +28,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     store = ensure_store(cfg.dataset)
     dm = build_datamodule(cfg, store)
     decoder = build_model(cfg, dm.n_features, dm.target_shapes)
-    if resume_from and hasattr(decoder, "use_saved_artifacts"):
+    if resume_from:
         decoder.use_saved_artifacts(Path(resume_from).parents[1])  # the run the checkpoint belongs to
     decoder.configure_from_data(dm)
     if cfg.get("init_from") and not resume_from:  # a continued run restores its own weights instead
@@ -37,7 +37,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         warm = load_matching_weights(decoder, cfg.init_from)
         if is_rank_zero():
             atomic_write_json(run_dir / "init_from.json", warm)
-    if is_rank_zero() and hasattr(decoder, "save_artifacts"):
+    if is_rank_zero():
         decoder.save_artifacts(run_dir)  # what configure_from_data made, e.g. Brain-IT's stage 0
     resolved = OmegaConf.to_container(cfg, resolve=True)
     previous = run_dir / "config_resolved.yaml"
