@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from braindecode_fw.contracts import GENERATED_FINAL
 from braindecode_fw.metrics.images import as_float_images
 from braindecode_fw.ops.loggers import log_image
 from braindecode_fw.viz.grids import comparison_grid, save_png
@@ -118,4 +119,4 @@ class ImageGridCallback(L.Callback):
         # trials gives no feature statistics (bdf-reconstruct and the final grid calibrate)
         sources = conditioning_sources(decoder, generator_inputs(self._generator, out))
         inputs = {n: out[src].float().cpu() for n, src in sources.items()}
-        return self._generator.reconstruct(inputs, [image_seed(self.seed, i, 0) for i in images])["final"]
+        return self._generator.reconstruct(inputs, [image_seed(self.seed, i, 0) for i in images])[GENERATED_FINAL]

@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from braindecode_fw.contracts import GENERATED_FINAL, GENERATED_LOWLEVEL
 from braindecode_fw.generation.feature_inversion import FeatureInverter
 from braindecode_fw.generation.reconstructor import (
     Reconstructor,
@@ -223,9 +224,9 @@ def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: 
     log.info("reconstructed %d test images of %s in %.1f s", len(idx), subject, time.perf_counter() - t0)
     gts = as_float_images(dm.store.images[idx])
     shown = slice(0, n_images)
-    lowlevel = out.get("lowlevel")
+    lowlevel = out.get(GENERATED_LOWLEVEL)
     grid = comparison_grid(_grid_columns(gts[shown], None if lowlevel is None else lowlevel[shown],
-                                         out["final"][shown]))
+                                         out[GENERATED_FINAL][shown]))
     save_png(grid, path)
     log_image(loggers or [], "reconstruct/grid", grid)
     summary = None
@@ -233,7 +234,7 @@ def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: 
         from braindecode_fw.metrics.suite import ImageMetricSuite, mean_ci95
 
         suite = ImageMetricSuite(metrics_cfg)
-        per_image = suite(out["final"][:n_metric_images], gts[:n_metric_images])
+        per_image = suite(out[GENERATED_FINAL][:n_metric_images], gts[:n_metric_images])
         stats = {k: mean_ci95(v) for k, v in per_image.items()}
         summary = {"subject": subject, "n_images": int(min(n_metric_images, len(idx))),
                    "metrics": {k: float(m) for k, (m, _) in stats.items()},

@@ -25,6 +25,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from braindecode_fw.contracts import GENERATED_FINAL, GENERATED_LOWLEVEL
 from braindecode_fw.data.reconstructions import ReconstructionWriter
 from braindecode_fw.generation.reconstructor import select_best_samples
 from braindecode_fw.metrics.images import as_float_images
@@ -111,8 +112,8 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
             samples, lowlevel = [], None
             for k in range(cfg.n_samples):
                 out = generator.reconstruct(inputs, [image_seed(cfg.seed, i, k) for i in idx])
-                samples.append(out["final"])
-                lowlevel = out.get("lowlevel", lowlevel)
+                samples.append(out[GENERATED_FINAL])
+                lowlevel = out.get(GENERATED_LOWLEVEL, lowlevel)
             stacked = torch.stack(samples, dim=1)  # (b, n_samples, 3, H, W)
             if encoder is not None:
                 chosen, _ = select_best_samples(stacked, inputs[target], encoder.encode)
