@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from braindecode_fw.demo.corpus import (
     caption_variant,
 )
 from braindecode_fw.demo.publish import publish_folder
-from braindecode_fw.schema import check_keys
+from braindecode_fw.schema import FROM_YAML, check_keys, config_dataclass, setting
 from braindecode_fw.targets.encoders import Preprocess
 
 log = logging.getLogger(__name__)
@@ -56,24 +56,33 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 PROMPT_CATEGORY = "a {category}"
 
 
-@dataclass
-class TinyClipConfig:
-    """How the tiny CLIP is trained (``demo_models.clip`` in braindecode_fw/conf/prepare.yaml)."""
+_SCENE_DEFAULTS = (("dataset/synthetic.yaml", "world", ("image_size", "max_objects")),)
 
-    seed: int = 0
-    image_size: int = 64
-    max_objects: int = 3
-    n_train_scenes: int = 60000
-    n_heldout_scenes: int = 1000
-    steps: int = 800
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 80
-    full_caption_probability: float = 0.5
-    category_groups: int = 6        # per batch: groups of len(CATEGORIES) scenes differing only in shape
-    log_every: int = 50
-    overrides: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(TINY_CLIP_OVERRIDES)))
+
+@config_dataclass("demo_models/retrain.yaml", "clip", key="demo_models.clip", also=_SCENE_DEFAULTS)
+class TinyClipConfig:
+    """How the tiny CLIP is trained: ``clip`` of braindecode_fw/conf/demo_models/retrain.yaml holds every
+    default and describes every key; ``image_size`` and ``max_objects`` are the synthetic world's
+    (``world`` of braindecode_fw/conf/dataset/synthetic.yaml), as ``bdf-prepare demo_models=retrain`` passes them."""
+
+    seed: int = setting(min=0)
+    image_size: int = setting(min=1)
+    max_objects: int = setting(min=1)
+    n_train_scenes: int = setting(min=1)
+    n_heldout_scenes: int = setting(min=1)
+    steps: int = setting(min=1)
+    batch_size: int = setting(min=1)
+    lr: float = setting(gt=0)
+    weight_decay: float = setting(min=0)
+    warmup_steps: int = setting(min=0)
+    full_caption_probability: float = setting(min=0, max=1)
+    category_groups: int = setting(min=0)  # per batch: groups of len(CATEGORIES) scenes differing only in shape
+    log_every: int = setting(min=1)
+    overrides: dict[str, Any] | None = FROM_YAML  # null (the YAML's): a copy of TINY_CLIP_OVERRIDES
+
+    def __post_init__(self) -> None:
+        if self.overrides is None:
+            self.overrides = json.loads(json.dumps(TINY_CLIP_OVERRIDES))
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> TinyClipConfig:

@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from braindecode_fw.demo.corpus import HELDOUT_STREAM, TRAIN_STREAM, build_corpus
-from braindecode_fw.schema import check_keys
+from braindecode_fw.schema import FROM_YAML, check_keys, config_dataclass, setting
 
 log = logging.getLogger(__name__)
 
@@ -60,44 +60,44 @@ SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
 
 
-@dataclass
+@config_dataclass("demo_models/retrain.yaml", "generator", key="demo_models.generator",
+                  also=(("dataset/synthetic.yaml", "world", ("image_size", "max_objects")),))
 class TinyGeneratorConfig:
-    """How the tiny generator is trained (``demo_models.generator`` in braindecode_fw/conf/prepare.yaml)."""
+    """How the tiny generator is trained: ``generator`` of braindecode_fw/conf/demo_models/retrain.yaml holds
+    every default and describes every key; ``image_size`` and ``max_objects`` are the synthetic world's
+    (``world`` of braindecode_fw/conf/dataset/synthetic.yaml), as ``bdf-prepare demo_models=retrain`` passes them."""
 
-    seed: int = 0
-    image_size: int = 64
-    max_objects: int = 3
-    n_train_scenes: int = 30000
-    n_heldout_scenes: int = 200
-    vae_steps: int = 800
-    vae_batch_size: int = 32
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    unet_steps: int = 7000
-    unet_minutes: float | None = None  # wall-clock budget: the schedule runs on elapsed time, unet_steps caps it
-    unet_batch_size: int = 64
-    unet_lr: float = 1e-3
-    unet_channels: tuple[int, ...] = (64, 128)
-    unet_time_scale_shift: str = "default"  # "scale_shift": the label modulates every block (AdaGN)
-    unet_precision: str = "bf16-mixed"  # bfloat16 autocast forward; "32-true" on CPUs without native bf16
-    device: str = "cpu"             # auto | cpu | cuda: where VAE and UNet train and the card samples
-    condition_dropout: float = 0.1
-    snr_gamma: float | None = 5.0   # Min-SNR-γ loss weighting (Hang et al. 2023); null = plain MSE
-    object_loss_weight: float = 4.0  # latent cells in an object's bounding square weigh 1 + this (0: plain)
-    reuse_vae: bool = False         # keep the VAE of the generator already in the output folder
-    resume_unet: bool = False       # continue that generator's UNet for unet_steps more (needs reuse_vae)
-    max_noise_level: int = 300      # training embeddings are noise-augmented to levels in [0, this]
-    ema_decay: float = 0.999
-    sample_steps: int = 20
-    guidance_scale: float = 5.0
-    log_every: int = 100
+    seed: int = setting(min=0)
+    image_size: int = setting(min=1)
+    max_objects: int = setting(min=1)
+    n_train_scenes: int = setting(min=1)
+    n_heldout_scenes: int = setting(min=1)
+    vae_steps: int = setting(min=0)
+    vae_batch_size: int = setting(min=1)
+    vae_lr: float = setting(gt=0)
+    vae_kl_weight: float = setting(min=0)
+    unet_steps: int = setting(min=0)
+    unet_minutes: float | None = FROM_YAML  # wall-clock budget: the schedule runs on elapsed time, unet_steps caps it
+    unet_batch_size: int = setting(min=1)
+    unet_lr: float = setting(gt=0)
+    unet_channels: tuple[int, ...] = setting(min=1)
+    unet_time_scale_shift: str = FROM_YAML  # "scale_shift": the label modulates every block (AdaGN)
+    unet_precision: str = FROM_YAML  # bfloat16 autocast forward; "32-true" on CPUs without native bf16
+    device: str = FROM_YAML             # auto | cpu | cuda: where VAE and UNet train and the card samples
+    condition_dropout: float = setting(min=0, max=1)
+    snr_gamma: float | None = setting(gt=0)   # Min-SNR-γ loss weighting (Hang et al. 2023); null = plain MSE
+    object_loss_weight: float = FROM_YAML  # latent cells in an object's bounding square weigh 1 + this (0: plain)
+    reuse_vae: bool = FROM_YAML         # keep the VAE of the generator already in the output folder
+    resume_unet: bool = FROM_YAML       # continue that generator's UNet for unet_steps more (needs reuse_vae)
+    max_noise_level: int = setting(min=0)      # training embeddings are noise-augmented to levels in [0, this]
+    ema_decay: float = setting(min=0, max=1)
+    sample_steps: int = setting(min=1)
+    guidance_scale: float = FROM_YAML
+    log_every: int = setting(min=1)
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> TinyGeneratorConfig:
         check_keys(cls, values, "demo_models.generator: unknown key(s)")
-        values = dict(values)
-        if "unet_channels" in values:
-            values["unet_channels"] = tuple(values["unet_channels"])
         cfg = cls(**values)
         if cfg.unet_time_scale_shift not in TIME_SCALE_SHIFTS:
             raise ValueError(f"demo_models.generator.unet_time_scale_shift: one of {list(TIME_SCALE_SHIFTS)}, "

@@ -189,3 +189,16 @@ def test_config_tree_ships_inside_the_package():
     shipped = {p for g in globs for p in pkg.glob(g)}
     on_disk = {p for p in CONF_DIR.rglob("*") if p.is_file()}
     assert on_disk and on_disk == shipped, sorted(str(p) for p in on_disk ^ shipped)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["dataset.world.seed=abc"], "dataset.world.seed: expected an integer, got 'abc'"),
+    (["dataset=nsd", "dataset.chunk_trials=abc"], "dataset.chunk_trials: expected an integer, got 'abc'"),
+    (["dataset=nsd", "dataset.chunk_trials=-5"], "dataset.chunk_trials: expected an integer >= 1, got -5"),
+])
+def test_prepare_wrong_type_or_range_is_a_one_line_error(tmp_path, args, needle):
+    # braindecode_fw/schema.py checks every field of the config dataclasses before any work starts
+    store = tmp_path / "store"
+    proc = _run("bdf-prepare", [*args, f"dataset.store={store}"], tmp_path)
+    _assert_one_line_error(proc, "bdf-prepare: error:", needle)
+    assert not store.exists()

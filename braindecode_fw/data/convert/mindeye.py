@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from braindecode_fw.data.convert.common import is_val_image, matching_store, remove_stale_partials
 from braindecode_fw.data.store import ImageStream, StoreWriter, TrialTable
+from braindecode_fw.schema import yaml_section
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +166,11 @@ def _repeat_counts(id73k: np.ndarray) -> np.ndarray:
     return repeat
 
 
-def _val_options(cfg: Any) -> tuple[float, int]:
-    fraction = float(_get(cfg, "val_fraction", 0.03))
+def _val_options(cfg: Any, defaults: dict[str, Any]) -> tuple[float, int]:
+    fraction = float(_get(cfg, "val_fraction", defaults["val_fraction"]))
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"dataset.val_fraction: {fraction} must be in [0, 1)")
-    return fraction, int(_get(cfg, "val_seed", 0))
+    return fraction, int(_get(cfg, "val_seed", defaults["val_seed"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,16 +389,17 @@ def convert_mindeye2(dataset_cfg: Any) -> dict[str, Any]:
     converter = "braindecode_fw.data.convert.mindeye:convert_mindeye2"
     root = _root(dataset_cfg, "MindEye2's release (betas_all_subjXX_fp32_renorm.hdf5, wds/, ...)")
     store = Path(str(dataset_cfg.store))
-    subjects = _subjects(dataset_cfg, list(range(1, 9)))
-    convention = _choice(dataset_cfg, "test_convention", "new", tuple(TEST_TARS))
-    validate = _choice(dataset_cfg, "validate", "warn", ("warn", "fail", "off"))
-    image_size = int(_get(dataset_cfg, "image_size", 224))
-    chunk_rows = int(_get(dataset_cfg, "chunk_rows", 1024))
-    val_fraction, val_seed = _val_options(dataset_cfg)
+    defaults = yaml_section("dataset/mindeye2.yaml")  # the one source of every default
+    subjects = _subjects(dataset_cfg, defaults["subjects"])
+    convention = _choice(dataset_cfg, "test_convention", defaults["test_convention"], tuple(TEST_TARS))
+    validate = _choice(dataset_cfg, "validate", defaults["validate"], ("warn", "fail", "off"))
+    image_size = int(_get(dataset_cfg, "image_size", defaults["image_size"]))
+    chunk_rows = int(_get(dataset_cfg, "chunk_rows", defaults["chunk_rows"]))
+    val_fraction, val_seed = _val_options(dataset_cfg, defaults)
     if image_size < 8 or chunk_rows < 1:
         raise ValueError(f"dataset.image_size ({image_size}) must be >= 8 and dataset.chunk_rows ({chunk_rows}) >= 1")
-    force = bool(_get(dataset_cfg, "force", False))
-    name = str(_get(dataset_cfg, "name", "mindeye2"))
+    force = bool(_get(dataset_cfg, "force", defaults["force"]))
+    name = str(_get(dataset_cfg, "name", defaults["name"]))
 
     images_path = root / "coco_images_224_float16.hdf5"
     shared_path = root / "shared1000.npy"
@@ -686,15 +688,16 @@ def convert_mindeye1_avg(dataset_cfg: Any) -> dict[str, Any]:
     converter = "braindecode_fw.data.convert.mindeye:convert_mindeye1_avg"
     root = _root(dataset_cfg, "MindEye1's webdataset_avg_split (train/, val/, test/)")
     store = Path(str(dataset_cfg.store))
-    subjects = _subjects(dataset_cfg, [1, 2, 5, 7])
-    layout = _choice(dataset_cfg, "layout", "auto", ("auto", "tar", "extracted"))
-    validate = _choice(dataset_cfg, "validate", "warn", ("warn", "fail", "off"))
-    image_size = int(_get(dataset_cfg, "image_size", 224))
+    defaults = yaml_section("dataset/mindeye1_avg.yaml")  # the one source of every default
+    subjects = _subjects(dataset_cfg, defaults["subjects"])
+    layout = _choice(dataset_cfg, "layout", defaults["layout"], ("auto", "tar", "extracted"))
+    validate = _choice(dataset_cfg, "validate", defaults["validate"], ("warn", "fail", "off"))
+    image_size = int(_get(dataset_cfg, "image_size", defaults["image_size"]))
     if image_size < 8:
         raise ValueError(f"dataset.image_size: {image_size} must be >= 8")
-    zscore_at_load = bool(_get(dataset_cfg, "zscore_at_load", False))
-    force = bool(_get(dataset_cfg, "force", False))
-    name = str(_get(dataset_cfg, "name", "mindeye1_avg"))
+    zscore_at_load = bool(_get(dataset_cfg, "zscore_at_load", defaults["zscore_at_load"]))
+    force = bool(_get(dataset_cfg, "force", defaults["force"]))
+    name = str(_get(dataset_cfg, "name", defaults["name"]))
 
     layouts = {s: _me1_layout(root, s, layout) for s in subjects}
     sources: dict[str, Any] = {}

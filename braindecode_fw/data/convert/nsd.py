@@ -25,7 +25,7 @@ import re
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from braindecode_fw.data.convert.common import (
 )
 from braindecode_fw.data.normalization import ncsnr_from_repeats
 from braindecode_fw.data.store import StoreWriter, TrialTable
-from braindecode_fw.schema import dataclass_from_mapping
+from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +66,35 @@ class NSDInputError(ValueError):
     """Raw NSD input is missing or not in the expected format; the message names the file."""
 
 
-@dataclass
+@config_dataclass("dataset/nsd.yaml", key="dataset")
 class NSDConvertConfig:
-    """Mirror of ``braindecode_fw/conf/dataset/nsd.yaml`` (see docs/datasets/nsd.md for every key)."""
+    """Mirror of ``braindecode_fw/conf/dataset/nsd.yaml``, which holds every default (braindecode_fw/schema.py
+    fills the fields from it; ``store`` is None outside Hydra). docs/datasets/nsd.md describes every key."""
 
-    root: str | None = None
-    store: str | None = None
-    name: str = "nsd"
-    kind: str = "nsd"
-    modality: str = "fmri"
-    auto_prepare: bool = False
-    subjects: list[int] = field(default_factory=lambda: [1])
-    sessions: Any = None  # null = all found on disk | int N = 1..N | list of 1-based sessions
-    beta_format: str = "nifti"
-    beta_version: str = "b3"
-    roi: dict[str, Any] = field(default_factory=lambda: {"file": "nsdgeneral", "labels": [1]})
-    image_size: int = 224
-    test_convention: str = "new"
-    val_fraction: float = 0.1
-    val_seed: int = 0
-    dtype: str = "float32"
-    ncsnr_threshold: float | None = None
-    ncsnr_images: str = "all"
-    captions: str | None = None
-    validate: str = "warn"
-    force: bool = False
-    progress: bool = True
-    chunk_trials: int = 75
-    image_chunk: int = 32
+    root: str | None = FROM_YAML
+    store: str | None = FROM_YAML
+    name: str = FROM_YAML
+    kind: str = FROM_YAML
+    modality: str = FROM_YAML
+    auto_prepare: bool = FROM_YAML
+    subjects: list[int] = FROM_YAML
+    sessions: Any = FROM_YAML  # null = all found on disk | int N = 1..N | list of 1-based sessions
+    beta_format: str = FROM_YAML
+    beta_version: str = FROM_YAML
+    roi: dict[str, Any] = FROM_YAML
+    image_size: int = FROM_YAML
+    test_convention: str = FROM_YAML
+    val_fraction: float = FROM_YAML
+    val_seed: int = FROM_YAML
+    dtype: str = FROM_YAML
+    ncsnr_threshold: float | None = FROM_YAML
+    ncsnr_images: str = FROM_YAML
+    captions: str | None = FROM_YAML
+    validate: str = FROM_YAML
+    force: bool = FROM_YAML
+    progress: bool = FROM_YAML
+    chunk_trials: int = setting(min=1)
+    image_chunk: int = setting(min=1)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> NSDConvertConfig:

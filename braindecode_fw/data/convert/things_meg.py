@@ -38,7 +38,7 @@ import math
 import re
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ from braindecode_fw.data.meg_layout import (
 )
 from braindecode_fw.data.meg_preprocessing import RobustScaling, baseline_correct
 from braindecode_fw.data.store import StoreWriter, TrialTable
-from braindecode_fw.schema import dataclass_from_mapping
+from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
 log = logging.getLogger(__name__)
 
@@ -78,38 +78,39 @@ class ThingsMEGInputError(ValueError):
     """THINGS-MEG input is missing or not in the expected format; the message names the file."""
 
 
-@dataclass
+@config_dataclass("dataset/things_meg.yaml", key="dataset")
 class ThingsMEGConvertConfig:
-    """Mirror of ``braindecode_fw/conf/dataset/things_meg.yaml`` (every key is described in docs/datasets/things_meg.md)."""
+    """Mirror of ``braindecode_fw/conf/dataset/things_meg.yaml``, which holds every default (braindecode_fw/schema.py
+    fills the fields from it; ``store`` is None outside Hydra). docs/datasets/things_meg.md describes every key."""
 
-    root: str | None = None
-    images_root: str | None = None
-    store: str | None = None
-    name: str = "things_meg"
-    kind: str = "things_meg"
-    modality: str = "meg"
-    auto_prepare: bool = False
-    input: str = "raw"
-    subjects: list[str] | None = None
-    sessions: Any = None  # null = all on disk | int N = 1..N | list of 1-based sessions
-    onset_source: str = "events_tsv"
-    sfreq: float = 120.0
-    tmin: float = -0.5
-    tmax: float = 1.0
-    baseline: list[float | None] | None = field(default_factory=lambda: [None, 0.0])
-    l_freq: float | None = None
-    h_freq: float | None = None
-    resample_method: str = "fft"
-    clamp: float | None = 20.0
-    split: str = "benchetrit"
-    val_fraction: float = 0.1
-    val_seed: int = 0
-    image_size: int = 224
-    caption_template: str = "{concept}"
-    dtype: str = "float32"
-    force: bool = False
-    progress: bool = True
-    image_chunk: int = 64
+    root: str | None = FROM_YAML
+    images_root: str | None = FROM_YAML
+    store: str | None = FROM_YAML
+    name: str = FROM_YAML
+    kind: str = FROM_YAML
+    modality: str = FROM_YAML
+    auto_prepare: bool = FROM_YAML
+    input: str = FROM_YAML
+    subjects: list[str | int] | None = FROM_YAML  # BIGMEG1 or 1; normalised to labels by validate_choices
+    sessions: Any = FROM_YAML  # null = all on disk | int N = 1..N | list of 1-based sessions
+    onset_source: str = FROM_YAML
+    sfreq: float = FROM_YAML
+    tmin: float = FROM_YAML
+    tmax: float = FROM_YAML
+    baseline: list[float | None] | None = FROM_YAML
+    l_freq: float | None = FROM_YAML
+    h_freq: float | None = FROM_YAML
+    resample_method: str = FROM_YAML
+    clamp: float | None = FROM_YAML
+    split: str = FROM_YAML
+    val_fraction: float = FROM_YAML
+    val_seed: int = FROM_YAML
+    image_size: int = FROM_YAML
+    caption_template: str = FROM_YAML
+    dtype: str = FROM_YAML
+    force: bool = FROM_YAML
+    progress: bool = FROM_YAML
+    image_chunk: int = setting(min=1)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> ThingsMEGConvertConfig:

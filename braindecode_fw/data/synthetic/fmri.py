@@ -29,20 +29,27 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.stats import norm
 
+from braindecode_fw.schema import config_dataclass, setting
 
-@dataclass
+
+@config_dataclass("dataset/synthetic.yaml", "world.ncsnr", key="dataset.world.ncsnr")
 class NoiseCeilingConfig:
-    median: float = 0.35  # NSD nsdgeneral b3 ncsnr: median ~0.3-0.4, long right tail
-    log_sigma: float = 0.55
-    min: float = 0.05
-    max: float = 1.5
+    """Per-voxel noise-ceiling SNR, log-normal (NSD nsdgeneral b3 ncsnr: median ~0.3-0.4, long right
+    tail); defaults: ``world.ncsnr`` of braindecode_fw/conf/dataset/synthetic.yaml."""
+
+    median: float = setting(gt=0)
+    log_sigma: float = setting(min=0)
+    min: float = setting(gt=0)
+    max: float = setting(gt=0)
 
 
-@dataclass
+@config_dataclass("dataset/synthetic.yaml", "world.drift", key="dataset.world.drift")
 class DriftConfig:
-    gain_sd: float = 0.1  # multiplicative session drift, log-normal sd
-    offset_sd: float = 0.5  # additive session drift, in signal-sd units
-    baseline_sd: float = 1.0  # per-voxel constant offset
+    """Per-session drift; defaults: ``world.drift`` of braindecode_fw/conf/dataset/synthetic.yaml."""
+
+    gain_sd: float = setting(min=0)  # multiplicative session drift, log-normal sd
+    offset_sd: float = setting(min=0)  # additive session drift, in signal-sd units
+    baseline_sd: float = setting(min=0)  # per-voxel constant offset
 
 
 @dataclass

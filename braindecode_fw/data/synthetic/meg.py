@@ -40,37 +40,42 @@ import numpy as np
 import scipy.fft
 
 from braindecode_fw.data.synthetic.fmri import SubjectSimulation, _smooth_field
+from braindecode_fw.schema import FROM_YAML, config_dataclass, setting
 
 
 @dataclass
 class KernelConfig:
-    """Temporal response of one population: difference of gamma functions (seconds)."""
+    """Temporal response of one population: difference of gamma functions (seconds). No defaults of its
+    own: ``world.early_kernel`` and ``world.higher_kernel`` of braindecode_fw/conf/dataset/synthetic_meg.yaml
+    hold them (two populations, two settings)."""
 
-    latency: list[float] = field(default_factory=lambda: [0.08, 0.13])  # peak latency range, drawn smoothly
-    shape: float = 8.0  # gamma shape: peak width ~ latency / sqrt(shape)
-    rebound: float = 0.3  # amplitude of the opposite-sign later lobe (at twice the latency)
+    latency: list[float] = field(metadata={"gt": 0})  # peak latency range, drawn smoothly
+    shape: float = field(metadata={"gt": 0})  # gamma shape: peak width ~ latency / sqrt(shape)
+    rebound: float = field(metadata={"min": 0})  # amplitude of the opposite-sign later lobe (at twice the latency)
 
 
-@dataclass
+@config_dataclass("dataset/synthetic_meg.yaml", "world.lead_field", key="dataset.world.lead_field")
 class LeadFieldConfig:
-    """Smooth source -> sensor mixing on the 2-D CTF-275 sensor plane (positions in [0, 1]²)."""
+    """Smooth source -> sensor mixing on the 2-D CTF-275 sensor plane (positions in [0, 1]²); defaults:
+    ``world.lead_field`` of braindecode_fw/conf/dataset/synthetic_meg.yaml."""
 
-    width: list[float] = field(default_factory=lambda: [0.06, 0.14])  # Gaussian sd, superficial -> deep source
-    plane_scale: float = 0.7  # extent of the source volume on the sensor plane
-    plane_centre: list[float] = field(default_factory=lambda: [0.5, 0.35])  # posterior: visual cortex
-    subject_rotation_deg: float = 10.0  # sd of the subject-specific rotation of the source map
-    subject_offset: float = 0.04  # sd of the subject-specific shift of the source map
-    orientation_smoothness: float = 3.0  # spatial smoothness (voxels) of source orientations
+    width: list[float] = setting(gt=0)  # Gaussian sd, superficial -> deep source
+    plane_scale: float = setting(gt=0)  # extent of the source volume on the sensor plane
+    plane_centre: list[float] = FROM_YAML  # posterior: visual cortex
+    subject_rotation_deg: float = setting(min=0)  # sd of the subject-specific rotation of the source map
+    subject_offset: float = setting(min=0)  # sd of the subject-specific shift of the source map
+    orientation_smoothness: float = setting(min=0)  # spatial smoothness (voxels) of source orientations
 
 
-@dataclass
+@config_dataclass("dataset/synthetic_meg.yaml", "world.noise", key="dataset.world.noise")
 class MEGNoiseConfig:
-    """Noise per trial, unit variance per sensor and sample on average."""
+    """Noise per trial, unit variance per sensor and sample on average; defaults: ``world.noise`` of
+    braindecode_fw/conf/dataset/synthetic_meg.yaml."""
 
-    alpha: float = 1.0  # PSD ∝ 1/f^alpha for the coloured part
-    white_floor: float = 0.1  # share of the variance that is white in time and space
-    spatial_correlation: float = 0.6  # share of the coloured part that is "brain noise" through a lead field
-    n_brain_sources: int = 300  # random noise sources behind the spatially correlated part
+    alpha: float = FROM_YAML  # PSD ∝ 1/f^alpha for the coloured part
+    white_floor: float = FROM_YAML  # share of the variance that is white in time and space
+    spatial_correlation: float = FROM_YAML  # share of the coloured part that is "brain noise" through a lead field
+    n_brain_sources: int = setting(min=1)  # random noise sources behind the spatially correlated part
 
 
 def real_fourier_basis(n_times: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,7 +37,7 @@ from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.data.synthetic import fmri, meg, scenes
 from braindecode_fw.data.synthetic.world import _scene_record
 from braindecode_fw.metrics.retrieval import retrieval_from_scores
-from braindecode_fw.schema import dataclass_from_mapping
+from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
 log = logging.getLogger(__name__)
 GENERATOR_VERSION = "synthetic-meg-1"
@@ -45,44 +45,43 @@ GENERATOR_VERSION = "synthetic-meg-1"
 _FMRI_ONLY = ("ncsnr_true", "noise_sd", "baseline")
 
 
-@dataclass
+@config_dataclass("dataset/synthetic_meg.yaml", "world", key="dataset.world")
 class SyntheticMEGWorldConfig:
-    """All parameters of the synthetic MEG world (mirrors ``braindecode_fw/conf/dataset/synthetic_meg.yaml``)."""
+    """All parameters of the synthetic MEG world: ``world`` of ``braindecode_fw/conf/dataset/synthetic_meg.yaml``,
+    which holds every default and describes every key (braindecode_fw/schema.py fills the fields from it)."""
 
-    seed: int = 0
-    image_size: int = 64
-    feature_resolution: int = 16
-    max_objects: int = 3
-    sources_per_subject: list[int] = field(default_factory=lambda: [600, 700, 800, 900])
-    volume_shape: list[int] = field(default_factory=lambda: [28, 34, 26])
-    n_test_images: int = 200
-    test_repetitions: int = 12
-    n_train_images: int = 1800
-    val_fraction: float = 0.1
-    n_sessions: int = 12
-    runs_per_session: int = 5
-    early_fraction: float = 0.5
-    rf_size: list[float] = field(default_factory=lambda: [0.04, 0.1])
-    tuning_smoothness: float = 2.5
-    nonlinearity_gain: float = 1.5
-    sfreq: float = 120.0
-    tmin: float = -0.5
-    tmax: float = 1.0
-    baseline: list[float] = field(default_factory=lambda: [-0.5, 0.0])
-    early_kernel: meg.KernelConfig = field(default_factory=meg.KernelConfig)
-    higher_kernel: meg.KernelConfig = field(
-        default_factory=lambda: meg.KernelConfig(latency=[0.2, 0.4], shape=6.0, rebound=0.2)
-    )
-    latency_smoothness: float = 3.0
-    evoked_amplitude: float = 1.0
-    lead_field: meg.LeadFieldConfig = field(default_factory=meg.LeadFieldConfig)
-    noise: meg.MEGNoiseConfig = field(default_factory=meg.MEGNoiseConfig)
-    snr: float = 0.15
-    clamp: float | None = 20.0
-    dtype: str = "float16"
-    subject_prefix: str = "sub"
-    oracle_subset_size: int = 200
-    oracle_n_subsets: int = 30
+    seed: int = setting(min=0)
+    image_size: int = setting(min=1)
+    feature_resolution: int = setting(min=1)
+    max_objects: int = setting(min=1)
+    sources_per_subject: list[int] = setting(min=1)
+    volume_shape: list[int] = setting(min=1)
+    n_test_images: int = setting(min=1)
+    test_repetitions: int = setting(min=1)
+    n_train_images: int = setting(min=1)
+    val_fraction: float = setting(min=0, lt=1)
+    n_sessions: int = setting(min=1)
+    runs_per_session: int = setting(min=1)
+    early_fraction: float = setting(min=0, max=1)
+    rf_size: list[float] = setting(min=0)
+    tuning_smoothness: float = setting(min=0)
+    nonlinearity_gain: float = setting(min=0)
+    sfreq: float = setting(gt=0)
+    tmin: float = FROM_YAML
+    tmax: float = FROM_YAML
+    baseline: list[float] = FROM_YAML
+    early_kernel: meg.KernelConfig = FROM_YAML
+    higher_kernel: meg.KernelConfig = FROM_YAML
+    latency_smoothness: float = setting(min=0)
+    evoked_amplitude: float = FROM_YAML
+    lead_field: meg.LeadFieldConfig = FROM_YAML
+    noise: meg.MEGNoiseConfig = FROM_YAML
+    snr: float = setting(min=0)
+    clamp: float | None = setting(gt=0)
+    dtype: str = FROM_YAML
+    subject_prefix: str = FROM_YAML
+    oracle_subset_size: int = setting(min=2)
+    oracle_n_subsets: int = setting(min=1)
 
     _NESTED: ClassVar[dict[str, type]] = {"early_kernel": meg.KernelConfig, "higher_kernel": meg.KernelConfig,
                "lead_field": meg.LeadFieldConfig, "noise": meg.MEGNoiseConfig}
@@ -181,7 +180,8 @@ def build_meg_subject(cfg: SyntheticMEGWorldConfig, n_sources: int, images: np.n
     ``semantic`` ``(N, F)`` features, kernels, lead field, noise model and signal gain."""
     sim = fmri.build_subject(
         n_sources, tuple(cfg.volume_shape), semantic.shape[1], rng, early_fraction=cfg.early_fraction,
-        ncsnr=fmri.NoiseCeilingConfig(), drift=fmri.DriftConfig(), rf_size=tuple(cfg.rf_size),
+        ncsnr=fmri.NoiseCeilingConfig(), drift=fmri.DriftConfig(),  # the fMRI world's (unused by MEG)
+        rf_size=tuple(cfg.rf_size),
         tuning_smoothness=cfg.tuning_smoothness,
     )
     drive = fmri.neural_drive(sim, fmri.image_channels(images, cfg.feature_resolution), semantic, cfg.feature_resolution)

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,39 +23,40 @@ from braindecode_fw.data.normalization import fit_session_stats, ncsnr_from_repe
 from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.data.synthetic import fmri, scenes
 from braindecode_fw.metrics.retrieval import retrieval_from_scores
-from braindecode_fw.schema import dataclass_from_mapping
+from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
 log = logging.getLogger(__name__)
 GENERATOR_VERSION = "synthetic-fmri-2"
 
 
-@dataclass
+@config_dataclass("dataset/synthetic.yaml", "world", key="dataset.world")
 class SyntheticWorldConfig:
-    """All parameters of the synthetic fMRI world (mirrors ``braindecode_fw/conf/dataset/synthetic.yaml``)."""
+    """All parameters of the synthetic fMRI world: ``world`` of ``braindecode_fw/conf/dataset/synthetic.yaml``,
+    which holds every default and describes every key (braindecode_fw/schema.py fills the fields from it)."""
 
-    seed: int = 0
-    image_size: int = 64
-    feature_resolution: int = 16
-    max_objects: int = 3
-    voxels_per_subject: list[int] = field(default_factory=lambda: [1200, 1600, 2000, 2400])
-    volume_shape: list[int] = field(default_factory=lambda: [28, 34, 26])
-    n_test_images: int = 300
-    test_repetitions: int = 3
-    n_train_images: int = 3600
-    train_repetitions: int = 1
-    val_fraction: float = 0.1
-    session_length: int = 300
-    runs_per_session: int = 12
-    early_fraction: float = 0.5
-    rf_size: list[float] = field(default_factory=lambda: [0.04, 0.1])
-    tuning_smoothness: float = 2.5
-    nonlinearity_gain: float = 1.5
-    ncsnr: fmri.NoiseCeilingConfig = field(default_factory=fmri.NoiseCeilingConfig)
-    drift: fmri.DriftConfig = field(default_factory=fmri.DriftConfig)
-    dtype: str = "float32"
-    subject_prefix: str = "subj"
-    oracle_subset_size: int = 300
-    oracle_n_subsets: int = 30
+    seed: int = setting(min=0)
+    image_size: int = setting(min=1)
+    feature_resolution: int = setting(min=1)
+    max_objects: int = setting(min=1)
+    voxels_per_subject: list[int] = setting(min=1)
+    volume_shape: list[int] = setting(min=1)
+    n_test_images: int = setting(min=2)
+    test_repetitions: int = setting(min=2)
+    n_train_images: int = setting(min=1)
+    train_repetitions: int = setting(min=1)
+    val_fraction: float = setting(min=0, lt=1)
+    session_length: int = setting(min=1)
+    runs_per_session: int = setting(min=1)
+    early_fraction: float = setting(min=0, max=1)
+    rf_size: list[float] = setting(min=0)
+    tuning_smoothness: float = setting(min=0)
+    nonlinearity_gain: float = setting(min=0)
+    ncsnr: fmri.NoiseCeilingConfig = FROM_YAML
+    drift: fmri.DriftConfig = FROM_YAML
+    dtype: str = FROM_YAML
+    subject_prefix: str = FROM_YAML
+    oracle_subset_size: int = setting(min=2)
+    oracle_n_subsets: int = setting(min=1)
 
     @classmethod
     def from_mapping(cls, cfg: dict[str, Any]) -> SyntheticWorldConfig:
