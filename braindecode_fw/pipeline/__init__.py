@@ -6,7 +6,8 @@
 - :mod:`.fitting`: a training run (run folder, Lightning trainer, test evaluation, ``result.json``);
 - :mod:`.evaluation`: retrieval of a decoder's predictions, and the metric table of reconstructions;
 - :mod:`.linear_baseline`: the ridge floor scored beside a decoder;
-- :mod:`.generation`: decoder outputs -> generator inputs, low-level images, preview grids.
+- :mod:`.generation`: decoder outputs -> generator inputs, low-level images, preview grids;
+- :mod:`.image_grid`: the training callback that draws reconstructions every few epochs.
 
 Nothing here imports a task (docs/architecture.md §3).
 """

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from braindecode_fw.data.datamodule import Batch
-from braindecode_fw.ops.image_grid import ImageGridCallback
+from braindecode_fw.pipeline.image_grid import ImageGridCallback
 from braindecode_fw.viz.grids import HEADER
 
 N_IMAGES, CELL, PAD = 12, 16, 2
