@@ -105,7 +105,8 @@ def _with_search_path(overrides: list[str], config_dirs: list[str]) -> list[str]
 def check_overrides(config_name: str, overrides: list[str], prog: str, config_dirs: list[str] | None = None) -> None:
     """Compose once before Hydra runs, to turn composition errors into one clear line.
 
-    Unknown keys get a did-you-mean suggestion; unknown group options list the available ones.
+    Unknown keys get a did-you-mean suggestion; unknown group options list the available ones; the
+    stable core keys (``braindecode_fw.schema.CORE_KEYS``) are checked for type and range.
     ``config_dirs`` (``--config-dir``) are searched after the shipped configs, as Hydra does.
     Sweeps (``-m``) are checked by Hydra itself.
     """
@@ -122,9 +123,15 @@ def check_overrides(config_name: str, overrides: list[str], prog: str, config_di
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             try:
-                compose(config_name, overrides=overrides)
+                cfg = compose(config_name, overrides=overrides)
             except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
                 _fail(prog, _explain_composition_error(config_name, overrides, e))
+            from braindecode_fw.schema import check_core
+
+            try:
+                check_core(cfg)
+            except ValueError as e:
+                _fail(prog, _one_line(e))
     finally:
         GlobalHydra.instance().clear()
 

@@ -288,3 +288,60 @@ def dataclass_from_mapping(cls: type[T], mapping: Mapping[str, Any], *, what: st
         if key in kw and isinstance(kw[key], Mapping):
             check_keys(sub_cls, kw[key], f"{nested_path}.{key}: unknown key(s)")
     return cls(**kw)
+
+
+#: The stable core of the task configs: key -> (annotation, range). Checked by the console entry
+#: points right after composition, before any data is touched (keys a command's config lacks are
+#: skipped), so ``trainer.max_epochs=abc`` or ``data.batch_size=0`` is one line naming the key.
+CORE_KEYS: dict[str, tuple[Any, dict[str, float]]] = {
+    "seed": (int, {}),
+    "trainer.max_epochs": (int | None, {"min": 1}),
+    "trainer.accumulate_grad_batches": (int, {"min": 1}),
+    "optim.optimizer.lr": (float, {"gt": 0}),
+    "optim.optimizer.weight_decay": (float, {"min": 0}),
+    "data.batch_size": (int, {"min": 1}),
+    "data.num_workers": (int, {"min": 0}),
+    "evaluation.subset_size": (int, {"min": 2}),
+    "evaluation.n_subsets": (int, {"min": 1}),
+    "evaluation.large_subset_size": (int, {"min": 2}),
+    "retrieval.subset_size": (int, {"min": 2}),
+    "retrieval.n_subsets": (int, {"min": 1}),
+    "metrics.eval_size": (int, {"min": 8}),
+    "reconstruction.n_images": (int, {"min": 0}),
+    "n_samples": (int, {"min": 1}),
+    "batch_size": (int | None, {"min": 1}),
+    "limit": (int | None, {"min": 1}),
+}
+
+
+def check_core(cfg: Any) -> None:
+    """Type and range of every :data:`CORE_KEYS` entry present in the composed config ``cfg``;
+    raises ``ValueError("<key>: expected ..., got ...")``. Interpolations are resolved where they
+    can be (Hydra's own ``${hydra:...}`` exist only inside a run and are skipped)."""
+    from omegaconf import OmegaConf
+
+    for key, (tp, bounds) in CORE_KEYS.items():
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except Exception:  # noqa: BLE001 - an interpolation only a running job can resolve
+            continue
+        if value is None and key not in _present_keys(cfg, key):
+            continue
+        expected = _describe(tp)
+        try:
+            _check_value(value, tp, key)
+        except _Mismatch:
+            raise ValueError(f"{key}: expected {expected}, got {value!r}") from None
+        _check_range(value, bounds, key, expected)
+
+
+def _present_keys(cfg: Any, key: str) -> set[str]:
+    """``{key}`` when ``key`` exists in ``cfg`` (possibly as null), else an empty set."""
+    from omegaconf import OmegaConf
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    try:
+        return {key} if node is not None and leaf in node else set()
+    except TypeError:
+        return set()

@@ -202,3 +202,21 @@ def test_prepare_wrong_type_or_range_is_a_one_line_error(tmp_path, args, needle)
     proc = _run("bdf-prepare", [*args, f"dataset.store={store}"], tmp_path)
     _assert_one_line_error(proc, "bdf-prepare: error:", needle)
     assert not store.exists()
+
+
+@pytest.mark.parametrize("cmd,args,needle", [
+    ("bdf-train", ["trainer.max_epochs=abc"], "trainer.max_epochs: expected an integer or null, got 'abc'"),
+    ("bdf-train", ["trainer.max_epochs=0"], "trainer.max_epochs: expected an integer or null >= 1, got 0"),
+    ("bdf-train", ["optim.optimizer.lr=fast"], "optim.optimizer.lr: expected a number, got 'fast'"),
+    ("bdf-train", ["optim.optimizer.lr=-1e-3"], "optim.optimizer.lr: expected a number > 0, got -0.001"),
+    ("bdf-train", ["data.batch_size=0"], "data.batch_size: expected an integer >= 1, got 0"),
+    ("bdf-train", ["evaluation.subset_size=abc"], "evaluation.subset_size: expected an integer, got 'abc'"),
+    ("bdf-evaluate", ["retrieval.subset_size=1", "ckpt=x.ckpt"], "retrieval.subset_size: expected an integer >= 2, got 1"),
+    ("bdf-reconstruct", ["n_samples=0", "ckpt=x.ckpt"], "n_samples: expected an integer >= 1, got 0"),
+])
+def test_core_keys_wrong_type_or_range_before_any_work(tmp_path, cmd, args, needle):
+    """braindecode_fw/schema.py CORE_KEYS: checked right after composition, so no data is prepared
+    and no run folder is created."""
+    proc = _run(cmd, args, tmp_path)
+    _assert_one_line_error(proc, f"{cmd}: error:", needle)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
