@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,39 @@ class ImageStream:
         self.writer._hash.update(json.dumps(meta).encode())
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**22  # PermissionError: exists (another user); Overflow: impossible pid
+    return True
+
+
+def remove_stale_partials(store: Path) -> list[Path]:
+    """Remove ``<store>.partial-<pid>`` / ``.replaced-<pid>`` folders left by dead writers (a killed
+    conversion or world generation); a live writer's folder is refused, naming its pid."""
+    removed = []
+    if not store.parent.exists():
+        return removed
+    for p in store.parent.glob(f"{store.name}.*-*"):
+        m = re.fullmatch(re.escape(store.name) + r"\.(partial|replaced)-(\d+)", p.name)
+        if not m:
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            if pid != os.getpid():
+                raise FileExistsError(f"{p}: another process (pid {pid}) is writing this store; wait for it "
+                                      "or stop it first")
+            continue
+        log.warning("removing %s left by an interrupted conversion (pid %d)", p, pid)
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+
 class StoreWriter:
     """Builds a prepared store in a temporary directory and publishes it atomically.
 
@@ -183,6 +217,7 @@ class StoreWriter:
 
     # context management -------------------------------------------------------------------
     def __enter__(self) -> StoreWriter:
+        remove_stale_partials(self.root)  # what a killed writer of this store left behind
         if self.root.exists() and not self.overwrite:
             raise FileExistsError(f"{self.root} already exists (set overwrite to replace it)")
         if self.partial.exists():

@@ -194,3 +194,28 @@ def test_writer_rejects_bad_input(tmp_path):
             w.write_images(np.zeros((2, 4, 4, 3), np.uint8), ids=["a", "b"], captions=["c"])
         with pytest.raises(ValueError, match=r"write_images\(\) must be called before finalize"):
             w.finalize(provenance={})
+
+
+def test_every_writer_removes_what_a_killed_writer_left(tmp_path):
+    """A killed bdf-prepare (any converter, or the synthetic world generator) leaves
+    ``<store>.partial-<pid>``; the next StoreWriter of that store removes it, and refuses to start
+    beside a writer that is still alive."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    root = tmp_path / "store"
+    stale = tmp_path / f"store.partial-{dead_pid}"
+    (stale / "subjects").mkdir(parents=True)
+    (stale / "subjects" / "big.npy").write_bytes(b"\0" * 1024)
+    _write_small(root)
+    assert not stale.exists() and len(open_store(root).images) == 4
+    alive = tmp_path / f"store.partial-{os.getppid()}"
+    alive.mkdir()
+    with pytest.raises(FileExistsError, match=rf"store.partial-{os.getppid()}: another process \(pid "):
+        with StoreWriter(root, name="x", modality="fmri", overwrite=True):
+            pass
+    assert alive.exists()  # never removed while its writer lives

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from braindecode_fw.data.store import _pid_alive, remove_stale_partials  # noqa: F401  (converters import them from here)
 
 log = logging.getLogger(__name__)
 
@@ -40,39 +39,6 @@ def is_val_image(image_ids: np.ndarray, fraction: float, seed: int) -> np.ndarra
     the same split, and an image's split does not depend on which subjects or sessions are
     converted, nor on the converter (raw NSD and MindEye2's release agree)."""
     return hash_uniform(np.asarray(image_ids), seed) < fraction
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid < 2**22  # PermissionError: exists (another user); Overflow: impossible pid
-    return True
-
-
-def remove_stale_partials(store: Path) -> list[Path]:
-    """Remove ``<store>.partial-<pid>`` / ``.replaced-<pid>`` folders left by dead conversions."""
-    removed = []
-    if not store.parent.exists():
-        return removed
-    for p in store.parent.glob(f"{store.name}.*-*"):
-        m = re.fullmatch(re.escape(store.name) + r"\.(partial|replaced)-(\d+)", p.name)
-        if not m:
-            continue
-        pid = int(m.group(2))
-        if pid == os.getpid() or _pid_alive(pid):
-            if pid != os.getpid():
-                raise RuntimeError(f"{p}: another conversion (pid {pid}) is writing this store; wait for it "
-                                   "or stop it first")
-            continue
-        log.warning("removing %s left by an interrupted conversion (pid %d)", p, pid)
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
 
 
 def matching_store(store: Path, fingerprint: str, **provenance: Any) -> dict[str, Any] | None:
