@@ -161,6 +161,24 @@ def _explain_composition_error(config_name: str, overrides: list[str], exc: Exce
     return text
 
 
+def _remove_stub_run_dir(cfg: DictConfig) -> None:
+    """After a one-line user error: remove the run folder when it holds only what Hydra wrote
+    (``.hydra/`` and the log), so mistakes leave no stub runs behind; a folder with any output of
+    the task is kept."""
+    import shutil
+
+    try:
+        run_dir = Path(cfg.paths.output_dir)
+    except Exception:  # noqa: BLE001 - no resolvable run folder: nothing to clean
+        return
+    if not run_dir.is_dir():
+        return
+    contents = list(run_dir.iterdir())
+    if all(p.name == ".hydra" or (p.is_file() and p.suffix == ".log") for p in contents):
+        logging.shutdown()  # release the log file before removing it
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def run_app(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> None:
     """Run ``task`` as a Hydra app with one-line user errors."""
     argv = sys.argv[1:]
@@ -181,6 +199,7 @@ def run_app(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> N
             if os.environ.get("BDF_DEBUG"):
                 raise
             log.debug("error details", exc_info=True)
+            _remove_stub_run_dir(cfg)
             _fail(prog, _describe_error(e))
         except Exception:
             log.exception("%s failed (run directory %s)", prog, cfg.paths.get("output_dir", "?"))

@@ -38,6 +38,8 @@ def test_missing_dataset_root(tmp_path):
     proc = _run("bdf-train", [f"dataset.store={tmp_path}/nowhere", "dataset.auto_prepare=false"], tmp_path)
     _assert_one_line_error(proc, "bdf-train: error:", "dataset.store: prepared store not found at",
                            "nowhere", "bdf-prepare dataset=synthetic")
+    runs = tmp_path / "logs" / "train" / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), "a failed run left a stub run folder"
 
 
 def test_typo_config_key(tmp_path):
