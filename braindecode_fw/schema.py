@@ -320,12 +320,13 @@ def check_core(cfg: Any) -> None:
     can be (Hydra's own ``${hydra:...}`` exist only inside a run and are skipped)."""
     from omegaconf import OmegaConf
 
+    absent = object()
     for key, (tp, bounds) in CORE_KEYS.items():
         try:
-            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+            value = OmegaConf.select(cfg, key, default=absent, throw_on_missing=False)
         except Exception:  # noqa: BLE001 - an interpolation only a running job can resolve
             continue
-        if value is None and key not in _present_keys(cfg, key):
+        if value is absent:
             continue
         expected = _describe(tp)
         try:
@@ -333,15 +334,3 @@ def check_core(cfg: Any) -> None:
         except _Mismatch:
             raise ValueError(f"{key}: expected {expected}, got {value!r}") from None
         _check_range(value, bounds, key, expected)
-
-
-def _present_keys(cfg: Any, key: str) -> set[str]:
-    """``{key}`` when ``key`` exists in ``cfg`` (possibly as null), else an empty set."""
-    from omegaconf import OmegaConf
-
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    try:
-        return {key} if node is not None and leaf in node else set()
-    except TypeError:
-        return set()

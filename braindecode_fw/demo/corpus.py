@@ -17,6 +17,10 @@ import numpy as np
 
 from braindecode_fw.data.synthetic import scenes as sc
 
+#: The synthetic world's scene settings the demo models' training configs take their defaults from
+#: (``bdf-prepare demo_models=retrain`` passes the world's values), for ``config_dataclass(also=...)``.
+SCENE_DEFAULTS = (("dataset/synthetic.yaml", "world", ("image_size", "max_objects")),)
+
 # independent streams: the world draws its stimuli from its own `world.seed`; these offsets keep the
 # demo models' training and held-out scenes apart from each other (and from the world's)
 TRAIN_STREAM, HELDOUT_STREAM = 1_000_003, 2_000_003

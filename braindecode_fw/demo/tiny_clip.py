@@ -35,6 +35,7 @@ import torch
 from braindecode_fw.data.synthetic import scenes as sc
 from braindecode_fw.demo.corpus import (
     HELDOUT_STREAM,
+    SCENE_DEFAULTS,
     TRAIN_STREAM,
     SceneCorpus,
     build_corpus,
@@ -56,10 +57,9 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 PROMPT_CATEGORY = "a {category}"
 
 
-_SCENE_DEFAULTS = (("dataset/synthetic.yaml", "world", ("image_size", "max_objects")),)
 
 
-@config_dataclass("demo_models/retrain.yaml", "clip", key="demo_models.clip", also=_SCENE_DEFAULTS)
+@config_dataclass("demo_models/retrain.yaml", "clip", key="demo_models.clip", also=SCENE_DEFAULTS)
 class TinyClipConfig:
     """How the tiny CLIP is trained: ``clip`` of braindecode_fw/conf/demo_models/retrain.yaml holds every
     default and describes every key; ``image_size`` and ``max_objects`` are the synthetic world's

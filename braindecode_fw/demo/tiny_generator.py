@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from braindecode_fw.demo.corpus import HELDOUT_STREAM, TRAIN_STREAM, build_corpus
+from braindecode_fw.demo.corpus import HELDOUT_STREAM, SCENE_DEFAULTS, TRAIN_STREAM, build_corpus
 from braindecode_fw.schema import FROM_YAML, check_keys, config_dataclass, setting
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear",
 
 
 @config_dataclass("demo_models/retrain.yaml", "generator", key="demo_models.generator",
-                  also=(("dataset/synthetic.yaml", "world", ("image_size", "max_objects")),))
+                  also=SCENE_DEFAULTS)
 class TinyGeneratorConfig:
     """How the tiny generator is trained: ``generator`` of braindecode_fw/conf/demo_models/retrain.yaml holds
     every default and describes every key; ``image_size`` and ``max_objects`` are the synthetic world's

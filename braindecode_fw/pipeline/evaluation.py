@@ -151,9 +151,10 @@ def pairs_from_folders(cfg: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, t
     gt = list_images(gt_root)
     subdirs = sorted(p for p in recon_root.iterdir() if p.is_dir())
     groups = {p.name: p for p in subdirs} if subdirs and not list_images(recon_root) else {"all": recon_root}
-    pairs, image_names = {}, {}
+    pairs, image_names, is_array = {}, {}, set()
     for subject, folder in groups.items():
         recon = list_images(folder)
+        is_array |= {p.suffix.lower() in ARRAY_SUFFIXES for p in recon.values()}
         missing = sorted(set(recon) - set(gt))
         if missing:
             raise ValueError(f"gt_dir: no ground truth for {len(missing)} reconstruction(s) in {folder}, "
@@ -163,9 +164,8 @@ def pairs_from_folders(cfg: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, t
         names = image_names[subject] = sorted(recon)
         pairs[subject] = (load_images([recon[n] for n in names], size, antialias=aa),
                           load_images([gt[n] for n in names], size, antialias=aa))
-    kinds = {p.suffix.lower() in ARRAY_SUFFIXES for f in groups.values() for p in list_images(f).values()}
-    return pairs, {}, {**info, "image_names": image_names,
-                       "pixels": "float arrays" if kinds == {True} else "8-bit files" if kinds == {False} else "mixed"}
+    pixels = "float arrays" if is_array == {True} else "8-bit files" if is_array == {False} else "mixed"
+    return pairs, {}, {**info, "image_names": image_names, "pixels": pixels}
 
 
 def retrieval_from_checkpoint(cfg: DictConfig) -> tuple[dict[str, RetrievalResult], dict[str, Any], dict[str, Any]]:
