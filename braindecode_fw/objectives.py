@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,6 @@ from braindecode_fw.losses import (
 )
 from braindecode_fw.ops.distributed import gather_block_diagonal, gather_rows
 
-KINDS = ("contrastive", "token_contrast", "normalized_mse", "mse", "l1", "multiscale_infonce", "aux")
-REGRESSION_KINDS = ("token_contrast", "normalized_mse", "mse", "l1", "multiscale_infonce")
 AUX_PREFIX = AUX_LOSS_PREFIX  # the old name of contracts.AUX_LOSS_PREFIX
 
 
@@ -105,6 +103,182 @@ class Term:
         return self.mixco_weight if mixing and self.mixco_weight is not None else self.weight
 
 
+@dataclass
+class StepContext:
+    """What the terms of one training or validation step share: the decoder's ``outputs``, the
+    (possibly MixCo-mixed) ``targets``, whether rows are gathered across DDP ranks, the SoftCLIP
+    temperature at this step, the BiMixCo soft labels (None outside the mixing phase) and their
+    temperature, and ``parts``, the logged values a kind may add to (e.g. ``negatives``)."""
+
+    outputs: Mapping[str, torch.Tensor]
+    targets: Mapping[str, torch.Tensor]
+    training: bool
+    gather: bool
+    softclip_temperature: float
+    soft_labels: torch.Tensor | None
+    mixco_temperature: float
+    parts: dict[str, torch.Tensor]
+
+
+class TermKind:
+    """One kind of loss term (``loss.terms.<name>.kind``): how its value is computed in a step.
+
+    ``value(name, term, ctx)`` returns the unweighted scalar, or None to skip the term in this step.
+    ``mixes_target``: the term reads a target that BiMixCo mixes along with the inputs when
+    ``mixco.mix_regression_targets`` is true. A lab adds a kind with :func:`register_term_kind`.
+    """
+
+    name: ClassVar[str]
+    needs_pair: ClassVar[bool] = True  # the term names a decoder ``output`` and a batch ``target``
+    mixes_target: ClassVar[bool] = True
+
+    def value(self, name: str, term: Term, ctx: StepContext) -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+class PairTermKind(TermKind):
+    """A term between the decoder output ``term.output`` and the batch target ``term.target``, both
+    as float32 (``output_index``/``target_index`` pick one token first). ``gathered`` kinds see the
+    rows of all DDP ranks while training (their negatives do not depend on the GPU count); the
+    others stay per rank, where DDP's gradient average already makes them global means."""
+
+    gathered: ClassVar[bool] = False
+
+    def value(self, name, term, ctx):
+        out, targets = ctx.outputs, ctx.targets
+        if term.output not in out:
+            raise KeyError(f"loss.terms.{name}: the decoder has no output {term.output!r}; it provides "
+                           f"{sorted(k for k in out if not is_aux_loss(k))} (drop the term with "
+                           f"loss.terms.{name}=null, or train the target that head needs)")
+        if term.target not in targets:
+            raise KeyError(f"loss.terms.{name}: no target {term.target!r} in the batch; the run trains "
+                           f"{sorted(targets)} (add it under extra_targets)")
+        pred, y = out[term.output].float(), self.select_target(targets[term.target].float(), name, term, ctx)
+        if term.output_index is not None:
+            pred = pred[:, term.output_index]
+        if term.target_index is not None:
+            y = y[:, term.target_index]
+        if ctx.gather and self.gathered:
+            pred, y = gather_rows(pred), gather_rows(y)
+        return self.loss(pred, y, name, term, ctx)
+
+    def select_target(self, y: torch.Tensor, name: str, term: Term, ctx: StepContext) -> torch.Tensor:
+        """The target rows/tokens the prediction covers (all of them, unless a kind samples)."""
+        return y
+
+    def loss(self, pred: torch.Tensor, y: torch.Tensor, name: str, term: Term, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ContrastiveKind(PairTermKind):
+    """BiMixCo with the mixing's soft labels during the MixCo phase, SoftCLIP at the scheduled
+    temperature afterwards (docs/methods/mindeye2.md §4)."""
+
+    name = "contrastive"
+    gathered = True
+    mixes_target = False  # the contrastive pairs get the soft labels instead
+
+    def loss(self, pred, y, name, term, ctx):
+        ctx.parts.setdefault("negatives", torch.tensor(float(len(pred) - 1)))
+        if ctx.soft_labels is not None:
+            return bimixco_loss(pred, y, ctx.soft_labels, ctx.mixco_temperature)
+        return soft_clip_loss(pred, y, ctx.softclip_temperature)
+
+
+class TokenContrastKind(PairTermKind):
+    """Token-level soft distillation: every token a row, at the term's own ``temperature``."""
+
+    name = "token_contrast"
+    gathered = True
+
+    def loss(self, pred, y, name, term, ctx):
+        return soft_token_contrast(pred, y, term.temperature)
+
+
+class NormalizedMSEKind(PairTermKind):
+    name = "normalized_mse"
+
+    def loss(self, pred, y, name, term, ctx):
+        return normalized_mse(pred, y)
+
+
+class MSEKind(PairTermKind):
+    name = "mse"
+
+    def loss(self, pred, y, name, term, ctx):
+        return F.mse_loss(pred, y)
+
+
+class L1Kind(PairTermKind):
+    name = "l1"
+
+    def loss(self, pred, y, name, term, ctx):
+        return F.l1_loss(pred, y)
+
+
+class MultiscaleInfoNCEKind(PairTermKind):
+    """Brain-IT's multi-scale InfoNCE over the queries the decoder sampled: the decoder gives
+    ``<output>/index`` (which target tokens it predicted) and ``<output>/scale`` next to ``<output>``
+    (docs/methods/brainit.md). Negatives stay per rank: a (B·S_i)² logit matrix per scale is large
+    already."""
+
+    name = "multiscale_infonce"
+
+    def select_target(self, y, name, term, ctx):
+        return y[:, self.sampled(ctx.outputs, term.output, name, SAMPLED_INDEX_SUFFIX).to(y.device)]
+
+    def loss(self, pred, y, name, term, ctx):
+        return multiscale_infonce(pred, y, self.sampled(ctx.outputs, term.output, name, SAMPLED_SCALE_SUFFIX))
+
+    @staticmethod
+    def sampled(out: Mapping[str, torch.Tensor], output: str, term: str, suffix: str) -> torch.Tensor:
+        key = output + suffix
+        if key not in out:
+            raise KeyError(f"loss.terms.{term}: a multiscale_infonce term needs the decoder's sampled queries "
+                           f"{output + SAMPLED_INDEX_SUFFIX!r} and {output + SAMPLED_SCALE_SUFFIX!r} (model=brainit "
+                           f"with token_sampling on the branch of {output!r})")
+        return out[key]
+
+
+class AuxKind(TermKind):
+    """A loss the decoder computed itself, ``outputs["loss/<target or term name>"]`` (cycle, brain
+    reconstruction, prior). Skipped in evaluation when absent: repeated test responses averaged in
+    output space leave the decoder without its auxiliary losses."""
+
+    name = "aux"
+    needs_pair = False
+    mixes_target = False
+
+    def value(self, name, term, ctx):
+        key = aux_loss_key(term.target or name)
+        if key in ctx.outputs:
+            return ctx.outputs[key]
+        if not ctx.training:
+            return None
+        raise KeyError(f"loss.terms.{name}: the decoder has no auxiliary output {key!r}; "
+                       f"it provides {sorted(k for k in ctx.outputs if is_aux_loss(k))}")
+
+
+TERM_KINDS: dict[str, TermKind] = {}
+
+
+def register_term_kind(kind: TermKind) -> TermKind:
+    """Make ``kind`` available as ``loss.terms.<name>.kind: <kind.name>`` (a lab's own term kind);
+    refuses a name already taken."""
+    if kind.name in TERM_KINDS:
+        raise ValueError(f"term kind {kind.name!r} is already registered ({type(TERM_KINDS[kind.name]).__name__})")
+    TERM_KINDS[kind.name] = kind
+    return kind
+
+
+for _kind in (ContrastiveKind, TokenContrastKind, NormalizedMSEKind, MSEKind, L1Kind, MultiscaleInfoNCEKind, AuxKind):
+    register_term_kind(_kind())
+
+KINDS = tuple(TERM_KINDS)  # the shipped kinds, in their documented order
+REGRESSION_KINDS = tuple(k for k, v in TERM_KINDS.items() if v.mixes_target)
+
+
+
 class TermsObjective(Objective):
     """Weighted terms with MindEye2's contrastive schedule.
 
@@ -141,9 +315,9 @@ class TermsObjective(Objective):
             if spec is None:
                 continue
             term = Term(**dict(spec))
-            if term.kind not in KINDS:
-                raise ValueError(f"loss.terms.{name}.kind: one of {KINDS}, got {term.kind!r}")
-            if term.kind != "aux" and (term.output is None or term.target is None):
+            if term.kind not in TERM_KINDS:
+                raise ValueError(f"loss.terms.{name}.kind: one of {tuple(TERM_KINDS)}, got {term.kind!r}")
+            if TERM_KINDS[term.kind].needs_pair and (term.output is None or term.target is None):
                 raise ValueError(f"loss.terms.{name}: a {term.kind} term needs `output` and `target`")
             self.terms[name] = term
         if not self.terms:
@@ -168,7 +342,7 @@ class TermsObjective(Objective):
         ``true`` every target a regression or token-contrast term reads, ``false`` none, or a list
         of target names), each once however many terms read it."""
         spec = self.mixco.get("mix_regression_targets", True) if self.mixco else False
-        read = list(dict.fromkeys(t.target for t in self.terms.values() if t.kind in REGRESSION_KINDS))
+        read = list(dict.fromkeys(t.target for t in self.terms.values() if TERM_KINDS[t.kind].mixes_target))
         if spec is True:
             return read
         if spec is False or spec is None:
@@ -187,92 +361,58 @@ class TermsObjective(Objective):
         return cosine_temperature(phase, self.softclip["start"], self.softclip["end"])
 
     def forward(self, decoder, batch, progress):
-        responses, targets = batch.responses, dict(batch.targets)
-        soft_labels = None
         mixing = self.mixco is not None and progress < self.mixco["until"] and self.training
-        if self.input_noise and self.training:
-            noise = torch.randn(responses.shape, generator=self.generator)
-            responses = responses + self.input_noise * noise.to(responses.device, responses.dtype)
-        if mixing:
-            partner, label = mixco_permutation(batch.subject, generator=self.generator,
-                                               original_label_bug=self.mixco.get("original_label_bug", False))
-            responses, beta = mixco_inputs(responses, partner, beta_alpha=self.mixco.get("beta_alpha", 0.15),
-                                           select_prob=self.mixco.get("select_prob", 0.5), generator=self.generator)
-            soft_labels = mixco_soft_labels(beta, label).to(responses.device)
-            for key in self.mixed_targets():
-                if key in targets:
-                    y = targets[key]
-                    b = beta.view(-1, *[1] * (y.ndim - 1)).to(y.dtype)
-                    targets[key] = b * y + (1 - b) * y[partner.to(y.device)]
+        responses, targets, soft_labels = self._inputs(batch, mixing)
         # repeated test responses (validation without a val split) are averaged in output space; the
         # decoder then has no auxiliary losses, and evaluation skips those terms
         out = decoder(responses, batch.subject, batch.repeat_mask, targets=targets)
-        scales = {}
-        if self.groups and self.training:
-            weights = torch.softmax(torch.randn(len(self.groups), generator=self.generator), 0)
-            scales = {n: float(w) for g, w in zip(self.groups, weights, strict=True) for n in g}
-        parts: dict[str, torch.Tensor] = {f"group_weight/{g[0]}": torch.tensor(scales[g[0]])
-                                          for g in (self.groups if scales else [])}
-        total = responses.new_zeros(())
-        tau = self.softclip_temperature(progress)
+        scales = self._group_scales()
         gather = self.gather and self.training
         if gather and soft_labels is not None:
             soft_labels = gather_block_diagonal(soft_labels)
-        for name, t in self.terms.items():
-            if t.kind == "aux":
-                key = aux_loss_key(t.target or name)
-                if key not in out and not self.training:
-                    continue
-                if key not in out:
-                    raise KeyError(f"loss.terms.{name}: the decoder has no auxiliary output {key!r}; "
-                                   f"it provides {sorted(k for k in out if is_aux_loss(k))}")
-                value = out[key]
-            else:
-                if t.output not in out:
-                    raise KeyError(f"loss.terms.{name}: the decoder has no output {t.output!r}; it provides "
-                                   f"{sorted(k for k in out if not is_aux_loss(k))} (drop the term with "
-                                   f"loss.terms.{name}=null, or train the target that head needs)")
-                if t.target not in targets:
-                    raise KeyError(f"loss.terms.{name}: no target {t.target!r} in the batch; the run trains "
-                                   f"{sorted(targets)} (add it under extra_targets)")
-                pred, y = out[t.output].float(), targets[t.target].float()
-                if t.kind == "multiscale_infonce":
-                    # the decoder predicted only the queries it sampled: take the same target tokens
-                    y = y[:, self._sampled(out, t.output, name, SAMPLED_INDEX_SUFFIX).to(y.device)]
-                if t.output_index is not None:
-                    pred = pred[:, t.output_index]
-                if t.target_index is not None:
-                    y = y[:, t.target_index]
-                if gather and t.kind in ("contrastive", "token_contrast"):
-                    pred, y = gather_rows(pred), gather_rows(y)
-                if t.kind == "contrastive":
-                    parts.setdefault("negatives", torch.tensor(float(len(pred) - 1)))
-                    value = (bimixco_loss(pred, y, soft_labels, self.mixco.get("temperature", 0.006))
-                             if soft_labels is not None else soft_clip_loss(pred, y, tau))
-                elif t.kind == "token_contrast":
-                    value = soft_token_contrast(pred, y, t.temperature)
-                elif t.kind == "normalized_mse":
-                    value = normalized_mse(pred, y)
-                elif t.kind == "multiscale_infonce":
-                    # negatives stay per rank: a (B·S_i)² logit matrix per scale is large already
-                    value = multiscale_infonce(pred, y, self._sampled(out, t.output, name, SAMPLED_SCALE_SUFFIX))
-                elif t.kind == "mse":
-                    value = F.mse_loss(pred, y)
-                else:
-                    value = F.l1_loss(pred, y)
-            parts[name] = value.detach()
-            total = total + scales.get(name, 1.0) * t.weight_at(soft_labels is not None) * value
-        parts["temperature"] = torch.tensor(tau if soft_labels is None else self.mixco.get("temperature", 0.006))
-        return total, parts, out
+        mixco_tau = self.mixco.get("temperature", 0.006) if self.mixco else 0.006
+        ctx = StepContext(outputs=out, targets=targets, training=self.training, gather=gather,
+                          softclip_temperature=self.softclip_temperature(progress), soft_labels=soft_labels,
+                          mixco_temperature=mixco_tau, parts={})
+        ctx.parts.update({f"group_weight/{g[0]}": torch.tensor(scales[g[0]]) for g in (self.groups if scales else [])})
+        total = responses.new_zeros(())
+        for name, term in self.terms.items():
+            value = TERM_KINDS[term.kind].value(name, term, ctx)
+            if value is None:
+                continue
+            ctx.parts[name] = value.detach()
+            total = total + scales.get(name, 1.0) * term.weight_at(soft_labels is not None) * value
+        ctx.parts["temperature"] = torch.tensor(ctx.softclip_temperature if soft_labels is None else mixco_tau)
+        return total, ctx.parts, out
 
-    @staticmethod
-    def _sampled(out: Mapping[str, torch.Tensor], output: str, term: str, suffix: str) -> torch.Tensor:
-        key = output + suffix
-        if key not in out:
-            raise KeyError(f"loss.terms.{term}: a multiscale_infonce term needs the decoder's sampled queries "
-                           f"{output + SAMPLED_INDEX_SUFFIX!r} and {output + SAMPLED_SCALE_SUFFIX!r} (model=brainit with token_sampling "
-                           f"on the branch of {output!r})")
-        return out[key]
+    def _inputs(self, batch: Batch, mixing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """The responses the decoder sees (training noise, MixCo mixing within each subject), the
+        targets (those of :meth:`mixed_targets` mixed with the same β and partners) and the BiMixCo
+        soft labels (None when not mixing)."""
+        responses, targets = batch.responses, dict(batch.targets)
+        if self.input_noise and self.training:
+            noise = torch.randn(responses.shape, generator=self.generator)
+            responses = responses + self.input_noise * noise.to(responses.device, responses.dtype)
+        if not mixing:
+            return responses, targets, None
+        partner, label = mixco_permutation(batch.subject, generator=self.generator,
+                                           original_label_bug=self.mixco.get("original_label_bug", False))
+        responses, beta = mixco_inputs(responses, partner, beta_alpha=self.mixco.get("beta_alpha", 0.15),
+                                       select_prob=self.mixco.get("select_prob", 0.5), generator=self.generator)
+        for key in self.mixed_targets():
+            if key in targets:
+                y = targets[key]
+                b = beta.view(-1, *[1] * (y.ndim - 1)).to(y.dtype)
+                targets[key] = b * y + (1 - b) * y[partner.to(y.device)]
+        return responses, targets, mixco_soft_labels(beta, label).to(responses.device)
+
+    def _group_scales(self) -> dict[str, float]:
+        """STTM's random weighting: each training step, term name -> its group's weight from
+        ``softmax(randn(n_groups))`` (empty outside training or without groups)."""
+        if not (self.groups and self.training):
+            return {}
+        weights = torch.softmax(torch.randn(len(self.groups), generator=self.generator), 0)
+        return {n: float(w) for g, w in zip(self.groups, weights, strict=True) for n in g}
 
 
 class ClipMSEObjective(Objective):

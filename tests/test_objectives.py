@@ -239,3 +239,32 @@ def test_mix_regression_targets_by_name():
     assert TermsObjective(**{**cfg, "mixco": {"until": 0.33, "mix_regression_targets": ["gone", "low"]}}).mixed_targets() == ["low"]
     with pytest.raises(ValueError, match=r"loss.mixco.mix_regression_targets: true, false or a list"):
         TermsObjective(**{**cfg, "mixco": {"until": 0.33, "mix_regression_targets": [1]}})
+
+
+def test_a_lab_registers_its_own_term_kind():
+    """Term kinds are objects behind one interface: a new kind is a class and one registration, and
+    it takes part in weighting and MixCo target mixing like the shipped ones."""
+    from braindecode_fw.objectives import TERM_KINDS, PairTermKind, register_term_kind
+
+    class Cosine(PairTermKind):
+        name = "test_cosine"
+
+        def loss(self, pred, y, name, term, ctx):
+            return (1 - torch.nn.functional.cosine_similarity(pred, y, dim=-1)).mean()
+
+    register_term_kind(Cosine())
+    try:
+        terms = {"cos": {"kind": "test_cosine", "output": "emb", "target": "emb", "weight": 3.0}}
+        obj, dec, batch = TermsObjective(terms=terms), Recorder(), _batch()
+        obj.eval()
+        loss, parts, out = obj(dec, batch, progress=0.5)
+        expected = (1 - torch.nn.functional.cosine_similarity(out["emb"], batch.targets["emb"], dim=-1)).mean()
+        torch.testing.assert_close(parts["cos"], expected)
+        torch.testing.assert_close(loss, 3.0 * expected)
+        assert TermsObjective(terms=terms, mixco={"until": 0.3}).mixed_targets() == ["emb"]
+        with pytest.raises(ValueError, match="'test_cosine' is already registered"):
+            register_term_kind(Cosine())
+        with pytest.raises(ValueError, match=r"loss.terms.x.kind: one of \(.*'test_cosine'.*got 'cosin'"):
+            TermsObjective(terms={"x": {"kind": "cosin", "output": "emb", "target": "emb"}})
+    finally:
+        TERM_KINDS.pop("test_cosine", None)
