@@ -74,7 +74,7 @@ REGRESSION_PREFIX = "regression/"
 """``regression/<target>``: the regression ("MSE") head's prediction of ``<target>``, beside the
 contrastive ("CLIP") head's ``<target>`` (``MEGDecoder``, Benchetrit et al. 2023,
 docs/methods/meg_brainmodule.md §4). ``ClipMSEObjective`` trains it with the MSE term, and generation
-conditions on it instead of ``<target>`` where a decoder has one (``tasks/reconstruct.py``)."""
+conditions on it instead of ``<target>`` where a decoder has one (:meth:`~braindecode_fw.models.decoder.Decoder.generation_output`)."""
 
 BACKBONE_SUFFIX = "/backbone"
 """``<target>/backbone``: ``TokenDecoder``'s (MindEye2, STTM) token-head output before the per-token

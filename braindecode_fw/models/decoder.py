@@ -71,6 +71,12 @@ class Decoder(nn.Module):
         ``auxiliary_output_shapes`` next to ``target_shapes``. None by default."""
         return {}
 
+    def generation_output(self, name: str) -> str:
+        """The output key that feeds a generator input called ``name`` (a target or auxiliary
+        output name). By default the output of that name; a decoder with a separate head for
+        generation says which (the MEG module's ``regression/<name>``)."""
+        return name
+
     def export_trained_parts(self, run_dir: str | Path) -> dict[str, str]:
         """Called once after training (best checkpoint loaded, rank zero only): write trained parts
         that other tools load on their own into ``run_dir`` (e.g. NeuroPictor's ControlNet as a

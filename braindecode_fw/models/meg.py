@@ -386,6 +386,11 @@ class MEGDecoder(Decoder):
         for i, s in enumerate(subjects):  # until configured: the first C_s channels, positions unknown
             self.sensor_valid[i, : self.n_features.get(s, module.n_sensors)] = True
 
+    def generation_output(self, name: str) -> str:
+        """Benchetrit et al. 2023 retrieve with the CLIP head and generate from the MSE head
+        (docs/methods/meg_brainmodule.md §4): ``regression/<name>`` where that head exists."""
+        return REGRESSION_PREFIX + name if name in self.regression_heads else name
+
     def set_sensor_positions(self, subject: str, positions: torch.Tensor | Sequence[Sequence[float]]) -> None:
         """One subject's ``(C_s, 2)`` positions in ``[0, 1]²``; rows at the layout's
         :data:`~braindecode_fw.data.meg_layout.MISSING_POSITION` are invalid."""

@@ -88,11 +88,53 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     ControlNet) and writes the report, the preview grid and ``result.json``. Returns the test metrics
     (shared by ``bdf-train`` and ``bdf-adapt``). ``n_features`` (default: the data's subjects) is
     what the checkpoint records as the decoder's subjects."""
+    module = build_module(cfg, dm, decoder, checkpoint_config, n_features)
+    callbacks, checkpoint = build_callbacks(cfg, run_dir)
+    loggers = build_loggers(cfg.get("logger"), run_dir, resume_from=resume_from)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
+        enable_progress_bar=sys.stdout.isatty(), use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
+    )
+    n_params = count_parameters(decoder)
+    log_hyperparameters(loggers, checkpoint_config, n_params, resumed=resume_from is not None)
     target = cfg.target.feature_name
-    module = DecoderModule(
+    log.info("decoder: %s parameters; subjects %s; target %s %s", f"{n_params['total']:,}",
+             dm.n_features, target, dm.target_shapes[target])
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
+
+    eval_ckpt = reload_best(module, checkpoint, run_dir)
+    reports = evaluate_splits(cfg, dm, module.decoder)
+    metrics = split_metrics(reports)
+    result = {**metrics, "run_dir": str(run_dir), "checkpoint": eval_ckpt, "report": reports["test"]}
+    if not trainer.is_global_zero:  # run-level files and the summary are rank zero's
+        return result
+    # from the reloaded best weights, before the preview grid (a generator may load the export)
+    exports = module.decoder.export_trained_parts(run_dir)
+    result["exports"] = exports
+    for split, rep in reports.items():
+        write_report(rep, run_dir, stem="retrieval" if split == "test" else f"retrieval_{split}")
+    grid, image_metrics = draw_preview(cfg, dm, module.decoder, run_dir, loggers)
+    if image_metrics is not None:
+        metrics.update({f"test/recon_{k}": v for k, v in image_metrics["metrics"].items()})
+    for lg in loggers:
+        lg.log_metrics(metrics, step=trainer.global_step)
+        lg.save()
+    print_summary(cfg, reports, image_metrics, run_dir=run_dir, checkpoint=eval_ckpt, exports=exports, grid=grid,
+                  dashboard=any(type(lg).__name__ == "TensorBoardLogger" for lg in loggers),
+                  elapsed=time.perf_counter() - t_start)
+    write_result(cfg, run_dir, metrics, exports)
+    return result
+
+
+def build_module(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, checkpoint_config: dict[str, Any],
+                 n_features: dict[str, int] | None = None) -> DecoderModule:
+    """The LightningModule training ``decoder`` with the run's loss, optimiser and schedule, and
+    what its checkpoints record beside the weights: the config, the decoder's subjects and voxel
+    counts, the target and auxiliary output shapes, the store version."""
+    return DecoderModule(
         decoder,
         loss=instantiate(cfg.loss),
-        target=target,
+        target=cfg.target.feature_name,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         val_subset_size=cfg.evaluation.subset_size,
@@ -107,64 +149,78 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
             "dataset_version": dm.store.version if dm.store else None,
         },
     )
-    callbacks, checkpoint = build_callbacks(cfg, run_dir)
-    loggers = build_loggers(cfg.get("logger"), run_dir, resume_from=resume_from)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
-        enable_progress_bar=sys.stdout.isatty(), use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
-    )
-    n_params = count_parameters(decoder)
+
+
+def log_hyperparameters(loggers: list[Any], checkpoint_config: dict[str, Any], n_params: dict[str, int], *,
+                        resumed: bool) -> None:
+    """The flattened config and parameter counts, to every logger (not again to a continued W&B
+    or MLflow run: it has them, and MLflow refuses changed ones)."""
     for lg in loggers:
-        if resume_from and type(lg).__name__ in ("WandbLogger", "MLFlowLogger"):
-            continue  # a continued W&B / MLflow run has its parameters (MLflow refuses changed ones)
+        if resumed and type(lg).__name__ in ("WandbLogger", "MLFlowLogger"):
+            continue
         lg.log_hyperparams({**_flatten(checkpoint_config), "params/total": n_params["total"],
                             "params/trainable": n_params["trainable"]})
-    log.info("decoder: %s parameters; subjects %s; target %s %s", f"{n_params['total']:,}",
-             dm.n_features, target, dm.target_shapes[target])
-    trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
 
+
+def reload_best(module: DecoderModule, checkpoint: Any, run_dir: Path) -> str:
+    """Load the best-by-validation checkpoint into ``module`` (else ``last.ckpt``); returns its path,
+    or "" when checkpointing is off and the final weights are evaluated."""
     best = checkpoint.best_model_path if checkpoint is not None else ""
     last = str(run_dir / "checkpoints" / "last.ckpt")
     eval_ckpt = best or (last if Path(last).exists() else "")
     if eval_ckpt:
         module.load_state_dict(load_checkpoint(eval_ckpt)["state_dict"])
+    return eval_ckpt
+
+
+def evaluate_splits(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder) -> dict[str, dict[str, Any]]:
+    """Retrieval reports by split: ``test`` (with the linear baseline if configured) and, where the
+    store has it, ``test_large``."""
     lb = cfg.evaluation.get("linear_baseline")
-    report = evaluate_predictions(cfg, dm, module.decoder, baseline=bool(lb and lb.enabled))
-    reports = {"test": report}
+    reports = {"test": evaluate_predictions(cfg, dm, decoder, baseline=bool(lb and lb.enabled))}
     if dm.has_split("test_large"):
-        reports["test_large"] = evaluate_predictions(cfg, dm, module.decoder, "test_large")
-    metrics = {}
+        reports["test_large"] = evaluate_predictions(cfg, dm, decoder, "test_large")
+    return reports
+
+
+def split_metrics(reports: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``<split>/<metric>`` of each report's mean row and ``<split>/<direction>/<subject>`` top-1 of
+    each subject row: what loggers, ``result.json`` and sweeps read."""
+    metrics: dict[str, float] = {}
     for split, rep in reports.items():
         metrics.update({f"{split}/{k}": float(v) for k, v in rep["rows"][-1].items() if isinstance(v, float)})
         for row in rep["rows"][:-1]:
             for d in ("brain_to_image_top1", "image_to_brain_top1"):
                 metrics[f"{split}/{d}/{row['subject']}"] = float(row[d])
-    result = {**metrics, "run_dir": str(run_dir), "checkpoint": eval_ckpt, "report": report}
-    if not trainer.is_global_zero:  # run-level files and the summary are rank zero's
-        return result
-    # from the reloaded best weights, before the preview grid (a generator may load the export)
-    exports = module.decoder.export_trained_parts(run_dir)
-    result["exports"] = exports
-    for split, rep in reports.items():
-        write_report(rep, run_dir, stem="retrieval" if split == "test" else f"retrieval_{split}")
-    grid, image_metrics = None, None
-    rc = cfg.get("reconstruction")
-    if rc is not None and rc.enabled and cfg.get("generator") is not None:
-        from braindecode_fw.pipeline.generation import preview_grid
+    return metrics
 
-        grid, image_metrics = preview_grid(
-            cfg.generator, dm, module.decoder, target, run_dir / "reconstructions_grid.png", n_images=rc.n_images,
-            seed=rc.seed, loggers=loggers, n_metric_images=int(rc.get("n_metric_images") or 0),
-            metrics_cfg=rc.get("metrics"), lowlevel_cfg=rc.get("lowlevel"))
-        if image_metrics is not None:
-            atomic_write_json(run_dir / "reconstruction_metrics.json", image_metrics)
-            metrics.update({f"test/recon_{k}": v for k, v in image_metrics["metrics"].items()})
-    for lg in loggers:
-        lg.log_metrics(metrics, step=trainer.global_step)
-        lg.save()
-    elapsed = time.perf_counter() - t_start
+
+def draw_preview(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, run_dir: Path,
+                 loggers: list[Any]) -> tuple[Path | None, dict[str, Any] | None]:
+    """With ``reconstruction.enabled`` and a generator: the preview grid of test reconstructions
+    (and its image metrics, written to ``reconstruction_metrics.json``). Returns (grid path, image
+    metrics), each None when not drawn."""
+    rc = cfg.get("reconstruction")
+    if rc is None or not rc.enabled or cfg.get("generator") is None:
+        return None, None
+    from braindecode_fw.pipeline.generation import preview_grid
+
+    grid, image_metrics = preview_grid(
+        cfg.generator, dm, decoder, cfg.target.feature_name, run_dir / "reconstructions_grid.png",
+        n_images=rc.n_images, seed=rc.seed, loggers=loggers, n_metric_images=int(rc.get("n_metric_images") or 0),
+        metrics_cfg=rc.get("metrics"), lowlevel_cfg=rc.get("lowlevel"))
+    if image_metrics is not None:
+        atomic_write_json(run_dir / "reconstruction_metrics.json", image_metrics)
+    return grid, image_metrics
+
+
+def print_summary(cfg: DictConfig, reports: dict[str, dict[str, Any]], image_metrics: dict[str, Any] | None, *,
+                  run_dir: Path, checkpoint: str, exports: dict[str, str], grid: Path | None, dashboard: bool,
+                  elapsed: float) -> None:
+    """The console summary of a finished run: the retrieval tables, image metrics and where
+    everything was written."""
     print()
-    print(format_table(report))
+    print(format_table(reports["test"]))
     if "test_large" in reports:
         print()
         print("large test set (single trials of held-out concepts)")
@@ -176,17 +232,15 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
         print(format_image_metrics(image_metrics, cfg.generator.name))
     print()
     print(f"run directory : {run_dir}")
-    print(f"checkpoint    : {eval_ckpt or '(checkpointing disabled)'}")
+    print(f"checkpoint    : {checkpoint or '(checkpointing disabled)'}")
     print(f"results       : {run_dir / 'retrieval.json'}, {run_dir / 'retrieval.csv'}")
     for name, path in exports.items():
         print(f"{name:<14}: {path}")
     if grid is not None:
         print(f"reconstructions: {grid}")
-    if any(type(lg).__name__ == "TensorBoardLogger" for lg in loggers):
+    if dashboard:
         print(f"dashboard     : bdf-dashboard run={run_dir}")
     print(f"wall time     : {elapsed:.0f} s")
-    write_result(cfg, run_dir, metrics, exports)
-    return result
 
 
 def write_result(cfg: DictConfig, run_dir: Path, metrics: dict[str, float],

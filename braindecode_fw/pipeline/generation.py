@@ -26,6 +26,7 @@ from braindecode_fw.generation.reconstructor import (
     shape_fits,
 )
 from braindecode_fw.metrics.images import as_float_images
+from braindecode_fw.models.decoder import Decoder
 from braindecode_fw.ops.loggers import log_image
 from braindecode_fw.viz.grids import comparison_grid, save_png
 
@@ -152,15 +153,11 @@ def generator_inputs(generator: Reconstructor, available: Any) -> list[str]:
     return [n for n in list(generator.needs()) + list(generator.optional()) if n in available]
 
 
-def conditioning_sources(decoder: Any, names: list[str]) -> dict[str, str]:
-    """Generator input -> the decoder output that feeds it: the regression head's output where the
-    decoder has one for that target (``regression/<name>``, the MEG module: Benchetrit et al. 2023
-    retrieve with the CLIP head and generate from the MSE head, docs/methods/meg_brainmodule.md §4), otherwise the
-    output of the same name."""
-    from braindecode_fw.contracts import REGRESSION_PREFIX
-
-    heads = getattr(decoder, "regression_heads", {})
-    return {n: REGRESSION_PREFIX + n if n in heads else n for n in names}
+def conditioning_sources(decoder: Decoder, names: list[str]) -> dict[str, str]:
+    """Generator input -> the decoder output that feeds it
+    (:meth:`~braindecode_fw.models.decoder.Decoder.generation_output`: the regression head's
+    output where the decoder has one, e.g. the MEG module; otherwise the output of the same name)."""
+    return {n: decoder.generation_output(n) for n in names}
 
 
 def calibrate_to_targets(pred: np.ndarray, mean: np.ndarray, std: np.ndarray, eps: float = 1e-8) -> np.ndarray:

@@ -19,6 +19,7 @@ def test_default_hooks_do_nothing(tmp_path):
     assert dec.save_artifacts(tmp_path) == [] and list(tmp_path.iterdir()) == []
     assert dec.n_clusters is None and dec.has_clusters() and not dec.uses_voxel_coordinates
     assert dec.auxiliary_output_shapes() == {} and dec.export_trained_parts(tmp_path) == {}
+    assert dec.generation_output("clip_image") == "clip_image"  # generators read the output of their name
     with pytest.raises(ValueError, match="Decoder has no voxel clusters to set"):
         dec.set_clusters({"a": torch.zeros(5, dtype=torch.long)})
     with pytest.raises(ValueError, match="Decoder does not place voxels by coordinates"):
