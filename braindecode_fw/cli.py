@@ -191,8 +191,10 @@ def run_app(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> N
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
+        from braindecode_fw.ops.console import route_library_logging
         from braindecode_fw.ops.loggers import finish_wandb
 
+        route_library_logging()
         try:
             return task(cfg)
         except _user_error_types() as e:

@@ -25,7 +25,7 @@ import torch
 
 from braindecode_fw.contracts import GENERATED_FINAL, GENERATED_LOWLEVEL
 from braindecode_fw.generation.loading import load_pipeline
-from braindecode_fw.generation.reconstructor import Reconstructor
+from braindecode_fw.generation.reconstructor import ProgressSink, Reconstructor
 from braindecode_fw.generation.sampling import denoise, seeded_generators
 
 LOWLEVEL_KINDS = ("latent", "image")
@@ -167,7 +167,8 @@ class DiffusersReconstructor(Reconstructor):
                           noise_before=None if noise_before is None else lambda: noise_before(generators))
         return self.decode_latents(latents)
 
-    def reconstruct(self, outputs: dict[str, torch.Tensor], seeds: Sequence[int]) -> dict[str, torch.Tensor]:
+    def reconstruct(self, outputs: dict[str, torch.Tensor], seeds: Sequence[int], *,
+                    progress: ProgressSink | None = None) -> dict[str, torch.Tensor]:
         lowlevel = self.lowlevel_images(outputs)
         n = len(seeds)
         finals = []
@@ -175,6 +176,8 @@ class DiffusersReconstructor(Reconstructor):
             part = slice(start, min(start + self.batch_size, n))
             chunk = {k: v[part] for k, v in outputs.items()}
             finals.append(self.reconstruct_batch(chunk, seeds[part], None if lowlevel is None else lowlevel[part]))
+            if progress is not None:
+                progress.update(len(finals[-1]))
         result = {GENERATED_FINAL: compress_contrast(torch.cat(finals), self.contrast)}
         if lowlevel is not None:
             result[GENERATED_LOWLEVEL] = lowlevel

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from braindecode_fw.metrics.weights import offline
+from braindecode_fw.ops.console import route_diffusers_logging
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def _from_pretrained(cls: Any, ref: str, local: bool, config_key: str, **kwargs:
 def _diffusers_class(name: str, config_key: str) -> Any:
     import diffusers
 
+    route_diffusers_logging()
     cls = getattr(diffusers, name, None)
     if cls is None:
         raise ValueError(f"{config_key}: diffusers has no class {name!r}")

@@ -8,6 +8,7 @@ images: ``reconstruct(outputs, seeds) -> (n, 3, H, W)`` float in [0, 1].
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,6 +28,12 @@ def shape_fits(shape: Sequence[int | None] | None, got: Sequence[int]) -> bool:
     a ``None`` shape anything)."""
     return shape is None or (len(got) == len(shape) and all(
         s is None or s == g for s, g in zip(shape, got, strict=True)))
+
+
+class ProgressSink(Protocol):
+    """What :meth:`Reconstructor.reconstruct` reports finished images to."""
+
+    def update(self, n: int = 1) -> None: ...
 
 
 class Reconstructor:
@@ -53,10 +60,12 @@ class Reconstructor:
             have = ", ".join(f"{k} {format_shape(v)}" for k, v in sorted(provides.items())) or "nothing"
             raise ValueError(f"generator {self.name} needs {', '.join(problems)}; decoder provides {have}")
 
-    def reconstruct(self, outputs: dict[str, torch.Tensor], seeds: Sequence[int]) -> dict[str, torch.Tensor]:
+    def reconstruct(self, outputs: dict[str, torch.Tensor], seeds: Sequence[int], *,
+                    progress: ProgressSink | None = None) -> dict[str, torch.Tensor]:
         """``outputs[name]``: ``(n, *shape)`` -> ``{"final": (n, 3, H, W)}`` (+ ``"lowlevel"`` when
         the generator produced one), float in [0, 1]; the keys are ``contracts.GENERATED_FINAL`` /
-        ``GENERATED_LOWLEVEL``."""
+        ``GENERATED_LOWLEVEL``. ``progress.update(k)`` is called as each ``k`` images are done
+        (:class:`~braindecode_fw.ops.progress.Progress`)."""
         raise NotImplementedError
 
 

@@ -28,6 +28,7 @@ from braindecode_fw.generation.reconstructor import (
 from braindecode_fw.metrics.images import as_float_images
 from braindecode_fw.models.decoder import Decoder
 from braindecode_fw.ops.loggers import log_image
+from braindecode_fw.ops.progress import Progress
 from braindecode_fw.viz.grids import comparison_grid, save_png
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,8 @@ def preview_grid(gen_cfg: DictConfig, dm: Any, decoder: Any, target: str, path: 
     if inverter is not None:
         inputs[inverter.output] = lowlevel_images(decoder, dm.test_dataloader(), target, inverter, subject, idx)
     t0 = time.perf_counter()
-    out = generator.reconstruct(inputs, [image_seed(seed, i, 0) for i in idx])
+    with Progress(len(idx), f"reconstructing {subject}'s test images", unit="images", logger=log) as progress:
+        out = generator.reconstruct(inputs, [image_seed(seed, i, 0) for i in idx], progress=progress)
     log.info("reconstructed %d test images of %s in %.1f s", len(idx), subject, time.perf_counter() - t0)
     gts = as_float_images(dm.store.images[idx])
     shown = slice(0, n_images)

@@ -21,6 +21,7 @@ import numpy as np
 
 from braindecode_fw.contracts import StimulusStore
 from braindecode_fw.io import atomic_write_json
+from braindecode_fw.ops.progress import Progress
 from braindecode_fw.targets.encoders import TargetEncoder
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,11 @@ def load_or_compute_targets(
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, *first.shape[1:]))
     try:
         out[: len(first)] = first.numpy()
-        for start in range(len(first), n, chunk):
-            out[start : start + chunk] = encoder.encode_store(store, start, min(start + chunk, n)).numpy()
+        with Progress(n, f"targets {encoder.feature_name}", unit="images", logger=log) as progress:
+            progress.update(len(first))
+            for start in range(len(first), n, chunk):
+                out[start : start + chunk] = encoder.encode_store(store, start, min(start + chunk, n)).numpy()
+                progress.update(min(chunk, n - start))
         out.flush()
         del out
         os.replace(tmp, path)

@@ -23,6 +23,7 @@ from braindecode_fw.data.normalization import fit_session_stats, ncsnr_from_repe
 from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.data.synthetic import fmri, scenes
 from braindecode_fw.metrics.retrieval import retrieval_from_scores
+from braindecode_fw.ops.progress import Progress
 from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,11 @@ def generate_world(cfg: SyntheticWorldConfig, root: str | Path, *, name: str = "
 
     n_subj = len(cfg.subjects)
     all_scenes = scenes.sample_scenes(cfg.n_test_images + n_subj * cfg.n_train_images, scene_rng, cfg.max_objects)
-    images = np.stack([scenes.render_scene(s, cfg.image_size) for s in all_scenes])
+    images = np.empty((len(all_scenes), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    with Progress(len(all_scenes), "rendering scenes", unit="scenes", logger=log) as progress:
+        for i, scene in enumerate(all_scenes):
+            images[i] = scenes.render_scene(scene, cfg.image_size)
+            progress.update()
     captions = [scenes.caption_scene(s) for s in all_scenes]
     semantic = scenes.semantic_features(all_scenes)
     test_idx = np.arange(cfg.n_test_images)
