@@ -271,7 +271,7 @@ class Converter(ABC, Generic[PlanT]):
         then the store version and how many checks passed before writing."""
         if summary["noop"]:
             return (f"{self.title} store {summary['store']} is up to date (built from {self.fingerprint_covers}: "
-                    f"configuration {summary['config_fingerprint']}, version {summary['store_version']}); "
+                    f"fingerprint {summary['config_fingerprint']}, version {summary['store_version']}); "
                     f"nothing to do (dataset.force=true reconverts)")
         lines = self.table(summary)
         lines += [f"warning: {w}" for w in summary["warnings"]]
