@@ -14,7 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 # dataset.kind -> "module:function" converting ``dataset_cfg`` into ``dataset_cfg.store``; each returns
-# a summary dict whose "report" (if any) bdf-prepare prints
+# the converter summary (braindecode_fw/data/convert/base.py REPORT_KEYS) whose "report" bdf-prepare
+# prints. A kind not listed here is looked up as a Converter subclass of that kind in the module
+# braindecode_fw/data/convert/<kind>.py, so a new shipped dataset is that module + its dataset config.
 CONVERTERS = {
     "nsd": "braindecode_fw.data.convert.nsd:convert_nsd",
     "mindeye2": "braindecode_fw.data.convert.mindeye:convert_mindeye2",
@@ -44,8 +46,37 @@ def _world_config(dataset_cfg: DictConfig):
     return config_cls.from_mapping(OmegaConf.to_container(dataset_cfg.world, resolve=True))
 
 
+def _converter_function(obj: Any) -> Any:
+    """A converter function as is; a :class:`~braindecode_fw.data.convert.base.Converter` subclass -> its
+    ``convert`` classmethod."""
+    from braindecode_fw.data.convert.base import Converter
+
+    if isinstance(obj, type) and issubclass(obj, Converter):
+        return obj.convert
+    return obj
+
+
+def _module_converter(kind: Any) -> Any:
+    """The ``Converter`` subclass with ``kind`` in ``braindecode_fw/data/convert/<kind>.py``, or None."""
+    import importlib
+    import importlib.util
+
+    from braindecode_fw.data.convert.base import Converter
+
+    if not isinstance(kind, str) or not kind.isidentifier():
+        return None
+    name = f"braindecode_fw.data.convert.{kind}"
+    if importlib.util.find_spec(name) is None:
+        return None
+    module = importlib.import_module(name)
+    found = [v for v in vars(module).values()
+             if isinstance(v, type) and issubclass(v, Converter) and getattr(v, "kind", None) == kind]
+    return found[0].convert if found else None
+
+
 def _converter(spec: str) -> Any:
-    """``"package.module:function"`` (``dataset.converter``) -> the function, or a clear error."""
+    """``"package.module:function"`` or ``"package.module:ConverterClass"`` (``dataset.converter``) ->
+    the converter function, or a clear error."""
     import importlib
 
     module, sep, name = str(spec).partition(":")
@@ -59,16 +90,18 @@ def _converter(spec: str) -> Any:
     fn = getattr(mod, name, None)
     if not callable(fn):
         raise ValueError(f"dataset.converter: {module!r} has no function {name!r}")
-    return fn
+    return _converter_function(fn)
 
 
 def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any]:
     """Convert/generate the dataset described by ``dataset_cfg`` into ``dataset_cfg.store``.
 
-    ``dataset.converter: "package.module:function"`` names a converter outside the package (a lab's
-    own format; docs/extending.md): it is called with the ``dataset`` config, writes the store with
-    :class:`~braindecode_fw.data.store.StoreWriter` and returns a summary whose ``report`` is
-    printed. Otherwise ``dataset.kind`` picks one of :data:`CONVERTERS` or :data:`SYNTHETIC`.
+    ``dataset.converter: "package.module:function"`` (or ``"package.module:ConverterClass"``) names a
+    converter outside the package (a lab's own format; docs/extending.md): it is called with the
+    ``dataset`` config, writes the store with :class:`~braindecode_fw.data.store.StoreWriter` and
+    returns a summary whose ``report`` is printed. Otherwise ``dataset.kind`` picks one of
+    :data:`CONVERTERS` or :data:`SYNTHETIC`, or the ``Converter`` of that kind in
+    ``braindecode_fw/data/convert/<kind>.py``.
     """
     if dataset_cfg.get("converter"):
         summary = _converter(dataset_cfg.converter)(dataset_cfg)
@@ -85,6 +118,9 @@ def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any
 
         module, function = CONVERTERS[kind].split(":")
         return getattr(importlib.import_module(module), function)(dataset_cfg)
+    found = _module_converter(kind)
+    if found is not None:
+        return found(dataset_cfg)
     raise ValueError(f"dataset.kind: no preparer for {kind!r}; available: {list(PREPARERS)} (or set "
                      f"dataset.converter: 'package.module:function' for a converter of your own)")
 

@@ -29,14 +29,14 @@ partial folder). A complete store built from the same inputs and options is left
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import re
 import tarfile
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -44,9 +44,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from braindecode_fw.data.convert.common import is_val_image, matching_store, remove_stale_partials
+from braindecode_fw.data.convert.base import Converter, Written
+from braindecode_fw.data.convert.common import is_val_image
 from braindecode_fw.data.store import ImageStream, StoreWriter, TrialTable
-from braindecode_fw.schema import yaml_section
+from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ ME1_COUNTS = {1: {"train": 8559, "val": 300, "test": 982}}
 REAL_MIN_VOXELS = 1000  # below this the data are a fixture: real-size checks are skipped
 TEST_TARS = {"new": "new_test", "legacy": "test"}
 SPLIT_NAMES = ("train", "val", "test")
+VALIDATE_MODES = ("warn", "fail", "off")
 _IMAGE_CHUNK = 64  # images read per HDF5 call
 
 
@@ -76,13 +78,8 @@ _IMAGE_CHUNK = 64  # images read per HDF5 call
 # --------------------------------------------------------------------------------------------
 
 
-def _get(cfg: Any, key: str, default: Any) -> Any:
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if value is None else value
-
-
-def _root(cfg: Any, what: str) -> Path:
-    root = cfg.get("root")
+def _root(root: Any, what: str) -> Path:
+    """``dataset.root`` as an existing folder, or an error naming the key and what it must hold."""
     if root is None:
         raise ValueError(f"dataset.root: not set; pass dataset.root=<folder holding {what}>")
     root = Path(str(root)).expanduser()
@@ -91,8 +88,8 @@ def _root(cfg: Any, what: str) -> Path:
     return root
 
 
-def _subjects(cfg: Any, default: list[int]) -> list[int]:
-    raw = _get(cfg, "subjects", default)
+def _subjects(raw: Any) -> list[int]:
+    """``dataset.subjects`` (``[1, 2]``, ``["subj01"]``, ``1``) -> distinct NSD subject numbers 1..8."""
     if isinstance(raw, (int, str)):
         raw = [raw]
     out = []
@@ -106,11 +103,64 @@ def _subjects(cfg: Any, default: list[int]) -> list[int]:
     return out
 
 
-def _choice(cfg: Any, key: str, default: str, options: tuple[str, ...]) -> str:
-    value = str(_get(cfg, key, default))
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         raise ValueError(f"dataset.{key}: {value!r} is not one of {list(options)}")
-    return value
+
+
+@config_dataclass("dataset/mindeye2.yaml", key="dataset")
+class MindEye2ConvertConfig:
+    """Mirror of ``braindecode_fw/conf/dataset/mindeye2.yaml``, which holds every default
+    (braindecode_fw/schema.py fills the fields from it; ``store`` is None outside Hydra)."""
+
+    root: str | None = FROM_YAML
+    store: str | None = FROM_YAML
+    name: str = FROM_YAML
+    kind: str = FROM_YAML
+    modality: str = FROM_YAML
+    auto_prepare: bool = FROM_YAML
+    subjects: list[int | str] | int | str = FROM_YAML  # 1..8 or subj01..subj08; normalised to ints
+    test_convention: str = FROM_YAML
+    image_size: int = setting(min=8)
+    val_fraction: float = setting(min=0, lt=1)
+    val_seed: int = FROM_YAML
+    chunk_rows: int = setting(min=1)
+    validate: str = FROM_YAML
+    force: bool = FROM_YAML
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> MindEye2ConvertConfig:
+        out = dataclass_from_mapping(cls, cfg, what="MindEye2 converter")
+        out.subjects = _subjects(out.subjects)
+        _choice("test_convention", out.test_convention, tuple(TEST_TARS))
+        _choice("validate", out.validate, VALIDATE_MODES)
+        return out
+
+
+@config_dataclass("dataset/mindeye1_avg.yaml", key="dataset")
+class MindEye1AvgConvertConfig:
+    """Mirror of ``braindecode_fw/conf/dataset/mindeye1_avg.yaml``, which holds every default."""
+
+    root: str | None = FROM_YAML
+    store: str | None = FROM_YAML
+    name: str = FROM_YAML
+    kind: str = FROM_YAML
+    modality: str = FROM_YAML
+    auto_prepare: bool = FROM_YAML
+    subjects: list[int | str] | int | str = FROM_YAML
+    layout: str = FROM_YAML
+    image_size: int = setting(min=8)
+    zscore_at_load: bool = FROM_YAML
+    validate: str = FROM_YAML
+    force: bool = FROM_YAML
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> MindEye1AvgConvertConfig:
+        out = dataclass_from_mapping(cls, cfg, what="MindEye1 avg-split converter")
+        out.subjects = _subjects(out.subjects)
+        _choice("layout", out.layout, ("auto", "tar", "extracted"))
+        _choice("validate", out.validate, VALIDATE_MODES)
+        return out
 
 
 def _fingerprint(options: dict[str, Any], sources: dict[str, Any]) -> str:
@@ -119,25 +169,14 @@ def _fingerprint(options: dict[str, Any], sources: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _up_to_date(store: Path, converter: str, fingerprint: str, t0: float) -> dict[str, Any] | None:
-    """The no-op summary when ``store`` was built by ``converter`` from the same files and options."""
-    existing = matching_store(store, fingerprint, converter=converter)
-    if existing is None:
-        return None
-    return {"report": f"{store}: up to date (built from the same files and options, version "
-                      f"{existing['version']}); nothing to do (dataset.force=true rebuilds it)",
-            "store": str(store), "skipped": True, "seconds": time.perf_counter() - t0}
-
-
 def _validate(problems: list[str], mode: str, what: str) -> list[str]:
-    """Apply ``dataset.validate`` to the real-data problems: raise (fail), log (warn) or drop (off)."""
+    """Apply ``dataset.validate`` to the real-data problems: raise (fail), keep them to report (warn)
+    or drop them (off)."""
     if not problems or mode == "off":
         return []
     if mode == "fail":
         raise ValueError(f"{what}: the data do not match the published release ({'; '.join(problems)}); "
                          f"set dataset.validate=warn to import anyway")
-    for p in problems:
-        log.warning("%s: %s", what, p)
     return problems
 
 
@@ -164,13 +203,6 @@ def _repeat_counts(id73k: np.ndarray) -> np.ndarray:
         repeat[t] = seen.get(i, 0)
         seen[i] = repeat[t] + 1
     return repeat
-
-
-def _val_options(cfg: Any, defaults: dict[str, Any]) -> tuple[float, int]:
-    fraction = float(_get(cfg, "val_fraction", defaults["val_fraction"]))
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"dataset.val_fraction: {fraction} must be in [0, 1)")
-    return fraction, int(_get(cfg, "val_seed", defaults["val_seed"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,12 +389,21 @@ def _me2_copy_betas(s: _Me2Subject, out: np.ndarray, chunk_rows: int, label: str
     out.flush()
 
 
-def _me2_images(path: Path, used: np.ndarray, sink: ImageStream, size: int) -> None:
+def _me2_check_images(path: Path, used: np.ndarray) -> None:
+    """``coco_images_224_float16.hdf5`` opens and ``images`` is ``(73000, 3, H, W)`` covering every used id."""
     f, ds = _open_h5(path, "images", "float16 (73000, 3, 224, 224) in [0, 1]")
     try:
         if ds.ndim != 4 or ds.shape[1] != 3 or ds.shape[0] <= int(used[-1]):
             raise ValueError(f"{path}: dataset 'images' has shape {ds.shape}, expected (73000, 3, H, W) "
                              f"covering 73k id {int(used[-1])}")
+    finally:
+        f.close()
+
+
+def _me2_images(path: Path, used: np.ndarray, sink: ImageStream, size: int) -> None:
+    """Stream the images of the 73k ids ``used`` (sorted; header checked by :func:`_me2_check_images`)."""
+    f, ds = _open_h5(path, "images", "float16 (73000, 3, 224, 224) in [0, 1]")
+    try:
         for start in tqdm(range(0, len(used), _IMAGE_CHUNK), desc="images", unit="chunk", leave=False):
             ids = used[start : start + _IMAGE_CHUNK]
             try:  # one slice per run of consecutive ids (h5py's list indexing is much slower)
@@ -378,74 +419,110 @@ def _me2_images(path: Path, used: np.ndarray, sink: ImageStream, size: int) -> N
         f.close()
 
 
-def convert_mindeye2(dataset_cfg: Any) -> dict[str, Any]:
-    """MindEye2's preprocessed release under ``dataset.root`` -> prepared store ``dataset.store``.
+def _split_table(summary: dict[str, Any], title: str, note: str) -> list[str]:
+    """The MindEye converters' report lines: one per subject, then the images and the normalisation."""
+    lines = [title, "subject  voxels  trials  train / val / test  test images  test reps (count: images)"]
+    for sid, st in summary["subjects"].items():
+        c = st["split_trials"]
+        lines.append(f"{sid:<8} {st['n_voxels']:>6}  {st['n_trials']:>6}  {c['train']} / {c['val']} / {c['test']}"
+                     f"  {st['n_test_images']:>11}  {st['test_repeats_histogram']}")
+    lines.append(f"{summary['n_images']} images; {note}; {summary['seconds']:.1f} s")
+    return lines
+
+
+@dataclass
+class _Me2Plan:
+    shared: np.ndarray  # (73000,) bool
+    subjects: dict[int, _Me2Subject]
+    used: np.ndarray  # sorted 73k ids of the imported trials
+    problems: list[str] = dataclasses.field(default_factory=list)  # real-release mismatches kept (validate=warn)
+
+
+class MindEye2Converter(Converter[_Me2Plan]):
+    """MindEye2's preprocessed release -> prepared store, in the base's phases (convert/base.py).
 
     Keys (braindecode_fw/conf/dataset/mindeye2.yaml): ``root``, ``store``, ``name``, ``subjects``,
     ``test_convention`` (new|legacy), ``image_size``, ``val_fraction``, ``val_seed``, ``chunk_rows``,
-    ``validate`` (warn|fail|off), ``force``. Returns a summary whose ``report`` bdf-prepare prints.
+    ``validate`` (warn|fail|off), ``force``.
     """
-    t0 = time.perf_counter()
-    converter = "braindecode_fw.data.convert.mindeye:convert_mindeye2"
-    root = _root(dataset_cfg, "MindEye2's release (betas_all_subjXX_fp32_renorm.hdf5, wds/, ...)")
-    store = Path(str(dataset_cfg.store))
-    defaults = yaml_section("dataset/mindeye2.yaml")  # the one source of every default
-    subjects = _subjects(dataset_cfg, defaults["subjects"])
-    convention = _choice(dataset_cfg, "test_convention", defaults["test_convention"], tuple(TEST_TARS))
-    validate = _choice(dataset_cfg, "validate", defaults["validate"], ("warn", "fail", "off"))
-    image_size = int(_get(dataset_cfg, "image_size", defaults["image_size"]))
-    chunk_rows = int(_get(dataset_cfg, "chunk_rows", defaults["chunk_rows"]))
-    val_fraction, val_seed = _val_options(dataset_cfg, defaults)
-    if image_size < 8 or chunk_rows < 1:
-        raise ValueError(f"dataset.image_size ({image_size}) must be >= 8 and dataset.chunk_rows ({chunk_rows}) >= 1")
-    force = bool(_get(dataset_cfg, "force", defaults["force"]))
-    name = str(_get(dataset_cfg, "name", defaults["name"]))
 
-    images_path = root / "coco_images_224_float16.hdf5"
-    shared_path = root / "shared1000.npy"
-    for path, what in ((images_path, "dataset 'images' float16 (73000, 3, 224, 224)"),
-                       (shared_path, "bool (73000,) shared1000 mask")):
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: missing file (expected {what})")
-    test_dir = TEST_TARS[convention]
-    sources: dict[str, int] = {}
-    for s in subjects:
-        betas, tars, test_tar = _me2_sources(root, s, test_dir)
-        for p in (betas, *tars, test_tar):
-            sources[str(p.relative_to(root))] = p.stat().st_size
-    for p in (images_path, shared_path):
-        sources[p.name] = p.stat().st_size
-    options = {"name": name, "subjects": subjects, "test_convention": convention, "image_size": image_size,
-               "val_fraction": val_fraction, "val_seed": val_seed}
-    fingerprint = _fingerprint(options, sources)
-    remove_stale_partials(store)
-    up_to_date = None if force else _up_to_date(store, converter, fingerprint, t0)
-    if up_to_date is not None:
-        return up_to_date
+    kind = "mindeye2"
+    title = "MindEye2"
+    modality = "fmri"
+    config_class = MindEye2ConvertConfig
+    converter_id = "braindecode_fw.data.convert.mindeye:convert_mindeye2"
+    provenance_match = {"converter": converter_id}
+    fingerprint_covers = "the same files and options"
 
-    try:
-        shared = np.load(shared_path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{shared_path}: cannot be read as .npy ({e}); expected bool (73000,)") from None
-    if shared.ndim != 1 or shared.dtype != np.bool_:
-        raise ValueError(f"{shared_path}: {shared.dtype} {shared.shape}, expected bool (73000,)")
+    cfg: MindEye2ConvertConfig
 
-    info = {s: _me2_read_subject(root, s, test_dir, shared) for s in subjects}
-    problems = _validate([p for s in subjects for p in _me2_real_problems(info[s], convention)], validate,
-                         f"dataset.validate ({root})")
-    used = np.unique(np.concatenate([i.behav[:, COL_ID73K] for i in info.values()])).astype(np.int64)
+    def locate(self) -> None:
+        cfg = self.cfg
+        self.root = root = _root(cfg.root, "MindEye2's release (betas_all_subjXX_fp32_renorm.hdf5, wds/, ...)")
+        self.images_path = root / "coco_images_224_float16.hdf5"
+        self.shared_path = root / "shared1000.npy"
+        for path, what in ((self.images_path, "dataset 'images' float16 (73000, 3, 224, 224)"),
+                           (self.shared_path, "bool (73000,) shared1000 mask")):
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: missing file (expected {what})")
+        self.test_dir = TEST_TARS[cfg.test_convention]
+        self.sources: dict[str, int] = {}
+        for s in cfg.subjects:
+            betas, tars, test_tar = _me2_sources(root, s, self.test_dir)
+            for p in (betas, *tars, test_tar):
+                self.sources[str(p.relative_to(root))] = p.stat().st_size
+        for p in (self.images_path, self.shared_path):
+            self.sources[p.name] = p.stat().st_size
+        self.check(f"{len(self.sources)} release files present (betas, behaviour tars of "
+                   f"wds/subjXX/{{train,{self.test_dir}}}, images, shared1000.npy)")
+        self.options = {"name": cfg.name, "subjects": list(cfg.subjects), "test_convention": cfg.test_convention,
+                        "image_size": int(cfg.image_size), "val_fraction": float(cfg.val_fraction),
+                        "val_seed": int(cfg.val_seed)}
 
-    summary: dict[str, Any] = {"subjects": {}}
-    with StoreWriter(store, name=name, modality="fmri", overwrite=True) as writer:
+    def fingerprint(self) -> str:
+        return _fingerprint(self.options, self.sources)
+
+    def plan(self) -> _Me2Plan:
+        try:
+            shared = np.load(self.shared_path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.shared_path}: cannot be read as .npy ({e}); expected bool (73000,)") from None
+        if shared.ndim != 1 or shared.dtype != np.bool_:
+            raise ValueError(f"{self.shared_path}: {shared.dtype} {shared.shape}, expected bool (73000,)")
+        self.check(f"{self.shared_path.name}: bool {shared.shape}")
+        info = {}
+        for s in self.cfg.subjects:
+            info[s] = sub = _me2_read_subject(self.root, s, self.test_dir, shared)
+            self.check(f"subj{s:02d}: betas header {sub.dtype.name} ({sub.n_rows}, {sub.n_voxels}); "
+                       f"{sub.n_train_tars + 1} behaviour tars: global trials, 73k ids, sessions/runs in range, "
+                       f"test trials = shared1000, each trial once")
+        used = np.unique(np.concatenate([i.behav[:, COL_ID73K] for i in info.values()])).astype(np.int64)
+        return _Me2Plan(shared, info, used)
+
+    def validate(self, plan: _Me2Plan) -> None:
+        cfg = self.cfg
+        _me2_check_images(self.images_path, plan.used)
+        self.check(f"{self.images_path.name}: images (73000, 3, H, W) covering the {len(plan.used)} used 73k ids")
+        problems = [p for s in cfg.subjects for p in _me2_real_problems(plan.subjects[s], cfg.test_convention)]
+        if any(sub.n_voxels < REAL_MIN_VOXELS for sub in plan.subjects.values()):
+            self.skip_check(f"release sizes (voxels, test trials, session tars): fewer than {REAL_MIN_VOXELS} "
+                            "voxels, the data are a fixture")
+        plan.problems = _validate(problems, cfg.validate, f"dataset.validate ({self.root})")
+        for p in plan.problems:
+            self.warn(p)
+
+    def write(self, writer: StoreWriter, plan: _Me2Plan) -> Written:
+        cfg, root, used, image_size = self.cfg, self.root, plan.used, self.image_size
         sink = writer.open_images(len(used), image_size, image_size)
-        _me2_images(images_path, used, sink, image_size)
+        _me2_images(self.images_path, used, sink, image_size)
         sink.close(ids=[f"nsd73k-{i:05d}" for i in used.tolist()], source_ids=used.tolist())
-        for s in tqdm(subjects, desc="subjects", unit="subject"):
-            sub = info[s]
+        subjects: dict[str, dict[str, Any]] = {}
+        for s in tqdm(cfg.subjects, desc="subjects", unit="subject"):
+            sub = plan.subjects[s]
             sid = f"subj{s:02d}"
-            trials = _me2_trials(sub, used, val_fraction, val_seed)
+            trials = _me2_trials(sub, used, cfg.val_fraction, cfg.val_seed)
             out = writer.open_responses(sid, (len(trials), sub.n_voxels), sub.dtype.name)
-            _me2_copy_betas(sub, out, chunk_rows, sid)
+            _me2_copy_betas(sub, out, cfg.chunk_rows, sid)
             del out
             counts = {sp: int((trials.split == sp).sum()) for sp in SPLIT_NAMES}
             test_imgs, reps = np.unique(trials.image_index[trials.split == "test"], return_counts=True)
@@ -458,16 +535,18 @@ def convert_mindeye2(dataset_cfg: Any) -> dict[str, Any]:
                 "betas_rows": sub.n_rows, "test_tar": str(sub.test_tar.relative_to(root)),
             }
             writer.write_subject(sid, trials, statistics=stats)
-            summary["subjects"][sid] = stats
+            subjects[sid] = stats
+        test_dir, val_seed, val_fraction = self.test_dir, cfg.val_seed, cfg.val_fraction
         provenance = {
             "source": "MindEye2 preprocessed release (huggingface.co/datasets/pscotti/mindeyev2)",
-            "converter": converter, "converter_version": CONVERTER_VERSION, "config_fingerprint": fingerprint,
-            "root": str(root), "options": options, "sources": sources,
+            "converter": self.converter_id, "converter_version": CONVERTER_VERSION,
+            "config_fingerprint": self.fingerprint(),
+            "root": str(root), "options": self.options, "sources": self.sources,
             "normalisation": "mindeye2_renorm",
             "normalisation_detail": "betas_all_subjXX_fp32_renorm.hdf5 copied bit-exact: MindEye2 re-normalised "
                                     "every voxel with statistics of the training trials only; not re-normalised here",
             "zscore_at_load": False,
-            "test_convention": convention,
+            "test_convention": cfg.test_convention,
             "split_rule": f"test = the trials of wds/subjXX/{test_dir}/0.tar (shared1000); train = the trials of "
                           f"wds/subjXX/train/*.tar; val = whole training images, see val_rule",
             "val_rule": f"training 73k ids whose splitmix64 uniform (seed {val_seed}) is < {val_fraction} "
@@ -480,26 +559,22 @@ def convert_mindeye2(dataset_cfg: Any) -> dict[str, Any]:
                       f"{'' if image_size == 224 else f', resized to {image_size} px with PIL bicubic'}",
             "image_ids": "images sorted by 73k id; metadata source_ids = 0-based 73k ids",
             "geometry": "none (the release has no voxel coordinates)",
-            "validation": {"mode": validate, "problems": problems},
+            "validation": {"mode": cfg.validate, "problems": plan.problems},
         }
-        writer.finalize(provenance, image_size=image_size)
-    summary.update(store=str(store), seconds=time.perf_counter() - t0, n_images=len(used), problems=problems)
-    summary["report"] = _report(f"MindEye2 release {root} ({convention} test tars)", summary,
-                                "normalisation mindeye2_renorm: betas imported as released, not to be z-scored "
-                                "again (provenance.zscore_at_load=false, honoured by data.zscore=auto)")
-    return summary
+        return Written(provenance, subjects, {"test_convention": cfg.test_convention, "root": str(root),
+                                              "normalisation": "mindeye2_renorm", "zscore_at_load": False})
+
+    def table(self, summary: dict[str, Any]) -> list[str]:
+        return _split_table(summary, f"MindEye2 release {self.root} ({self.cfg.test_convention} test tars)",
+                            "normalisation mindeye2_renorm: betas imported as released, not to be z-scored "
+                            "again (provenance.zscore_at_load=false, honoured by data.zscore=auto)")
 
 
-def _report(title: str, summary: dict[str, Any], note: str) -> str:
-    lines = [title, "subject  voxels  trials  train / val / test  test images  test reps (count: images)"]
-    for sid, st in summary["subjects"].items():
-        c = st["split_trials"]
-        lines.append(f"{sid:<8} {st['n_voxels']:>6}  {st['n_trials']:>6}  {c['train']} / {c['val']} / {c['test']}"
-                     f"  {st['n_test_images']:>11}  {st['test_repeats_histogram']}")
-    lines.append(f"{summary['n_images']} images; {note}; {summary['seconds']:.1f} s")
-    for p in summary.get("problems", []):
-        lines.append(f"warning: {p}")
-    return "\n".join(lines)
+def convert_mindeye2(dataset_cfg: Any) -> dict[str, Any]:
+    """MindEye2's preprocessed release under ``dataset.root`` -> prepared store ``dataset.store``
+    (:class:`MindEye2Converter`). Returns the converter summary (convert/base.py ``REPORT_KEYS``)
+    whose ``report`` bdf-prepare prints."""
+    return MindEye2Converter.convert(dataset_cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,112 +753,146 @@ def _me1_iter_rows(s: _Me1Subject, reader: _Me1Reader) -> Iterator[tuple[int, np
         yield i, arr
 
 
-def convert_mindeye1_avg(dataset_cfg: Any) -> dict[str, Any]:
-    """MindEye1's ``webdataset_avg_split`` (as MindBridge reads it) -> prepared store ``dataset.store``.
+@dataclass
+class _Me1Plan:
+    subjects: dict[int, _Me1Subject]
+    used: np.ndarray  # sorted 73k ids of the imported samples
+    first: dict[int, _Me1Sample]  # 73k id -> the first sample carrying its jpg
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+class MindEye1AvgConverter(Converter[_Me1Plan]):
+    """MindEye1's ``webdataset_avg_split`` (as MindBridge reads it) -> prepared store (convert/base.py).
 
     Keys (braindecode_fw/conf/dataset/mindeye1_avg.yaml): ``root``, ``store``, ``name``, ``subjects``, ``layout``
     (auto|tar|extracted), ``image_size``, ``zscore_at_load``, ``validate``, ``force``.
     """
-    t0 = time.perf_counter()
-    converter = "braindecode_fw.data.convert.mindeye:convert_mindeye1_avg"
-    root = _root(dataset_cfg, "MindEye1's webdataset_avg_split (train/, val/, test/)")
-    store = Path(str(dataset_cfg.store))
-    defaults = yaml_section("dataset/mindeye1_avg.yaml")  # the one source of every default
-    subjects = _subjects(dataset_cfg, defaults["subjects"])
-    layout = _choice(dataset_cfg, "layout", defaults["layout"], ("auto", "tar", "extracted"))
-    validate = _choice(dataset_cfg, "validate", defaults["validate"], ("warn", "fail", "off"))
-    image_size = int(_get(dataset_cfg, "image_size", defaults["image_size"]))
-    if image_size < 8:
-        raise ValueError(f"dataset.image_size: {image_size} must be >= 8")
-    zscore_at_load = bool(_get(dataset_cfg, "zscore_at_load", defaults["zscore_at_load"]))
-    force = bool(_get(dataset_cfg, "force", defaults["force"]))
-    name = str(_get(dataset_cfg, "name", defaults["name"]))
 
-    layouts = {s: _me1_layout(root, s, layout) for s in subjects}
-    sources: dict[str, Any] = {}
-    for s in subjects:
-        for split in SPLIT_NAMES:
-            files = (list((root / split / f"subj{s:02d}").glob("*")) if layouts[s] == "extracted"
-                     else list(root.glob(f"{split}/{split}_subj{s:02d}_*.tar")))
-            sources[f"subj{s:02d}/{split}"] = [len(files), sum(p.stat().st_size for p in files)]
-    options = {"name": name, "subjects": subjects, "layouts": layouts, "image_size": image_size,
-               "zscore_at_load": zscore_at_load}
-    fingerprint = _fingerprint(options, sources)
-    remove_stale_partials(store)
-    up_to_date = None if force else _up_to_date(store, converter, fingerprint, t0)
-    if up_to_date is not None:
-        return up_to_date
+    kind = "mindeye1_avg"
+    title = "MindEye1 avg split"
+    modality = "fmri"
+    config_class = MindEye1AvgConvertConfig
+    converter_id = "braindecode_fw.data.convert.mindeye:convert_mindeye1_avg"
+    provenance_match = {"converter": converter_id}
+    fingerprint_covers = "the same files and options"
 
-    reader = _Me1Reader()
-    summary: dict[str, Any] = {"subjects": {}}
-    try:
-        info = {s: _me1_read_subject(root, s, layouts[s], reader) for s in subjects}
-        problems = _validate([p for s in subjects for p in _me1_real_problems(info[s])], validate,
-                             f"dataset.validate ({root})")
+    cfg: MindEye1AvgConvertConfig
+
+    def __init__(self, dataset_cfg: Any):
+        super().__init__(dataset_cfg)
+        self.reader = _Me1Reader()
+
+    def locate(self) -> None:
+        cfg = self.cfg
+        self.root = root = _root(cfg.root, "MindEye1's webdataset_avg_split (train/, val/, test/)")
+        self.layouts = {s: _me1_layout(root, s, cfg.layout) for s in cfg.subjects}
+        self.sources: dict[str, Any] = {}
+        for s in cfg.subjects:
+            for split in SPLIT_NAMES:
+                files = (list((root / split / f"subj{s:02d}").glob("*")) if self.layouts[s] == "extracted"
+                         else list(root.glob(f"{split}/{split}_subj{s:02d}_*.tar")))
+                self.sources[f"subj{s:02d}/{split}"] = [len(files), sum(p.stat().st_size for p in files)]
+        self.options = {"name": cfg.name, "subjects": list(cfg.subjects), "layouts": self.layouts,
+                        "image_size": int(cfg.image_size), "zscore_at_load": bool(cfg.zscore_at_load)}
+
+    def fingerprint(self) -> str:
+        return _fingerprint(self.options, self.sources)
+
+    def plan(self) -> _Me1Plan:
+        info = {}
+        for s in self.cfg.subjects:
+            info[s] = sub = _me1_read_subject(self.root, s, self.layouts[s], self.reader)
+            self.check(f"subj{s:02d} ({self.layouts[s]} layout): {len(sub.samples)} samples of train/val/test, "
+                       f"each with one 73k id (coco73k.npy), nsdgeneral.npy header (3, {sub.n_voxels}) and a jpg")
         used = np.unique(np.concatenate([i.ids for i in info.values()]))
         first: dict[int, _Me1Sample] = {}
-        for s in subjects:
+        for s in self.cfg.subjects:
             for i, smp in zip(info[s].ids.tolist(), info[s].samples, strict=True):
                 first.setdefault(i, smp)
-        with StoreWriter(store, name=name, modality="fmri", overwrite=True) as writer:
-            sink = writer.open_images(len(used), image_size, image_size)
-            for i in tqdm(used.tolist(), desc="images", unit="image", leave=False):
-                smp = first[i]
-                sink.append(_decode_jpg(reader.read(smp, "jpg"), f"{reader.where(smp)}: {smp.key}.jpg",
-                                        image_size)[None])
-            sink.close(ids=[f"nsd73k-{i:05d}" for i in used.tolist()], source_ids=used.tolist())
-            for s in tqdm(subjects, desc="subjects", unit="subject"):
-                sub = info[s]
-                sid = f"subj{s:02d}"
-                n = 3 * len(sub.samples)
-                out = writer.open_responses(sid, (n, sub.n_voxels), sub.dtype)
-                for i, arr in tqdm(_me1_iter_rows(sub, reader), total=len(sub.samples), desc=f"{sid} samples",
-                                   unit="sample", leave=False):
-                    out[3 * i : 3 * i + 3] = arr
-                out.flush()
-                del out
-                split = np.repeat([x.split for x in sub.samples], 3).astype(str)
-                trials = TrialTable(
-                    trial_id=np.arange(n, dtype=np.int64),
-                    image_index=np.repeat(np.searchsorted(used, sub.ids), 3).astype(np.int64),
-                    session=np.zeros(n, dtype=np.int64), run=np.zeros(n, dtype=np.int64),
-                    repeat=np.tile(np.arange(3, dtype=np.int64), len(sub.samples)), split=split,
-                )
-                counts = {sp: int((split == sp).sum()) for sp in SPLIT_NAMES}
-                stats = {"n_trials": n, "n_voxels": sub.n_voxels, "split_trials": counts,
-                         "split_samples": {sp: c // 3 for sp, c in counts.items()},
-                         "n_test_images": len(np.unique(sub.ids[[x.split == "test" for x in sub.samples]])),
-                         "test_repeats_histogram": {3: counts["test"] // 3}, "layout": layouts[s]}
-                writer.write_subject(sid, trials, statistics=stats)
-                summary["subjects"][sid] = stats
-            provenance = {
-                "source": "MindEye1 webdataset_avg_split (as consumed by MindBridge)",
-                "converter": converter, "converter_version": CONVERTER_VERSION, "config_fingerprint": fingerprint,
-                "root": str(root), "options": options, "sources": sources,
-                "normalisation": "mindeye1_unknown",
-                "normalisation_detail": "nsdgeneral.npy copied as released; MindEye1's normalisation is not "
-                                        "documented (docs/datasets/mindeye.md); MindBridge feeds it without scaling",
-                "zscore_at_load": zscore_at_load,
-                "zscore_choice": "dataset.zscore_at_load=" + str(zscore_at_load).lower() + ": "
-                                 + ("the datamodule z-scores voxel-wise with training-trial statistics (one "
-                                    "pseudo-session)" if zscore_at_load else
-                                    "the datamodule does not z-score (MindBridge's input as is)"),
-                "split_rule": "splits from the folders train/ val/ test/ (test = MindEye1's 982 shared images "
-                              "of the old 37-session release for subj01)",
-                "repeat_rule": "each sample's nsdgeneral.npy (3, n_voxels) -> 3 trial rows, repeat 0..2",
-                "session": "unknown in the avg split: every trial has session 0, run 0",
-                "trial_id": "running index: 3 * sample position (train, val, test; sorted by key) + repeat",
-                "images": f"the sample jpg decoded with PIL (RGB), resized to {image_size} px with PIL bicubic "
-                          f"when its size differs; one image per 73k id (first sample carrying it)",
-                "image_ids": "images sorted by 73k id; metadata source_ids = 0-based 73k ids",
-                "geometry": "none (the avg split has no voxel coordinates)",
-                "validation": {"mode": validate, "problems": problems},
-            }
-            writer.finalize(provenance, image_size=image_size)
-    finally:
-        reader.close()
-    summary.update(store=str(store), seconds=time.perf_counter() - t0, n_images=len(used), problems=problems)
-    summary["report"] = _report(f"MindEye1 avg split {root}", summary,
-                                f"normalisation mindeye1_unknown; datamodule z-scoring "
-                                f"{'on' if zscore_at_load else 'off'} (dataset.zscore_at_load)")
-    return summary
+        return _Me1Plan(info, used, first)
+
+    def validate(self, plan: _Me1Plan) -> None:
+        cfg = self.cfg
+        if any(sub.n_voxels < REAL_MIN_VOXELS for sub in plan.subjects.values()):
+            self.skip_check(f"release sizes (voxels, samples per split): fewer than {REAL_MIN_VOXELS} voxels, "
+                            "the data are a fixture")
+        problems = [p for s in cfg.subjects for p in _me1_real_problems(plan.subjects[s])]
+        plan.problems = _validate(problems, cfg.validate, f"dataset.validate ({self.root})")
+        for p in plan.problems:
+            self.warn(p)
+
+    def write(self, writer: StoreWriter, plan: _Me1Plan) -> Written:
+        cfg, root, reader, used, image_size = self.cfg, self.root, self.reader, plan.used, self.image_size
+        sink = writer.open_images(len(used), image_size, image_size)
+        for i in tqdm(used.tolist(), desc="images", unit="image", leave=False):
+            smp = plan.first[i]
+            sink.append(_decode_jpg(reader.read(smp, "jpg"), f"{reader.where(smp)}: {smp.key}.jpg",
+                                    image_size)[None])
+        sink.close(ids=[f"nsd73k-{i:05d}" for i in used.tolist()], source_ids=used.tolist())
+        subjects: dict[str, dict[str, Any]] = {}
+        for s in tqdm(cfg.subjects, desc="subjects", unit="subject"):
+            sub = plan.subjects[s]
+            sid = f"subj{s:02d}"
+            n = 3 * len(sub.samples)
+            out = writer.open_responses(sid, (n, sub.n_voxels), sub.dtype)
+            for i, arr in tqdm(_me1_iter_rows(sub, reader), total=len(sub.samples), desc=f"{sid} samples",
+                               unit="sample", leave=False):
+                out[3 * i : 3 * i + 3] = arr
+            out.flush()
+            del out
+            split = np.repeat([x.split for x in sub.samples], 3).astype(str)
+            trials = TrialTable(
+                trial_id=np.arange(n, dtype=np.int64),
+                image_index=np.repeat(np.searchsorted(used, sub.ids), 3).astype(np.int64),
+                session=np.zeros(n, dtype=np.int64), run=np.zeros(n, dtype=np.int64),
+                repeat=np.tile(np.arange(3, dtype=np.int64), len(sub.samples)), split=split,
+            )
+            counts = {sp: int((split == sp).sum()) for sp in SPLIT_NAMES}
+            stats = {"n_trials": n, "n_voxels": sub.n_voxels, "split_trials": counts,
+                     "split_samples": {sp: c // 3 for sp, c in counts.items()},
+                     "n_test_images": len(np.unique(sub.ids[[x.split == "test" for x in sub.samples]])),
+                     "test_repeats_histogram": {3: counts["test"] // 3}, "layout": self.layouts[s]}
+            writer.write_subject(sid, trials, statistics=stats)
+            subjects[sid] = stats
+        zscore_at_load = bool(cfg.zscore_at_load)
+        provenance = {
+            "source": "MindEye1 webdataset_avg_split (as consumed by MindBridge)",
+            "converter": self.converter_id, "converter_version": CONVERTER_VERSION,
+            "config_fingerprint": self.fingerprint(),
+            "root": str(root), "options": self.options, "sources": self.sources,
+            "normalisation": "mindeye1_unknown",
+            "normalisation_detail": "nsdgeneral.npy copied as released; MindEye1's normalisation is not "
+                                    "documented (docs/datasets/mindeye.md); MindBridge feeds it without scaling",
+            "zscore_at_load": zscore_at_load,
+            "zscore_choice": "dataset.zscore_at_load=" + str(zscore_at_load).lower() + ": "
+                             + ("the datamodule z-scores voxel-wise with training-trial statistics (one "
+                                "pseudo-session)" if zscore_at_load else
+                                "the datamodule does not z-score (MindBridge's input as is)"),
+            "split_rule": "splits from the folders train/ val/ test/ (test = MindEye1's 982 shared images "
+                          "of the old 37-session release for subj01)",
+            "repeat_rule": "each sample's nsdgeneral.npy (3, n_voxels) -> 3 trial rows, repeat 0..2",
+            "session": "unknown in the avg split: every trial has session 0, run 0",
+            "trial_id": "running index: 3 * sample position (train, val, test; sorted by key) + repeat",
+            "images": f"the sample jpg decoded with PIL (RGB), resized to {image_size} px with PIL bicubic "
+                      f"when its size differs; one image per 73k id (first sample carrying it)",
+            "image_ids": "images sorted by 73k id; metadata source_ids = 0-based 73k ids",
+            "geometry": "none (the avg split has no voxel coordinates)",
+            "validation": {"mode": cfg.validate, "problems": plan.problems},
+        }
+        return Written(provenance, subjects, {"layouts": {f"subj{s:02d}": v for s, v in self.layouts.items()},
+                                              "root": str(root), "normalisation": "mindeye1_unknown",
+                                              "zscore_at_load": zscore_at_load})
+
+    def table(self, summary: dict[str, Any]) -> list[str]:
+        return _split_table(summary, f"MindEye1 avg split {self.root}",
+                            f"normalisation mindeye1_unknown; datamodule z-scoring "
+                            f"{'on' if self.cfg.zscore_at_load else 'off'} (dataset.zscore_at_load)")
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def convert_mindeye1_avg(dataset_cfg: Any) -> dict[str, Any]:
+    """MindEye1's ``webdataset_avg_split`` -> prepared store ``dataset.store`` (:class:`MindEye1AvgConverter`);
+    returns the converter summary (convert/base.py ``REPORT_KEYS``)."""
+    return MindEye1AvgConverter.convert(dataset_cfg)

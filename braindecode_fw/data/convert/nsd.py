@@ -31,12 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from braindecode_fw.data.convert.common import (
-    is_val_image,
-    matching_store,
-    plain_config,
-    remove_stale_partials,
-)
+from braindecode_fw.data.convert.base import Converter, ConverterInputError, Written
+from braindecode_fw.data.convert.common import is_val_image
 from braindecode_fw.data.normalization import ncsnr_from_repeats
 from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
@@ -62,7 +58,7 @@ _NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root"
                      "progress", "chunk_trials", "image_chunk")
 
 
-class NSDInputError(ValueError):
+class NSDInputError(ConverterInputError):
     """Raw NSD input is missing or not in the expected format; the message names the file."""
 
 
@@ -468,9 +464,6 @@ def _plan_subject(cfg: NSDConvertConfig, root: Path, subject: int, design: ExpDe
         keep = legacy_sessions(subject)
         dropped = [s for s in sessions if s > keep]
         sessions = [s for s in sessions if s <= keep]
-        if dropped:
-            log.warning("%s: test_convention=legacy drops session(s) %s (not in the pre-2023 %d-session release)",
-                        tag, dropped, keep)
         if not sessions:
             raise ValueError(f"dataset.sessions: nothing left for {tag} under test_convention=legacy "
                              f"(sessions <= {keep})")
@@ -509,11 +502,6 @@ def _plan_subject(cfg: NSDConvertConfig, root: Path, subject: int, design: ExpDe
 
 
 # ---------------------------------------------------------------------------------------------
-# Resume / no-op
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------
 
@@ -535,12 +523,7 @@ def _write_images(writer: StoreWriter, stim_path: Path, ids: np.ndarray, cfg: NS
     stream = writer.open_images(len(ids), size, size)
     try:
         with h5py.File(stim_path, "r") as f:
-            if "imgBrick" not in f:
-                raise NSDInputError(f"{stim_path}: no dataset 'imgBrick' (keys {list(f)})")
-            brick = f["imgBrick"]
-            if brick.shape[0] != N_IMAGES_73K or brick.shape[-1] != 3 or brick.dtype != np.uint8:
-                raise NSDInputError(f"{stim_path}: imgBrick is {brick.dtype} {brick.shape}, expected uint8 "
-                                    f"({N_IMAGES_73K}, 425, 425, 3)")
+            brick = f["imgBrick"]  # its header was checked by check_stimuli (validate phase)
             with _progress(len(ids), "images", cfg.progress, "img") as bar:
                 for start in range(0, len(ids), cfg.image_chunk):
                     chunk = ids[start:start + cfg.image_chunk]
@@ -683,126 +666,179 @@ def _convert_subject(writer: StoreWriter, plan: SubjectPlan, cfg: NSDConvertConf
     return stats
 
 
-def _report(summary: dict[str, Any]) -> str:
-    if summary.get("noop"):
-        return (f"NSD store {summary['store']} is up to date (configuration {summary['config_fingerprint']}); "
-                "nothing to do (dataset.force=true reconverts)")
-    lines = ["subject  sessions  trials  voxels  train/val/test trials  test images  median ncsnr  s/session"]
-    for tag, st in summary["subjects"].items():
-        med = st["ncsnr_percentiles"]["50"]
-        lines.append(f"{tag:<8} {len(st['sessions']):>8}  {st['n_trials']:>6}  {st['n_voxels']:>6}  "
-                     f"{st['n_train_trials']:>6}/{st['n_val_trials']}/{st['n_test_trials']:<10} "
-                     f"{st['n_test_images']:>11}  {med if med is not None else 'n/a':>12}  "
-                     f"{st['seconds_per_session']:>9}")
-    lines.append(f"{summary['n_images']} images at {summary['image_size']} px; converted in "
-                 f"{summary['seconds']:.1f} s")
-    return "\n".join(lines)
+@dataclass
+class NSDPlan:
+    """Everything the write phase needs, read and checked by the plan phase."""
+
+    design: ExpDesign
+    stim_info: dict[str, np.ndarray]
+    stim_path: Path
+    subjects: list[SubjectPlan]
+    image_ids: np.ndarray  # sorted unique 0-based 73k ids of the converted trials
+    captions: list[str] | None
+    all_captions: list[list[str]] | None
 
 
-def convert_nsd(dataset_cfg: Any) -> dict[str, Any]:
-    """Convert raw NSD (``dataset.root``) into the prepared store at ``dataset.store``.
+def check_stimuli(stim_path: Path) -> None:
+    """``nsd_stimuli.hdf5`` opens and holds ``imgBrick`` uint8 ``(73000, H, W, 3)`` (header only)."""
+    import h5py
 
-    Returns a summary with per-subject statistics and a printable ``report``; ``noop`` is true when
-    the existing store already matches the configuration.
-    """
-    t_start = time.perf_counter()
-    cfg = NSDConvertConfig.from_mapping(plain_config(dataset_cfg))
-    if not cfg.store:
-        raise ValueError("dataset.store: not set (where the prepared NSD store is written)")
-    if not cfg.root:
-        raise ValueError("dataset.root: not set; pass the folder holding nsddata/, nsddata_betas/ and "
-                         "nsddata_stimuli/, e.g. `bdf-prepare dataset=nsd dataset.root=/data/nsd`")
-    root, store = Path(cfg.root), Path(cfg.store)
-    if not root.is_dir():
-        raise NSDInputError(f"{root}: dataset.root does not exist or is not a folder")
-    remove_stale_partials(store)
-    fingerprint = cfg.fingerprint()
-    if (store / "dataset.json").exists() and not cfg.force:
-        if matching_store(store, fingerprint, source="nsd") is not None:
-            summary = {"store": str(store), "noop": True, "config_fingerprint": fingerprint,
-                       "seconds": time.perf_counter() - t_start}
-            summary["report"] = _report(summary)
-            log.info(summary["report"])
-            return summary
-        log.warning("%s holds another configuration (or another source): reconverting", store)
+    try:
+        with h5py.File(stim_path, "r") as f:
+            if "imgBrick" not in f:
+                raise NSDInputError(f"{stim_path}: no dataset 'imgBrick' (keys {list(f)})")
+            brick = f["imgBrick"]
+            if brick.shape[0] != N_IMAGES_73K or brick.shape[-1] != 3 or brick.dtype != np.uint8:
+                raise NSDInputError(f"{stim_path}: imgBrick is {brick.dtype} {brick.shape}, expected uint8 "
+                                    f"({N_IMAGES_73K}, 425, 425, 3)")
+    except OSError as e:
+        raise NSDInputError(f"{stim_path}: cannot be opened as HDF5, truncated or corrupted ({e})") from None
 
-    # ---- plan: read and check every small input before writing anything ---------------------
-    design = load_expdesign(root / "nsddata/experiments/nsd/nsd_expdesign.mat")
-    stim_info = load_stim_info(root / "nsddata/experiments/nsd/nsd_stim_info_merged.csv")
-    csv_shared = np.flatnonzero(stim_info["shared1000"])
-    if not np.array_equal(csv_shared, np.sort(design.sharedix - 1)):
-        raise NSDInputError(f"{root / 'nsddata/experiments/nsd/nsd_stim_info_merged.csv'}: shared1000 column "
-                            "disagrees with sharedix of nsd_expdesign.mat")
-    stim_path = root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
-    if not stim_path.exists():
-        raise NSDInputError(f"{stim_path}: missing file (NSD stimuli, dataset imgBrick (73000, 425, 425, 3))")
-    plans = [_plan_subject(cfg, root, int(s), design) for s in cfg.subjects]
-    image_ids = np.unique(np.concatenate([p.id73k for p in plans]))
-    captions = all_captions = None
-    if cfg.captions:
-        captions, all_captions = _load_captions(Path(cfg.captions), image_ids)
 
-    if cfg.validate != "off":
-        shared = {p.subject: design.subjectim[p.subject - 1, :1000] for p in plans}
+class NSDConverter(Converter[NSDPlan]):
+    """Raw NSD -> prepared store, in the base's phases (braindecode_fw/data/convert/base.py)."""
+
+    kind = "nsd"
+    title = "NSD"
+    modality = "fmri"
+    config_class = NSDConvertConfig
+    provenance_match = {"source": "nsd"}
+
+    cfg: NSDConvertConfig
+
+    def locate(self) -> None:
+        if not self.cfg.store:
+            raise ValueError("dataset.store: not set (where the prepared NSD store is written)")
+        if not self.cfg.root:
+            raise ValueError("dataset.root: not set; pass the folder holding nsddata/, nsddata_betas/ and "
+                             "nsddata_stimuli/, e.g. `bdf-prepare dataset=nsd dataset.root=/data/nsd`")
+        self.root = Path(self.cfg.root)
+        if not self.root.is_dir():
+            raise NSDInputError(f"{self.root}: dataset.root does not exist or is not a folder")
+
+    def fingerprint(self) -> str:
+        return self.cfg.fingerprint()
+
+    def plan(self) -> NSDPlan:
+        cfg, root = self.cfg, self.root
+        design = load_expdesign(root / "nsddata/experiments/nsd/nsd_expdesign.mat")
+        self.check("nsd_expdesign.mat: masterordering/subjectim/sharedix shapes and 1-based index ranges")
+        stim_info = load_stim_info(root / "nsddata/experiments/nsd/nsd_stim_info_merged.csv")
+        csv_shared = np.flatnonzero(stim_info["shared1000"])
+        if not np.array_equal(csv_shared, np.sort(design.sharedix - 1)):
+            raise NSDInputError(f"{root / 'nsddata/experiments/nsd/nsd_stim_info_merged.csv'}: shared1000 column "
+                                "disagrees with sharedix of nsd_expdesign.mat")
+        self.check("nsd_stim_info_merged.csv: 73,000 rows, cocoId/cocoSplit/shared1000 columns, "
+                   "shared1000 = sharedix of nsd_expdesign.mat")
+        stim_path = root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+        if not stim_path.exists():
+            raise NSDInputError(f"{stim_path}: missing file (NSD stimuli, dataset imgBrick (73000, 425, 425, 3))")
+        subjects = []
+        for s in cfg.subjects:
+            p = _plan_subject(cfg, root, int(s), design)
+            self.check(f"{p.tag}: {len(p.beta_files)} beta file header(s) ({cfg.beta_format}, int16, "
+                       f"{TRIALS_PER_SESSION} trials, one volume {p.volume_shape}); ROI {p.roi_file.name} of that "
+                       f"volume, {len(p.voxel_ijk)} voxels; responses.tsv agrees with the design")
+            if p.dropped_sessions:
+                self.warn(f"{p.tag}: test_convention=legacy drops session(s) {p.dropped_sessions} (not in the "
+                          f"pre-2023 {legacy_sessions(p.subject)}-session release)")
+            subjects.append(p)
+        image_ids = np.unique(np.concatenate([p.id73k for p in subjects]))
+        captions = all_captions = None
+        if cfg.captions:
+            captions, all_captions = _load_captions(Path(cfg.captions), image_ids)
+            self.check(f"{Path(cfg.captions).name}: ({N_IMAGES_73K}, 5) captions")
+        return NSDPlan(design, stim_info, stim_path, subjects, image_ids, captions, all_captions)
+
+    def validate(self, plan: NSDPlan) -> None:
+        cfg = self.cfg
+        check_stimuli(plan.stim_path)
+        self.check(f"{plan.stim_path.name}: imgBrick uint8 ({N_IMAGES_73K}, H, W, 3)")
+        if cfg.validate == "off":
+            self.skip_check("real-NSD invariants: dataset.validate=off")
+            return
+        shared = {p.subject: plan.design.subjectim[p.subject - 1, :1000] for p in plan.subjects}
         problems = []
-        for p in plans:
+        for p in plan.subjects:
             if not looks_real(p.subject, p.volume_shape):
-                log.info("%s: volume %s is not the real NSD's: real-data validation skipped", p.tag, p.volume_shape)
+                self.skip_check(f"{p.tag}: volume {p.volume_shape} is not the real NSD's: real-data validation "
+                                "skipped")
                 continue
             nsdgeneral = (p.roi_file.name == "nsdgeneral.nii.gz" and list(cfg.roi["labels"]) == [1])
             problems += check_real_invariants(
                 p.subject, sessions=p.sessions, trials_per_session={s: TRIALS_PER_SESSION for s in p.sessions},
                 n_test_trials=int(p.is_test.sum()), test_convention=cfg.test_convention,
                 n_nsdgeneral_voxels=len(p.voxel_ijk) if nsdgeneral else None, shared_ids=shared)
-        apply_validation(sorted(set(problems)), cfg.validate)
+            self.check(f"{p.tag}: real-NSD invariants (trials per session, nsdgeneral voxels, shared1000 test "
+                       f"trials; dataset.validate={cfg.validate})")
+        problems = sorted(set(problems))
+        apply_validation(problems, cfg.validate)
+        self.warnings += [f"NSD validation: {p}" for p in problems]
 
-    # ---- write -----------------------------------------------------------------------------
-    summary: dict[str, Any] = {"store": str(store), "noop": False, "config_fingerprint": fingerprint,
-                               "subjects": {}, "n_images": int(len(image_ids)), "image_size": int(cfg.image_size)}
-    with StoreWriter(store, name=cfg.name, modality="fmri", overwrite=True) as writer:
-        _write_images(writer, stim_path, image_ids, cfg, captions)
+    def write(self, writer: StoreWriter, plan: NSDPlan) -> Written:
+        cfg, root, image_ids, stim_info = self.cfg, self.root, plan.image_ids, plan.stim_info
+        _write_images(writer, plan.stim_path, image_ids, cfg, plan.captions)
         writer.write_extra("nsd_images", {
             "nsd_id": image_ids.tolist(), "coco_id": stim_info["cocoId"][image_ids].tolist(),
             "coco_split": stim_info["cocoSplit"][image_ids].tolist(),
-            "shared1000": stim_info["shared1000"][image_ids].tolist(), "captions": all_captions,
+            "shared1000": stim_info["shared1000"][image_ids].tolist(), "captions": plan.all_captions,
         })
-        for p in plans:
-            summary["subjects"][p.tag] = _convert_subject(writer, p, cfg, image_ids)
+        subjects = {p.tag: _convert_subject(writer, p, cfg, image_ids) for p in plan.subjects}
+        plans = plan.subjects
         resize = "none (425 px)" if cfg.image_size == 425 else f"PIL bicubic 425 -> {cfg.image_size} px, once"
-        writer.finalize(
-            provenance={
-                "source": "nsd",
-                "converter": CONVERTER_VERSION,
-                "config": cfg.content(),
-                "config_fingerprint": fingerprint,
-                "root": str(root),
-                "beta_version": f"{cfg.beta_version} ({BETA_DIRS[cfg.beta_version]})",
-                "beta_format": cfg.beta_format,
-                "scaling": "int16 / 300 -> percent signal change",
-                "zscore_at_load": True,
-                "normalisation": "none: betas stored as percent signal change; the datamodule z-scores each "
-                                 "session with that session's training-trial statistics",
-                "roi": {"file": str((cfg.roi or {}).get("file")), "labels": list(cfg.roi["labels"]),
-                        "rule": "voxels whose label is in labels (-1 and 0 never selected); C-order over X,Y,Z"},
-                "test_convention": cfg.test_convention,
-                "test_convention_rule": ("new: shared1000 trials of all released sessions" if cfg.test_convention
-                                         == "new" else "legacy: only each subject's first (sessions - 3) sessions "
-                                         "(37 for 40-session subjects, as in the pre-2023 release), for test and train"),
-                "sessions": {p.tag: p.sessions for p in plans},
-                "sessions_dropped": {p.tag: p.dropped_sessions for p in plans},
-                "split_rule": "test: trials of shared1000 images (10k index <= 1000); val: training images whose "
-                              "splitmix64(73k id, val_seed) uniform < val_fraction (all repetitions of an image in "
-                              "one split, stable across subject/session subsets); train: the rest",
-                "val": {"fraction": cfg.val_fraction, "seed": cfg.val_seed, "rule": "hash of 0-based 73k id"},
-                "ncsnr": "NSD formula (normalization.ncsnr_from_repeats) on betas z-scored per session over all "
-                         f"its trials, images shown 3x (2x if none) in the converted sessions ({cfg.ncsnr_images})",
-                "ncsnr_threshold": cfg.ncsnr_threshold,
-                "images": {"source": "nsd_stimuli.hdf5 imgBrick", "resize": resize,
-                           "ids": "nsd-<0-based 73k id>", "source_ids": "0-based 73k ids"},
-                "repeat": "0-based presentation count among the converted trials",
-            },
-            image_size=int(cfg.image_size),
-        )
-    summary["seconds"] = time.perf_counter() - t_start
-    summary["report"] = _report(summary)
-    return summary
+        provenance = {
+            "source": "nsd",
+            "converter": CONVERTER_VERSION,
+            "config": cfg.content(),
+            "config_fingerprint": cfg.fingerprint(),
+            "root": str(root),
+            "beta_version": f"{cfg.beta_version} ({BETA_DIRS[cfg.beta_version]})",
+            "beta_format": cfg.beta_format,
+            "scaling": "int16 / 300 -> percent signal change",
+            "zscore_at_load": True,
+            "normalisation": "none: betas stored as percent signal change; the datamodule z-scores each "
+                             "session with that session's training-trial statistics",
+            "roi": {"file": str((cfg.roi or {}).get("file")), "labels": list(cfg.roi["labels"]),
+                    "rule": "voxels whose label is in labels (-1 and 0 never selected); C-order over X,Y,Z"},
+            "test_convention": cfg.test_convention,
+            "test_convention_rule": ("new: shared1000 trials of all released sessions" if cfg.test_convention
+                                     == "new" else "legacy: only each subject's first (sessions - 3) sessions "
+                                     "(37 for 40-session subjects, as in the pre-2023 release), for test and train"),
+            "sessions": {p.tag: p.sessions for p in plans},
+            "sessions_dropped": {p.tag: p.dropped_sessions for p in plans},
+            "split_rule": "test: trials of shared1000 images (10k index <= 1000); val: training images whose "
+                          "splitmix64(73k id, val_seed) uniform < val_fraction (all repetitions of an image in "
+                          "one split, stable across subject/session subsets); train: the rest",
+            "val": {"fraction": cfg.val_fraction, "seed": cfg.val_seed, "rule": "hash of 0-based 73k id"},
+            "ncsnr": "NSD formula (normalization.ncsnr_from_repeats) on betas z-scored per session over all "
+                     f"its trials, images shown 3x (2x if none) in the converted sessions ({cfg.ncsnr_images})",
+            "ncsnr_threshold": cfg.ncsnr_threshold,
+            "images": {"source": "nsd_stimuli.hdf5 imgBrick", "resize": resize,
+                       "ids": "nsd-<0-based 73k id>", "source_ids": "0-based 73k ids"},
+            "repeat": "0-based presentation count among the converted trials",
+        }
+        extras = {"beta_format": cfg.beta_format, "beta_version": cfg.beta_version,
+                  "test_convention": cfg.test_convention, "root": str(root)}
+        return Written(provenance, subjects, extras)
+
+    def table(self, summary: dict[str, Any]) -> list[str]:
+        lines = ["subject  sessions  trials  voxels  train/val/test trials  test images  median ncsnr  s/session"]
+        for tag, st in summary["subjects"].items():
+            med = st["ncsnr_percentiles"]["50"]
+            lines.append(f"{tag:<8} {len(st['sessions']):>8}  {st['n_trials']:>6}  {st['n_voxels']:>6}  "
+                         f"{st['n_train_trials']:>6}/{st['n_val_trials']}/{st['n_test_trials']:<10} "
+                         f"{st['n_test_images']:>11}  {med if med is not None else 'n/a':>12}  "
+                         f"{st['seconds_per_session']:>9}")
+        lines.append(f"{summary['n_images']} images at {summary['image_size']} px; converted in "
+                     f"{summary['seconds']:.1f} s")
+        return lines
+
+
+def convert_nsd(dataset_cfg: Any) -> dict[str, Any]:
+    """Convert raw NSD (``dataset.root``) into the prepared store at ``dataset.store``.
+
+    Returns the converter summary (braindecode_fw/data/convert/base.py ``REPORT_KEYS``) with per-subject
+    statistics and a printable ``report``; ``noop`` is true when the existing store already matches
+    the configuration.
+    """
+    return NSDConverter.convert(dataset_cfg)

@@ -44,12 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from braindecode_fw.data.convert.common import (
-    is_val_image,
-    matching_store,
-    plain_config,
-    remove_stale_partials,
-)
+from braindecode_fw.data.convert.base import Converter, ConverterInputError, Written
+from braindecode_fw.data.convert.common import is_val_image
 from braindecode_fw.data.meg_layout import (
     CTF_LAYOUT,
     clean_channel_name,
@@ -74,7 +70,7 @@ _NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root"
                      "progress", "image_chunk")
 
 
-class ThingsMEGInputError(ValueError):
+class ThingsMEGInputError(ConverterInputError):
     """THINGS-MEG input is missing or not in the expected format; the message names the file."""
 
 
@@ -572,6 +568,18 @@ def load_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+def _check_images(table: ImageTable) -> None:
+    """Every image file opens as an image (PIL reads the header only; pixels are decoded while writing)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for f in table.files:
+        try:
+            with Image.open(f):
+                pass
+        except (OSError, UnidentifiedImageError) as e:
+            raise ThingsMEGInputError(f"{f}: cannot be read as an image ({e}); dataset.images_root") from None
+
+
 def _write_images(writer: StoreWriter, table: ImageTable, cfg: ThingsMEGConvertConfig) -> None:
     size = int(cfg.image_size)
     stream = writer.open_images(len(table.values), size, size)
@@ -831,129 +839,155 @@ def _convert_subject(writer: StoreWriter, plan: SubjectPlan, cfg: ThingsMEGConve
     return stats
 
 
-def _report(summary: dict[str, Any]) -> str:
-    if summary.get("noop"):
-        return (f"THINGS-MEG store {summary['store']} is up to date (configuration {summary['config_fingerprint']}); "
-                "nothing to do (dataset.force=true reconverts)")
-    lines = ["subject   runs  trials  channels  train/val/test/test_large  catch dropped  clamped %  layout"]
-    for tag, st in summary["subjects"].items():
-        c = st["split_counts"]
-        lines.append(f"{tag:<9} {st['n_runs']:>4}  {st['n_trials']:>6}  {st['n_channels']:>8}  "
-                     f"{c['train']}/{c['val']}/{c['test']}/{c['test_large']:<12} {st['n_catch_dropped']:>13}  "
-                     f"{100 * st['clamp_fraction']:>9.4f}  {st['layout']}")
-    lines.append(f"{summary['n_images']} images at {summary['image_size']} px; input {summary['input']}; "
-                 f"converted in {summary['seconds']:.1f} s")
-    return "\n".join(lines)
+@dataclass
+class ThingsMEGPlan:
+    """Everything the write phase needs, read and checked by the plan phase."""
+
+    subjects: list[SubjectPlan]
+    images: ImageTable
+    test_concepts: set[int]
+
+
+class ThingsMEGConverter(Converter[ThingsMEGPlan]):
+    """THINGS-MEG (BIDS) -> prepared store, in the base's phases (braindecode_fw/data/convert/base.py)."""
+
+    kind = "things_meg"
+    title = "THINGS-MEG"
+    modality = "meg"
+    config_class = ThingsMEGConvertConfig
+    provenance_match = {"source": "things_meg"}
+
+    cfg: ThingsMEGConvertConfig
+
+    def locate(self) -> None:
+        cfg = self.cfg
+        if not cfg.store:
+            raise ValueError("dataset.store: not set (where the prepared THINGS-MEG store is written)")
+        if not cfg.root:
+            raise ValueError("dataset.root: not set; pass the BIDS folder of OpenNeuro ds004212, e.g. "
+                             "`bdf-prepare dataset=things_meg dataset.root=/data/ds004212 "
+                             "dataset.images_root=/data/THINGS/Images`")
+        if not cfg.images_root:
+            raise ValueError("dataset.images_root: not set; pass the THINGS image folder (<concept>/<stem>.jpg), "
+                             "e.g. dataset.images_root=/data/THINGS/Images")
+        self.root, self.images_root = Path(cfg.root), Path(cfg.images_root)
+        if not self.root.is_dir():
+            raise ThingsMEGInputError(f"{self.root}: dataset.root does not exist or is not a folder")
+        if not self.images_root.is_dir():
+            raise ThingsMEGInputError(f"{self.images_root}: dataset.images_root does not exist or is not a folder")
+
+    def fingerprint(self) -> str:
+        return self.cfg.fingerprint()
+
+    def plan(self) -> ThingsMEGPlan:
+        cfg, root = self.cfg, self.root
+        available = discover_subjects(root)
+        labels = cfg.subjects if cfg.subjects is not None else available
+        if not labels:
+            raise ThingsMEGInputError(f"{root}: no subject with runs found (participants.tsv / sub-*/ses-*/meg/)")
+        for s in labels:
+            if not (root / f"sub-{s}").is_dir():
+                raise ThingsMEGInputError(f"{root / f'sub-{s}'}: missing subject folder (dataset.subjects: {labels}; "
+                                          f"found {available})")
+        plan_fn = _plan_raw_subject if cfg.input == "raw" else _plan_hebart_subject
+        plans = []
+        for s in labels:
+            p = plan_fn(cfg, root, s)
+            what = (f"{len(p.runs)} run(s) found, events.tsv columns and values" if cfg.input == "raw"
+                    else f"{p.epochs_path.name} epochs and their metadata")
+            self.check(f"sub-{s}: {what}; {p.attributes_path.name} aligned with the trials "
+                       f"({len(p.value)} image trials, {p.n_catch} catch dropped)")
+            if p.n_attribute_mismatches:  # logged per run by _plan_raw_subject; listed once in the report
+                self.warnings.append(f"sub-{s}: {p.n_attribute_mismatches} exp/test row(s) whose things_image_nr differs "
+                          f"from events.tsv value (the events.tsv value is used)")
+            plans.append(p)
+        images = _plan_images(cfg, plans, self.images_root)
+        self.check(f"{len(images.files)} THINGS image files exist under dataset.images_root, one image_path per "
+                   f"THINGS image number")
+        test_concepts = {int(c) for p in plans for c in p.category[p.trial_type == "test"].tolist()}
+        return ThingsMEGPlan(plans, images, test_concepts)
+
+    def validate(self, plan: ThingsMEGPlan) -> None:
+        _check_images(plan.images)
+        self.check(f"{len(plan.images.files)} THINGS image files open as images")
+
+    def write(self, writer: StoreWriter, plan: ThingsMEGPlan) -> Written:
+        cfg, root, images_root = self.cfg, self.root, self.images_root
+        plans, images, test_concepts = plan.subjects, plan.images, plan.test_concepts
+        _, n_t, times = _window(float(cfg.sfreq), cfg.tmin, cfg.tmax)
+        _write_images(writer, images, cfg)
+        writer.write_extra("things_images", {
+            "things_image_nr": [int(v) for v in images.values], "stem": images.stems, "concept": images.concepts,
+            "test_concepts": sorted(test_concepts)})
+        subjects = {p.label: _convert_subject(writer, p, cfg, images, test_concepts) for p in plans}
+        if cfg.input == "raw":
+            window = {"tmin": float(times[0]), "tmax": float(times[-1]), "n_times": int(n_t)}
+        else:
+            st = next(iter(subjects.values()))
+            window = {"tmin": st["tmin"], "tmax": st["tmax"], "n_times": st["n_times"],
+                      "source": "the Hebart derivative's epochs"}
+        fingerprint = cfg.fingerprint()
+        provenance = {
+            "source": "things_meg",
+            "converter": CONVERTER_VERSION,
+            "config": cfg.content(),
+            "config_fingerprint": fingerprint,
+            "root": str(root),
+            "images_root": str(images_root),
+            "input": cfg.input,
+            "onset_source": (cfg.onset_source if cfg.input == "raw"
+                             else "Hebart derivative (events.tsv sample, photodiode)"),
+            "sfreq": float(cfg.sfreq),
+            "window": window,
+            "resample": f"mne {cfg.resample_method} resampling of the continuous run before epoching"
+                        if cfg.input == "raw" else f"mne {cfg.resample_method} resampling of the epochs",
+            "band_pass": [cfg.l_freq, cfg.h_freq] if cfg.input == "raw" else "0.1-40 Hz (Hebart derivative)",
+            "baseline": cfg.baseline,
+            "scaling": ("robust per channel (median, IQR = q75 - q25) fitted per recording = run on all its "
+                        "image epochs (catch included)" if cfg.input == "raw" else
+                        "robust per channel (median, IQR) fitted per session on all its epochs"),
+            "clamp": cfg.clamp,
+            "zscore_at_load": False,
+            "normalisation": "robust-scaled and clamped by the converter; the datamodule must not z-score again",
+            "split": cfg.split,
+            "split_rule": ("test: trial_type test; test_large: exp trials of the test concepts "
+                           "(things_category_nr of the test images); train: other exp; val: train images with "
+                           "splitmix64(THINGS image number, val_seed) < val_fraction" if cfg.split == "benchetrit"
+                           else "original (Hebart): test: trial_type test; train: all exp; val as benchetrit"),
+            "val": {"fraction": cfg.val_fraction, "seed": cfg.val_seed, "rule": "hash of THINGS image number"},
+            "subjects": [p.label for p in plans],
+            "subject_index": {p.label: i for i, p in enumerate(plans)},
+            "sessions": {p.label: sorted({int(s) + 1 for s in p.session.tolist()}) for p in plans},
+            "trial_id": "row of the trial in the subject's acquisition order over all its runs (catch included) "
+                        "= row of sample_attributes_P{n}.csv = epoch index of the Hebart derivative",
+            "run": "0-based within the session (BIDS run-NN - 1 when all runs are present)",
+            "repeat": "0-based presentation count of the image among the subject's converted trials",
+            "images": {"ids": "THINGS file stems", "source_ids": "THINGS image numbers (events.tsv value)",
+                       "captions": cfg.caption_template + " with underscores as spaces",
+                       "resize": f"PIL bicubic to {cfg.image_size} px (centre square crop first)"},
+            "channels": "MEG sensors (picks mag), names without the -1609 suffix, positions of MNE's CTF-275 "
+                        "layout min-max normalised to [0, 1]",
+        }
+        return Written(provenance, subjects, {"input": cfg.input, "onset_source": provenance["onset_source"],
+                                              "split": cfg.split, "window": window})
+
+    def table(self, summary: dict[str, Any]) -> list[str]:
+        lines = ["subject   runs  trials  channels  train/val/test/test_large  catch dropped  clamped %  layout"]
+        for tag, st in summary["subjects"].items():
+            c = st["split_counts"]
+            lines.append(f"{tag:<9} {st['n_runs']:>4}  {st['n_trials']:>6}  {st['n_channels']:>8}  "
+                         f"{c['train']}/{c['val']}/{c['test']}/{c['test_large']:<12} {st['n_catch_dropped']:>13}  "
+                         f"{100 * st['clamp_fraction']:>9.4f}  {st['layout']}")
+        lines.append(f"{summary['n_images']} images at {summary['image_size']} px; input {summary['extras']['input']}; "
+                     f"converted in {summary['seconds']:.1f} s")
+        return lines
 
 
 def convert_things_meg(dataset_cfg: Any) -> dict[str, Any]:
     """Convert THINGS-MEG (``dataset.root``, BIDS) into the prepared store at ``dataset.store``.
 
-    Returns a summary with per-subject statistics and a printable ``report``; ``noop`` is true when
-    the existing store already matches the configuration.
+    Returns the converter summary (braindecode_fw/data/convert/base.py ``REPORT_KEYS``) with per-subject
+    statistics and a printable ``report``; ``noop`` is true when the existing store already matches
+    the configuration.
     """
-    t_start = time.perf_counter()
-    cfg = ThingsMEGConvertConfig.from_mapping(plain_config(dataset_cfg))
-    if not cfg.store:
-        raise ValueError("dataset.store: not set (where the prepared THINGS-MEG store is written)")
-    if not cfg.root:
-        raise ValueError("dataset.root: not set; pass the BIDS folder of OpenNeuro ds004212, e.g. "
-                         "`bdf-prepare dataset=things_meg dataset.root=/data/ds004212 dataset.images_root=/data/THINGS/Images`")
-    if not cfg.images_root:
-        raise ValueError("dataset.images_root: not set; pass the THINGS image folder (<concept>/<stem>.jpg), "
-                         "e.g. dataset.images_root=/data/THINGS/Images")
-    root, store, images_root = Path(cfg.root), Path(cfg.store), Path(cfg.images_root)
-    if not root.is_dir():
-        raise ThingsMEGInputError(f"{root}: dataset.root does not exist or is not a folder")
-    if not images_root.is_dir():
-        raise ThingsMEGInputError(f"{images_root}: dataset.images_root does not exist or is not a folder")
-    remove_stale_partials(store)
-    fingerprint = cfg.fingerprint()
-    if (store / "dataset.json").exists() and not cfg.force:
-        if matching_store(store, fingerprint, source="things_meg") is not None:
-            summary = {"store": str(store), "noop": True, "config_fingerprint": fingerprint,
-                       "seconds": time.perf_counter() - t_start}
-            summary["report"] = _report(summary)
-            log.info(summary["report"])
-            return summary
-        log.warning("%s holds another configuration (or another source): reconverting", store)
-
-    # ---- plan: read and check every small input before writing anything ---------------------
-    available = discover_subjects(root)
-    labels = cfg.subjects if cfg.subjects is not None else available
-    if not labels:
-        raise ThingsMEGInputError(f"{root}: no subject with runs found (participants.tsv / sub-*/ses-*/meg/)")
-    for s in labels:
-        if not (root / f"sub-{s}").is_dir():
-            raise ThingsMEGInputError(f"{root / f'sub-{s}'}: missing subject folder (dataset.subjects: {labels}; "
-                                      f"found {available})")
-    plan_fn = _plan_raw_subject if cfg.input == "raw" else _plan_hebart_subject
-    plans = [plan_fn(cfg, root, s) for s in labels]
-    images = _plan_images(cfg, plans, images_root)
-    test_concepts = {int(c) for p in plans for c in p.category[p.trial_type == "test"].tolist()}
-
-    # ---- write -----------------------------------------------------------------------------
-    summary: dict[str, Any] = {"store": str(store), "noop": False, "config_fingerprint": fingerprint,
-                               "subjects": {}, "n_images": int(len(images.values)), "image_size": int(cfg.image_size),
-                               "input": cfg.input}
-    i0, n_t, times = _window(float(cfg.sfreq), cfg.tmin, cfg.tmax)
-    with StoreWriter(store, name=cfg.name, modality="meg", overwrite=True) as writer:
-        _write_images(writer, images, cfg)
-        writer.write_extra("things_images", {
-            "things_image_nr": [int(v) for v in images.values], "stem": images.stems, "concept": images.concepts,
-            "test_concepts": sorted(test_concepts)})
-        for p in plans:
-            summary["subjects"][p.label] = _convert_subject(writer, p, cfg, images, test_concepts)
-        if cfg.input == "raw":
-            window = {"tmin": float(times[0]), "tmax": float(times[-1]), "n_times": int(n_t)}
-        else:
-            st = next(iter(summary["subjects"].values()))
-            window = {"tmin": st["tmin"], "tmax": st["tmax"], "n_times": st["n_times"],
-                      "source": "the Hebart derivative's epochs"}
-        writer.finalize(
-            provenance={
-                "source": "things_meg",
-                "converter": CONVERTER_VERSION,
-                "config": cfg.content(),
-                "config_fingerprint": fingerprint,
-                "root": str(root),
-                "images_root": str(images_root),
-                "input": cfg.input,
-                "onset_source": (cfg.onset_source if cfg.input == "raw"
-                                 else "Hebart derivative (events.tsv sample, photodiode)"),
-                "sfreq": float(cfg.sfreq),
-                "window": window,
-                "resample": f"mne {cfg.resample_method} resampling of the continuous run before epoching"
-                            if cfg.input == "raw" else f"mne {cfg.resample_method} resampling of the epochs",
-                "band_pass": [cfg.l_freq, cfg.h_freq] if cfg.input == "raw" else "0.1-40 Hz (Hebart derivative)",
-                "baseline": cfg.baseline,
-                "scaling": ("robust per channel (median, IQR = q75 - q25) fitted per recording = run on all its "
-                            "image epochs (catch included)" if cfg.input == "raw" else
-                            "robust per channel (median, IQR) fitted per session on all its epochs"),
-                "clamp": cfg.clamp,
-                "zscore_at_load": False,
-                "normalisation": "robust-scaled and clamped by the converter; the datamodule must not z-score again",
-                "split": cfg.split,
-                "split_rule": ("test: trial_type test; test_large: exp trials of the test concepts "
-                               "(things_category_nr of the test images); train: other exp; val: train images with "
-                               "splitmix64(THINGS image number, val_seed) < val_fraction" if cfg.split == "benchetrit"
-                               else "original (Hebart): test: trial_type test; train: all exp; val as benchetrit"),
-                "val": {"fraction": cfg.val_fraction, "seed": cfg.val_seed, "rule": "hash of THINGS image number"},
-                "subjects": [p.label for p in plans],
-                "subject_index": {p.label: i for i, p in enumerate(plans)},
-                "sessions": {p.label: sorted({int(s) + 1 for s in p.session.tolist()}) for p in plans},
-                "trial_id": "row of the trial in the subject's acquisition order over all its runs (catch included) "
-                            "= row of sample_attributes_P{n}.csv = epoch index of the Hebart derivative",
-                "run": "0-based within the session (BIDS run-NN - 1 when all runs are present)",
-                "repeat": "0-based presentation count of the image among the subject's converted trials",
-                "images": {"ids": "THINGS file stems", "source_ids": "THINGS image numbers (events.tsv value)",
-                           "captions": cfg.caption_template + " with underscores as spaces",
-                           "resize": f"PIL bicubic to {cfg.image_size} px (centre square crop first)"},
-                "channels": "MEG sensors (picks mag), names without the -1609 suffix, positions of MNE's CTF-275 "
-                            "layout min-max normalised to [0, 1]",
-            },
-            image_size=int(cfg.image_size),
-        )
-    summary["seconds"] = time.perf_counter() - t_start
-    summary["report"] = _report(summary)
-    return summary
+    return ThingsMEGConverter.convert(dataset_cfg)

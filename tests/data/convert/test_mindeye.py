@@ -385,3 +385,44 @@ def test_bdf_prepare_mindeye2_without_root_is_one_line_error(tmp_path):
 
     proc = _run("bdf-prepare", ["dataset=mindeye2"], tmp_path)
     _assert_one_line_error(proc, "bdf-prepare: error:", "dataset.root")
+
+
+# ------------------------------------------------------------------------------------------------
+# Typed configs (one source per default: the packaged YAML)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset", ["mindeye2", "mindeye1_avg"])
+def test_config_defaults_equal_the_composed_config(dataset):
+    import dataclasses
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from braindecode_fw import schema
+    from braindecode_fw.data.convert.mindeye import MindEye1AvgConvertConfig, MindEye2ConvertConfig
+    from tests.conftest import compose_config
+
+    cls = {"mindeye2": MindEye2ConvertConfig, "mindeye1_avg": MindEye1AvgConvertConfig}[dataset]
+    GlobalHydra.instance().clear()
+    try:
+        composed = OmegaConf.to_container(compose_config("prepare", [f"dataset={dataset}"]).dataset, resolve=True)
+    finally:
+        GlobalHydra.instance().clear()
+    assert set(composed) == {f.name for f in dataclasses.fields(cls)}
+    assert all(f.default is schema.FROM_YAML for f in dataclasses.fields(cls))
+    default = dataclasses.asdict(cls.from_mapping({}))
+    assert default.pop("store") is None  # ${paths.data_dir}/... needs Hydra
+    composed.pop("store")
+    assert default == composed
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset: unknown MindEye2 converter key\(s\) \['chunk_row'\]"):
+        convert_mindeye2({"root": str(tmp_path), "store": str(tmp_path / "s"), "chunk_row": 5})
+    with pytest.raises(ValueError, match=r"dataset.chunk_rows: expected an integer, got 'abc'"):
+        convert_mindeye2({"root": str(tmp_path), "store": str(tmp_path / "s"), "chunk_rows": "abc"})
+    with pytest.raises(ValueError, match=r"dataset.test_convention: 'old' is not one of \['new', 'legacy'\]"):
+        convert_mindeye2({"root": str(tmp_path), "store": str(tmp_path / "s"), "test_convention": "old"})
+    with pytest.raises(ValueError, match=r"dataset.subjects: expected distinct subjects"):
+        convert_mindeye1_avg({"root": str(tmp_path), "store": str(tmp_path / "s"), "subjects": [1, "subj01"]})
+    assert not (tmp_path / "s").exists()

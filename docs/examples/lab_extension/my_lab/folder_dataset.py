@@ -6,25 +6,52 @@ The raw layout (what this lab's preprocessing writes)::
     <root>/<subject>/betas.npy            float32 (n_trials, n_voxels), one row per trial
     <root>/<subject>/trials.csv           image_id,session,split   (one line per row of betas.npy)
 
-Converters follow one order: read and check everything first (nothing is written while an input is
-wrong, and each error names the file and what was expected), then write the store through
-:class:`~braindecode_fw.data.store.StoreWriter` (a temporary folder renamed at the end, so an
-interrupted run leaves nothing that opens), then return a summary whose ``report`` ``bdf-prepare``
-prints.
+The converter subclasses :class:`braindecode_fw.data.convert.base.Converter`, which runs its phases
+in a fixed order: ``configure`` (the typed config below), ``locate`` (required keys and folders),
+``plan`` (read and check every input; nothing is written while an input is wrong, and each error
+names the file and what was expected), ``validate``, ``write`` (through
+:class:`~braindecode_fw.data.store.StoreWriter`: a temporary folder renamed at the end, so an
+interrupted run leaves nothing that opens), then the report ``bdf-prepare`` prints.
 """
 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from braindecode_fw.data.convert.base import Converter, Written
 from braindecode_fw.data.store import StoreWriter, TrialTable
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class FolderDatasetConfig:
+    """The keys of conf/dataset/lab_folder.yaml (which holds every default); each value is checked
+    against its annotation when the converter starts (``dataset.image_size: expected an integer``)."""
+
+    name: str
+    kind: str
+    converter: str
+    modality: str
+    store: str | None
+    auto_prepare: bool
+    root: str | None
+    subjects: list[str]
+    image_size: int
+    overwrite: bool
+
+
+@dataclass
+class FolderPlan:
+    image_files: dict[str, Path]  # image id -> png
+    subjects: dict[str, tuple[np.ndarray, list[dict[str, str]]]]  # subject -> (betas (trials, voxels), rows)
+    ids: list[str]  # the images used, sorted: row order of images/images.npy
 
 
 def _read_trials(path: Path, n_rows: int, known_images: set[str]) -> list[dict[str, str]]:
@@ -46,38 +73,54 @@ def _read_trials(path: Path, n_rows: int, known_images: set[str]) -> list[dict[s
     return rows
 
 
-def convert_folder_dataset(dataset_cfg: Any) -> dict[str, Any]:
-    """``dataset.root`` (the layout above) -> prepared store ``dataset.store``.
+class FolderConverter(Converter[FolderPlan]):
+    """``dataset.root`` (the layout above) -> prepared store ``dataset.store``."""
 
-    Keys: ``root``, ``store``, ``name``, ``subjects`` (folder names), ``image_size``, ``overwrite``.
-    """
-    if not dataset_cfg.get("root"):
-        raise ValueError("dataset.root: not set (the folder with images/ and one folder per subject)")
-    root = Path(dataset_cfg.root)
-    image_files = {p.stem: p for p in sorted((root / "images").glob("*.png"))}
-    if not image_files:
-        raise FileNotFoundError(f"{root / 'images'}: no .png stimuli")
-    # 1. read and check every input before writing anything
-    subjects = {}
-    for subject in dataset_cfg.subjects:
-        betas_path = root / subject / "betas.npy"
-        if not betas_path.is_file():
-            raise FileNotFoundError(f"{betas_path}: missing (dataset.subjects lists {subject!r})")
-        betas = np.load(betas_path, mmap_mode="r", allow_pickle=False)
-        if betas.ndim != 2 or betas.dtype != np.float32:
-            raise ValueError(f"{betas_path}: expected float32 (n_trials, n_voxels), got {betas.dtype} {betas.shape}")
-        rows = _read_trials(root / subject / "trials.csv", len(betas), set(image_files))
-        subjects[subject] = (betas, rows)
-    ids = sorted({r["image_id"] for _, rows in subjects.values() for r in rows})
-    index = {image_id: i for i, image_id in enumerate(ids)}
-    size = int(dataset_cfg.image_size)
-    images = np.stack([np.asarray(Image.open(image_files[i]).convert("RGB").resize((size, size), Image.BICUBIC))
-                       for i in ids])
-    # 2. write the store (atomically)
-    with StoreWriter(dataset_cfg.store, name=dataset_cfg.name, modality="fmri",
-                     overwrite=bool(dataset_cfg.get("overwrite", True))) as writer:
-        writer.write_images(images, ids)
-        for subject, (betas, rows) in subjects.items():
+    kind = "lab_folder"
+    title = "lab folder"
+    modality = "fmri"
+    config_class = FolderDatasetConfig
+
+    cfg: FolderDatasetConfig
+
+    @property
+    def overwrite(self) -> bool:
+        return self.cfg.overwrite
+
+    def locate(self) -> None:
+        if not self.cfg.root:
+            raise ValueError("dataset.root: not set (the folder with images/ and one folder per subject)")
+        self.root = Path(self.cfg.root)
+
+    def plan(self) -> FolderPlan:
+        root = self.root
+        image_files = {p.stem: p for p in sorted((root / "images").glob("*.png"))}
+        if not image_files:
+            raise FileNotFoundError(f"{root / 'images'}: no .png stimuli")
+        subjects = {}
+        for subject in self.cfg.subjects:
+            betas_path = root / subject / "betas.npy"
+            if not betas_path.is_file():
+                raise FileNotFoundError(f"{betas_path}: missing (dataset.subjects lists {subject!r})")
+            betas = np.load(betas_path, mmap_mode="r", allow_pickle=False)
+            if betas.ndim != 2 or betas.dtype != np.float32:
+                raise ValueError(f"{betas_path}: expected float32 (n_trials, n_voxels), got {betas.dtype} "
+                                 f"{betas.shape}")
+            rows = _read_trials(root / subject / "trials.csv", len(betas), set(image_files))
+            self.check(f"{subject}: betas.npy float32 {betas.shape}; trials.csv columns, one row per trial, "
+                       f"known images, splits, sessions")
+            subjects[subject] = (betas, rows)
+        ids = sorted({r["image_id"] for _, rows in subjects.values() for r in rows})
+        return FolderPlan(image_files, subjects, ids)
+
+    def write(self, writer: StoreWriter, plan: FolderPlan) -> Written:
+        size = self.image_size
+        images = np.stack([np.asarray(Image.open(plan.image_files[i]).convert("RGB").resize((size, size),
+                                                                                          Image.BICUBIC))
+                           for i in plan.ids])
+        writer.write_images(images, plan.ids)
+        index = {image_id: i for i, image_id in enumerate(plan.ids)}
+        for subject, (betas, rows) in plan.subjects.items():
             image_index = np.array([index[r["image_id"]] for r in rows], dtype=np.int64)
             repeat = np.zeros(len(rows), dtype=np.int64)
             seen: dict[int, int] = {}
@@ -89,13 +132,17 @@ def convert_folder_dataset(dataset_cfg: Any) -> dict[str, Any]:
                                 run=np.zeros(len(rows), dtype=np.int64), repeat=repeat,
                                 split=np.array([r["split"] for r in rows]))
             writer.write_subject(subject, trials, np.ascontiguousarray(betas))
-        writer.finalize({"source": "lab folder format", "root": str(root)}, image_size=size)
-    # 3. report
-    lines = [f"{dataset_cfg.name}: {len(ids)} images, {len(subjects)} subject(s) from {root}"]
-    for subject, (betas, rows) in subjects.items():
-        counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
-        lines.append(f"  {subject}: {betas.shape[1]} voxels, trials {counts}")
-    return {"store": str(dataset_cfg.store), "report": "\n".join(lines)}
+        return Written({"source": "lab folder format", "root": str(self.root)}, subjects={})
+
+    def table(self, summary: dict[str, Any]) -> list[str]:
+        lines = [f"{summary['dataset']}: {summary['n_images']} images, {len(summary['subjects'])} subject(s) "
+                 f"from {self.root}"]
+        for subject, st in summary["subjects"].items():
+            lines.append(f"  {subject}: {st['n_voxels']} voxels, trials {st['split_trials']}")
+        return lines
+
+
+convert_folder_dataset = FolderConverter.convert  # what conf/dataset/lab_folder.yaml's converter: names
 
 
 def write_example_raw_data(root: str | Path, *, n_images: int = 60, n_voxels: int = 80, seed: int = 0) -> Path:
