@@ -11,6 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from braindecode_fw import schema
+from braindecode_fw.data.convert.mindeye import MindEye1AvgConvertConfig, MindEye2ConvertConfig
 from braindecode_fw.data.convert.nsd import NSDConvertConfig
 from braindecode_fw.data.convert.things_meg import ThingsMEGConvertConfig
 from braindecode_fw.data.synthetic import fmri, meg
@@ -22,7 +23,7 @@ from tests.conftest import compose_config
 
 YAML_BACKED = [SyntheticWorldConfig, SyntheticMEGWorldConfig, NSDConvertConfig, ThingsMEGConvertConfig,
                TinyClipConfig, TinyGeneratorConfig, fmri.NoiseCeilingConfig, fmri.DriftConfig,
-               meg.LeadFieldConfig, meg.MEGNoiseConfig]
+               meg.LeadFieldConfig, meg.MEGNoiseConfig, MindEye2ConvertConfig, MindEye1AvgConvertConfig]
 
 
 @pytest.fixture(autouse=True)
