@@ -112,7 +112,8 @@ def _restore_logging(state: tuple) -> None:
     logging.root.setLevel(level)
     for name, (lvl, propagate, disabled, hs) in loggers.items():
         lg = logging.getLogger(name)
-        lg.setLevel(lvl)
+        if lg.level != lvl:  # setLevel clears every logger's cache: 0.6 s for all of them
+            lg.setLevel(lvl)
         lg.propagate, lg.disabled = propagate, disabled
         lg.handlers[:] = hs
 
