@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import run_cli
 from tests.tasks.test_cli import _assert_one_line_error, _run
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "lab_extension"
@@ -55,19 +56,21 @@ def test_lab_converter_decoder_and_loss_from_their_own_folder(raw, tmp_path):
     assert ckpt["braindecode_fw"]["config"]["loss"]["terms"]["regression"]["kind"] == "normalized_mse"
 
 
-def test_lab_converter_errors_name_the_file_and_write_nothing(raw, tmp_path):
+def test_lab_converter_errors_name_the_file_and_write_nothing(raw, tmp_path, monkeypatch):
+    # in this process (no fresh interpreter importing Lightning for each error): the lab's folder on
+    # sys.path stands in for the PYTHONPATH of _env(); the full example above runs as console scripts
+    monkeypatch.syspath_prepend(str(EXAMPLE))
     trials = raw / "subjB" / "trials.csv"
     rows = list(csv.reader(trials.open()))
     rows[5][2] = "training"
     with trials.open("w", newline="") as f:
         csv.writer(f).writerows(rows)
-    proc = _run("bdf-prepare", ["--config-dir", str(CONF), "dataset=lab_folder", f"dataset.root={raw}"],
-                tmp_path, env=_env())
+    proc = run_cli("bdf-prepare", ["--config-dir", str(CONF), "dataset=lab_folder", f"dataset.root={raw}"], tmp_path)
     _assert_one_line_error(proc, "subjB/trials.csv:6: split 'training', expected one of ('train', 'val', 'test')")
     assert not (tmp_path / "data" / "prepared").exists() or not any((tmp_path / "data" / "prepared").iterdir())
-    proc = _run("bdf-prepare", ["--config-dir", str(CONF), "dataset=lab_folder", f"dataset.root={raw}",
-                                "dataset.converter=my_lab.nowhere:convert"], tmp_path, env=_env())
+    proc = run_cli("bdf-prepare", ["--config-dir", str(CONF), "dataset=lab_folder", f"dataset.root={raw}",
+                                "dataset.converter=my_lab.nowhere:convert"], tmp_path)
     _assert_one_line_error(proc, "dataset.converter: cannot import 'my_lab.nowhere'")
-    proc = _run("bdf-prepare", ["--config-dir", str(CONF), "dataset=lab_folder", f"dataset.root={raw}",
-                                "dataset.converter=convert_folder_dataset"], tmp_path, env=_env())
+    proc = run_cli("bdf-prepare", ["--config-dir", str(CONF), "dataset=lab_folder", f"dataset.root={raw}",
+                                "dataset.converter=convert_folder_dataset"], tmp_path)
     _assert_one_line_error(proc, "dataset.converter: expected 'package.module:function', got 'convert_folder_dataset'")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from braindecode_fw.data.store import open_store
-from tests.conftest import TINY_MODEL, TINY_WORLD
-from tests.tasks.test_cli import _assert_one_line_error, _run
+from tests.conftest import TINY_MODEL, TINY_WORLD, run_cli
+from tests.tasks.test_cli import _assert_one_line_error
 
 MB_TINY = ["experiment=mindbridge_synthetic", "model.adapter.pool_size=32", "model.adapter.bottleneck=4",
            "model.builder.bottleneck=4", "logger=csv", "reconstruction.enabled=false"]
@@ -22,12 +22,12 @@ MB_TINY = ["experiment=mindbridge_synthetic", "model.adapter.pool_size=32", "mod
 def test_adapt_new_subject_reset_tuning(tmp_path):
     # MindBridge adapts from a multi-subject model (the cycle loss needs a source subject's builder)
     three = [*TINY_WORLD, "dataset.world.voxels_per_subject=[60,90,70]"]
-    train = _run("bdf-train", [*three, *TINY_MODEL, *MB_TINY, "data.subjects=[subj01,subj03]"], tmp_path)
+    train = run_cli("bdf-train", [*three, *TINY_MODEL, *MB_TINY, "data.subjects=[subj01,subj03]"], tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     src = train.stdout.split("checkpoint    :")[1].split()[0]
     args = [f"ckpt={src}", "subject=subj02", "budget.sessions=1", "adaptation=reset_tuning", "trainer.max_epochs=2",
             "logger=csv", "batch_size=16"]
-    proc = _run("bdf-adapt", args, tmp_path)
+    proc = run_cli("bdf-adapt", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "subj02" in proc.stdout.split("Retrieval on held-out")[1] and "subj01  " not in proc.stdout
     store = open_store(tmp_path / "data" / "prepared" / "synthetic")
@@ -54,29 +54,28 @@ def test_adapt_new_subject_reset_tuning(tmp_path):
     report = (run_dir / "adaptation_report.md").read_text()
     assert "| subj01 | pretrained | all |" in report and "| subj02 | adapted | 1 sessions |" in report
     # the adapted checkpoint is an ordinary one
-    ev = _run("bdf-evaluate", [f"ckpt={ckpt}"], tmp_path)
+    ev = run_cli("bdf-evaluate", [f"ckpt={ckpt}"], tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
 
-    again = _run("bdf-adapt", [f"ckpt={src}", "subject=subj01", "trainer.max_epochs=1"], tmp_path)
+    again = run_cli("bdf-adapt", [f"ckpt={src}", "subject=subj01", "trainer.max_epochs=1"], tmp_path)
     _assert_one_line_error(again, "subject: subj01 is already in the checkpoint (subjects ['subj01', 'subj03'])")
-    ridge = _run("bdf-adapt", [f"ckpt={src}", "subject=subj02", "adaptation=finetune_all", "trainer.max_epochs=1"],
+    ridge = run_cli("bdf-adapt", [f"ckpt={src}", "subject=subj02", "adaptation=finetune_all", "trainer.max_epochs=1"],
                  tmp_path)
     _assert_one_line_error(ridge, "adaptation.init_bias_from: only a linear (ridge) adapter has a bias to copy")
-    ridge = _run("bdf-adapt", [f"ckpt={src}", "subject=subj02", "adaptation.init=ridge", "trainer.max_epochs=1"],
+    ridge = run_cli("bdf-adapt", [f"ckpt={src}", "subject=subj02", "adaptation.init=ridge", "trainer.max_epochs=1"],
                  tmp_path)
     _assert_one_line_error(ridge, "adaptation.init: ridge needs a linear (ridge) adapter, the model has "
                                   "PooledSubjectEmbedder")
 
 
 @pytest.mark.slow
-def test_adapt_ridge_initialisation_from_a_trial_budget(tmp_path):
+def test_adapt_ridge_initialisation_from_a_trial_budget(tiny_subj01_run, tmp_path):
     """`adaptation.init=ridge` solves the new linear adapter in closed form before training;
     a `trials` budget keeps exactly that many training trials."""
-    train = _run("bdf-train", [*TINY_WORLD, *TINY_MODEL, "logger=csv", "reconstruction.enabled=false",
-                               "data.subjects=[subj01]"], tmp_path)
+    train, _ = tiny_subj01_run  # the tiny model on subj01, 2 epochs; shared with test_brainit_train
     assert train.returncode == 0, train.stderr[-3000:]
     src = train.stdout.split("checkpoint    :")[1].split()[0]
-    proc = _run("bdf-adapt", [f"ckpt={src}", "subject=subj02", "budget.sessions=null", "budget.trials=40",
+    proc = run_cli("bdf-adapt", [f"ckpt={src}", "subject=subj02", "budget.sessions=null", "budget.trials=40",
                               "adaptation.init=ridge", "trainer.max_epochs=1", "logger=csv"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_MODEL, TINY_WORLD
-from tests.tasks.test_cli import _run
+from tests.conftest import TINY_MODEL, TINY_WORLD, run_cli
 from tests.tasks.test_evaluate import FAST_METRICS
 
 
@@ -31,7 +30,7 @@ def test_bench_writes_results(tmp_path):
     ]
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "benchmarks.md").write_text("# Benchmarks\n\nhand-written notes stay\n")
-    proc = _run("bdf-bench", args, tmp_path)
+    proc = run_cli("bdf-bench", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "docs" / "benchmarks_cpu.json").read_text())
     (r,) = result["results"]
@@ -48,7 +47,7 @@ def test_bench_writes_results(tmp_path):
         assert ev["timings_s"][key] >= 0, key
     assert "two-way identification, 4 × 1,000-d" in md and md.count("bdf-bench:evaluation-cpu-begin") == 1
     # a second run replaces the section instead of appending
-    proc = _run("bdf-bench", args, tmp_path)
+    proc = run_cli("bdf-bench", args, tmp_path)
     assert proc.returncode == 0
     assert (tmp_path / "docs" / "benchmarks.md").read_text().count("bdf-bench:cpu-begin") == 1
 
@@ -66,7 +65,7 @@ def test_bench_generation_tiny(tmp_path):
         f"generation.generators.versatile_dual.{steps}",
         "generation.generators.controlnet_modulated.overrides=['generator.steps=2','generator.controlnet=from_unet']",
     ]
-    proc = _run("bdf-bench", args, tmp_path)
+    proc = run_cli("bdf-bench", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "docs" / "benchmarks_generation_tiny_cpu.json").read_text())["result"]
     rows = {r["generator"]: r for r in result["rows"]}
@@ -104,7 +103,7 @@ def test_bench_models_section(tmp_path):
             "models.steps=1", "models.batch_size=4", "~models.n_features", "+models.n_features={a:40,b:30}",
             f"models.cases.mindeye2_h1024={me2}", f"models.cases.mindbridge={mb}", f"models.cases.sttm={sttm}",
             f"models.cases.brainit={bit}", f"models.cases.neuropictor={npic}"]
-    proc = _run("bdf-bench", args, tmp_path)
+    proc = run_cli("bdf-bench", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["case"]: r for r in json.loads((tmp_path / "docs" / "benchmarks_models_cpu.json").read_text())["result"]["rows"]}
     assert sorted(rows) == ["brainit", "mindbridge", "mindeye2_h1024", "neuropictor", "sttm"]
@@ -134,7 +133,7 @@ def test_bench_demo_training_section(tmp_path):
             "demo_training.enabled=true", "demo_training.steps=2", "demo_training.n_scenes=16",
             "demo_training.projected_steps=600",
             "demo_training.config={image_size:32,unet_channels:[32,32],unet_batch_size:4}"]
-    proc = _run("bdf-bench", args, tmp_path)
+    proc = run_cli("bdf-bench", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "docs" / "benchmarks_demo_training_cpu.json").read_text())["result"]
     assert result["latent"] == [4, 8, 8] and result["channels"] == [32, 32]
@@ -147,6 +146,6 @@ def test_bench_demo_training_section(tmp_path):
         assert r["projected_minutes"] == pytest.approx(r["seconds_per_step"] * 10, abs=0.051)
     md = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert md.count("bdf-bench:demo-training-cpu-begin") == 1 and "| bf16-mixed |" in md and "600 steps (min)" in md
-    bad = _run("bdf-bench", [*args[:4], "demo_training.precisions=[32-true,bf16]"], tmp_path)
+    bad = run_cli("bdf-bench", [*args[:4], "demo_training.precisions=[32-true,bf16]"], tmp_path)
     assert bad.returncode != 0
     assert "demo_training.precisions: each one of ['32-true', 'bf16-mixed'], got ['bf16']" in bad.stderr

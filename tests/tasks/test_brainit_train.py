@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from braindecode_fw.models.voxel_clusters import VoxelClusters
-from tests.conftest import TINY_MODEL, TINY_WORLD
-from tests.tasks.test_cli import _assert_one_line_error, _run
+from tests.conftest import TINY_MODEL, TINY_WORLD, run_cli
+from tests.tasks.test_cli import _assert_one_line_error
 
 BRAINIT_TINY = [
     # both branches on the shipped tiny CLIP's embedding and online VGG tokens; stage 0 on a shrunk
@@ -36,7 +36,7 @@ def _checkpoint(proc) -> str:
 
 @pytest.mark.slow
 def test_brainit_stage0_train_reuse_and_transfer(tmp_path):
-    train = _run("bdf-train", [*TINY_WORLD, *BRAINIT_TINY, "data.subjects=[subj01]"], tmp_path)
+    train = run_cli("bdf-train", [*TINY_WORLD, *BRAINIT_TINY, "data.subjects=[subj01]"], tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     src = _checkpoint(train)
     run_dir = Path(src).parents[1]
@@ -63,7 +63,7 @@ def test_brainit_stage0_train_reuse_and_transfer(tmp_path):
         torch.testing.assert_close(state[f"decoder.universal_encoder.{k}"], v, msg=k)
 
     # continuing the run (ckpt_path=last) keeps the stage 0 it started with
-    resumed = _run("bdf-train", [*TINY_WORLD, *BRAINIT_TINY, "data.subjects=[subj01]", "ckpt_path=last"], tmp_path)
+    resumed = run_cli("bdf-train", [*TINY_WORLD, *BRAINIT_TINY, "data.subjects=[subj01]", "ckpt_path=last"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "universal encoder epoch" not in resumed.stdout + resumed.stderr
     np.testing.assert_array_equal(VoxelClusters.load(stage0 / "voxel_clusters.npz").labels["subj01"],
@@ -71,7 +71,7 @@ def test_brainit_stage0_train_reuse_and_transfer(tmp_path):
     assert len(__import__("json").loads((stage0 / "report.json").read_text())["history"]) == 2
 
     # a second run reuses the saved stage 0 instead of training it again
-    again = _run("bdf-train", [*TINY_WORLD, *BRAINIT_TINY, "data.subjects=[subj01]", "trainer.max_epochs=1",
+    again = run_cli("bdf-train", [*TINY_WORLD, *BRAINIT_TINY, "data.subjects=[subj01]", "trainer.max_epochs=1",
                                f"model.stage0.load_from={stage0}"], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "universal encoder epoch" not in again.stdout + again.stderr
@@ -79,7 +79,7 @@ def test_brainit_stage0_train_reuse_and_transfer(tmp_path):
     assert torch.equal(state2["decoder.branches.semantic.labels_subj01"], labels)
 
     # transfer: new voxel embeddings only, nearest-voxel start
-    proc = _run("bdf-adapt", [f"ckpt={src}", "subject=subj02", "budget.sessions=1", "adaptation=brainit_transfer",
+    proc = run_cli("bdf-adapt", [f"ckpt={src}", "subject=subj02", "budget.sessions=1", "adaptation=brainit_transfer",
                               "adaptation.nearest_voxel.encoder_epochs=2", "trainer.max_epochs=1", "logger=csv",
                               "batch_size=16"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,20 +92,19 @@ def test_brainit_stage0_train_reuse_and_transfer(tmp_path):
     shared = [k for k in state if "subj02" not in k and not k.startswith("decoder.universal_encoder.")]
     assert shared and all(torch.equal(state[k], after[k]) for k in shared)  # everything shared is frozen
     assert "decoder.branches.semantic.voxels.embeddings.subj02" in after
-    ev = _run("bdf-evaluate", [f"ckpt={_checkpoint(proc)}"], tmp_path)
+    ev = run_cli("bdf-evaluate", [f"ckpt={_checkpoint(proc)}"], tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
 
-    wrong = _run("bdf-adapt", [f"ckpt={src}", "subject=subj02", "adaptation=brainit_transfer",
+    wrong = run_cli("bdf-adapt", [f"ckpt={src}", "subject=subj02", "adaptation=brainit_transfer",
                                "adaptation.init_bias_from=subj01", "trainer.max_epochs=1"], tmp_path)
     _assert_one_line_error(wrong, "adaptation.init_bias_from: Brain-IT has no adapter bias")
 
 
 @pytest.mark.slow
-def test_nearest_voxel_init_needs_brainit(tmp_path):
-    train = _run("bdf-train", [*TINY_WORLD, *TINY_MODEL, "logger=csv", "reconstruction.enabled=false",
-                               "data.subjects=[subj01]", "trainer.max_epochs=1"], tmp_path)
+def test_nearest_voxel_init_needs_brainit(tiny_subj01_run, tmp_path):
+    train, _ = tiny_subj01_run  # any non-Brain-IT model of subj01 (2 epochs; shared with test_adapt)
     assert train.returncode == 0, train.stderr[-3000:]
-    proc = _run("bdf-adapt", [f"ckpt={_checkpoint(train)}", "subject=subj02", "adaptation.init=nearest_voxel",
+    proc = run_cli("bdf-adapt", [f"ckpt={_checkpoint(train)}", "subject=subj02", "adaptation.init=nearest_voxel",
                               "trainer.max_epochs=1"], tmp_path)
     _assert_one_line_error(proc, "adaptation.init: nearest_voxel is Brain-IT's transfer (model=brainit)")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_MODEL, TINY_WORLD
+from tests.conftest import TINY_MODEL, TINY_WORLD, run_cli
 
 BIN = Path(sys.executable).parent
 
@@ -54,7 +54,7 @@ def test_unknown_group_option(tmp_path):
 
 
 def test_typo_in_constructor_argument(tmp_path, store_copy):
-    proc = _run("bdf-train", [*_store_args(store_copy), "+loss.temprature=1"], tmp_path)
+    proc = run_cli("bdf-train", [*_store_args(store_copy), "+loss.temprature=1"], tmp_path)
     _assert_one_line_error(proc, "cannot build", "braindecode_fw.losses.", "temprature")
 
 
@@ -63,21 +63,21 @@ def _store_args(store):
 
 
 def test_unknown_subject(tmp_path, store_copy):
-    proc = _run("bdf-train", [*_store_args(store_copy), "data.subjects=[subj01,subj09]"], tmp_path)
+    proc = run_cli("bdf-train", [*_store_args(store_copy), "data.subjects=[subj01,subj09]"], tmp_path)
     _assert_one_line_error(proc, "data.subjects: unknown subject(s) ['subj09']")
 
 
 def test_corrupted_responses(tmp_path, store_copy):
     p = store_copy / "subjects/subj02/responses.npy"
     p.write_bytes(p.read_bytes()[:200])
-    proc = _run("bdf-train", _store_args(store_copy), tmp_path)
+    proc = run_cli("bdf-train", _store_args(store_copy), tmp_path)
     _assert_one_line_error(proc, "invalid prepared store", "subjects/subj02/responses.npy: cannot be read")
 
 
 def test_mismatched_shapes(tmp_path, store_copy):
     p = store_copy / "subjects/subj01/responses.npy"
     np.save(p, np.load(p)[:-5])
-    proc = _run("bdf-train", _store_args(store_copy), tmp_path)
+    proc = run_cli("bdf-train", _store_args(store_copy), tmp_path)
     _assert_one_line_error(proc, "subjects/subj01/trials.tsv: 192 trials but responses.npy has 187 rows")
 
 
@@ -86,13 +86,13 @@ def test_nan_responses(tmp_path, store_copy):
     r = np.load(p)
     r[3, 4] = np.nan
     np.save(p, r)
-    proc = _run("bdf-train", _store_args(store_copy), tmp_path)
+    proc = run_cli("bdf-train", _store_args(store_copy), tmp_path)
     _assert_one_line_error(proc, "subjects/subj01/responses.npy: contains 1 NaN/Inf values")
 
 
 @pytest.mark.slow
-def test_train_checkpoint_evaluate_round_trip(tmp_path):
-    proc = _run("bdf-train", [*TINY_WORLD, *TINY_MODEL, "logger=csv"], tmp_path)
+def test_train_checkpoint_evaluate_round_trip(tiny_train_run, tmp_path):
+    proc, _ = tiny_train_run  # bdf-train [*TINY_WORLD, *TINY_MODEL, "logger=csv"], shared with test_reconstruct
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert "brain→image top-1" in out and "oracle b→i" in out and "dashboard" not in out
@@ -113,7 +113,7 @@ def test_train_checkpoint_evaluate_round_trip(tmp_path):
     assert rows["mean"]["chance_top1"] == pytest.approx(1 / 20)
     assert 0 < rows["mean"]["oracle_brain_to_image_top1"] <= 1
 
-    ev = _run("bdf-evaluate", [f"ckpt={ckpt}", "retrieval.subset_size=20", "retrieval.n_subsets=5"], tmp_path)
+    ev = run_cli("bdf-evaluate", [f"ckpt={ckpt}", "retrieval.subset_size=20", "retrieval.n_subsets=5"], tmp_path)
     assert ev.returncode == 0, ev.stderr[-4000:]
     ev_dir = Path(ev.stdout.split("results: ")[1].split()[0])
     again = json.loads((ev_dir / "retrieval.json").read_text())
@@ -122,7 +122,7 @@ def test_train_checkpoint_evaluate_round_trip(tmp_path):
     assert csv_text[0].startswith("subject,n_test_images,brain_to_image_top1")
     assert len(csv_text) == 4
 
-    bad = _run("bdf-evaluate", [f"ckpt={tmp_path}/missing.ckpt"], tmp_path)
+    bad = run_cli("bdf-evaluate", [f"ckpt={tmp_path}/missing.ckpt"], tmp_path)
     _assert_one_line_error(bad, "ckpt: checkpoint not found")
 
 
@@ -130,7 +130,7 @@ def test_prepare_reports_ncsnr_and_oracle(tmp_path):
     from braindecode_fw.data.store import open_store
 
     store = tmp_path / "world"
-    proc = _run("bdf-prepare", [*TINY_WORLD, f"dataset.store={store}"], tmp_path)
+    proc = run_cli("bdf-prepare", [*TINY_WORLD, f"dataset.store={store}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ncsnr p5/p50/p95 (measured, NSD formula)" in proc.stdout
     assert "mean oracle top-1: brain→image" in proc.stdout and f"prepared store: {store}" in proc.stdout
@@ -140,7 +140,7 @@ def test_prepare_reports_ncsnr_and_oracle(tmp_path):
 
 
 def test_wrong_optimized_metric(tmp_path, store_copy):
-    proc = _run("bdf-train", [*_store_args(store_copy), "logger=csv", "optimized_metric=test/accuracy"], tmp_path)
+    proc = run_cli("bdf-train", [*_store_args(store_copy), "logger=csv", "optimized_metric=test/accuracy"], tmp_path)
     _assert_one_line_error(proc, "optimized_metric: 'test/accuracy' was not produced; available:",
                            "test/brain_to_image_top1")
 
@@ -201,7 +201,7 @@ def test_config_tree_ships_inside_the_package():
 def test_prepare_wrong_type_or_range_is_a_one_line_error(tmp_path, args, needle):
     # braindecode_fw/schema.py checks every field of the config dataclasses before any work starts
     store = tmp_path / "store"
-    proc = _run("bdf-prepare", [*args, f"dataset.store={store}"], tmp_path)
+    proc = run_cli("bdf-prepare", [*args, f"dataset.store={store}"], tmp_path)
     _assert_one_line_error(proc, "bdf-prepare: error:", needle)
     assert not store.exists()
 

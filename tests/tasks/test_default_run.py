@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_WORLD
-from tests.tasks.test_cli import _run
+from tests.conftest import TINY_WORLD, run_cli
 
 DEFAULT_SMALL = [*TINY_WORLD, "model.hidden=32", "model.encoder.n_blocks=1", "data.batch_size=16",
                  "evaluation.subset_size=20", "evaluation.n_subsets=5", "trainer.max_epochs=2", "generator.steps=4"]
@@ -19,7 +18,7 @@ DEFAULT_SMALL = [*TINY_WORLD, "model.hidden=32", "model.encoder.n_blocks=1", "da
 
 @pytest.mark.slow
 def test_default_run_reconstructs_with_the_shipped_models(tmp_path):
-    proc = _run("bdf-train", DEFAULT_SMALL, tmp_path)
+    proc = run_cli("bdf-train", DEFAULT_SMALL, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     run_dir = Path(out.split("run directory : ")[1].split()[0])
@@ -47,7 +46,7 @@ def test_retrain_demo_models_from_bdf_prepare(tmp_path):
             "demo_models.generator.vae_steps=2", "demo_models.generator.vae_batch_size=8",
             "demo_models.generator.unet_steps=2", "demo_models.generator.unet_batch_size=8",
             "demo_models.generator.sample_steps=2"]
-    proc = _run("bdf-prepare", args, tmp_path)
+    proc = run_cli("bdf-prepare", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"use them with paths.demo_models={out_dir}" in proc.stdout
     clip_cfg = json.loads((out_dir / "tiny_clip" / "config.json").read_text())
@@ -56,6 +55,6 @@ def test_retrain_demo_models_from_bdf_prepare(tmp_path):
         assert (out_dir / "tiny_generator" / name).is_file(), name
     assert "two-way identification" in (out_dir / "tiny_generator" / "MODEL_CARD.md").read_text()
 
-    bad = _run("bdf-prepare", ["demo_models=retrain", f"demo_models.output_dir={tmp_path}/x",
+    bad = run_cli("bdf-prepare", ["demo_models=retrain", f"demo_models.output_dir={tmp_path}/x",
                                "demo_models.stages=[generator]"], tmp_path)
     assert bad.returncode == 2 and "needs a tiny CLIP in" in bad.stderr

@@ -13,8 +13,8 @@ from braindecode_fw.data.reconstructions import ReconstructionWriter
 from braindecode_fw.data.store import open_store
 from braindecode_fw.metrics.images import as_float_images
 from braindecode_fw.metrics.pixel import pixcorr
-from tests.conftest import compose_config
-from tests.tasks.test_cli import _assert_one_line_error, _run
+from tests.conftest import compose_config, run_cli
+from tests.tasks.test_cli import _assert_one_line_error
 
 # the synthetic metric suite, reduced to its fast members for tests (AlexNet + the world's CLIP)
 FAST_METRICS = [
@@ -130,9 +130,9 @@ def test_evaluate_folder_pair(tmp_path):
 
 
 def test_cli_needs_exactly_one_input(tmp_path):
-    proc = _run("bdf-evaluate", [], tmp_path)
+    proc = run_cli("bdf-evaluate", [], tmp_path)
     _assert_one_line_error(proc, "give exactly one input: run=", "got none")
-    proc = _run("bdf-evaluate", [f"run={tmp_path}"], tmp_path)
+    proc = run_cli("bdf-evaluate", [f"run={tmp_path}"], tmp_path)
     _assert_one_line_error(proc, "manifest.json: not a reconstruction folder")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tasks.test_cli import _run
+from tests.conftest import run_cli
 
 TINY_MEG = [
     "experiment=meg_synthetic",
@@ -33,7 +33,7 @@ TINY_MEG = [
 
 @pytest.mark.slow
 def test_meg_synthetic_train_evaluate_reconstruct(tmp_path):
-    proc = _run("bdf-train", TINY_MEG, tmp_path)
+    proc = run_cli("bdf-train", TINY_MEG, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert "brain→image top-5" in out and "linear b→i top-5" in out and "oracle b→i top-5" in out
@@ -60,7 +60,7 @@ def test_meg_synthetic_train_evaluate_reconstruct(tmp_path):
     np.testing.assert_allclose(state["decoder.sensor_positions"][1].numpy(), geometry["sensor_positions"])
     assert state["decoder.sensor_valid"].all()
 
-    ev = _run("bdf-evaluate", [f"ckpt={ckpt}", "retrieval.subset_size=20", "retrieval.n_subsets=1",
+    ev = run_cli("bdf-evaluate", [f"ckpt={ckpt}", "retrieval.subset_size=20", "retrieval.n_subsets=1",
                                "plots.enabled=false"], tmp_path)
     assert ev.returncode == 0, ev.stderr[-4000:]
     ev_dir = Path(ev.stdout.split("results: ")[1].split()[0])
@@ -70,7 +70,7 @@ def test_meg_synthetic_train_evaluate_reconstruct(tmp_path):
         assert again[s]["brain_to_image_top5"] == rows[s]["brain_to_image_top5"]
 
     generator = [o for o in TINY_MEG if o.startswith(("generator.", "generator="))]
-    rec = _run("bdf-reconstruct", [f"ckpt={ckpt}", "limit=3", "subjects=[sub01]", f"out={tmp_path}/recons",
+    rec = run_cli("bdf-reconstruct", [f"ckpt={ckpt}", "limit=3", "subjects=[sub01]", f"out={tmp_path}/recons",
                                    *generator], tmp_path)
     assert rec.returncode == 0, rec.stderr[-4000:]
     manifest = json.loads((tmp_path / "recons" / "manifest.json").read_text())

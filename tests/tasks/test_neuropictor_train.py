@@ -12,8 +12,7 @@ import torch
 from omegaconf.errors import InterpolationResolutionError
 from PIL import Image
 
-from tests.conftest import TINY_WORLD, compose_config
-from tests.tasks.test_cli import _run
+from tests.conftest import TINY_WORLD, compose_config, run_cli
 
 IMAGE_SIZE = 32  # the world's images; the tiny VAE's latents are 4 × 8 × 8
 WIDTH = 32  # the tiny CLIP's token width = the tiny UNet's cross_attention_dim
@@ -52,7 +51,7 @@ def test_trained_controlnet_is_exported_and_reconstructs(tmp_path):
 
     sd_folder = build_tiny_pipeline("controlnet", tmp_path / "tiny_sd", image_size=IMAGE_SIZE,
                                     cross_attention_dim=WIDTH)
-    train = _run("bdf-train", _neuropictor_tiny(sd_folder), tmp_path)
+    train = run_cli("bdf-train", _neuropictor_tiny(sd_folder), tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     ckpt = train.stdout.split("checkpoint    :")[1].split()[0]
     run_dir = Path(ckpt).parents[1]
@@ -79,7 +78,7 @@ def test_trained_controlnet_is_exported_and_reconstructs(tmp_path):
 
     # bdf-reconstruct with the run's export: the decoder's image tokens condition, control_map modulates
     out = tmp_path / "recons"
-    recon = _run("bdf-reconstruct", [
+    recon = run_cli("bdf-reconstruct", [
         f"ckpt={ckpt}", "generator=controlnet_modulated", f"generator.model={sd_folder}",
         "generator.controlnet=${bdf_run_dir:}/controlnet", "generator.condition=clip_image_tokens",
         "generator.negative=zeros", "generator.steps=2", "limit=3", "subjects=[subj01]", "progress=false",
@@ -94,7 +93,7 @@ def test_trained_controlnet_is_exported_and_reconstructs(tmp_path):
 
     # per-subject refining after multi-subject pretraining (docs/methods/neuropictor.md §4): a new run on subj01
     # with the extra semantic branch starts from the pretrained weights (init_from)
-    refine = _run("bdf-train", [*_neuropictor_tiny(sd_folder), f"init_from={ckpt}", "model.extra_branch=true",
+    refine = run_cli("bdf-train", [*_neuropictor_tiny(sd_folder), f"init_from={ckpt}", "model.extra_branch=true",
                                 "data.subjects=[subj01]"], tmp_path)
     assert refine.returncode == 0, refine.stderr[-3000:]
     refine_ckpt = refine.stdout.split("checkpoint    :")[1].split()[0]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY_MODEL, TINY_WORLD
-from tests.tasks.test_cli import _assert_one_line_error, _run
+from tests.conftest import TINY_MODEL, TINY_WORLD, run_cli
+from tests.tasks.test_cli import _assert_one_line_error
 from tests.tasks.test_evaluate import FAST_METRICS
 
 TINY_GENERATOR = ["generator=tiny_random", "generator.build_tiny.cross_attention_dim=32", "generator.build_tiny.image_size=32",
@@ -17,13 +17,13 @@ TINY_GENERATOR = ["generator=tiny_random", "generator.build_tiny.cross_attention
 
 
 @pytest.mark.slow
-def test_reconstruct_resume_and_evaluate(tmp_path):
-    train = _run("bdf-train", [*TINY_WORLD, *TINY_MODEL, "logger=csv"], tmp_path)
+def test_reconstruct_resume_and_evaluate(tiny_train_run, tmp_path):
+    train, _ = tiny_train_run  # bdf-train [*TINY_WORLD, *TINY_MODEL, "logger=csv"], shared with test_cli
     assert train.returncode == 0, train.stderr[-3000:]
     ckpt = train.stdout.split("checkpoint    :")[1].split()[0]
     out = tmp_path / "recons"
     args = [f"ckpt={ckpt}", f"out={out}", *TINY_GENERATOR, "limit=6", "n_samples=2"]
-    first = _run("bdf-reconstruct", [*args, "subjects=[subj02]"], tmp_path)
+    first = run_cli("bdf-reconstruct", [*args, "subjects=[subj02]"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "12 new images, 12 in total" in first.stdout
     manifest = json.loads((out / "manifest.json").read_text())
@@ -38,7 +38,7 @@ def test_reconstruct_resume_and_evaluate(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (out / "subj02" / "final").iterdir()}
 
     # resume: subj02 is skipped (its files are untouched), subj01 is added; then the metric table
-    second = _run("bdf-reconstruct", [*args, "evaluate=true", *FAST_METRICS], tmp_path)
+    second = run_cli("bdf-reconstruct", [*args, "evaluate=true", *FAST_METRICS], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "12 new images, 24 in total" in second.stdout
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
@@ -47,12 +47,12 @@ def test_reconstruct_resume_and_evaluate(tmp_path):
     assert table["rows"][0]["n_images"] == 6 and 0 <= table["rows"][0]["ssim"] <= 1
     assert "| Subject | n | PixCorr↑ | SSIM↑" in second.stdout
 
-    again = _run("bdf-evaluate", [f"run={out}", *FAST_METRICS, "sample=1"], tmp_path)
+    again = run_cli("bdf-evaluate", [f"run={out}", *FAST_METRICS, "sample=1"], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
 
-    bad = _run("bdf-reconstruct", [f"ckpt={ckpt}", "generator=sd21_unclip", f"generator.model={tmp_path}"], tmp_path)
+    bad = run_cli("bdf-reconstruct", [f"ckpt={ckpt}", "generator=sd21_unclip", f"generator.model={tmp_path}"], tmp_path)
     _assert_one_line_error(bad, "is not a diffusers pipeline folder")
-    mismatch = _run("bdf-reconstruct", [f"ckpt={ckpt}", *TINY_GENERATOR, "generator.build_tiny.cross_attention_dim=48",
+    mismatch = run_cli("bdf-reconstruct", [f"ckpt={ckpt}", *TINY_GENERATOR, "generator.build_tiny.cross_attention_dim=48",
                                         f"generator.model={tmp_path}/tiny48"], tmp_path)
     _assert_one_line_error(mismatch, "generator tiny_random needs clip_image_tokens (*×48); decoder provides "
                                      "clip_image_tokens 16×32")
@@ -111,7 +111,7 @@ def test_reconstruct_from_the_dip_lowlevel_image(tmp_path):
     import torch
     from omegaconf import OmegaConf
 
-    train = _run("bdf-train", [*TINY_WORLD, *TINY_MODEL, *VGG_TARGET, *IMG2IMG, "logger=csv", "data.subjects=[subj01]",
+    train = run_cli("bdf-train", [*TINY_WORLD, *TINY_MODEL, *VGG_TARGET, *IMG2IMG, "logger=csv", "data.subjects=[subj01]",
                                "trainer.max_epochs=1", "lowlevel@reconstruction.lowlevel=dip",
                                *_dip("reconstruction.lowlevel"), "reconstruction.n_images=2",
                                "reconstruction.n_metric_images=0"], tmp_path)
@@ -123,11 +123,11 @@ def test_reconstruct_from_the_dip_lowlevel_image(tmp_path):
 
     common = [f"ckpt={ckpt}", *TINY_GENERATOR, *IMG2IMG, "limit=3"]
     low_dir, plain_dir = tmp_path / "low", tmp_path / "plain"
-    low = _run("bdf-reconstruct", [*common, "lowlevel=dip", *_dip("lowlevel"), f"out={low_dir}"], tmp_path)
+    low = run_cli("bdf-reconstruct", [*common, "lowlevel=dip", *_dip("lowlevel"), f"out={low_dir}"], tmp_path)
     assert low.returncode == 0, low.stderr[-3000:]
     assert "3 new images, 3 in total" in low.stdout
     assert "inverted 3 low-level images of subj01" in low.stdout + low.stderr  # the one batch of 3 to generate
-    plain = _run("bdf-reconstruct", [*common, f"out={plain_dir}"], tmp_path)
+    plain = run_cli("bdf-reconstruct", [*common, f"out={plain_dir}"], tmp_path)
     assert plain.returncode == 0, plain.stderr[-3000:]
 
     manifest = json.loads((low_dir / "manifest.json").read_text())
@@ -164,15 +164,15 @@ def test_reconstruct_from_the_dip_lowlevel_image(tmp_path):
     assert np.abs(ref_u8 - stored).max() <= 1
 
     # resuming inverts nothing: every item is done
-    again = _run("bdf-reconstruct", [*common, "lowlevel=dip", *_dip("lowlevel"), f"out={low_dir}"], tmp_path)
+    again = run_cli("bdf-reconstruct", [*common, "lowlevel=dip", *_dip("lowlevel"), f"out={low_dir}"], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 new images, 3 in total" in again.stdout and "inverted" not in again.stdout + again.stderr
 
     # config errors, before any data work, naming the key
-    missing = _run("bdf-reconstruct", [*common, "lowlevel=dip", "lowlevel.source=pixels"], tmp_path)
+    missing = run_cli("bdf-reconstruct", [*common, "lowlevel=dip", "lowlevel.source=pixels"], tmp_path)
     _assert_one_line_error(missing, "lowlevel.source: the decoder has no output 'pixels' to invert",
                            "vgg_tokens 565×512")
-    size = _run("bdf-reconstruct", [*common, "lowlevel=dip", "lowlevel.feature_size=64"], tmp_path)
+    size = run_cli("bdf-reconstruct", [*common, "lowlevel=dip", "lowlevel.feature_size=64"], tmp_path)
     _assert_one_line_error(size, "lowlevel.feature_size: 64 px gives 2321 VGG tokens × 512 per image, but the "
                                  "decoder's 'vgg_tokens' is 565×512: the tokens of a 32 px image, so set "
                                  "lowlevel.feature_size=32")

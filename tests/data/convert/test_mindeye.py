@@ -366,7 +366,7 @@ def test_mindeye1_avg_rerun_is_noop(tmp_path):
 
 @pytest.mark.slow
 def test_bdf_prepare_and_train_on_mindeye2(me2_release, tmp_path):
-    from tests.tasks.test_cli import _run
+    from tests.conftest import run_cli as _run  # in this process: no second import of Lightning
 
     root, _ = me2_release
     store = tmp_path / "prepared/mindeye2"
@@ -381,7 +381,8 @@ def test_bdf_prepare_and_train_on_mindeye2(me2_release, tmp_path):
 
 @pytest.mark.slow
 def test_bdf_prepare_mindeye2_without_root_is_one_line_error(tmp_path):
-    from tests.tasks.test_cli import _assert_one_line_error, _run
+    from tests.conftest import run_cli as _run
+    from tests.tasks.test_cli import _assert_one_line_error
 
     proc = _run("bdf-prepare", ["dataset=mindeye2"], tmp_path)
     _assert_one_line_error(proc, "bdf-prepare: error:", "dataset.root")

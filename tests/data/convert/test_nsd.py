@@ -426,9 +426,10 @@ def test_validation_is_not_applied_to_the_fixture(nsd_root, tmp_path):
 
 
 def _run(cmd: str, args: list[str], tmp_path: Path):
-    from tests.tasks.test_cli import _run as run
+    # in this process: a fresh interpreter would spend most of the test importing Lightning
+    from tests.conftest import run_cli
 
-    return run(cmd, args, tmp_path)
+    return run_cli(cmd, args, tmp_path)
 
 
 @pytest.mark.slow

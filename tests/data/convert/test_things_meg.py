@@ -334,7 +334,7 @@ def test_prepare_task_with_the_composed_config(fx, tmp_path):
 
 @pytest.mark.slow
 def test_bdf_prepare_cli(fx, tmp_path):
-    from tests.tasks.test_cli import _run
+    from tests.conftest import run_cli as _run  # in this process: no second import of Lightning
 
     store = tmp_path / "prepared" / "things_meg"
     args = ["dataset=things_meg", f"dataset.root={fx['root']}", f"dataset.images_root={fx['images_root']}",
