@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -15,8 +16,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf) replaced by None: strict JSON has no NaN, and
+    ``json.dumps`` would write the bare ``NaN`` that other tools refuse. Containers are copied."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return json_safe(obj.item())
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+    """``obj`` as strict JSON (non-finite floats become null, :func:`json_safe`), atomically."""
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -59,3 +75,20 @@ def atomic_write_dir(folder: str | Path, write: Callable[[Path], Any]) -> Path:
         raise
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def load_tensors(path: str | Path, what: str, **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True)`` whatever torch's default: tensors and plain
+    containers only, so a file that would run code when unpickled is refused. Any failure to read
+    (damaged, truncated, not a torch file, a pickle of other objects) is a ValueError naming ``what``
+    (the config key) and the file; a missing file a FileNotFoundError."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no file at {path}")
+    try:
+        return torch.load(path, map_location=kwargs.pop("map_location", "cpu"), weights_only=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{what}: {path} is not a readable checkpoint of tensors ({type(e).__name__}: {first})") from None

@@ -86,6 +86,23 @@ def retrieval_report(
     return {"rows": rows, "topk": topk, "protocol": protocol}
 
 
+def retrieval_protocol_line(report: dict[str, Any]) -> str:
+    """The candidate count actually used, e.g. ``300-way, cosine similarity, 30 random subsets``, or
+    ``150-way (all 150 test images; evaluation.subset_size is 300), cosine similarity``: a test set
+    smaller than the configured subset size is scored as one subset of all its images."""
+    p = report["protocol"]
+    requested = int(p["subset_size"])
+    sizes = sorted({min(requested, int(r["n_test_images"])) for r in report["rows"] if r["subject"] != "mean"})
+    if not sizes or sizes == [requested]:
+        ways = f"{requested}-way"
+    else:
+        span = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+        ways = f"{span}-way (all test images where fewer than subset_size={requested})"
+    subsets = (f", {p['n_subsets']} random subsets" if any(
+        int(r["n_test_images"]) > requested for r in report["rows"] if r["subject"] != "mean") else ", one subset")
+    return f"{ways}, {p['similarity']} similarity{subsets}"
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path, stem: str = "retrieval") -> list[Path]:
     """Writes ``<stem>.json`` and ``<stem>.csv``; returns their paths."""
     out = Path(out_dir)
@@ -131,6 +148,5 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *cells, strict=True)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True))  # noqa: E731
     sep = "  ".join("-" * w for w in widths)
-    title = f"Retrieval on held-out test images ({p['subset_size']}-way, {p['similarity']} similarity, " \
-            f"{p['n_subsets']} subsets when more images are available)"
+    title = f"Retrieval on held-out test images ({retrieval_protocol_line(report)})"
     return "\n".join([title, fmt(head), sep, *[fmt(c) for c in cells]])

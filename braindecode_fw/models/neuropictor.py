@@ -325,7 +325,12 @@ class NeuroPictorDiffusionLoss(nn.Module):
             path = Path(uncond).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"model.diffusion.uncond: {path} does not exist (a .npy or .pt (L, D_text) array)")
-            uncond = torch.load(path) if path.suffix == ".pt" else torch.from_numpy(np.load(path))
+            try:  # tensors and plain arrays only: nothing in the file is executed
+                uncond = (torch.load(path, map_location="cpu", weights_only=True) if path.suffix == ".pt"
+                          else torch.from_numpy(np.load(path, allow_pickle=False)))
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"model.diffusion.uncond: {path} is not a plain (L, D_text) tensor or array "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         return cls(unet, net, uncond=uncond, **kwargs)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from braindecode_fw.io import atomic_write_text
+from braindecode_fw.io import atomic_write_text, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,7 @@ def _resume_point(resume_from: str | None) -> tuple[int, int] | None:
     """(epoch, global_step) stored in the checkpoint being resumed from (memory-mapped: cheap)."""
     if not resume_from:
         return None
-    import torch
-
-    ckpt = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = load_tensors(resume_from, "ckpt_path", mmap=True)
     return int(ckpt.get("epoch", 0)), int(ckpt.get("global_step", 0))
 
 

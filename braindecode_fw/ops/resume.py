@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from braindecode_fw.io import load_tensors
+
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
@@ -33,7 +35,13 @@ RESUME_MODES = ("auto", "never")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into ``<name>.tmp-<pid>`` next to the target, then ``os.replace``."""
+    """``torch.save`` into ``<name>.tmp-<pid>`` next to the target, then ``os.replace``; loading
+    (Lightning's resume) always with ``weights_only=True``, whatever torch's default: a checkpoint
+    that would run code when unpickled is refused, naming the file."""
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        return load_tensors(path, "ckpt_path", map_location=map_location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if storage_options is not None:

@@ -14,8 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
+
+from braindecode_fw.io import load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ def load_matching_weights(decoder: nn.Module, checkpoint: str | Path) -> dict[st
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"init_from: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    source = {k.removeprefix(PREFIX): v for k, v in (state.get("state_dict") or {}).items() if k.startswith(PREFIX)}
+    state = load_tensors(path, "init_from")
+    source = {k.removeprefix(PREFIX): v for k, v in ((state.get("state_dict") if isinstance(state, dict) else None)
+                                                      or {}).items() if k.startswith(PREFIX)}
     if not source:
         raise ValueError(f"init_from: {path} holds no decoder weights (expected a bdf-train checkpoint with "
                          f"'{PREFIX}*' entries in its state_dict)")

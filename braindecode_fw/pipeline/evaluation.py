@@ -39,7 +39,7 @@ from braindecode_fw.metrics.report import format_table, retrieval_report, write_
 from braindecode_fw.metrics.retrieval import RetrievalResult, retrieval_accuracy
 from braindecode_fw.metrics.suite import ImageMetricSuite
 from braindecode_fw.metrics.table import build_table, flat_metrics, markdown_table, write_table
-from braindecode_fw.pipeline.checkpoint import load_checkpoint
+from braindecode_fw.pipeline.checkpoint import check_checkpoint_store, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +177,8 @@ def retrieval_from_checkpoint(cfg: DictConfig) -> tuple[dict[str, RetrievalResul
     extra = ckpt["braindecode_fw"]
     train_cfg = OmegaConf.create(extra["config"])
     store = cfg.store or train_cfg.dataset.store
+    check_checkpoint_store(extra, cfg.ckpt, store, allow_other_store=bool(cfg.get("allow_other_store", False)))
     dm = build_datamodule(train_cfg, Path(store))
-    if dm.store is not None and extra.get("dataset_version") not in (None, dm.store.version):
-        log.warning("evaluating on dataset version %s; the checkpoint was trained on %s",
-                    dm.store.version, extra["dataset_version"])
     decoder = build_model(train_cfg, extra["n_features"], {k: tuple(v) for k, v in extra["target_shapes"].items()})
     state = {k.removeprefix("decoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
     decoder.load_state_dict(state)

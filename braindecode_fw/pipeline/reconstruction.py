@@ -34,7 +34,7 @@ from braindecode_fw.metrics.images import as_float_images, load_images
 from braindecode_fw.models.decoder import Decoder
 from braindecode_fw.ops.loggers import build_loggers, log_image
 from braindecode_fw.pipeline.build import build_datamodule, build_model
-from braindecode_fw.pipeline.checkpoint import load_checkpoint
+from braindecode_fw.pipeline.checkpoint import check_checkpoint_store, load_checkpoint
 from braindecode_fw.pipeline.generation import (
     _grid_columns,
     _warn_other_vgg_weights,
@@ -91,6 +91,7 @@ def prepare_job(cfg: DictConfig) -> ReconstructionJob:
     if cfg.split != "test":
         raise ValueError(f"split: only the held-out 'test' split is reconstructed, got {cfg.split!r}")
     store_path = Path(cfg.store or train_cfg.dataset.store)
+    check_checkpoint_store(extra, cfg.ckpt, store_path, allow_other_store=bool(cfg.get("allow_other_store", False)))
     dm = build_datamodule(train_cfg, store_path)
     assert dm.store is not None
     decoder = build_model(train_cfg, extra["n_features"], target_shapes)  # built from the targets only

@@ -97,3 +97,25 @@ def test_ci95_default_is_mindeye2_norm_interval():
         assert abs(res.ci95(d, method="sample_sd_1.96") - 1.96 * np.std(v, ddof=1) / np.sqrt(len(v))) < 1e-12
     with pytest.raises(ValueError, match="metrics.retrieval.ci_method"):
         ci95_half_width(np.ones(3), "t")
+
+
+def test_report_states_the_candidate_count_actually_used_and_writes_strict_json(tmp_path):
+    """A test set smaller than ``subset_size`` is scored as one subset of all its images: the table
+    says 150-way, not the configured 300; NaN (a subject without an oracle) is written as null."""
+    import json
+
+    from braindecode_fw.metrics.report import format_table, retrieval_report, write_report
+
+    rng = np.random.default_rng(0)
+    small = {"s1": {"pred": rng.standard_normal((150, 8)), "target": rng.standard_normal((150, 8))}}
+    report = retrieval_report(small, subset_size=300, n_subsets=30)
+    title = format_table(report).splitlines()[0]
+    assert "150-way (all test images where fewer than subset_size=300)" in title and "one subset" in title
+    assert report["rows"][0]["chance_top1"] == 1 / 150
+    large = {"s1": {"pred": rng.standard_normal((400, 8)), "target": rng.standard_normal((400, 8))}}
+    assert "(300-way, cosine similarity, 30 random subsets)" in format_table(retrieval_report(large, subset_size=300))
+    json_path = write_report(report, tmp_path)[0]
+    text = json_path.read_text()
+    assert "NaN" not in text
+    row = json.loads(text)["rows"][0]  # strict parsers accept it
+    assert row["oracle_brain_to_image_top1"] is None

@@ -177,3 +177,38 @@ def test_evaluate_float_array_pair_skips_8bit_rounding(tmp_path):
         _evaluate([f"recon_dir={tmp_path / 'recons.txt'}", f"gt_dir={tmp_path / 'gts.pt'}", *pixel], tmp_path / "e4")
     for name in ("e1", "e2", "e3", "e4"):
         assert not (tmp_path / name / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_not_scored_on_another_store_version(tiny_train_run, tmp_path):
+    """Regenerating a world (another seed) gives the same subject names other responses: a
+    checkpoint run on it would score at chance without an error. bdf-evaluate and bdf-reconstruct
+    refuse, naming both versions and the world keys that differ; allow_other_store=true runs it
+    anyway; a store whose subjects have other feature counts is refused in any case."""
+    from tests.conftest import TINY_WORLD
+
+    _, root = tiny_train_run
+    ckpt = sorted((root / "logs" / "train" / "runs").glob("*/checkpoints/best*.ckpt"))[0]
+    trained_on = torch.load(ckpt, weights_only=True)["braindecode_fw"]["dataset_version"]
+    other = tmp_path / "other_world"
+    r = run_cli("bdf-prepare", [*TINY_WORLD, "dataset.world.seed=1", f"dataset.store={other}"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    other_version = open_store(other).version
+    assert other_version != trained_on
+    from tests.tasks.test_reconstruct import TINY_GENERATOR
+
+    for cmd, extra in (("bdf-evaluate", []), ("bdf-reconstruct", TINY_GENERATOR)):
+        r = run_cli(cmd, [f"ckpt={ckpt}", f"store={other}", *extra], tmp_path)
+        _assert_one_line_error(r)
+        assert (f"was trained on store version {trained_on}, but {other} now holds version {other_version}; "
+                f"the world config differs in dataset.world.seed") in r.stderr, r.stderr
+    r = run_cli("bdf-evaluate", [f"ckpt={ckpt}", f"store={other}", "allow_other_store=true", "plots.enabled=false"],
+                tmp_path)
+    assert r.returncode == 0, r.stderr
+    wider = tmp_path / "wider_world"
+    world = [a for a in TINY_WORLD if not a.startswith("dataset.world.voxels_per_subject=")]
+    r = run_cli("bdf-prepare", [*world, "dataset.world.voxels_per_subject=[70,90]", f"dataset.store={wider}"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("bdf-evaluate", [f"ckpt={ckpt}", f"store={wider}", "allow_other_store=true"], tmp_path)
+    _assert_one_line_error(r)
+    assert "disagree on the feature count of subj01: decoder 60, store 70" in r.stderr, r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,42 @@ def matching_store(store: Path, fingerprint: str, **provenance: Any) -> dict[str
     if prov.get("config_fingerprint") != fingerprint or any(prov.get(k) != v for k, v in provenance.items()):
         return None
     return meta
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays and builtin values only; any other class or function a pickle names
+    (what a crafted file would use to run code) is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays of strings are read")
+        return super().find_class(module, name)
+
+
+def load_string_array(path: Path) -> np.ndarray:
+    """A ``.npy`` file of strings, e.g. NSD's ``COCO_73k_annots_curated.npy`` (73000 × 5 captions,
+    saved as an object array, i.e. a pickle): plain arrays are read as they are; an object array is
+    unpickled with :class:`_ArrayOnlyUnpickler`, so nothing in the file is executed. A file that
+    needs anything else raises a ValueError naming it."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError:  # object arrays cannot be memory-mapped or read without a pickle
+        pass
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        if dtype != np.dtype(object):
+            raise ValueError(f"{path}: unreadable .npy array of dtype {dtype}")
+        try:
+            array = _ArrayOnlyUnpickler(f).load()
+        except Exception as e:  # noqa: BLE001 - unpickling errors of every kind: name the file
+            raise ValueError(f"{path}: not a plain array of strings ({type(e).__name__}: {e})") from None
+    if not isinstance(array, np.ndarray) or array.shape != tuple(shape):
+        raise ValueError(f"{path}: the pickled array does not match its header shape {tuple(shape)}")
+    if not all(isinstance(v, str | bytes) for v in array.ravel()[:1000]):
+        raise ValueError(f"{path}: expected strings, found {type(array.ravel()[0]).__name__}")
+    return array

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from braindecode_fw.data.convert.base import Converter, ConverterInputError, Written
-from braindecode_fw.data.convert.common import is_val_image
+from braindecode_fw.data.convert.common import is_val_image, load_string_array
 from braindecode_fw.data.normalization import ncsnr_from_repeats
 from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
@@ -546,9 +546,9 @@ def _load_captions(path: Path, ids: np.ndarray) -> tuple[list[str], list[list[st
     if not path.exists():
         raise NSDInputError(f"{path}: missing file (dataset.captions: COCO_73k_annots_curated.npy, (73000, 5))")
     try:
-        caps = np.load(path, mmap_mode="r")
-    except ValueError:  # object arrays cannot be memory-mapped
-        caps = np.load(path, allow_pickle=True)
+        caps = load_string_array(path)  # an object array, read without running anything in the file
+    except ValueError as e:
+        raise NSDInputError(f"dataset.captions: {e}") from None
     if caps.ndim != 2 or caps.shape[0] != N_IMAGES_73K:
         raise NSDInputError(f"{path}: shape {caps.shape}, expected ({N_IMAGES_73K}, 5) captions per 73k image")
     all_caps = [[str(c).strip() for c in caps[int(i)] if str(c).strip()] for i in ids]
