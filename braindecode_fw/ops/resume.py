@@ -102,3 +102,59 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
         elif a != b:
             out.append(f"{prefix}{key}")
     return out
+
+
+# what may differ when a run is continued in its own folder (ckpt_path=last, a requeued job): other
+# hardware, other loggers; everything else would make the continued run a different experiment under
+# the first one's name. Not even the epoch count: the learning-rate schedule's length was fixed
+# from it when the run started (a OneCycle schedule then refuses to step past its end).
+CONTINUE_MAY_CHANGE = ("trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
+                       "data.num_workers", "logger", "callbacks", "resume_with_changes")
+# what the weights and optimiser state of a checkpoint depend on (ckpt_path=<file> into a new run)
+WEIGHTS_DEPEND_ON = ("model", "target", "extra_targets", "data.subjects", "optim.optimizer._target_",
+                     "optim.weight_decay_groups")
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _value(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return "(absent)"
+        tree = tree[part]
+    return tree
+
+
+def _describe_changes(keys: list[str], old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
+    shown = [f"{k} ({_value(old, k)!r} -> {_value(new, k)!r})" for k in keys[:limit]]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(shown) + more
+
+
+def check_resume_config(checkpoint_config: dict[str, Any], config: dict[str, Any], *, resume_from: str,
+                        continued_run: Path | None, allow_changes: bool = False) -> list[str]:
+    """Compare the resolved config a checkpoint was trained with to this run's; returns the keys that
+    differ (for a warning). Continuing a run in its own folder (``continued_run``: ckpt_path=last)
+    refuses any difference outside :data:`CONTINUE_MAY_CHANGE` unless ``allow_changes``
+    (``resume_with_changes=true``), before anything is written into that run. Starting a new run
+    from a checkpoint file refuses differences in :data:`WEIGHTS_DEPEND_ON` (the weights and
+    optimiser state would not fit; ``init_from=`` copies what fits instead)."""
+    changed = config_differences(checkpoint_config, config)
+    if continued_run is not None:
+        blocking = [k for k in changed if not _under(k, CONTINUE_MAY_CHANGE)]
+        if blocking and not allow_changes:
+            raise ValueError(
+                f"ckpt_path=last: the latest run {continued_run} was started with another config: "
+                f"{_describe_changes(blocking, checkpoint_config, config)}. Continue it with its own settings "
+                f"(only {', '.join(CONTINUE_MAY_CHANGE[:-1])} may change), start a new run from its checkpoint "
+                f"with ckpt_path={resume_from}, or set resume_with_changes=true")
+    else:
+        blocking = [k for k in changed if _under(k, WEIGHTS_DEPEND_ON)]
+        if blocking:
+            raise ValueError(
+                f"ckpt_path: {resume_from} was trained with another {_describe_changes(blocking, checkpoint_config, config)}; "
+                f"its weights and optimiser state do not fit this run (init_from={resume_from} copies the "
+                f"weights that fit and starts training afresh)")
+    return changed

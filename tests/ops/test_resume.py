@@ -24,7 +24,7 @@ from braindecode_fw.ops.resume import (
 )
 from tests.conftest import TINY_MODEL, TINY_WORLD
 from tests.ops.test_loggers import OFFLINE, _csv_epochs, _scalars
-from tests.tasks.test_cli import _run
+from tests.tasks.test_cli import _assert_one_line_error, _run
 
 
 def _touch_ckpt(path: Path, mtime: float) -> Path:
@@ -140,3 +140,62 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert len(set(steps)) == 8
     assert _csv_epochs(run_dir, "val/brain_to_image_top1") == list(range(8))
     assert _scalars(run_dir, "val/brain_to_image_top1") == _scalars(full_dir, "val/brain_to_image_top1")
+
+
+def test_check_resume_config_rules():
+    from braindecode_fw.ops.resume import check_resume_config
+
+    old = {"model": {"hidden": 512}, "trainer": {"max_epochs": 2, "devices": 1}, "optim": {"optimizer": {"lr": 1e-3}}}
+    more_devices = {"model": {"hidden": 512}, "trainer": {"max_epochs": 2, "devices": 4},
+                    "optim": {"optimizer": {"lr": 1e-3}}}
+    assert check_resume_config(old, more_devices, resume_from="a.ckpt", continued_run=Path("run")) == [
+        "trainer.devices"]
+    more_epochs = {**old, "trainer": {"max_epochs": 5, "devices": 1}}  # the schedule's length was fixed by it
+    with pytest.raises(ValueError, match=r"trainer.max_epochs \(2 -> 5\)"):
+        check_resume_config(old, more_epochs, resume_from="a.ckpt", continued_run=Path("run"))
+    wider = {**more_devices, "model": {"hidden": 1024}}
+    with pytest.raises(ValueError, match=r"^ckpt_path=last: the latest run run was started with another config: "
+                                         r"model.hidden \(512 -> 1024\)\. Continue it"):
+        check_resume_config(old, wider, resume_from="a.ckpt", continued_run=Path("run"))
+    assert check_resume_config(old, wider, resume_from="a.ckpt", continued_run=Path("run"),
+                               allow_changes=True) == ["model.hidden", "trainer.devices"]
+    with pytest.raises(ValueError, match=r"^ckpt_path: a.ckpt was trained with another model.hidden \(512 -> 1024\); "
+                                         r"its weights .*\(init_from=a.ckpt copies"):
+        check_resume_config(old, wider, resume_from="a.ckpt", continued_run=None)
+    other_lr = {**old, "optim": {"optimizer": {"lr": 3e-4}}}  # a new run from a file may change the recipe
+    assert check_resume_config(old, other_lr, resume_from="a.ckpt", continued_run=None) == ["optim.optimizer.lr"]
+
+
+@pytest.mark.slow
+def test_ckpt_path_last_never_writes_into_a_run_of_another_config(tmp_path):
+    """ckpt_path=last with another model is refused before anything touches the finished run; with
+    its own settings it continues that run and files this job's own Hydra folder inside it (no
+    empty extra run folder); a truncated checkpoint file is named."""
+    from tests.conftest import run_cli
+
+    base = [*TINY_WORLD, *TINY_MODEL, "logger=csv", "reconstruction.enabled=false", "trainer.max_epochs=1"]
+    first = run_cli("bdf-train", base, tmp_path)
+    assert first.returncode == 0, first.stderr
+    runs = tmp_path / "logs" / "train" / "runs"
+    (run,) = runs.iterdir()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    other = run_cli("bdf-train", [*base, "model.hidden=48", "ckpt_path=last"], tmp_path)
+    _assert_one_line_error(other)
+    assert f"the latest run {run} was started with another config: model.hidden (32 -> 48)" in other.stderr, other.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # not a byte changed
+    assert sorted(runs.iterdir()) == [run]  # the refused job left no stub folder either
+
+    more = run_cli("bdf-train", [*base, "ckpt_path=last"], tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert sorted(runs.iterdir()) == [run]
+    (filed,) = (run / "continued").iterdir()
+    assert (filed / ".hydra" / "overrides.yaml").is_file() and any(filed.glob("*.log"))
+    assert _csv_epochs(run, "val/loss") == [0]  # finished already: nothing trained twice
+
+    cut = tmp_path / "cut.ckpt"
+    last = run / "checkpoints" / "last.ckpt"
+    cut.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    r = run_cli("bdf-train", [*base, f"ckpt_path={cut}"], tmp_path)
+    _assert_one_line_error(r)
+    assert f"ckpt_path: {cut} is not a readable checkpoint of tensors" in r.stderr, r.stderr
