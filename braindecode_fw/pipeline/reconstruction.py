@@ -180,10 +180,11 @@ def reconstruct_subject(cfg: DictConfig, job: ReconstructionJob, writer: Reconst
     return n_written
 
 
-def write_comparison_grid(cfg: DictConfig, job: ReconstructionJob, out_dir: Path) -> Path | None:
+def write_comparison_grid(cfg: DictConfig, job: ReconstructionJob, recs: Any, out_dir: Path) -> Path | None:
     """``<out>/grid.png`` (ground truth | low-level | final) of the first ``grid.n`` test images of
-    the first subject, also logged to the configured loggers; None when there is nothing to show."""
-    items = open_reconstructions(out_dir).select(job.subjects[0])[: cfg.grid.n]
+    the first subject of the reconstruction folder ``recs`` (:func:`open_reconstructions`), also
+    logged to the configured loggers; None when there is nothing to show."""
+    items = recs.select(job.subjects[0])[: cfg.grid.n]
     if not items:
         return None
     size = cfg.grid.cell
@@ -209,8 +210,9 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
     encoder = instantiate(job.train_cfg.target) if cfg.select_best and cfg.n_samples > 1 else None
     n_written = sum(reconstruct_subject(cfg, job, writer, subject, encoder) for subject in job.subjects)
     writer.flush()
-    grid_path = write_comparison_grid(cfg, job, out_dir)
-    n_items = len(open_reconstructions(out_dir).items)
+    recs = open_reconstructions(out_dir)
+    grid_path = write_comparison_grid(cfg, job, recs, out_dir)
+    n_items = len(recs.items)
     elapsed = time.perf_counter() - t_start
     summary = {"out": str(out_dir), "written": n_written, "items": n_items, "grid": str(grid_path),
                "seconds": round(elapsed, 1)}

@@ -438,6 +438,14 @@ class _Me2Plan:
     problems: list[str] = dataclasses.field(default_factory=list)  # real-release mismatches kept (validate=warn)
 
 
+def _provenance_head(converter: Any, source: str, root: Path) -> dict[str, Any]:
+    """The provenance fields both MindEye converters record first, in this order (the store version
+    hashes them): source, converter id and version, config fingerprint, root, options, input files."""
+    return {"source": source, "converter": converter.converter_id, "converter_version": CONVERTER_VERSION,
+            "config_fingerprint": converter.fingerprint(), "root": str(root), "options": converter.options,
+            "sources": converter.sources}
+
+
 class MindEye2Converter(Converter[_Me2Plan]):
     """MindEye2's preprocessed release -> prepared store, in the base's phases (convert/base.py).
 
@@ -538,10 +546,7 @@ class MindEye2Converter(Converter[_Me2Plan]):
             subjects[sid] = stats
         test_dir, val_seed, val_fraction = self.test_dir, cfg.val_seed, cfg.val_fraction
         provenance = {
-            "source": "MindEye2 preprocessed release (huggingface.co/datasets/pscotti/mindeyev2)",
-            "converter": self.converter_id, "converter_version": CONVERTER_VERSION,
-            "config_fingerprint": self.fingerprint(),
-            "root": str(root), "options": self.options, "sources": self.sources,
+            **_provenance_head(self, "MindEye2 preprocessed release (huggingface.co/datasets/pscotti/mindeyev2)", root),
             "normalisation": "mindeye2_renorm",
             "normalisation_detail": "betas_all_subjXX_fp32_renorm.hdf5 copied bit-exact: MindEye2 re-normalised "
                                     "every voxel with statistics of the training trials only; not re-normalised here",
@@ -856,10 +861,7 @@ class MindEye1AvgConverter(Converter[_Me1Plan]):
             subjects[sid] = stats
         zscore_at_load = bool(cfg.zscore_at_load)
         provenance = {
-            "source": "MindEye1 webdataset_avg_split (as consumed by MindBridge)",
-            "converter": self.converter_id, "converter_version": CONVERTER_VERSION,
-            "config_fingerprint": self.fingerprint(),
-            "root": str(root), "options": self.options, "sources": self.sources,
+            **_provenance_head(self, "MindEye1 webdataset_avg_split (as consumed by MindBridge)", root),
             "normalisation": "mindeye1_unknown",
             "normalisation_detail": "nsdgeneral.npy copied as released; MindEye1's normalisation is not "
                                     "documented (docs/datasets/mindeye.md); MindBridge feeds it without scaling",
