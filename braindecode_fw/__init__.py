@@ -1,5 +1,7 @@
 """braindecode_fw: decoding what a person saw from fMRI and MEG recordings."""
 
+from braindecode_fw.errors import ConfigError
+
 __version__ = "0.1.0"
 
 
@@ -11,10 +13,10 @@ def run_dir_of_checkpoint(_root_) -> str:
 
     ckpt = _root_.get("ckpt")
     if not ckpt:
-        raise ValueError("${bdf_run_dir:} names the run of the top-level `ckpt`, which this config does not set")
+        raise ConfigError("${bdf_run_dir:} names the run of the top-level `ckpt`, which this config does not set")
     path = Path(str(ckpt))
     if path.parent.name != "checkpoints":
-        raise ValueError(f"${{bdf_run_dir:}}: ckpt={ckpt} is not a bdf-train checkpoint (<run dir>/checkpoints/<name>.ckpt)")
+        raise ConfigError(f"${{bdf_run_dir:}}: ckpt={ckpt} is not a bdf-train checkpoint (<run dir>/checkpoints/<name>.ckpt)")
     return str(path.parent.parent)
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from braindecode_fw.errors import ConfigError
+
 #: The shipped config tree; inside the package so that a wheel carries it (pyproject package-data).
 CONF_DIR = Path(os.environ.get("BDF_CONFIG_DIR", Path(__file__).resolve().parent / "conf"))
 
@@ -30,10 +32,6 @@ log = logging.getLogger("braindecode_fw")
 if not OmegaConf.has_resolver("bdf_uid"):
     # one random id per process: unique run directories even for jobs started in the same second
     OmegaConf.register_new_resolver("bdf_uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key."""
 
 
 def _one_line(text: str) -> str:

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from braindecode_fw.errors import ConfigError, MissingFileError
+
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` so that readers see the old file or the complete new one."""
@@ -86,9 +88,9 @@ def load_tensors(path: str | Path, what: str, **kwargs: Any) -> Any:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: no file at {path}")
+        raise MissingFileError(f"{what}: no file at {path}")
     try:
         return torch.load(path, map_location=kwargs.pop("map_location", "cpu"), weights_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{what}: {path} is not a readable checkpoint of tensors ({type(e).__name__}: {first})") from None
+        raise ConfigError(f"{what}: {path} is not a readable checkpoint of tensors ({type(e).__name__}: {first})") from None

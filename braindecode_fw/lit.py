@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from braindecode_fw.contracts import Batch
+from braindecode_fw.errors import ConfigError, UnknownNameError, UserError
 from braindecode_fw.metrics.retrieval import DIRECTIONS, retrieval_accuracy
 from braindecode_fw.models.decoder import Decoder
 from braindecode_fw.objectives import Objective, PairObjective
@@ -25,7 +26,7 @@ from braindecode_fw.objectives import Objective, PairObjective
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN/Inf; the message names the batch (subjects, image indices)."""
 
 
@@ -57,7 +58,7 @@ class DecoderModule(L.LightningModule):
     ):
         super().__init__()
         if weight_decay_groups not in WEIGHT_DECAY_RULES:
-            raise ValueError(f"optim.weight_decay_groups: one of {list(WEIGHT_DECAY_RULES)}, got "
+            raise ConfigError(f"optim.weight_decay_groups: one of {list(WEIGHT_DECAY_RULES)}, got "
                              f"{weight_decay_groups!r}")
         self.weight_decay_groups = weight_decay_groups
         self.scale_lr_by_devices = scale_lr_by_devices
@@ -209,7 +210,7 @@ def weight_decay_groups(module: nn.Module, rule: str = "adapters_and_matrices",
     by ``rule`` (one of :data:`WEIGHT_DECAY_RULES`); parameters named ``adapter_prefix...`` are the
     subject adapters."""
     if rule not in WEIGHT_DECAY_RULES:
-        raise ValueError(f"optim.weight_decay_groups: one of {list(WEIGHT_DECAY_RULES)}, got {rule!r}")
+        raise ConfigError(f"optim.weight_decay_groups: one of {list(WEIGHT_DECAY_RULES)}, got {rule!r}")
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -284,13 +285,13 @@ def predict(decoder: Decoder, batches: Iterable[Batch], target: str,
         out = decoder(batch.responses.to(device), batch.subject, mask)
         missing = [n for n in (target, *outputs) if n not in out]
         if missing:
-            raise KeyError(f"decoder outputs {sorted(out)}; requested {missing}")
+            raise UnknownNameError(f"decoder outputs {sorted(out)}; requested {missing}")
         pred = out[target].float().cpu()
         extra = {n: out[n].float().cpu() for n in outputs}
         for name, fn in derived.items():
             value = fn(out, batch)
             if value.shape[0] != len(batch):
-                raise ValueError(f"predict: derived output {name!r} has {value.shape[0]} rows for a batch of "
+                raise ConfigError(f"predict: derived output {name!r} has {value.shape[0]} rows for a batch of "
                                  f"{len(batch)}")
             extra[name] = value.float().cpu()
         del out  # the decoder outputs the derived ones were computed from go here, per batch

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.errors import ConfigError
+
 
 def _flat_normalised(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.reshape(len(x), -1).float(), dim=-1)
@@ -30,7 +32,7 @@ class SoftCLIPLoss(nn.Module):
     def __init__(self, temperature: float = 0.006):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+            raise ConfigError(f"loss.temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,7 @@ class InfoNCELoss(nn.Module):
     def __init__(self, temperature: float = 0.05, learn_temperature: bool = False):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+            raise ConfigError(f"loss.temperature must be > 0, got {temperature}")
         scale = torch.tensor(math.log(1.0 / temperature))
         self.log_scale = nn.Parameter(scale) if learn_temperature else nn.Buffer(scale)
 
@@ -170,11 +172,11 @@ def sample_scale_tokens(scale_sizes: list[int], per_scale: list[int], generator:
     ``(S,)``, the scale of each column (the same for every row).
     """
     if len(scale_sizes) != len(per_scale):
-        raise ValueError(f"loss.per_scale: one count per scale ({len(scale_sizes)} scales), got {list(per_scale)}")
+        raise ConfigError(f"loss.per_scale: one count per scale ({len(scale_sizes)} scales), got {list(per_scale)}")
     too_many = [(i, k, n) for i, (k, n) in enumerate(zip(per_scale, scale_sizes, strict=True)) if not 0 < k <= n]
     if too_many:
         i, k, n = too_many[0]
-        raise ValueError(f"loss.per_scale: scale {i} has {n} tokens, cannot sample {k} without replacement "
+        raise ConfigError(f"loss.per_scale: scale {i} has {n} tokens, cannot sample {k} without replacement "
                          f"(per_scale {list(per_scale)}, scale sizes {list(scale_sizes)})")
     offsets = [sum(scale_sizes[:i]) for i in range(len(scale_sizes))]
 
@@ -198,10 +200,10 @@ def multiscale_infonce(pred: torch.Tensor, target: torch.Tensor, scale_of_token:
     ``(B·S_i)²`` logit matrix per scale (32768² at batch 64 and 512 tokens).
     """
     if pred.shape != target.shape or pred.ndim != 3:
-        raise ValueError(f"multiscale_infonce: pred and target must both be (B, S, D), got {tuple(pred.shape)} "
+        raise ConfigError(f"multiscale_infonce: pred and target must both be (B, S, D), got {tuple(pred.shape)} "
                          f"and {tuple(target.shape)}")
     if scale_of_token.shape != (pred.shape[1],):
-        raise ValueError(f"multiscale_infonce: scale_of_token must be ({pred.shape[1]},), one scale per sampled "
+        raise ConfigError(f"multiscale_infonce: scale_of_token must be ({pred.shape[1]},), one scale per sampled "
                          f"token, got {tuple(scale_of_token.shape)}")
     scale_of_token = scale_of_token.to(pred.device)
     losses = []
@@ -233,7 +235,7 @@ class ClipMSELoss(nn.Module):
                  symmetric: bool = True):
         super().__init__()
         if not 0.0 <= lambda_clip <= 1.0:
-            raise ValueError(f"loss.lambda_clip must be in [0, 1], got {lambda_clip}")
+            raise ConfigError(f"loss.lambda_clip must be in [0, 1], got {lambda_clip}")
         self.lambda_clip, self.symmetric = lambda_clip, symmetric
         t = torch.tensor(float(init_log_scale))
         self.log_scale = nn.Parameter(t) if learn_scale else nn.Buffer(t)

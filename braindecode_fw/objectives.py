@@ -33,6 +33,7 @@ from braindecode_fw.contracts import (
     is_aux_loss,
     regression_key,
 )
+from braindecode_fw.errors import ConfigError, UnknownNameError
 from braindecode_fw.losses import (
     ClipMSELoss,
     bimixco_loss,
@@ -147,11 +148,11 @@ class PairTermKind(TermKind):
     def value(self, name, term, ctx):
         out, targets = ctx.outputs, ctx.targets
         if term.output not in out:
-            raise KeyError(f"loss.terms.{name}: the decoder has no output {term.output!r}; it provides "
+            raise UnknownNameError(f"loss.terms.{name}: the decoder has no output {term.output!r}; it provides "
                            f"{sorted(k for k in out if not is_aux_loss(k))} (drop the term with "
                            f"loss.terms.{name}=null, or train the target that head needs)")
         if term.target not in targets:
-            raise KeyError(f"loss.terms.{name}: no target {term.target!r} in the batch; the run trains "
+            raise UnknownNameError(f"loss.terms.{name}: no target {term.target!r} in the batch; the run trains "
                            f"{sorted(targets)} (add it under extra_targets)")
         pred, y = out[term.output].float(), self.select_target(targets[term.target].float(), name, term, ctx)
         if term.output_index is not None:
@@ -234,7 +235,7 @@ class MultiscaleInfoNCEKind(PairTermKind):
     def sampled(out: Mapping[str, torch.Tensor], output: str, term: str, suffix: str) -> torch.Tensor:
         key = output + suffix
         if key not in out:
-            raise KeyError(f"loss.terms.{term}: a multiscale_infonce term needs the decoder's sampled queries "
+            raise UnknownNameError(f"loss.terms.{term}: a multiscale_infonce term needs the decoder's sampled queries "
                            f"{output + SAMPLED_INDEX_SUFFIX!r} and {output + SAMPLED_SCALE_SUFFIX!r} (model=brainit "
                            f"with token_sampling on the branch of {output!r})")
         return out[key]
@@ -255,7 +256,7 @@ class AuxKind(TermKind):
             return ctx.outputs[key]
         if not ctx.training:
             return None
-        raise KeyError(f"loss.terms.{name}: the decoder has no auxiliary output {key!r}; "
+        raise UnknownNameError(f"loss.terms.{name}: the decoder has no auxiliary output {key!r}; "
                        f"it provides {sorted(k for k in ctx.outputs if is_aux_loss(k))}")
 
 
@@ -266,7 +267,7 @@ def register_term_kind(kind: TermKind) -> TermKind:
     """Make ``kind`` available as ``loss.terms.<name>.kind: <kind.name>`` (a lab's own term kind);
     refuses a name already taken."""
     if kind.name in TERM_KINDS:
-        raise ValueError(f"term kind {kind.name!r} is already registered ({type(TERM_KINDS[kind.name]).__name__})")
+        raise ConfigError(f"term kind {kind.name!r} is already registered ({type(TERM_KINDS[kind.name]).__name__})")
     TERM_KINDS[kind.name] = kind
     return kind
 
@@ -316,22 +317,22 @@ class TermsObjective(Objective):
                 continue
             term = Term(**dict(spec))
             if term.kind not in TERM_KINDS:
-                raise ValueError(f"loss.terms.{name}.kind: one of {tuple(TERM_KINDS)}, got {term.kind!r}")
+                raise ConfigError(f"loss.terms.{name}.kind: one of {tuple(TERM_KINDS)}, got {term.kind!r}")
             if TERM_KINDS[term.kind].needs_pair and (term.output is None or term.target is None):
-                raise ValueError(f"loss.terms.{name}: a {term.kind} term needs `output` and `target`")
+                raise ConfigError(f"loss.terms.{name}: a {term.kind} term needs `output` and `target`")
             self.terms[name] = term
         if not self.terms:
-            raise ValueError("loss.terms: no terms configured")
+            raise ConfigError("loss.terms: no terms configured")
         self.softclip = dict(softclip or {"temperature": 0.005})
         if "temperature" not in self.softclip and not {"start", "end"} <= set(self.softclip):
-            raise ValueError("loss.softclip: give `temperature`, or `start` and `end` for the cosine schedule")
+            raise ConfigError("loss.softclip: give `temperature`, or `start` and `end` for the cosine schedule")
         self.mixco = dict(mixco) if mixco else None
         # a term set to null leaves its group; a group left empty goes
         self.groups = [g for g in ([n for n in group if n not in dropped] for group in (random_weighting or [])) if g]
         grouped = [n for g in self.groups for n in g]
         unknown = sorted(set(grouped) - set(self.terms))
         if unknown or len(grouped) != len(set(grouped)):
-            raise ValueError(f"loss.random_weighting: every name once and among the terms {sorted(self.terms)}; "
+            raise ConfigError(f"loss.random_weighting: every name once and among the terms {sorted(self.terms)}; "
                              f"got {self.groups}")
         self.input_noise = float(input_noise)
         self.generator = torch.Generator().manual_seed(seed)
@@ -349,7 +350,7 @@ class TermsObjective(Objective):
             return []
         names = [spec] if isinstance(spec, str) else list(spec)
         if not all(isinstance(n, str) for n in names):
-            raise ValueError(f"loss.mixco.mix_regression_targets: true, false or a list of target names, got {spec!r}")
+            raise ConfigError(f"loss.mixco.mix_regression_targets: true, false or a list of target names, got {spec!r}")
         # a named target whose term a recipe switched off (e.g. `loss.terms.blur: null`) is skipped
         return [n for n in names if n in read]
 
@@ -438,7 +439,7 @@ class ClipMSEObjective(Objective):
         out = decoder(batch.responses, batch.subject, batch.repeat_mask)
         names = self.targets or [k for k in out if k in batch.targets]
         if not names:
-            raise KeyError(f"loss: no decoder output matches a batch target; outputs {sorted(out)}, "
+            raise UnknownNameError(f"loss: no decoder output matches a batch target; outputs {sorted(out)}, "
                            f"targets {sorted(batch.targets)}")
         lam = self.loss.lambda_clip
         total = batch.responses.new_zeros((), dtype=torch.float32)
@@ -446,7 +447,7 @@ class ClipMSEObjective(Objective):
         for name in names:
             suffix = f"/{name}" if len(names) > 1 else ""
             if name not in out or name not in batch.targets:
-                raise KeyError(f"loss.targets: {name!r} needs a decoder output and a batch target of that name; "
+                raise UnknownNameError(f"loss.targets: {name!r} needs a decoder output and a batch target of that name; "
                                f"outputs {sorted(out)}, targets {sorted(batch.targets)}")
             y = batch.targets[name]
             if lam > 0:
@@ -460,7 +461,7 @@ class ClipMSEObjective(Objective):
             if lam < 1:
                 key = regression_key(name)
                 if key not in out:
-                    raise KeyError(f"loss.lambda_clip={lam} needs the regression output {key!r}; the decoder has "
+                    raise UnknownNameError(f"loss.lambda_clip={lam} needs the regression output {key!r}; the decoder has "
                                    f"{sorted(out)} (set model.regression_heads=true, or loss.lambda_clip=1)")
                 mse = F.mse_loss(out[key].float(), y.float())
                 parts["mse" + suffix] = mse.detach()

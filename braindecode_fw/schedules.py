@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from braindecode_fw.errors import ConfigError
+
 
 class WarmupPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
     """Cubic warm-up over epochs, then reduce-on-plateau. ``step(metric)`` once per epoch."""
@@ -28,7 +30,7 @@ class WarmupPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
         super().__init__(optimizer, mode=mode, factor=factor, patience=patience, threshold=threshold,
                          threshold_mode=threshold_mode, min_lr=min_lr)
         if warmup_from not in (0, 1):
-            raise ValueError(f"optim.scheduler.warmup_from: 0 or 1 (Brain-IT's loop), got {warmup_from!r}")
+            raise ConfigError(f"optim.scheduler.warmup_from: 0 or 1 (Brain-IT's loop), got {warmup_from!r}")
         self.warmup_epochs, self.floor, self.monitor = int(warmup_epochs), float(floor), monitor
         self.warmup_from = int(warmup_from) if self.warmup_epochs else 0
         self.target_lrs = [g["lr"] for g in optimizer.param_groups]

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from braindecode_fw.errors import ConfigError, UnknownNameError
+
 T = TypeVar("T")
 CONF_ROOT = Path(__file__).resolve().parent / "conf"
 
@@ -88,7 +90,7 @@ def yaml_section(relpath: str, section: str | None = None) -> dict[str, Any]:
     node: Any = _load_yaml(relpath)
     for part in (section.split(".") if section else []):
         if not isinstance(node, dict) or part not in node:
-            raise KeyError(f"braindecode_fw/conf/{relpath}: no section {section!r}")
+            raise UnknownNameError(f"braindecode_fw/conf/{relpath}: no section {section!r}")
         node = node[part]
     return _no_interpolation(copy.deepcopy(node))
 
@@ -182,14 +184,14 @@ def _check_range(value: Any, bounds: Mapping[str, float], key: str, expected: st
                      f"< {bounds['lt']}" if "lt" in bounds else "", f"<= {bounds['max']}" if "max" in bounds else ""]
             rng = " and ".join(p for p in parts if p)
             what = "every item" if isinstance(value, (list, tuple)) else expected
-            raise ValueError(f"{key}: expected {what} {rng}, got {value!r}")
+            raise ConfigError(f"{key}: expected {what} {rng}, got {value!r}")
 
 
 def check_keys(cls: type, mapping: Mapping[str, Any], message: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(mapping) - known)
     if unknown:
-        raise ValueError(f"{message} {unknown}; known keys: {sorted(known)}")
+        raise ConfigError(f"{message} {unknown}; known keys: {sorted(known)}")
 
 
 def _build_nested(sub_cls: type, value: Any, default: Any, key: str) -> Any:
@@ -197,7 +199,7 @@ def _build_nested(sub_cls: type, value: Any, default: Any, key: str) -> Any:
     if isinstance(value, sub_cls):
         return value
     if not isinstance(value, Mapping):
-        raise ValueError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(sub_cls))}, "
+        raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(sub_cls))}, "
                          f"got {value!r}")
     check_keys(sub_cls, value, f"{key}: unknown key(s)")
     merged = {**(default if isinstance(default, Mapping) else {}), **value}
@@ -228,7 +230,7 @@ def check_fields(obj: Any, key: str, defaults: Mapping[str, Any] | None = None) 
             try:
                 value = _check_value(value, tp, full)
             except _Mismatch:
-                raise ValueError(f"{full}: expected {_describe(tp)}, got {value!r}") from None
+                raise ConfigError(f"{full}: expected {_describe(tp)}, got {value!r}") from None
             if f.metadata:
                 _check_range(value, f.metadata, full, _describe(tp).split(" or ")[0])
         object.__setattr__(obj, f.name, value)
@@ -261,7 +263,7 @@ def config_dataclass(source: str, section: str | None = None, *, key: str,
             for f in dataclasses.fields(self):
                 if getattr(self, f.name) is FROM_YAML:
                     if f.name not in values:
-                        raise KeyError(f"{key}.{f.name}: no default in braindecode_fw/conf/{source}")
+                        raise UnknownNameError(f"{key}.{f.name}: no default in braindecode_fw/conf/{source}")
                     object.__setattr__(self, f.name, values[f.name])
             check_fields(self, key, values)
             if own_post_init is not None:
@@ -332,5 +334,5 @@ def check_core(cfg: Any) -> None:
         try:
             _check_value(value, tp, key)
         except _Mismatch:
-            raise ValueError(f"{key}: expected {expected}, got {value!r}") from None
+            raise ConfigError(f"{key}: expected {expected}, got {value!r}") from None
         _check_range(value, bounds, key, expected)

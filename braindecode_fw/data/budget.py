@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from braindecode_fw.data.store import TrialTable
+from braindecode_fw.errors import DataError
 
 UNITS = ("sessions", "minutes", "trials")
 
@@ -38,17 +39,17 @@ class Budget:
         given = {k: v for k, v in dict(spec).items() if v is not None}
         unknown = sorted(set(given) - set(UNITS))
         if unknown:
-            raise ValueError(f"{key}: unknown budget field(s) {unknown}; use one of {list(UNITS)}")
+            raise DataError(f"{key}: unknown budget field(s) {unknown}; use one of {list(UNITS)}")
         if len(given) != 1:
-            raise ValueError(f"{key}: give exactly one of {list(UNITS)}, got {given or 'none'}")
+            raise DataError(f"{key}: give exactly one of {list(UNITS)}, got {given or 'none'}")
         (unit, amount), = given.items()
         try:
             amount = float(amount)
         except (TypeError, ValueError):
-            raise ValueError(f"{key}.{unit}: a number, got {amount!r}") from None
+            raise DataError(f"{key}.{unit}: a number, got {amount!r}") from None
         if amount <= 0 or (unit != "minutes" and amount != int(amount)):
             kind = "a positive number" if unit == "minutes" else "a positive whole number"
-            raise ValueError(f"{key}.{unit}: {kind}, got {amount:g}")
+            raise DataError(f"{key}.{unit}: {kind}, got {amount:g}")
         return cls(unit, amount)
 
     def describe(self) -> str:
@@ -78,5 +79,5 @@ def budget_mask(trials: TrialTable, budget: Budget, trial_seconds: float = 4.0) 
         inside = np.zeros(len(trials), dtype=bool)
         inside[order[:cutoff]] = True
     if not np.any(inside & (trials.split == "train")):
-        raise ValueError(f"budget {budget.describe()} selects no training trial")
+        raise DataError(f"budget {budget.describe()} selects no training trial")
     return inside

@@ -33,6 +33,7 @@ from braindecode_fw.contracts import Batch  # re-exported: the batch contract li
 from braindecode_fw.data.budget import Budget, budget_mask, chronological_order
 from braindecode_fw.data.normalization import SessionStats, fit_session_stats
 from braindecode_fw.data.store import PreparedStore, open_store
+from braindecode_fw.errors import DataError, UnknownNameError
 from braindecode_fw.targets.cache import load_or_compute_targets
 from braindecode_fw.targets.encoders import TargetEncoder
 
@@ -118,7 +119,7 @@ class TrialDataset(torch.utils.data.Dataset):
         shapes = [self.readers[p].array.shape[1:] for p in np.unique(pos)]
         rest = {s[1:] for s in shapes}
         if len(rest) > 1:
-            raise ValueError(f"subjects {[self.subjects[p] for p in np.unique(pos)]} have responses of different "
+            raise DataError(f"subjects {[self.subjects[p] for p in np.unique(pos)]} have responses of different "
                              f"shapes {shapes}: only the first (feature/sensor) axis may differ")
         return (max(s[0] for s in shapes), *rest.pop())
 
@@ -208,7 +209,7 @@ class SubjectBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __init__(self, groups: list[np.ndarray], batch_size: int, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0):
         if batch_size < len(groups):
-            raise ValueError(f"data.batch_size={batch_size} must be >= the number of subjects ({len(groups)})")
+            raise DataError(f"data.batch_size={batch_size} must be >= the number of subjects ({len(groups)})")
         self.groups = [np.asarray(g) for g in groups]
         self.batch_size, self.seed = batch_size, seed
         self.num_replicas, self.rank = num_replicas, rank
@@ -272,16 +273,16 @@ class BrainDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if zscore not in ZSCORE_MODES:
-            raise ValueError(f"data.zscore must be true, false or auto, got {zscore!r}")
+            raise DataError(f"data.zscore must be true, false or auto, got {zscore!r}")
         if repeat_averaging not in REPEAT_AVERAGING:
-            raise ValueError(f"data.repeat_averaging must be one of {REPEAT_AVERAGING}, got {repeat_averaging!r}")
+            raise DataError(f"data.repeat_averaging must be one of {REPEAT_AVERAGING}, got {repeat_averaging!r}")
         self.store_path = Path(store)
         self.target_encoder = target_encoder
         self.extra_target_encoders = list(extra_target_encoders or [])
         names = [e.feature_name for e in ([target_encoder] if target_encoder else []) + self.extra_target_encoders]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"extra_targets: feature name(s) {duplicates} appear twice; every target needs its own")
+            raise DataError(f"extra_targets: feature name(s) {duplicates} appear twice; every target needs its own")
         self.requested_subjects = list(subjects) if subjects is not None else None
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.zscore_setting = num_workers, zscore
@@ -314,7 +315,7 @@ class BrainDataModule(L.LightningDataModule):
         subjects = self.requested_subjects or available
         unknown = [s for s in subjects if s not in available]
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"data.subjects: unknown subject(s) {unknown}; the store {self.store_path} has {available}"
             )
         self.subjects = subjects
@@ -322,13 +323,13 @@ class BrainDataModule(L.LightningDataModule):
                            ("data.eval_subjects", self.eval_subjects or [])):
             stray = [s for s in names if s not in subjects]
             if stray:
-                raise ValueError(f"{key}: subject(s) {stray} are not among the data's subjects {subjects}")
+                raise DataError(f"{key}: subject(s) {stray} are not among the data's subjects {subjects}")
         self.budget_masks = {}
         for s, budget in self.train_budget.items():
             try:
                 self.budget_masks[s] = budget_mask(self.store.subjects[s].trials, budget, self.trial_seconds)
             except ValueError as err:
-                raise ValueError(f"data.train_budget.{s}: {err}") from None
+                raise DataError(f"data.train_budget.{s}: {err}") from None
         self.readers: list[_SubjectReader] = []
         self.stats: dict[str, SessionStats] = {}
         for s in subjects:
@@ -360,15 +361,15 @@ class BrainDataModule(L.LightningDataModule):
         names = [e.feature_name for e in encoders]
         unknown = sorted(set(self.online_targets) - set(names))
         if unknown:
-            raise ValueError(f"data.online_targets: {unknown} are not targets of this run; its targets are {names} "
+            raise DataError(f"data.online_targets: {unknown} are not targets of this run; its targets are {names} "
                              f"(target.feature_name and extra_targets.*.feature_name)")
         if self.target_encoder is not None and self.target_encoder.feature_name in self.online_targets:
-            raise ValueError(f"data.online_targets: the primary target {self.target_encoder.feature_name!r} is "
+            raise DataError(f"data.online_targets: the primary target {self.target_encoder.feature_name!r} is "
                              f"scored by retrieval against stored targets, so it must be cached; put only "
                              f"extra_targets online")
         for e in encoders:
             if e.feature_name in self.online_targets and not hasattr(e, "encode_on_device"):
-                raise ValueError(f"data.online_targets: {e.feature_name!r} ({type(e).__name__}) is not an image "
+                raise DataError(f"data.online_targets: {e.feature_name!r} ({type(e).__name__}) is not an image "
                                  f"encoder; only image targets can be computed online")
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
@@ -379,7 +380,7 @@ class BrainDataModule(L.LightningDataModule):
         """``batch.targets[name]`` for every online target, encoded from ``batch.images`` on their device."""
         if self.online_encoders:
             if batch.images is None:
-                raise ValueError(f"data.online_targets {sorted(self.online_encoders)}: the batch carries no images")
+                raise DataError(f"data.online_targets {sorted(self.online_encoders)}: the batch carries no images")
             for name, encoder in self.online_encoders.items():
                 batch.targets[name] = encoder.encode_on_device(batch.images)
         return batch
@@ -390,7 +391,7 @@ class BrainDataModule(L.LightningDataModule):
 
     def _require_stored(self, name: str, what: str) -> None:
         if name in self.online_encoders:
-            raise ValueError(f"{what}: target {name!r} is computed online (data.online_targets), not stored; "
+            raise DataError(f"{what}: target {name!r} is computed online (data.online_targets), not stored; "
                              f"remove it from data.online_targets to cache it")
 
     @property
@@ -448,7 +449,7 @@ class BrainDataModule(L.LightningDataModule):
         ds, groups = self._trial_dataset(split)
         kept = self.split_subjects(split)
         if subject not in kept:
-            raise KeyError(f"subject {subject!r} has no {split} trials here; subjects {kept}")
+            raise UnknownNameError(f"subject {subject!r} has no {split} trials here; subjects {kept}")
         index = groups[kept.index(subject)]
         if limit is not None and len(index) > limit:
             index = np.sort(np.random.default_rng(seed).choice(index, limit, replace=False))
@@ -461,7 +462,7 @@ class BrainDataModule(L.LightningDataModule):
         assert self.store is not None, "call setup() first"
         self._require_stored(name, "target_statistics")
         if name not in self.targets:
-            raise KeyError(f"no target {name!r}; the run has {sorted(self.targets)}")
+            raise UnknownNameError(f"no target {name!r}; the run has {sorted(self.targets)}")
         images = np.unique(np.concatenate([self.store.subjects[s].trials.image_index[
             self.store.subjects[s].trials.split == split] for s in self.subjects]))
         values = np.asarray(self.targets[name][images], dtype=np.float64)
@@ -538,7 +539,7 @@ class BrainDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         ds, _ = self._trial_dataset("val")
         if len(ds) == 0 and self.budget_masks:
-            raise ValueError(f"data.train_budget: the budgets {self.describe_budgets()} leave no validation trial, "
+            raise DataError(f"data.train_budget: the budgets {self.describe_budgets()} leave no validation trial, "
                              f"so model selection would read the test split; give a larger budget")
         if len(ds) == 0:  # no validation split: validate on the test repetitions
             return self._eval_loader(self.repeated_dataset("test"))

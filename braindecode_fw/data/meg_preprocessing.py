@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from braindecode_fw.errors import DataError
+
 
 def baseline_correct(epochs: np.ndarray, times: np.ndarray, window: tuple[float | None, float] = (None, 0.0)) -> np.ndarray:
     """Subtract each channel's mean over ``window`` (seconds; ``None`` = first sample), per epoch.
@@ -23,7 +25,7 @@ def baseline_correct(epochs: np.ndarray, times: np.ndarray, window: tuple[float 
     lo = times[0] if window[0] is None else window[0]
     sel = (times >= lo - 1e-9) & (times <= window[1] + 1e-9)
     if not sel.any():
-        raise ValueError(f"baseline window {window} s contains no sample of the epoch ({times[0]:.3f}..{times[-1]:.3f} s)")
+        raise DataError(f"baseline window {window} s contains no sample of the epoch ({times[0]:.3f}..{times[-1]:.3f} s)")
     x = np.asarray(epochs)
     return x - x[..., sel].mean(axis=-1, keepdims=True)
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from braindecode_fw.errors import DataError, UnknownNameError
+
 _CHUNK_ROWS = 2048
 
 
@@ -29,7 +31,7 @@ class SessionStats:
     def row_of(self, session: np.ndarray) -> np.ndarray:
         pos = np.searchsorted(self.sessions, session)
         if np.any(pos >= len(self.sessions)) or np.any(self.sessions[np.minimum(pos, len(self.sessions) - 1)] != session):
-            raise KeyError(f"session(s) {np.setdiff1d(session, self.sessions)} have no statistics")
+            raise UnknownNameError(f"session(s) {np.setdiff1d(session, self.sessions)} have no statistics")
         return pos
 
     def apply(self, responses: np.ndarray, session: np.ndarray) -> np.ndarray:
@@ -70,7 +72,7 @@ def fit_session_stats(
     session = np.asarray(session)
     train_mask = np.asarray(train_mask, dtype=bool)
     if not train_mask.any():
-        raise ValueError("no training trials: cannot fit normalisation statistics")
+        raise DataError("no training trials: cannot fit normalisation statistics")
     labels = np.unique(session)
     feat_shape = responses.shape[1:]
     mean = np.zeros((len(labels), *feat_shape), dtype=np.float32)
@@ -113,7 +115,7 @@ def ncsnr_from_repeats(responses: np.ndarray) -> np.ndarray:
     """
     r = np.asarray(responses, dtype=np.float64)
     if r.ndim != 3 or r.shape[1] < 2:
-        raise ValueError(f"expected (n_images, n_repeats>=2, n_voxels), got {r.shape}")
+        raise DataError(f"expected (n_images, n_repeats>=2, n_voxels), got {r.shape}")
     noise_var = r.var(axis=1, ddof=1).mean(axis=0)
     total_var = r.reshape(-1, r.shape[-1]).var(axis=0)
     signal_var = np.maximum(total_var - noise_var, 0.0)

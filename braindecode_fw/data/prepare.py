@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from braindecode_fw.errors import DataError, MissingFileError
+
 log = logging.getLogger(__name__)
 
 # dataset.kind -> "module:function" converting ``dataset_cfg`` into ``dataset_cfg.store``; each returns
@@ -81,15 +83,15 @@ def _converter(spec: str) -> Any:
 
     module, sep, name = str(spec).partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"dataset.converter: expected 'package.module:function', got {spec!r}")
+        raise DataError(f"dataset.converter: expected 'package.module:function', got {spec!r}")
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise ValueError(f"dataset.converter: cannot import {module!r} ({e}); is its folder on PYTHONPATH "
+        raise DataError(f"dataset.converter: cannot import {module!r} ({e}); is its folder on PYTHONPATH "
                          f"or the package installed?") from None
     fn = getattr(mod, name, None)
     if not callable(fn):
-        raise ValueError(f"dataset.converter: {module!r} has no function {name!r}")
+        raise DataError(f"dataset.converter: {module!r} has no function {name!r}")
     return _converter_function(fn)
 
 
@@ -106,7 +108,7 @@ def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any
     if dataset_cfg.get("converter"):
         summary = _converter(dataset_cfg.converter)(dataset_cfg)
         if not isinstance(summary, dict):
-            raise ValueError(f"dataset.converter: {dataset_cfg.converter} returned {type(summary).__name__}, "
+            raise DataError(f"dataset.converter: {dataset_cfg.converter} returned {type(summary).__name__}, "
                              f"expected a summary dict (with a 'report' line to print)")
         return summary
     kind = dataset_cfg.get("kind")
@@ -121,7 +123,7 @@ def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any
     found = _module_converter(kind)
     if found is not None:
         return found(dataset_cfg)
-    raise ValueError(f"dataset.kind: no preparer for {kind!r}; available: {list(PREPARERS)} (or set "
+    raise DataError(f"dataset.kind: no preparer for {kind!r}; available: {list(PREPARERS)} (or set "
                      f"dataset.converter: 'package.module:function' for a converter of your own)")
 
 
@@ -151,7 +153,7 @@ def ensure_store(dataset_cfg: DictConfig) -> Path:
         return store
     hint = f"run `bdf-prepare dataset={dataset_cfg.name}`" if generated else \
         f"run `bdf-prepare dataset={dataset_cfg.name} dataset.root=<raw data root>`"
-    raise FileNotFoundError(f"dataset.store: prepared store not found at {store}; {hint}")
+    raise MissingFileError(f"dataset.store: prepared store not found at {store}; {hint}")
 
 
 def describe(summary: dict[str, Any]) -> str:

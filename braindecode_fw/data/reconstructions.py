@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from braindecode_fw.errors import DataError, MissingFileError
 from braindecode_fw.io import atomic_write_json
 
 FORMAT = "bdf-reconstructions"
@@ -46,7 +47,7 @@ def _save_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"{path}: expected a uint8 (h, w, 3) image, got {image.dtype} {image.shape}")
+        raise DataError(f"{path}: expected a uint8 (h, w, 3) image, got {image.dtype} {image.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(image).save(tmp, format="PNG")
@@ -69,7 +70,7 @@ class ReconstructionWriter:
         if manifest.exists():
             previous = open_reconstructions(self.root)
             if previous.meta.get("dataset_version") != dataset_version:
-                raise ValueError(f"{manifest}: written for dataset version {previous.meta.get('dataset_version')}, "
+                raise DataError(f"{manifest}: written for dataset version {previous.meta.get('dataset_version')}, "
                                  f"now {dataset_version}; use a new output folder")
             self.meta["items"] = [asdict(i) for i in previous.items]
             self.meta["embeddings"] = previous.meta.get("embeddings", {})
@@ -138,16 +139,16 @@ def open_reconstructions(root: str | Path) -> ReconstructionSet:
     root = Path(root)
     manifest = root / "manifest.json"
     if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: not a reconstruction folder (no manifest.json; bdf-reconstruct "
+        raise MissingFileError(f"{manifest}: not a reconstruction folder (no manifest.json; bdf-reconstruct "
                                 f"writes one)")
     try:
         meta = json.loads(manifest.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{manifest}: not valid JSON ({e})") from None
+        raise DataError(f"{manifest}: not valid JSON ({e})") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{manifest}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise DataError(f"{manifest}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{manifest}: format_version {meta.get('format_version')!r}, this version reads "
+        raise DataError(f"{manifest}: format_version {meta.get('format_version')!r}, this version reads "
                          f"{FORMAT_VERSION}")
     problems, items = [], []
     fields = {f: t for f, t in ReconItem.__annotations__.items()}
@@ -166,5 +167,5 @@ def open_reconstructions(root: str | Path) -> ReconstructionSet:
             problems.append(f"embeddings.{subject}: file {rel} does not exist")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(f"{manifest}: {shown}")
+        raise DataError(f"{manifest}: {shown}")
     return ReconstructionSet(root, meta, items)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from braindecode_fw.errors import DataError, MissingFileError, OutputExistsError, UnknownNameError
 from braindecode_fw.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ RESPONSE_DTYPES = (np.dtype("float16"), np.dtype("float32"))
 _FINITE_CHECK_ROWS = 4096  # rows per chunk when scanning responses for NaN/Inf
 
 
-class StoreValidationError(ValueError):
+class StoreValidationError(DataError):
     """A prepared store failed validation; ``problems`` lists every ``file: field: problem``."""
 
     def __init__(self, root: Path, problems: list[str]):
@@ -95,11 +96,11 @@ class TrialTable:
         with open(path, newline="") as f:
             rows = list(csv.reader(f, delimiter="\t"))
         if not rows:
-            raise ValueError(f"{path}: empty file, expected a header with columns {list(TRIAL_COLUMNS)}")
+            raise DataError(f"{path}: empty file, expected a header with columns {list(TRIAL_COLUMNS)}")
         header = tuple(rows[0])
         missing = [c for c in TRIAL_COLUMNS if c not in header]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; header is {list(header)}")
+            raise DataError(f"{path}: missing column(s) {missing}; header is {list(header)}")
         body = rows[1:]
         cols: dict[str, np.ndarray] = {}
         for name in TRIAL_COLUMNS:
@@ -111,7 +112,7 @@ class TrialTable:
                 try:
                     cols[name] = np.asarray(values, dtype=np.int64)
                 except ValueError as e:
-                    raise ValueError(f"{path}: column {name!r} must hold integers ({e})") from None
+                    raise DataError(f"{path}: column {name!r} must hold integers ({e})") from None
         return cls(**cols)
 
 
@@ -133,10 +134,10 @@ class ImageStream:
     def append(self, block: np.ndarray) -> None:
         """``block``: uint8 ``(k, height, width, 3)``, the next ``k`` images."""
         if block.dtype != np.uint8 or block.shape[1:] != self.array.shape[1:]:
-            raise ValueError(f"images must be uint8 (k, {', '.join(map(str, self.array.shape[1:]))}), "
+            raise DataError(f"images must be uint8 (k, {', '.join(map(str, self.array.shape[1:]))}), "
                              f"got {block.dtype} {block.shape}")
         if self.filled + len(block) > len(self.array):
-            raise ValueError(f"images: {self.filled + len(block)} images for {len(self.array)} rows")
+            raise DataError(f"images: {self.filled + len(block)} images for {len(self.array)} rows")
         self.array[self.filled : self.filled + len(block)] = block
         self.writer._hash.update(np.ascontiguousarray(block).tobytes())
         self.filled += len(block)
@@ -144,10 +145,10 @@ class ImageStream:
     def close(self, ids: list[str], captions: list[str] | None = None, source_ids: list[Any] | None = None) -> None:
         n = len(self.array)
         if self.filled != n:
-            raise ValueError(f"images: {self.filled} of {n} images written")
+            raise DataError(f"images: {self.filled} of {n} images written")
         for fname, values in (("ids", ids), ("captions", captions), ("source_ids", source_ids)):
             if values is not None and len(values) != n:
-                raise ValueError(f"images/metadata.json: {fname} has {len(values)} entries, expected {n}")
+                raise DataError(f"images/metadata.json: {fname} has {len(values)} entries, expected {n}")
         self.array.flush()
         del self.array
         meta = {
@@ -183,7 +184,7 @@ def remove_stale_partials(store: Path) -> list[Path]:
         pid = int(m.group(2))
         if pid == os.getpid() or _pid_alive(pid):
             if pid != os.getpid():
-                raise FileExistsError(f"{p}: another process (pid {pid}) is writing this store; wait for it "
+                raise OutputExistsError(f"{p}: another process (pid {pid}) is writing this store; wait for it "
                                       "or stop it first")
             continue
         log.warning("removing %s left by an interrupted conversion (pid %d)", p, pid)
@@ -205,7 +206,7 @@ class StoreWriter:
 
     def __init__(self, root: str | Path, *, name: str, modality: str, overwrite: bool = False):
         if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+            raise DataError(f"modality must be one of {MODALITIES}, got {modality!r}")
         self.root = Path(root)
         self.name = name
         self.modality = modality
@@ -219,7 +220,7 @@ class StoreWriter:
     def __enter__(self) -> StoreWriter:
         remove_stale_partials(self.root)  # what a killed writer of this store left behind
         if self.root.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.root} already exists (set overwrite to replace it)")
+            raise OutputExistsError(f"{self.root} already exists (set overwrite to replace it)")
         if self.partial.exists():
             shutil.rmtree(self.partial)
         (self.partial / "images").mkdir(parents=True)
@@ -241,7 +242,7 @@ class StoreWriter:
     ) -> None:
         """images: uint8 ``(n_images, height, width, 3)``, all at once (small sets)."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 (n, h, w, 3), got {images.dtype} {images.shape}")
+            raise DataError(f"images must be uint8 (n, h, w, 3), got {images.dtype} {images.shape}")
         stream = self.open_images(*images.shape[:3])
         stream.append(images)
         stream.close(ids, captions, source_ids)
@@ -291,17 +292,17 @@ class StoreWriter:
         self._hash.update((d / "trials.tsv").read_bytes())
         if voxel_ijk is not None:
             if affine is None or volume_shape is None:
-                raise ValueError("voxel_ijk needs affine and volume_shape too")
+                raise DataError("voxel_ijk needs affine and volume_shape too")
             np.savez(d / "geometry.npz", voxel_ijk=voxel_ijk.astype(np.int32),
                      affine=np.asarray(affine, dtype=np.float64),
                      volume_shape=np.asarray(volume_shape, dtype=np.int32))
             _write_mask_nifti(d / "mask.nii.gz", voxel_ijk, affine, volume_shape)
         if sensor_names is not None:
             if sensor_positions is None or sfreq is None or tmin is None:
-                raise ValueError("sensor_names needs sensor_positions, sfreq and tmin too")
+                raise DataError("sensor_names needs sensor_positions, sfreq and tmin too")
             positions = np.asarray(sensor_positions, dtype=np.float32)
             if positions.shape != (len(sensor_names), 2):
-                raise ValueError(f"sensor_positions: expected ({len(sensor_names)}, 2), got {positions.shape}")
+                raise DataError(f"sensor_positions: expected ({len(sensor_names)}, 2), got {positions.shape}")
             np.savez(d / "geometry.npz", sensor_names=np.asarray(sensor_names, dtype=str),
                      sensor_positions=positions, sfreq=np.float64(sfreq), tmin=np.float64(tmin))
         if statistics is not None:
@@ -316,7 +317,7 @@ class StoreWriter:
     def finalize(self, provenance: dict[str, Any], **fields: Any) -> Path:
         """Write ``dataset.json`` (last) and atomically publish the store at ``root``."""
         if self._n_images is None:
-            raise ValueError("write_images() must be called before finalize()")
+            raise DataError("write_images() must be called before finalize()")
         self._hash.update(json.dumps(provenance, sort_keys=True, default=str).encode())
         meta = {
             "name": self.name,
@@ -371,10 +372,10 @@ class SubjectData:
         """MEG: ``{"names": [str], "positions": (sensors, 2) float32, "sfreq": float, "tmin": float}``."""
         path = self.directory / "geometry.npz"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: missing (MEG subjects need sensor names and positions)")
+            raise MissingFileError(f"{path}: missing (MEG subjects need sensor names and positions)")
         with np.load(path) as g:
             if "sensor_positions" not in g:
-                raise KeyError(f"{path}: no sensor_positions (is this an fMRI subject?)")
+                raise UnknownNameError(f"{path}: no sensor_positions (is this an fMRI subject?)")
             return {"names": [str(n) for n in g["sensor_names"]], "positions": g["sensor_positions"].astype(np.float32),
                     "sfreq": float(g["sfreq"]), "tmin": float(g["tmin"])}
 
@@ -384,7 +385,7 @@ class SubjectData:
             p = self.directory / f"{name}{suffix}"
             if p.exists():
                 return np.load(p)
-        raise FileNotFoundError(f"{self.directory / name}.npy: not in this store")
+        raise MissingFileError(f"{self.directory / name}.npy: not in this store")
 
     def statistics(self) -> dict[str, Any]:
         p = self.directory / "statistics.json"
@@ -446,7 +447,7 @@ def open_store(root: str | Path, *, check_finite: bool = True) -> PreparedStore:
     if not root.is_dir():
         partial = sorted(root.parent.glob(f"{root.name}.partial-*")) if root.parent.exists() else []
         hint = f" (found an incomplete write {partial[0].name}; re-run bdf-prepare)" if partial else ""
-        raise FileNotFoundError(f"prepared store not found: {root} does not exist{hint}")
+        raise MissingFileError(f"prepared store not found: {root} does not exist{hint}")
     problems: list[str] = []
     meta_path = root / "dataset.json"
     if not meta_path.exists():

@@ -19,6 +19,7 @@ import torch
 
 from braindecode_fw.demo import generator_eval, tiny_clip, tiny_generator
 from braindecode_fw.demo.corpus import build_corpus
+from braindecode_fw.errors import ConfigError, MissingFileError
 from braindecode_fw.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def retrain(demo_cfg: dict[str, Any], world: dict[str, Any]) -> dict[str, Any]:
     stages = list(demo_cfg.get("stages") or STAGES)
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        raise ValueError(f"demo_models.stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
+        raise ConfigError(f"demo_models.stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
     scene = {"image_size": int(world["image_size"]), "max_objects": int(world["max_objects"])}
     out = Path(demo_cfg["output_dir"]).expanduser()
     if demo_cfg.get("threads"):
@@ -57,7 +58,7 @@ def retrain(demo_cfg: dict[str, Any], world: dict[str, Any]) -> dict[str, Any]:
     if "generator" in stages:
         clip_folder = out / CLIP_FOLDER
         if not (clip_folder / "config.json").is_file():
-            raise FileNotFoundError(f"demo_models.stages: the generator stage needs a tiny CLIP in {clip_folder}; "
+            raise MissingFileError(f"demo_models.stages: the generator stage needs a tiny CLIP in {clip_folder}; "
                                     f"run the clip stage first (demo_models.stages=[clip,generator])")
         cfg = tiny_generator.TinyGeneratorConfig.from_mapping({**dict(demo_cfg.get("generator") or {}), **scene})
         previous = out / GENERATOR_FOLDER

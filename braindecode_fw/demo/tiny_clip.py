@@ -42,6 +42,7 @@ from braindecode_fw.demo.corpus import (
     caption_variant,
 )
 from braindecode_fw.demo.publish import publish_folder
+from braindecode_fw.errors import ConfigError, MissingFileError
 from braindecode_fw.schema import FROM_YAML, check_keys, config_dataclass, setting
 from braindecode_fw.targets.encoders import Preprocess
 
@@ -207,7 +208,7 @@ def train(cfg: TinyClipConfig, *, progress: bool = True) -> tuple[Any, dict[str,
     import open_clip
 
     if cfg.category_groups * len(sc.CATEGORIES) >= cfg.batch_size:
-        raise ValueError(f"demo_models.clip.category_groups: {cfg.category_groups} groups of {len(sc.CATEGORIES)} "
+        raise ConfigError(f"demo_models.clip.category_groups: {cfg.category_groups} groups of {len(sc.CATEGORIES)} "
                          f"scenes leave no room for random scenes in a batch of {cfg.batch_size}")
     start = time.perf_counter()
     train_set = build_corpus(cfg.n_train_scenes, seed=cfg.seed, stream=TRAIN_STREAM, image_size=cfg.image_size,
@@ -217,7 +218,7 @@ def train(cfg: TinyClipConfig, *, progress: bool = True) -> tuple[Any, dict[str,
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.overrides)
     if input_size(model) != cfg.image_size:
-        raise ValueError(f"demo_models.clip.overrides.vision_cfg.image_size ({input_size(model)}) must "
+        raise ConfigError(f"demo_models.clip.overrides.vision_cfg.image_size ({input_size(model)}) must "
                          f"equal the world's image_size ({cfg.image_size})")
     tok = tokenizer(model)
     pre = preprocess(cfg.image_size)
@@ -325,7 +326,7 @@ def load(folder: str | Path):
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"tiny CLIP folder {folder}: no config.json (write it with `bdf-prepare "
+        raise MissingFileError(f"tiny CLIP folder {folder}: no config.json (write it with `bdf-prepare "
                                 f"demo_models=retrain`)")
     config = json.loads(config_file.read_text())
     return build_model(config["model_overrides"], pretrained=str(folder / WEIGHTS_FILE)).eval()

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from braindecode_fw.demo.corpus import HELDOUT_STREAM, SCENE_DEFAULTS, TRAIN_STREAM, build_corpus
+from braindecode_fw.errors import ConfigError, MissingFileError
 from braindecode_fw.schema import FROM_YAML, check_keys, config_dataclass, setting
 
 log = logging.getLogger(__name__)
@@ -100,21 +101,21 @@ class TinyGeneratorConfig:
         check_keys(cls, values, "demo_models.generator: unknown key(s)")
         cfg = cls(**values)
         if cfg.unet_time_scale_shift not in TIME_SCALE_SHIFTS:
-            raise ValueError(f"demo_models.generator.unet_time_scale_shift: one of {list(TIME_SCALE_SHIFTS)}, "
+            raise ConfigError(f"demo_models.generator.unet_time_scale_shift: one of {list(TIME_SCALE_SHIFTS)}, "
                              f"got {cfg.unet_time_scale_shift!r}")
         if cfg.unet_precision not in UNET_PRECISIONS:
-            raise ValueError(f"demo_models.generator.unet_precision: one of {list(UNET_PRECISIONS)}, "
+            raise ConfigError(f"demo_models.generator.unet_precision: one of {list(UNET_PRECISIONS)}, "
                              f"got {cfg.unet_precision!r}")
         if cfg.device not in TRAINING_DEVICES:
-            raise ValueError(f"demo_models.generator.device: one of {list(TRAINING_DEVICES)}, got {cfg.device!r}")
+            raise ConfigError(f"demo_models.generator.device: one of {list(TRAINING_DEVICES)}, got {cfg.device!r}")
         if cfg.object_loss_weight < 0:
-            raise ValueError(f"demo_models.generator.object_loss_weight: must be >= 0 (0 = every latent cell "
+            raise ConfigError(f"demo_models.generator.object_loss_weight: must be >= 0 (0 = every latent cell "
                              f"weighs the same), got {cfg.object_loss_weight}")
         if cfg.unet_minutes is not None and cfg.unet_minutes <= 0:
-            raise ValueError(f"demo_models.generator.unet_minutes: a positive budget in minutes or null (train "
+            raise ConfigError(f"demo_models.generator.unet_minutes: a positive budget in minutes or null (train "
                              f"unet_steps steps), got {cfg.unet_minutes}")
         if cfg.resume_unet and not cfg.reuse_vae:
-            raise ValueError("demo_models.generator.resume_unet: true needs reuse_vae: true (the saved UNet "
+            raise ConfigError("demo_models.generator.resume_unet: true needs reuse_vae: true (the saved UNet "
                              "denoises that VAE's latents)")
         return cfg
 
@@ -353,7 +354,7 @@ def load_vae(folder: str | Path) -> tuple[Any, list[dict], float]:
 
     folder = Path(folder)
     if not (folder / "vae" / "config.json").is_file():
-        raise FileNotFoundError(f"demo_models.generator.reuse_vae: no saved generator with a VAE in {folder}; "
+        raise MissingFileError(f"demo_models.generator.reuse_vae: no saved generator with a VAE in {folder}; "
                                 f"train one first (reuse_vae: false)")
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
     record = _saved_record(folder)
@@ -368,16 +369,16 @@ def load_unet(folder: str | Path, cfg: TinyGeneratorConfig) -> tuple[Any, dict[s
 
     folder = Path(folder)
     if not (folder / "unet" / "config.json").is_file():
-        raise FileNotFoundError(f"demo_models.generator.resume_unet: no saved generator with a UNet in {folder}; "
+        raise MissingFileError(f"demo_models.generator.resume_unet: no saved generator with a UNet in {folder}; "
                                 f"train one first (resume_unet: false)")
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
     saved = tuple(unet.config.block_out_channels)
     if saved != tuple(cfg.unet_channels):
-        raise ValueError(f"demo_models.generator.resume_unet: the UNet in {folder} has channels {list(saved)}, "
+        raise ConfigError(f"demo_models.generator.resume_unet: the UNet in {folder} has channels {list(saved)}, "
                          f"the config asks for unet_channels {list(cfg.unet_channels)}")
     saved_shift = unet.config.resnet_time_scale_shift
     if saved_shift != cfg.unet_time_scale_shift:
-        raise ValueError(f"demo_models.generator.resume_unet: the UNet in {folder} has time_scale_shift "
+        raise ConfigError(f"demo_models.generator.resume_unet: the UNet in {folder} has time_scale_shift "
                          f"{saved_shift!r}, the config asks for unet_time_scale_shift {cfg.unet_time_scale_shift!r}")
     return unet, _saved_record(folder)
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from braindecode_fw.contracts import CONTROL_MAP
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.generation.diffusion import DiffusersReconstructor, effective_dtype
 from braindecode_fw.generation.loading import load_model
 
@@ -38,9 +39,9 @@ class ControlNetModulatedReconstructor(DiffusersReconstructor):
                  controlnet: str | None = None, injection: str = "first_block", control_scale: float = 1.0,
                  negative: str = "zeros", **kwargs: Any):
         if injection not in INJECTIONS:
-            raise ValueError(f"generator ({name}).injection: one of {INJECTIONS}, got {injection!r}")
+            raise ConfigError(f"generator ({name}).injection: one of {INJECTIONS}, got {injection!r}")
         if negative not in NEGATIVES:
-            raise ValueError(f"generator ({name}).negative: one of {NEGATIVES}, got {negative!r}")
+            raise ConfigError(f"generator ({name}).negative: one of {NEGATIVES}, got {negative!r}")
         components = dict(kwargs.pop("components", None) or {})
         dtype = effective_dtype(kwargs.get("dtype", "float32"), kwargs.get("device", "cpu"))
         if controlnet == "from_unet":
@@ -59,7 +60,7 @@ class ControlNetModulatedReconstructor(DiffusersReconstructor):
             components.setdefault("tokenizer", None)
         super().__init__(name, model, components=components, **kwargs)
         if negative == "empty_prompt" and self.pipe.text_encoder is None:
-            raise ValueError(f"generator ({name}).negative: empty_prompt needs the pipeline's text encoder; "
+            raise ConfigError(f"generator ({name}).negative: empty_prompt needs the pipeline's text encoder; "
                              f"{model} has none (use negative: zeros)")
         self.controlnet = self.pipe.controlnet
         if injection == "first_block":

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from braindecode_fw.contracts import GENERATED_FINAL, GENERATED_LOWLEVEL
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.generation.loading import load_pipeline
 from braindecode_fw.generation.reconstructor import ProgressSink, Reconstructor
 from braindecode_fw.generation.sampling import denoise, seeded_generators
@@ -69,12 +70,12 @@ class DiffusersReconstructor(Reconstructor):
                  contrast: float = 1.0, revision: str | None = None, scheduler: dict[str, Any] | None = None,
                  components: dict[str, Any] | None = None):
         if lowlevel_kind not in LOWLEVEL_KINDS:
-            raise ValueError(f"generator ({name}).lowlevel_kind: one of {LOWLEVEL_KINDS}, got {lowlevel_kind!r}")
+            raise ConfigError(f"generator ({name}).lowlevel_kind: one of {LOWLEVEL_KINDS}, got {lowlevel_kind!r}")
         if require_lowlevel and not lowlevel_target:
-            raise ValueError(f"generator ({name}).require_lowlevel: set lowlevel_target to the decoder output "
+            raise ConfigError(f"generator ({name}).require_lowlevel: set lowlevel_target to the decoder output "
                              f"holding the low-level latent or image")
         if not contrast > 0:
-            raise ValueError(f"generator ({name}).contrast: a factor > 0 (1 = unchanged, Brain-IT 0.8), got {contrast}")
+            raise ConfigError(f"generator ({name}).contrast: a factor > 0 (1 = unchanged, Brain-IT 0.8), got {contrast}")
         self.name = name
         self.model = str(model)
         self.steps, self.guidance_scale, self.strength = steps, guidance_scale, strength
@@ -205,7 +206,7 @@ class UnClipReconstructor(DiffusersReconstructor):
                  prompt: str = "", condition_norm: float | None = None, **kwargs: Any):
         super().__init__(name, model, **kwargs)
         if condition_norm is not None and condition_norm <= 0:
-            raise ValueError(f"generator ({name}).condition_norm: must be > 0 or null, got {condition_norm}")
+            raise ConfigError(f"generator ({name}).condition_norm: must be > 0 or null, got {condition_norm}")
         self.condition = condition
         self.condition_norm = condition_norm
         self.noise_level = noise_level

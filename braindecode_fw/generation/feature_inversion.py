@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.errors import ConfigError, UnknownNameError
 from braindecode_fw.generation.reconstructor import format_shape
 from braindecode_fw.targets.multiscale import (
     TOKEN_WIDTH,
@@ -102,7 +103,7 @@ class SkipDIP(nn.Module):
                  channels_skip: Sequence[int] = (4, 4, 4), seeds: Sequence[int] | None = None):
         super().__init__()
         if not len(channels_down) == len(channels_up) == len(channels_skip):
-            raise ValueError(f"lowlevel: channels_down/up/skip need one entry per scale, got {list(channels_down)}, "
+            raise ConfigError(f"lowlevel: channels_down/up/skip need one entry per scale, got {list(channels_down)}, "
                              f"{list(channels_up)}, {list(channels_skip)}")
         self.n, self.input_depth, self.out_channels = n_nets, input_depth, out_channels
         n, last = n_nets, len(channels_down) - 1
@@ -127,7 +128,7 @@ class SkipDIP(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seeds: Sequence[int]) -> None:
         if len(seeds) != self.n:
-            raise ValueError(f"SkipDIP: {self.n} nets need {self.n} seeds, got {len(seeds)}")
+            raise ConfigError(f"SkipDIP: {self.n} nets need {self.n} seeds, got {len(seeds)}")
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         for m in self.body.modules():
             if isinstance(m, nn.Conv2d):
@@ -145,7 +146,7 @@ class SkipDIP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[:2] != (self.n, self.input_depth):
-            raise ValueError(f"SkipDIP: input of shape {tuple(x.shape)}, expected ({self.n}, {self.input_depth}, H, W)")
+            raise ConfigError(f"SkipDIP: input of shape {tuple(x.shape)}, expected ({self.n}, {self.input_depth}, H, W)")
         h, w = x.shape[-2:]
         y = self.body(x.reshape(1, -1, h, w))
         return torch.sigmoid(y).reshape(self.n, self.out_channels, *y.shape[-2:])
@@ -159,14 +160,14 @@ def _check_targets(target_maps: Sequence[torch.Tensor], feature_size: int,
     if channels is None:
         return
     if len(target_maps) != len(channels):
-        raise ValueError(f"invert_features: target_maps must be the {len(channels)} VGG16-BN maps (channels "
+        raise ConfigError(f"invert_features: target_maps must be the {len(channels)} VGG16-BN maps (channels "
                          f"{list(channels)}), got {len(target_maps)}")
     n = target_maps[0].shape[0]
     sizes = multiscale_layout(feature_size).map_sizes if tuple(channels) == VGG_CHANNELS else None
     for i, (m, c) in enumerate(zip(target_maps, channels, strict=True)):
         want = (n, c, sizes[i], sizes[i]) if sizes else (n, c, *m.shape[2:])
         if m.ndim != 4 or tuple(m.shape) != want:
-            raise ValueError(f"invert_features: target map {i} has shape {tuple(m.shape)}, expected {want} "
+            raise ConfigError(f"invert_features: target map {i} has shape {tuple(m.shape)}, expected {want} "
                              f"(channels {list(channels)} at feature_size {feature_size})")
 
 
@@ -207,9 +208,9 @@ def invert_features(
     device = target_maps[0].device
     seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != n:
-        raise ValueError(f"invert_features: {n} images need {n} seeds, got {len(seeds)}")
+        raise ConfigError(f"invert_features: {n} images need {n} seeds, got {len(seeds)}")
     if output_size % 2**scales:
-        raise ValueError(f"lowlevel.output_size: a multiple of 2^scales = {2**scales}, got {output_size}")
+        raise ConfigError(f"lowlevel.output_size: a multiple of 2^scales = {2**scales}, got {output_size}")
     net = SkipDIP(n, input_depth=input_depth, channels_down=[channels] * scales, channels_up=[channels] * scales,
                   channels_skip=[skip_channels] * scales, seeds=seeds).to(device).train()
     # DIP's get_noise(input_depth, "noise", size, var=0.1): uniform noise scaled by 0.1
@@ -231,7 +232,7 @@ def invert_features(
                               align_corners=False)
         feats = list(feature_fn(small))
         if it == 0 and [tuple(f.shape) for f in feats] != [tuple(t.shape) for t in targets]:
-            raise ValueError(f"invert_features: feature_fn gives maps {[tuple(f.shape) for f in feats]}, the targets "
+            raise ConfigError(f"invert_features: feature_fn gives maps {[tuple(f.shape) for f in feats]}, the targets "
                              f"are {[tuple(t.shape) for t in targets]}")
         # per image: mean over layers of that image's MSE; summed, so each net gets its own gradient
         loss = torch.stack([(f.float() - t).pow(2).flatten(1).mean(1) for f, t in zip(feats, targets, strict=True)])
@@ -293,11 +294,11 @@ class FeatureInverter:
         multiscale_layout(self.feature_size)  # even and >= 16
         for key in ("iterations", "output_size", "input_depth", "channels", "scales", "batch_size"):
             if int(getattr(self, key)) < (0 if key == "iterations" else 1):
-                raise ValueError(f"lowlevel.{key}: expected a positive integer, got {getattr(self, key)!r}")
+                raise ConfigError(f"lowlevel.{key}: expected a positive integer, got {getattr(self, key)!r}")
         if not 0 <= self.ema < 1:
-            raise ValueError(f"lowlevel.ema: expected a weight in [0, 1), got {self.ema}")
+            raise ConfigError(f"lowlevel.ema: expected a weight in [0, 1), got {self.ema}")
         if self.output_size % 2**self.scales:
-            raise ValueError(f"lowlevel.output_size: a multiple of 2^scales = {2**self.scales}, got {self.output_size}")
+            raise ConfigError(f"lowlevel.output_size: a multiple of 2^scales = {2**self.scales}, got {self.output_size}")
         self._feature_fn: VggImageFeatures | None = None
 
     @classmethod
@@ -314,7 +315,7 @@ class FeatureInverter:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise ValueError(f"lowlevel: unknown key(s) {unknown}; expected some of {sorted(known)}")
+            raise ConfigError(f"lowlevel: unknown key(s) {unknown}; expected some of {sorted(known)}")
         return cls(**cfg)
 
     def config(self) -> dict[str, Any]:
@@ -332,7 +333,7 @@ class FeatureInverter:
         n = maps[0].shape[0]
         seeds = [self.seed + start + k for k in range(n)] if seeds is None else [int(s) for s in seeds]
         if len(seeds) != n:
-            raise ValueError(f"FeatureInverter: {n} images need {n} seeds, got {len(seeds)}")
+            raise ConfigError(f"FeatureInverter: {n} images need {n} seeds, got {len(seeds)}")
         outs = []
         for lo in range(0, n, self.batch_size):
             chunk = [m[lo : lo + self.batch_size].to(self.device) for m in maps]
@@ -360,7 +361,7 @@ class FeatureInverter:
         shapes = {k: tuple(int(d) for d in v) for k, v in provides.items()}
         if self.source not in shapes:
             have = ", ".join(f"{k} {format_shape(v)}" for k, v in sorted(shapes.items())) or "nothing"
-            raise ValueError(f"lowlevel.source: the decoder has no output {self.source!r} to invert (it provides "
+            raise ConfigError(f"lowlevel.source: the decoder has no output {self.source!r} to invert (it provides "
                              f"{have}); train it with the multi-scale VGG target (braindecode_fw/conf/target/vgg_multiscale.yaml) "
                              f"or set lowlevel.source to the output holding those tokens")
         got = shapes[self.source]
@@ -370,7 +371,7 @@ class FeatureInverter:
         size = _image_size_of(got[0]) if len(got) == 2 and got[1] == TOKEN_WIDTH else None
         hint = (f": the tokens of a {size} px image, so set lowlevel.feature_size={size} (the target's image_size)"
                 if size else f"; expected ({layout.n_tokens}, {TOKEN_WIDTH})")
-        raise ValueError(f"lowlevel.feature_size: {self.feature_size} px gives {layout.n_tokens} VGG tokens × "
+        raise ConfigError(f"lowlevel.feature_size: {self.feature_size} px gives {layout.n_tokens} VGG tokens × "
                          f"{TOKEN_WIDTH} per image, but the decoder's {self.source!r} is "
                          f"{format_shape(got)}{hint}")
 
@@ -381,7 +382,7 @@ class FeatureInverter:
         uses seed ``seed + image_index[k]``: fixed per image, so a result does not depend on batching,
         on the other items inverted with it, or on resuming."""
         if self.source not in outputs:
-            raise KeyError(f"lowlevel.source: the decoder outputs {sorted(outputs)}, not {self.source!r}")
+            raise UnknownNameError(f"lowlevel.source: the decoder outputs {sorted(outputs)}, not {self.source!r}")
         return self(outputs[self.source], seeds=[self.seed + int(i) for i in image_index])
 
 

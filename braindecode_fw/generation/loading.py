@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from braindecode_fw.errors import ConfigError, MissingFileError
 from braindecode_fw.metrics.weights import offline
 from braindecode_fw.ops.console import route_diffusers_logging
 
@@ -32,7 +33,7 @@ def _resolve(ref: str | Path, config_key: str, marker: str, what: str) -> tuple[
         return ref, False
     folder = Path(ref).expanduser()
     if not (folder / marker).is_file():
-        raise FileNotFoundError(f"{config_key}: {folder} is not a diffusers {what} folder (no {marker}); "
+        raise MissingFileError(f"{config_key}: {folder} is not a diffusers {what} folder (no {marker}); "
                                 f"give a hub id or a folder written by save_pretrained")
     return str(folder), True
 
@@ -44,7 +45,7 @@ def _from_pretrained(cls: Any, ref: str, local: bool, config_key: str, **kwargs:
             warnings.filterwarnings("ignore", category=FutureWarning)
             return cls.from_pretrained(ref, local_files_only=local or offline(), **kwargs)
     except OSError as e:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{config_key}: cannot load {cls.__name__} from {ref!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
             f"download it with `huggingface-cli download {ref}` where the hub is reachable, or point "
             f"{config_key} to a local folder") from None
@@ -56,7 +57,7 @@ def _diffusers_class(name: str, config_key: str) -> Any:
     route_diffusers_logging()
     cls = getattr(diffusers, name, None)
     if cls is None:
-        raise ValueError(f"{config_key}: diffusers has no class {name!r}")
+        raise ConfigError(f"{config_key}: diffusers has no class {name!r}")
     return cls
 
 
@@ -122,5 +123,5 @@ def load_config(model: str | Path, *, subfolder: str, config_key: str, revision:
     try:
         return dict(_Config.load_config(ref, local_files_only=local or offline(), **kwargs))
     except OSError as e:
-        raise FileNotFoundError(f"{config_key}: cannot read {subfolder} config from {ref!r} ({str(e).splitlines()[0]})"
+        raise MissingFileError(f"{config_key}: cannot read {subfolder} config from {ref!r} ({str(e).splitlines()[0]})"
                                 ) from None

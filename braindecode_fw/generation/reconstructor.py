@@ -13,6 +13,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from braindecode_fw.errors import ConfigError
+
 
 def format_shape(shape: Sequence[int | None] | None) -> str:
     """``(None, 24)`` -> ``*×24``, ``(1024,)`` -> ``1024-d``, as the shape errors write them."""
@@ -58,7 +60,7 @@ class Reconstructor:
                 problems.append(f"{name} ({format_shape(shape)})")
         if problems:
             have = ", ".join(f"{k} {format_shape(v)}" for k, v in sorted(provides.items())) or "nothing"
-            raise ValueError(f"generator {self.name} needs {', '.join(problems)}; decoder provides {have}")
+            raise ConfigError(f"generator {self.name} needs {', '.join(problems)}; decoder provides {have}")
 
     def reconstruct(self, outputs: dict[str, torch.Tensor], seeds: Sequence[int], *,
                     progress: ProgressSink | None = None) -> dict[str, torch.Tensor]:

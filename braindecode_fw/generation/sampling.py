@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from braindecode_fw.errors import ConfigError
+
 # model(latent_input (2n or n, c, h, w), t, guided) -> prediction of the same shape; with
 # guided=True the batch is [unconditional; conditional] and the model supplies both contexts.
 ModelFn = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
@@ -31,11 +33,11 @@ def start_timesteps(scheduler, steps: int, strength: float, device: str | torch.
     """``scheduler.set_timesteps(steps)``, then the last ``int(steps·strength)`` of them (all for
     strength 1), telling multistep schedulers where they begin."""
     if not 0 < strength <= 1:
-        raise ValueError(f"generator.strength: must be in (0, 1], got {strength}")
+        raise ConfigError(f"generator.strength: must be in (0, 1], got {strength}")
     scheduler.set_timesteps(steps, device=device)
     kept = min(int(steps * strength), steps)
     if kept == 0:
-        raise ValueError(f"generator.strength: {strength} × {steps} steps leaves no denoising step; raise either")
+        raise ConfigError(f"generator.strength: {strength} × {steps} steps leaves no denoising step; raise either")
     t_start = steps - kept
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from braindecode_fw.errors import ConfigError
+
 KINDS = ("embeds", "unclip", "versatile", "controlnet")
 
 
@@ -86,9 +88,9 @@ def build_tiny_pipeline(kind: str, folder: str | Path, *, image_size: int = 64, 
     )
 
     if kind not in KINDS:
-        raise ValueError(f"generator.build_tiny.kind: one of {KINDS}, got {kind!r}")
+        raise ConfigError(f"generator.build_tiny.kind: one of {KINDS}, got {kind!r}")
     if image_size % 4:
-        raise ValueError(f"generator.build_tiny.image_size: must be a multiple of 4, got {image_size}")
+        raise ConfigError(f"generator.build_tiny.image_size: must be a multiple of 4, got {image_size}")
     folder = Path(folder)
     scheduler_kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                         set_alpha_to_one=False, steps_offset=1)

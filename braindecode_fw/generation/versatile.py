@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.generation.diffusion import DiffusersReconstructor
 from braindecode_fw.generation.loading import load_config, load_model
 
@@ -88,10 +89,10 @@ class VersatileDualReconstructor(DiffusersReconstructor):
                  text_condition: str = "clip_text_tokens", text_to_image_strength: float = 0.5,
                  renormalize: str = "token0", **kwargs: Any):
         if not 0 <= text_to_image_strength <= 1:
-            raise ValueError(f"generator ({name}).text_to_image_strength: must be in [0, 1], "
+            raise ConfigError(f"generator ({name}).text_to_image_strength: must be in [0, 1], "
                              f"got {text_to_image_strength}")
         if renormalize not in RENORMALIZE:
-            raise ValueError(f"generator ({name}).renormalize: one of {RENORMALIZE}, got {renormalize!r}")
+            raise ConfigError(f"generator ({name}).renormalize: one of {RENORMALIZE}, got {renormalize!r}")
         super().__init__(name, model, **kwargs)
         self.image_condition, self.text_condition = image_condition, text_condition
         self.text_to_image_strength = text_to_image_strength
@@ -99,7 +100,7 @@ class VersatileDualReconstructor(DiffusersReconstructor):
         self.width = self.unet.config.cross_attention_dim
         self.streams = use_dual_streams(self.unet)
         if not self.streams:
-            raise ValueError(f"generator ({name}).model: {model}'s image UNet has no cross-attention transformers "
+            raise ConfigError(f"generator ({name}).model: {model}'s image UNet has no cross-attention transformers "
                              f"to pair with the text UNet's")
 
     def load(self, model: str, *, config_key: str, dtype: str, revision: str | None,

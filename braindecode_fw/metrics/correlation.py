@@ -13,13 +13,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from braindecode_fw.errors import ConfigError
+
 DEFAULT_CHUNK_MB = 256
 
 
 def _as_rows(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     t = torch.as_tensor(x)
     if t.ndim < 2:
-        raise ValueError(f"{name}: expected (n, ...) features, got shape {tuple(t.shape)}")
+        raise ConfigError(f"{name}: expected (n, ...) features, got shape {tuple(t.shape)}")
     return t.reshape(len(t), -1)
 
 
@@ -58,7 +60,7 @@ def similarity_matrix(
     """
     a, b = _as_rows(a, "a"), _as_rows(b, "b")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+        raise ConfigError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
     d = a.shape[1]
     width = _chunk_width(len(a) + len(b), d, chunk_mb)
     mean_a, norm_a = _row_stats(a, center, width)
@@ -82,7 +84,7 @@ def paired_pearson(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -
     """
     a, b = _as_rows(a, "a"), _as_rows(b, "b")
     if a.shape != b.shape:
-        raise ValueError(f"paired rows need equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ConfigError(f"paired rows need equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     out = torch.empty(len(a), dtype=torch.float64)
     for i in range(len(a)):  # one pair at a time: float64 copies of single rows only
         x = a[i].double()

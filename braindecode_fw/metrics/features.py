@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from braindecode_fw.errors import ConfigError, MissingFileError
 from braindecode_fw.metrics.images import resize
 from braindecode_fw.metrics.weights import (
     is_random,
@@ -67,10 +68,10 @@ class ExtractorSpec:
     def __post_init__(self) -> None:
         backend = self.arch.split(":", 1)[0]
         if backend not in ("torchvision", "timm", "open_clip") or ":" not in self.arch:
-            raise ValueError(f"metrics.extractors.{self.name}.arch: expected torchvision:<name>, timm:<name> or "
+            raise ConfigError(f"metrics.extractors.{self.name}.arch: expected torchvision:<name>, timm:<name> or "
                              f"open_clip:<name>, got {self.arch!r}")
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"metrics.extractors.{self.name}.normalize: one of {sorted(NORMALIZATIONS)}, "
+            raise ConfigError(f"metrics.extractors.{self.name}.normalize: one of {sorted(NORMALIZATIONS)}, "
                              f"got {self.normalize!r}")
 
     @property
@@ -127,7 +128,7 @@ def openclip_needs_quick_gelu(spec: ExtractorSpec) -> bool:
     key = f"metrics.extractors.{spec.name}"
     if spec.quick_gelu is not None:
         if wanted is not None and spec.quick_gelu != wanted:
-            raise ValueError(f"{key}.quick_gelu: weights {spec.weights!r} were trained with "
+            raise ConfigError(f"{key}.quick_gelu: weights {spec.weights!r} were trained with "
                              f"{'QuickGELU' if wanted else 'GELU'}; expected quick_gelu={wanted} (or null), "
                              f"got {spec.quick_gelu}")
         wanted = spec.quick_gelu
@@ -135,11 +136,11 @@ def openclip_needs_quick_gelu(spec: ExtractorSpec) -> bool:
         return False
     if wanted and not arch_quick:
         if spec.arch_kwargs.get("force_quick_gelu") is False:
-            raise ValueError(f"{key}.arch_kwargs.force_quick_gelu: weights {spec.weights!r} need QuickGELU; "
+            raise ConfigError(f"{key}.arch_kwargs.force_quick_gelu: weights {spec.weights!r} need QuickGELU; "
                              f"expected true or unset, got false")
         return True
     if not wanted and arch_quick:
-        raise ValueError(f"{key}.arch: {spec.arch!r} builds QuickGELU but weights {spec.weights!r} were "
+        raise ConfigError(f"{key}.arch: {spec.arch!r} builds QuickGELU but weights {spec.weights!r} were "
                          f"trained with GELU; expected the model name without -quickgelu and no "
                          f"force_quick_gelu")
     return False
@@ -154,7 +155,7 @@ class _OpenClipImage(torch.nn.Module):
         import open_clip
 
         if spec.model_name not in open_clip.list_models():
-            raise ValueError(f"metrics.extractors.{spec.name}.arch: unknown open_clip model {spec.model_name!r}")
+            raise ConfigError(f"metrics.extractors.{spec.name}.arch: unknown open_clip model {spec.model_name!r}")
         pretrained = None if is_random(spec.weights) else spec.weights
         kwargs = dict(spec.arch_kwargs)
         if openclip_needs_quick_gelu(spec):
@@ -162,7 +163,7 @@ class _OpenClipImage(torch.nn.Module):
         try:
             model = open_clip.create_model(spec.model_name, pretrained=pretrained, **kwargs)
         except RuntimeError as e:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"metrics.extractors.{spec.name}.weights: open_clip could not load {pretrained!r} for "
                 f"{spec.model_name} ({e}); give a local .pt/.safetensors file or a cached open_clip tag") from None
         self.visual = model.visual
@@ -190,7 +191,7 @@ class FeatureExtractor(torch.nn.Module):
                 self.body: torch.nn.Module = _OpenClipImage(spec)
                 unknown = [n for n in self.nodes if n not in ("image_embedding", "pooled", "tokens")]
                 if unknown:
-                    raise ValueError(f"metrics.extractors.{spec.name}: open_clip nodes are image_embedding, pooled, "
+                    raise ConfigError(f"metrics.extractors.{spec.name}: open_clip nodes are image_embedding, pooled, "
                                      f"tokens; got {unknown}")
             else:
                 model = _build_torchvision(spec) if spec.backend == "torchvision" else _build_timm(spec)
@@ -221,7 +222,7 @@ class FeatureExtractor(torch.nn.Module):
                 return create_feature_extractor(model, return_nodes=self.nodes)
         except (ValueError, KeyError, AssertionError) as e:
             _, names = get_graph_node_names(model)
-            raise ValueError(f"metrics.extractors.{self.spec.name}: node(s) {self.nodes} not in {self.spec.arch} "
+            raise ConfigError(f"metrics.extractors.{self.spec.name}: node(s) {self.nodes} not in {self.spec.arch} "
                              f"({e}); nodes include {[n for n in names if '.' not in n][:30]}") from None
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import torch
 
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.metrics.correlation import DEFAULT_CHUNK_MB, paired_pearson, similarity_matrix
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,10 @@ def two_way_identification(
     g = torch.as_tensor(gt_features)
     r = torch.as_tensor(recon_features)
     if len(g) != len(r):
-        raise ValueError(f"{len(g)} ground-truth and {len(r)} reconstruction feature rows")
+        raise ConfigError(f"{len(g)} ground-truth and {len(r)} reconstruction feature rows")
     n = len(g)
     if n < 2:
-        raise ValueError(f"two-way identification needs at least 2 images, got {n}")
+        raise ConfigError(f"two-way identification needs at least 2 images, got {n}")
     corr = similarity_matrix(g, r, center=True, chunk_mb=chunk_mb)
     own = corr.diagonal()
     if torch.isnan(own).any():
@@ -58,5 +59,5 @@ def correlation_distance(
     g = torch.as_tensor(gt_features)
     r = torch.as_tensor(recon_features)
     if g.shape[0] != r.shape[0]:
-        raise ValueError(f"{len(g)} ground-truth and {len(r)} reconstruction feature rows")
+        raise ConfigError(f"{len(g)} ground-truth and {len(r)} reconstruction feature rows")
     return 1.0 - paired_pearson(g, r)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from braindecode_fw.errors import ConfigError, MissingFileError
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -33,17 +35,17 @@ def as_float_images(images: np.ndarray | torch.Tensor, *, name: str = "images") 
     x = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else torch.as_tensor(images)
     if x.dtype == torch.uint8:
         if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"{name}: uint8 images must be (n, h, w, 3), got {tuple(x.shape)}")
+            raise ConfigError(f"{name}: uint8 images must be (n, h, w, 3), got {tuple(x.shape)}")
         return x.permute(0, 3, 1, 2).float().div_(255.0)
     if not x.is_floating_point() or x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"{name}: expected float (n, 3, h, w) in [0, 1] or uint8 (n, h, w, 3), "
+        raise ConfigError(f"{name}: expected float (n, 3, h, w) in [0, 1] or uint8 (n, h, w, 3), "
                          f"got {x.dtype} {tuple(x.shape)}")
     if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: float images hold NaN or Inf values")
+        raise ConfigError(f"{name}: float images hold NaN or Inf values")
     lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 1.0)
     if lo < -1e-3 or hi > 1 + 1e-3:
         hint = "; images in [-1, 1] (a VAE decoder's output) need (x + 1) / 2 first" if lo >= -1 - 1e-3 and lo < -1e-3 else ""
-        raise ValueError(f"{name}: float images must be in [0, 1], got values in [{lo:.3f}, {hi:.3f}]{hint}")
+        raise ConfigError(f"{name}: float images must be in [0, 1], got values in [{lo:.3f}, {hi:.3f}]{hint}")
     return x.float()
 
 
@@ -83,7 +85,7 @@ def read_image_array(path: str | Path) -> torch.Tensor:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in ARRAY_SUFFIXES:
-        raise ValueError(f"{path}: not an array file (expected one of {', '.join(ARRAY_SUFFIXES)})")
+        raise ConfigError(f"{path}: not an array file (expected one of {', '.join(ARRAY_SUFFIXES)})")
     try:
         if suffix == ".npy":
             loaded = torch.from_numpy(np.load(path, allow_pickle=False))
@@ -94,13 +96,13 @@ def read_image_array(path: str | Path) -> torch.Tensor:
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # numpy/safetensors/torch each raise their own types for damaged files
-        raise ValueError(f"{path}: not a readable {suffix} array ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"{path}: not a readable {suffix} array ({type(e).__name__}: {e})") from None
     if isinstance(loaded, dict) and suffix == ".safetensors":
         if len(loaded) != 1 and "images" not in loaded:
-            raise ValueError(f"{path}: expected one tensor or one named 'images', found {sorted(loaded)}")
+            raise ConfigError(f"{path}: expected one tensor or one named 'images', found {sorted(loaded)}")
         loaded = loaded["images"] if "images" in loaded else next(iter(loaded.values()))
     if not isinstance(loaded, torch.Tensor):
-        raise ValueError(f"{path}: expected a tensor saved with torch.save, found {type(loaded).__name__}")
+        raise ConfigError(f"{path}: expected a tensor saved with torch.save, found {type(loaded).__name__}")
     x = loaded
     if x.ndim == 3:
         x = x[None]
@@ -123,21 +125,21 @@ def load_images(paths: Sequence[str | Path], size: int | None = None, *, antiali
         if Path(p).suffix.lower() in ARRAY_SUFFIXES:
             x = read_image_array(p)
             if x.shape[0] != 1:
-                raise ValueError(f"{p}: an array file in an image folder holds one image, found {x.shape[0]}")
+                raise ConfigError(f"{p}: an array file in an image folder holds one image, found {x.shape[0]}")
             out.append(resize(x, size, antialias=antialias) if size else x)
             continue
         try:
             with Image.open(p) as im:
                 arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
         except OSError as e:
-            raise ValueError(f"{p}: not a readable image ({e})") from None
+            raise ConfigError(f"{p}: not a readable image ({e})") from None
         x = as_float_images(arr[None], name=str(p))
         out.append(resize(x, size, antialias=antialias) if size else x)
     if not out:
         return torch.empty(0, 3, size or 0, size or 0)
     shapes = {tuple(x.shape) for x in out}
     if len(shapes) > 1:
-        raise ValueError(f"images have different sizes {sorted(shapes)}; pass size= to resize them")
+        raise ConfigError(f"images have different sizes {sorted(shapes)}; pass size= to resize them")
     return torch.cat(out)
 
 
@@ -145,12 +147,12 @@ def list_images(folder: str | Path) -> dict[str, Path]:
     """Image (and one-image array) files directly inside ``folder`` keyed by file stem (sorted)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: image folder not found")
+        raise MissingFileError(f"{folder}: image folder not found")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                    and p.suffix.lower() in IMAGE_SUFFIXES + ARRAY_SUFFIXES)
     stems: dict[str, Path] = {}
     for p in files:
         if p.stem in stems:
-            raise ValueError(f"{folder}: two images share the name {p.stem!r} ({stems[p.stem].name}, {p.name})")
+            raise ConfigError(f"{folder}: two images share the name {p.stem!r} ({stems[p.stem].name}, {p.name})")
         stems[p.stem] = p
     return stems

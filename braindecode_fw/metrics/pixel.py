@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.metrics.correlation import paired_pearson
 from braindecode_fw.metrics.images import resize, rgb_to_gray
 
@@ -90,7 +91,7 @@ def ssim(
         y = rgb_to_gray(resize(gts[start : start + batch_size].float(), size, antialias=antialias))
         x, y = x.double()[:, None], y.double()[:, None]
         if min(x.shape[-2:]) < len(kernel):
-            raise ValueError(f"ssim: images of {tuple(x.shape[-2:])} are smaller than the {len(kernel)}-px window")
+            raise ConfigError(f"ssim: images of {tuple(x.shape[-2:])} are smaller than the {len(kernel)}-px window")
         ux, uy = _filter(x, kernel, axes), _filter(y, kernel, axes)
         vx = _filter(x * x, kernel, axes) - ux * ux
         vy = _filter(y * y, kernel, axes) - uy * uy
@@ -103,11 +104,11 @@ def ssim(
 
 def _check_pair(recons: torch.Tensor, gts: torch.Tensor) -> None:
     if recons.shape != gts.shape:
-        raise ValueError(f"reconstructions {tuple(recons.shape)} and ground truths {tuple(gts.shape)} differ in shape")
+        raise ConfigError(f"reconstructions {tuple(recons.shape)} and ground truths {tuple(gts.shape)} differ in shape")
     if recons.ndim != 4 or recons.shape[1] != 3:
-        raise ValueError(f"expected (n, 3, h, w) images, got {tuple(recons.shape)}")
+        raise ConfigError(f"expected (n, 3, h, w) images, got {tuple(recons.shape)}")
     if len(recons) == 0:
-        raise ValueError("no images to evaluate")
+        raise ConfigError("no images to evaluate")
     for name, x in (("reconstructions", recons), ("ground truths", gts)):
         if not math.isfinite(float(x.sum())):
-            raise ValueError(f"{name} contain non-finite pixel values")
+            raise ConfigError(f"{name} contain non-finite pixel values")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.metrics.correlation import DEFAULT_CHUNK_MB, similarity_matrix
 
 DIRECTIONS = ("brain_to_image", "image_to_brain")
@@ -36,7 +37,7 @@ _Z975 = 1.959963984540054
 def ci95_half_width(values: np.ndarray, method: str = "population_sd_norm_ppf") -> float:
     """Half-width of the normal 95% interval of the mean of ``values`` (0 for fewer than 2)."""
     if method not in CI_METHODS:
-        raise ValueError(f"metrics.retrieval.ci_method: one of {list(CI_METHODS)}, got {method!r}")
+        raise ConfigError(f"metrics.retrieval.ci_method: one of {list(CI_METHODS)}, got {method!r}")
     v = np.asarray(values, dtype=np.float64)
     if len(v) < 2:
         return 0.0
@@ -120,7 +121,7 @@ def retrieval_from_scores(
     scores = torch.as_tensor(scores).double() if posterior else torch.as_tensor(scores).float()
     n = scores.shape[0]
     if scores.shape != (n, n):
-        raise ValueError(f"score matrix must be square (brain x image), got {tuple(scores.shape)}")
+        raise ConfigError(f"score matrix must be square (brain x image), got {tuple(scores.shape)}")
     subsets = retrieval_subsets(n, subset_size, n_subsets, seed)
     values: dict[str, dict[int, list[float]]] = {d: {k: [] for k in ks} for d in DIRECTIONS}
     for idx in subsets:

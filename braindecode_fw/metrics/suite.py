@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.metrics.features import ExtractorSpec, FeatureExtractor
 from braindecode_fw.metrics.identification import correlation_distance, two_way_identification
 from braindecode_fw.metrics.images import to_eval_resolution
@@ -79,9 +80,9 @@ class ImageMetricSuite:
             if m is None:
                 continue
             if m.kind not in FEATURE_KINDS:
-                raise ValueError(f"metrics.feature_metrics.{key}.kind: one of {FEATURE_KINDS}, got {m.kind!r}")
+                raise ConfigError(f"metrics.feature_metrics.{key}.kind: one of {FEATURE_KINDS}, got {m.kind!r}")
             if m.extractor not in (cfg.get("extractors") or {}):
-                raise ValueError(f"metrics.feature_metrics.{key}.extractor: {m.extractor!r} is not in "
+                raise ConfigError(f"metrics.feature_metrics.{key}.extractor: {m.extractor!r} is not in "
                                  f"metrics.extractors ({sorted(cfg.get('extractors') or {})})")
             self.feature_metrics[key] = m
         self._extractors: dict[str, FeatureExtractor] = {}
@@ -127,7 +128,7 @@ class ImageMetricSuite:
     def __call__(self, recons: torch.Tensor, gts: torch.Tensor) -> dict[str, np.ndarray]:
         """Per-image values ``{metric key: (n,) float64}`` in the order of :attr:`metric_keys`."""
         if recons.shape[0] != gts.shape[0]:
-            raise ValueError(f"{len(recons)} reconstructions but {len(gts)} ground-truth images")
+            raise ConfigError(f"{len(recons)} reconstructions but {len(gts)} ground-truth images")
         recons, gts = self.prepare(recons, "reconstructions"), self.prepare(gts, "ground truth")
         out: dict[str, np.ndarray] = {}
         if (self.cfg.get("pixcorr") or {}).get("enabled", False):

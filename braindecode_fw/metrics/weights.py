@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from braindecode_fw.errors import ConfigError
+
 
 class MissingWeightsError(FileNotFoundError):
     """Pretrained weights are not available locally (and may not be downloaded)."""
@@ -64,12 +66,12 @@ def load_state_dict_file(path: str | Path, *, what: str) -> dict[str, torch.Tens
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - report which file is unreadable
-        raise ValueError(f"{what}: cannot read weights {path} ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"{what}: cannot read weights {path} ({type(e).__name__}: {e})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{what}: {path} does not hold a state dict of tensors")
+        raise ConfigError(f"{what}: {path} does not hold a state dict of tensors")
     return state
 
 
@@ -103,7 +105,7 @@ def resolve_state_dict(
     ref = str(ref)
     if ref.startswith("torchvision:"):
         if not arch.startswith("torchvision:"):
-            raise ValueError(f"{config_key}: torchvision weights need a torchvision architecture, got {arch!r}")
+            raise ConfigError(f"{config_key}: torchvision weights need a torchvision architecture, got {arch!r}")
         from torchvision.models import get_model_weights
 
         name = ref.split(":", 1)[1]
@@ -111,7 +113,7 @@ def resolve_state_dict(
         try:
             weights = enum[name] if name != "DEFAULT" else enum.DEFAULT
         except KeyError:
-            raise ValueError(f"{config_key}: {arch} has no weights {name!r}; "
+            raise ConfigError(f"{config_key}: {arch} has no weights {name!r}; "
                              f"available: {[w.name for w in enum]} or DEFAULT") from None
         return load_state_dict_file(_cached_url(weights.url, what=what, download=download, config_key=config_key),
                                     what=what)
@@ -120,7 +122,7 @@ def resolve_state_dict(
     if ref.startswith("hf-hub:"):
         parts = ref.removeprefix("hf-hub:").split("/")
         if len(parts) < 3:
-            raise ValueError(f"{config_key}: hf-hub weights are 'hf-hub:<owner>/<repo>/<file>', got {ref!r}")
+            raise ConfigError(f"{config_key}: hf-hub weights are 'hf-hub:<owner>/<repo>/<file>', got {ref!r}")
         from huggingface_hub import hf_hub_download
 
         repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
@@ -152,9 +154,9 @@ def load_into(
     bad = [f"{k} {tuple(v.shape)} vs {tuple(mine[k].shape)}" for k, v in state.items()
            if k in mine and mine[k].shape != v.shape]
     if bad:
-        raise ValueError(f"{what}: weight shapes do not match the model: {bad[:3]}")
+        raise ConfigError(f"{what}: weight shapes do not match the model: {bad[:3]}")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(tuple(allowed_missing))]
     if missing:
-        raise ValueError(f"{what}: the weights lack {len(missing)} parameter(s) of the model, e.g. {missing[:3]} "
+        raise ConfigError(f"{what}: the weights lack {len(missing)} parameter(s) of the model, e.g. {missing[:3]} "
                          f"(wrong architecture for these weights?)")

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from braindecode_fw.errors import ConfigError, UnknownNameError
 from braindecode_fw.models.encoders import PostNormResidualBlock
 
 
@@ -42,7 +43,7 @@ class SubjectLinearAdapter(nn.Module):
         subjects = list(subjects)
         for s in dict.fromkeys(subjects):
             if s not in self.linears:
-                raise KeyError(f"no adapter for subject {s!r}; the model has {self.subjects}")
+                raise UnknownNameError(f"no adapter for subject {s!r}; the model has {self.subjects}")
             rows = torch.tensor([i for i, x in enumerate(subjects) if x == s], device=responses.device)
             x = responses.index_select(0, rows)[..., : self.n_features[s]]
             out = out.index_copy(0, rows, self.linears[s](self.dropout(x)).to(out.dtype))
@@ -57,7 +58,7 @@ def _route(x: torch.Tensor, subjects: Sequence[str], modules: Mapping[str, nn.Mo
     subjects = list(subjects)
     for s in dict.fromkeys(subjects):
         if s not in modules:
-            raise KeyError(f"no adapter for subject {s!r}; the model has {list(modules)}")
+            raise UnknownNameError(f"no adapter for subject {s!r}; the model has {list(modules)}")
         rows = torch.tensor([i for i, v in enumerate(subjects) if v == s], device=x.device)
         part = x.index_select(0, rows)
         if crop is not None:
@@ -125,7 +126,7 @@ class PooledSubjectEmbedder(nn.Module):
                  bottleneck: int = 128, dropout: float = 0.5):
         super().__init__()
         if pool not in ("max", "avg"):
-            raise ValueError(f"model.adapter.pool: 'max' or 'avg', got {pool!r}")
+            raise ConfigError(f"model.adapter.pool: 'max' or 'avg', got {pool!r}")
         self.n_features = dict(n_features)
         self.hidden, self.pool_size, self.pool_kind = hidden, pool_size, pool
         self.bottleneck, self.dropout_p = bottleneck, dropout
@@ -152,7 +153,7 @@ class PooledSubjectEmbedder(nn.Module):
         subjects = list(subjects)
         for s in dict.fromkeys(subjects):
             if s not in self.n_features:
-                raise KeyError(f"no adapter for subject {s!r}; the model has {self.subjects}")
+                raise UnknownNameError(f"no adapter for subject {s!r}; the model has {self.subjects}")
             rows = torch.tensor([i for i, v in enumerate(subjects) if v == s], device=responses.device)
             x = responses.index_select(0, rows)[:, None, : self.n_features[s]]
             pooled = pooled.index_copy(0, rows, fn(x, self.pool_size)[:, 0].to(pooled.dtype))

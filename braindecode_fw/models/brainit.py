@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from braindecode_fw.contracts import SAMPLED_INDEX_SUFFIX, SAMPLED_SCALE_SUFFIX
+from braindecode_fw.errors import ConfigError, UnknownNameError
 from braindecode_fw.losses import sample_scale_tokens
 from braindecode_fw.models.decoder import Decoder
 
@@ -71,7 +72,7 @@ class VoxelTokenEmbedding(nn.Module):
     def add_subject(self, subject: str, n_voxels: int, init: torch.Tensor | None = None) -> None:
         """Fresh (or ``init`` ``(n_voxels, dim)``) embeddings for ``subject``."""
         if init is not None and tuple(init.shape) != (n_voxels, self.dim):
-            raise ValueError(f"voxel embeddings of {subject!r}: init has shape {tuple(init.shape)}, expected "
+            raise ConfigError(f"voxel embeddings of {subject!r}: init has shape {tuple(init.shape)}, expected "
                              f"({n_voxels}, {self.dim})")
         value = init.detach().clone().float() if init is not None else torch.randn(n_voxels, self.dim) * (
             0.1 / (2 * math.sqrt(self.dim)))
@@ -80,7 +81,7 @@ class VoxelTokenEmbedding(nn.Module):
 
     def weight(self, subject: str) -> torch.Tensor:
         if subject not in self.n_features:
-            raise KeyError(f"no voxel embeddings for subject {subject!r}; the model has {self.subjects}")
+            raise UnknownNameError(f"no voxel embeddings for subject {subject!r}; the model has {self.subjects}")
         return self.embeddings[_safe_key(subject)]
 
 
@@ -159,7 +160,7 @@ class SelfAttentionBlock(nn.Module):
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = False, mlp_ratio: float = 4.0):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"model.heads: {heads} must divide model.dim={dim}")
+            raise ConfigError(f"model.heads: {heads} must divide model.dim={dim}")
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -229,7 +230,7 @@ class BrainInteractionTransformer(nn.Module):
                  dim: int = 512, heads: int = 8, depth: int = 5):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"model.dim ({dim}) must be divisible by model.heads ({heads})")
+            raise ConfigError(f"model.dim ({dim}) must be divisible by model.heads ({heads})")
         self.n_clusters, self.n_queries, self.out_dim = n_clusters, n_queries, out_dim
         self.voxels = VoxelTokenEmbedding(n_features, dim)
         self.tokenizer = BrainTokenizer(dim, n_clusters)
@@ -252,17 +253,17 @@ class BrainInteractionTransformer(nn.Module):
         buf = self.cluster_labels(subject, check=False)
         labels = torch.as_tensor(labels, dtype=torch.long)
         if labels.shape != buf.shape:
-            raise ValueError(f"cluster labels of {subject!r}: shape {tuple(labels.shape)}, the subject has "
+            raise ConfigError(f"cluster labels of {subject!r}: shape {tuple(labels.shape)}, the subject has "
                              f"{buf.shape[0]} voxels")
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.n_clusters):
-            raise ValueError(f"cluster labels of {subject!r} must lie in [0, {self.n_clusters}) "
+            raise ConfigError(f"cluster labels of {subject!r} must lie in [0, {self.n_clusters}) "
                              f"(model.n_clusters), got [{int(labels.min())}, {int(labels.max())}]")
         buf.copy_(labels)
 
     def cluster_labels(self, subject: str, check: bool = True) -> torch.Tensor:
         name = f"labels_{_safe_key(subject)}"
         if not hasattr(self, name):
-            raise KeyError(f"no voxel embeddings for subject {subject!r}; the model has {self.subjects}")
+            raise UnknownNameError(f"no voxel embeddings for subject {subject!r}; the model has {self.subjects}")
         buf = getattr(self, name)
         if check and len(buf) and int(buf.min()) < 0:
             raise RuntimeError(f"BIT: subject {subject!r} has no voxel clusters yet (stage 0 / "
@@ -279,7 +280,7 @@ class BrainInteractionTransformer(nn.Module):
             rows = torch.tensor([i for i, v in enumerate(subjects) if v == s], device=responses.device)
             n = self.voxels.n_features.get(s)
             if n is None:
-                raise KeyError(f"no voxel embeddings for subject {s!r}; the model has {self.subjects}")
+                raise UnknownNameError(f"no voxel embeddings for subject {s!r}; the model has {self.subjects}")
             labels, emb = self.cluster_labels(s), self.voxels.weight(s)
             values = responses.index_select(0, rows)[:, :n]
             if voxels_per_step is not None and voxels_per_step < n:
@@ -360,7 +361,7 @@ class BrainITDecoder(Decoder):
         only parameters Brain-IT's transfer trains (docs/methods/brainit.md §7). There is no adapter
         bias to start from (``init_bias_from`` must be None): :meth:`nearest_voxel_init` starts them."""
         if init_bias_from is not None:
-            raise ValueError("adaptation.init_bias_from: Brain-IT has no adapter bias; use adaptation.init: "
+            raise ConfigError("adaptation.init_bias_from: Brain-IT has no adapter bias; use adaptation.init: "
                              "nearest_voxel (adaptation=brainit_transfer)")
         prefixes = []
         for name, bit in self.branches.items():
@@ -381,7 +382,7 @@ class BrainITDecoder(Decoder):
         """Every branch's cluster labels per subject (``labels[s]`` ``(V_s,)``)."""
         for s in self.subjects:
             if s not in labels:
-                raise KeyError(f"voxel clusters: no labels for subject {s!r}; they cover {sorted(labels)}")
+                raise UnknownNameError(f"voxel clusters: no labels for subject {s!r}; they cover {sorted(labels)}")
             for bit in self.branches.values():
                 bit.set_cluster_labels(s, torch.as_tensor(labels[s]))
 
@@ -439,13 +440,13 @@ def build_brainit_decoder(
 
     active = {name: dict(spec) for name, spec in branches.items() if spec is not None}
     if not active:
-        raise ValueError("model.branches: no branch configured (semantic and/or lowlevel)")
+        raise ConfigError("model.branches: no branch configured (semantic and/or lowlevel)")
     bits, targets, sampling, pooled = {}, {}, {}, set()
     for name, spec in active.items():
         target = spec.get("target")
         shape = tuple(int(d) for d in target_shapes.get(target, ()))
         if target not in target_shapes or len(shape) not in (1, 2):
-            raise ValueError(f"model.branches.{name}.target: {target!r} must be a token target (N, W) or an "
+            raise ConfigError(f"model.branches.{name}.target: {target!r} must be a token target (N, W) or an "
                              f"embedding (D,) of the run; targets {({k: tuple(v) for k, v in target_shapes.items()})}")
         if len(shape) == 1:  # one learned query reads the embedding (e.g. a pooled CLIP image embedding)
             pooled.add(name)
@@ -455,12 +456,12 @@ def build_brainit_decoder(
         targets[name] = target
         ts = spec.get("token_sampling")
         if ts is not None and name in pooled:
-            raise ValueError(f"model.branches.{name}.token_sampling: the target {target!r} is an embedding "
+            raise ConfigError(f"model.branches.{name}.token_sampling: the target {target!r} is an embedding "
                              f"{tuple(target_shapes[target])}, not tokens to sample")
         if ts is not None:
             sizes = list(ts.get("scale_sizes") or scale_sizes(int(ts["image_size"])))
             if sum(sizes) != shape[0]:
-                raise ValueError(f"model.branches.{name}.token_sampling: the scales hold {sum(sizes)} tokens "
+                raise ConfigError(f"model.branches.{name}.token_sampling: the scales hold {sum(sizes)} tokens "
                                  f"({sizes}), the target {target!r} has {shape[0]}")
             sampling[name] = (sizes, list(ts["per_scale"]))
     stage0 = dict(stage0 or {})
@@ -468,11 +469,11 @@ def build_brainit_decoder(
     if universal_encoder is not None:
         feature = stage0.get("features")
         if feature not in target_shapes:
-            raise ValueError(f"model.stage0.features: {feature!r} is not a target of the run; targets "
+            raise ConfigError(f"model.stage0.features: {feature!r} is not a target of the run; targets "
                              f"{sorted(target_shapes)} (add it under extra_targets)")
         fshape = tuple(int(d) for d in target_shapes[feature])
         if len(fshape) not in (2, 3):
-            raise ValueError(f"model.stage0.features: {feature!r} must be image tokens (T, C) or (L, T, C), got "
+            raise ConfigError(f"model.stage0.features: {feature!r} must be image tokens (T, C) or (L, T, C), got "
                              f"{fshape}")
         layers, tokens, width = (1, *fshape) if len(fshape) == 2 else fshape
         config = UniversalEncoderConfig.from_mapping({**dict(universal_encoder), "in_dim": width, "n_layers": layers,

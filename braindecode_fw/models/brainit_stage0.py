@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from braindecode_fw.errors import ConfigError, UnknownNameError
 from braindecode_fw.io import atomic_write_json
 from braindecode_fw.models.universal_encoder import (
     fit_universal_encoder,
@@ -58,14 +59,14 @@ def configure(decoder, datamodule, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"clusters": clusters, "report": {"loaded_from": str(load_from)}, "encoder": decoder.universal_encoder}
     encoder = decoder.universal_encoder
     if encoder is None:
-        raise ValueError("model.stage0: the decoder has no universal encoder (model.universal_encoder) and no "
+        raise ConfigError("model.stage0: the decoder has no universal encoder (model.universal_encoder) and no "
                          "saved clustering (model.stage0.load_from)")
     feature = cfg["features"]
     if feature not in datamodule.target_shapes:
-        raise KeyError(f"model.stage0.features: {feature!r} is not a target of this run; it trains "
+        raise UnknownNameError(f"model.stage0.features: {feature!r} is not a target of this run; it trains "
                        f"{sorted(datamodule.target_shapes)} (add it under extra_targets)")
     if feature in getattr(datamodule, "online_targets", ()):
-        raise ValueError(f"model.stage0.features: {feature!r} is computed online (data.online_targets); stage 0 "
+        raise ConfigError(f"model.stage0.features: {feature!r} is computed online (data.online_targets); stage 0 "
                          f"reads stored targets: remove it from data.online_targets")
     start = time.perf_counter()
     has_val = datamodule.has_split("val")
@@ -126,10 +127,10 @@ def load(decoder, folder: str | Path) -> VoxelClusters:
     clusters = VoxelClusters.load(folder / CLUSTERS_FILE)
     for s in decoder.subjects:
         if s not in clusters.labels:
-            raise KeyError(f"model.stage0.load_from: {folder / CLUSTERS_FILE} has no clusters for subject {s!r}; "
+            raise UnknownNameError(f"model.stage0.load_from: {folder / CLUSTERS_FILE} has no clusters for subject {s!r}; "
                            f"it covers {clusters.subjects}")
     if clusters.n_clusters != decoder.n_clusters:
-        raise ValueError(f"model.stage0.load_from: {folder / CLUSTERS_FILE} has {clusters.n_clusters} clusters, "
+        raise ConfigError(f"model.stage0.load_from: {folder / CLUSTERS_FILE} has {clusters.n_clusters} clusters, "
                          f"model.n_clusters is {decoder.n_clusters}")
     decoder.set_clusters({s: torch.from_numpy(clusters.labels[s]) for s in decoder.subjects})
     weights = folder / ENCODER_FILE
@@ -140,7 +141,7 @@ def load(decoder, folder: str | Path) -> VoxelClusters:
         missing, unexpected = decoder.universal_encoder.load_state_dict(state, strict=False)
         wrong = [k for k in missing if not k.startswith("voxel_embeddings.")] + list(unexpected)
         if wrong:
-            raise ValueError(f"model.stage0.load_from: {weights} does not fit model.universal_encoder "
+            raise ConfigError(f"model.stage0.load_from: {weights} does not fit model.universal_encoder "
                              f"(mismatched keys {wrong[:5]})")
     if decoder.universal_encoder is not None:
         decoder.universal_encoder.requires_grad_(False).eval()
@@ -183,7 +184,7 @@ def transfer_initialise(decoder, subject: str, datamodule, spec: dict[str, Any])
     done (epochs, validation voxel r, how the new voxels spread over the reference subjects)."""
     encoder = decoder.universal_encoder
     if encoder is None:
-        raise ValueError("adaptation.init: nearest_voxel needs the checkpoint's universal encoder (Brain-IT stage 0); "
+        raise ConfigError("adaptation.init: nearest_voxel needs the checkpoint's universal encoder (Brain-IT stage 0); "
                          "this decoder has none")
     feature = decoder.stage0.get("features")
     references = [s for s in decoder.subjects if s != subject]

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from braindecode_fw.errors import ConfigError, UnknownNameError
+
 # ---------------------------------------------------------------------------------------------
 # Coordinates
 
@@ -37,7 +39,7 @@ def _ras_axes(voxel_ijk: np.ndarray, affine: np.ndarray | None) -> np.ndarray:
     rot = np.asarray(affine, dtype=np.float64)[:3, :3]
     world_axis = np.abs(rot).argmax(0)  # world axis of each voxel axis
     if sorted(world_axis.tolist()) != [0, 1, 2]:
-        raise ValueError(f"affine: its voxel axes do not map to distinct world axes ({affine.tolist()})")
+        raise ConfigError(f"affine: its voxel axes do not map to distinct world axes ({affine.tolist()})")
     out = np.empty_like(ijk)
     for axis in range(3):
         out[:, world_axis[axis]] = ijk[:, axis] * np.sign(rot[world_axis[axis], axis])
@@ -62,7 +64,7 @@ def flatten_volume(voxel_ijk: np.ndarray, affine: np.ndarray | None = None, midl
     """
     ras = _ras_axes(voxel_ijk, affine)
     if ras.ndim != 2 or ras.shape[1] != 3 or len(ras) == 0:
-        raise ValueError(f"voxel_ijk: expected (V >= 1, 3) voxel indices, got shape {np.shape(voxel_ijk)}")
+        raise ConfigError(f"voxel_ijk: expected (V >= 1, 3) voxel indices, got shape {np.shape(voxel_ijk)}")
     lr, ap, si = ras.T
     if midline is None:
         midline = (lr.min() + lr.max()) / 2
@@ -96,11 +98,11 @@ def coordinates_from_geometry(coordinates: np.ndarray, size: int | tuple[int, in
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     c = np.asarray(coordinates)
     if c.ndim != 2 or c.shape[1] not in (2, 3) or len(c) == 0:
-        raise ValueError(f"coordinates: expected (V, 3) voxel indices or (V, 2) flat-map coordinates, got shape "
+        raise ConfigError(f"coordinates: expected (V, 3) voxel indices or (V, 2) flat-map coordinates, got shape "
                          f"{c.shape}")
     margin = max(min(h, w) // 32, 0) if margin is None else int(margin)
     if 2 * margin >= min(h, w):
-        raise ValueError(f"margin: {margin} px leaves no room on a {h}×{w} map")
+        raise ConfigError(f"margin: {margin} px leaves no room on a {h}×{w} map")
     xy = flatten_volume(c, affine, midline) if c.shape[1] == 3 else normalise_flat_coordinates(c)
     col = margin + xy[:, 0] * (w - 1 - 2 * margin)
     row = margin + (1 - xy[:, 1]) * (h - 1 - 2 * margin)
@@ -130,7 +132,7 @@ class CorticalProjection(nn.Module):
     def __init__(self, n_features: Mapping[str, int], size: int | tuple[int, int] = 256, fill_radius: float = 0.0):
         super().__init__()
         if not n_features:
-            raise ValueError("CorticalProjection: no subjects (n_features is empty)")
+            raise ConfigError("CorticalProjection: no subjects (n_features is empty)")
         self.n_features = {str(s): int(n) for s, n in n_features.items()}
         self.subjects = list(self.n_features)
         self._index = {s: i for i, s in enumerate(self.subjects)}
@@ -147,7 +149,7 @@ class CorticalProjection(nn.Module):
         try:
             return torch.tensor([self._index[s] for s in subjects], device=device, dtype=torch.long)
         except KeyError as e:
-            raise KeyError(f"CorticalProjection: unknown subject {e.args[0]!r}; the model knows {self.subjects}") from None
+            raise UnknownNameError(f"CorticalProjection: unknown subject {e.args[0]!r}; the model knows {self.subjects}") from None
 
     def is_configured(self, subject: str) -> bool:
         return bool(self.configured[self._index[subject]])
@@ -155,14 +157,14 @@ class CorticalProjection(nn.Module):
     def set_pixels(self, subject: str, pixels: np.ndarray | torch.Tensor) -> None:
         """One subject's ``(V, 2)`` integer ``(row, col)`` pixels (:func:`coordinates_from_geometry`)."""
         if subject not in self._index:
-            raise KeyError(f"CorticalProjection: unknown subject {subject!r}; the model knows {self.subjects}")
+            raise UnknownNameError(f"CorticalProjection: unknown subject {subject!r}; the model knows {self.subjects}")
         px = torch.as_tensor(np.asarray(pixels), dtype=torch.long).cpu()
         h, w = self.size
         n = self.n_features[subject]
         if px.shape != (n, 2):
-            raise ValueError(f"{subject}: pixels must be ({n}, 2) (row, col), one per voxel; got {tuple(px.shape)}")
+            raise ConfigError(f"{subject}: pixels must be ({n}, 2) (row, col), one per voxel; got {tuple(px.shape)}")
         if px.min() < 0 or (px[:, 0] >= h).any() or (px[:, 1] >= w).any():
-            raise ValueError(f"{subject}: pixels outside the {h}×{w} map")
+            raise ConfigError(f"{subject}: pixels outside the {h}×{w} map")
         i = self._index[subject]
         flat = px[:, 0] * w + px[:, 1]
         count = torch.bincount(flat, minlength=h * w).float()
@@ -191,7 +193,7 @@ class CorticalProjection(nn.Module):
     def forward(self, responses: torch.Tensor, subjects: Sequence[str]) -> torch.Tensor:
         """``(B, F)`` (``F`` ≤ ``F_max``) -> ``(B, 1, H, W)``."""
         if responses.ndim != 2:
-            raise ValueError(f"CorticalProjection: expected (B, voxels) responses, got {tuple(responses.shape)}")
+            raise ConfigError(f"CorticalProjection: expected (B, voxels) responses, got {tuple(responses.shape)}")
         idx = self.subject_index(subjects, responses.device)
         if not bool(self.configured[idx].all()):
             missing = sorted({s for s in subjects if not self.is_configured(s)})
@@ -199,7 +201,7 @@ class CorticalProjection(nn.Module):
                                f"set_coordinates) first")
         f = responses.shape[1]
         if f > self.pixel_index.shape[1]:
-            raise ValueError(f"CorticalProjection: {f} voxels per row, the largest subject has {self.pixel_index.shape[1]}")
+            raise ConfigError(f"CorticalProjection: {f} voxels per row, the largest subject has {self.pixel_index.shape[1]}")
         pix = self.pixel_index[idx, :f]
         valid = pix >= 0
         x = torch.where(valid, responses, torch.zeros((), dtype=responses.dtype, device=responses.device))

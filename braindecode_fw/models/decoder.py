@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from braindecode_fw.contracts import LOWLEVEL_AUX_TOKENS, aux_loss_key, backbone_key, is_aux_loss
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.models.adapters import SubjectLinearAdapter
 
 
@@ -114,7 +115,7 @@ class Decoder(nn.Module):
     def set_clusters(self, labels: Mapping[str, torch.Tensor]) -> None:
         """Every subject's cluster labels ``labels[s]`` ``(V_s,)`` in ``[0, n_clusters)``; only decoders
         with :attr:`n_clusters` take them."""
-        raise ValueError(f"{type(self).__name__} has no voxel clusters to set")
+        raise ConfigError(f"{type(self).__name__} has no voxel clusters to set")
 
     @property
     def uses_voxel_coordinates(self) -> bool:
@@ -126,7 +127,7 @@ class Decoder(nn.Module):
         """Place ``subject``'s voxels by ``coordinates``: ``(V, 3)`` voxel indices or ``(V, 2)`` flat-map
         coordinates (NeuroPictor: :meth:`~braindecode_fw.models.cortical_map.CorticalProjection.set_coordinates`).
         Only decoders with :attr:`uses_voxel_coordinates` take them."""
-        raise ValueError(f"{type(self).__name__} does not place voxels by coordinates")
+        raise ConfigError(f"{type(self).__name__} does not place voxels by coordinates")
 
     # -- a new subject (bdf-adapt, tasks/adapt.py) -------------------------------------------------
 
@@ -153,16 +154,16 @@ class Decoder(nn.Module):
         MindBridge adds a builder (:class:`BridgeDecoder`), Brain-IT voxel embeddings."""
         adapter = self.subject_adapter
         if adapter is None:
-            raise ValueError(f"bdf-adapt: {type(self).__name__} has no subject adapter to extend (the MEG brain "
+            raise ConfigError(f"bdf-adapt: {type(self).__name__} has no subject adapter to extend (the MEG brain "
                              f"module's subject layers are trained jointly: bdf-train with the subject in data.subjects)")
         if not hasattr(adapter, "add_subject"):  # adapters are plain modules: the one duck-typed check left
-            raise ValueError(f"model.adapter: {type(adapter).__name__} cannot add subjects")
+            raise ConfigError(f"model.adapter: {type(adapter).__name__} cannot add subjects")
         adapter.add_subject(subject, n_features)
         prefixes = [f"adapter.{name}.{subject}." for name in ("linears", "embedders", "mlps")]
         if init_bias_from is not None:
             linear = self.linear_adapter
             if linear is None:
-                raise ValueError("adaptation.init_bias_from: only a linear (ridge) adapter has a bias to copy")
+                raise ConfigError("adaptation.init_bias_from: only a linear (ridge) adapter has a bias to copy")
             with torch.no_grad():
                 linear.linears[subject].bias.copy_(linear.linears[init_bias_from].bias)
         return prefixes
@@ -172,7 +173,7 @@ class Decoder(nn.Module):
         parts from the nearest voxels of the checkpoint's subjects (Brain-IT's transfer,
         docs/methods/brainit.md §7; ``spec`` is ``adaptation.nearest_voxel``). Returns what was done;
         only Brain-IT implements it."""
-        raise ValueError(f"adaptation.init: nearest_voxel is Brain-IT's transfer (model=brainit); the "
+        raise ConfigError(f"adaptation.init: nearest_voxel is Brain-IT's transfer (model=brainit); the "
                          f"checkpoint's decoder is {type(self).__name__}")
 
 
@@ -232,7 +233,7 @@ class BridgeDecoder(Decoder):
         cannot be adapted this way."""
         if self.builder is None:
             # MindBridge adapts from a multi-subject model: the cycle loss needs a source subject's builder
-            raise ValueError("bdf-adapt: the MindBridge checkpoint has one subject and no builders; adapt "
+            raise ConfigError("bdf-adapt: the MindBridge checkpoint has one subject and no builders; adapt "
                              "from a model trained on at least two subjects (data.subjects)")
         prefixes = super().add_subject(subject, n_features, init_bias_from)
         self.builder.add_subject(subject)
@@ -322,7 +323,7 @@ class TokenDecoder(Decoder):
     @torch.no_grad()
     def sample_prior(self, backbone: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.prior is None:
-            raise ValueError("model.prior: this decoder has no diffusion prior")
+            raise ConfigError("model.prior: this decoder has no diffusion prior")
         return self.prior.sample(backbone, generator=generator)
 
 
@@ -347,19 +348,19 @@ def build_token_decoder(
     trained too. ``token_head`` (a partial taking ``hidden, n_tokens, width``) defaults to
     MindEye2's linear map."""
     if target not in target_shapes or len(target_shapes[target]) != 2:
-        raise ValueError(f"model.target: {target!r} must be a token target (T, W); targets {dict(target_shapes)}")
+        raise ConfigError(f"model.target: {target!r} must be a token target (T, W); targets {dict(target_shapes)}")
     n_tokens, width = (int(v) for v in target_shapes[target])
     low = None
     if lowlevel is not None and lowlevel_target in target_shapes:
         aux_dim = None
         if lowlevel_teacher in target_shapes:
             if len(target_shapes[lowlevel_teacher]) != 2:
-                raise ValueError(f"model.lowlevel_teacher: {lowlevel_teacher!r} must be tokens (N, C), got "
+                raise ConfigError(f"model.lowlevel_teacher: {lowlevel_teacher!r} must be tokens (N, C), got "
                                  f"{tuple(target_shapes[lowlevel_teacher])}")
             aux_dim = int(target_shapes[lowlevel_teacher][-1])
         low = lowlevel(hidden=hidden, latent_shape=tuple(target_shapes[lowlevel_target]), aux_dim=aux_dim)
         if aux_dim is not None and low.seed ** 2 != target_shapes[lowlevel_teacher][0]:
-            raise ValueError(f"model.lowlevel_teacher: the auxiliary head makes {low.seed ** 2} tokens "
+            raise ConfigError(f"model.lowlevel_teacher: the auxiliary head makes {low.seed ** 2} tokens "
                              f"({low.seed}×{low.seed}); the teacher {lowlevel_teacher!r} has "
                              f"{target_shapes[lowlevel_teacher][0]}")
     head = (token_head(hidden=hidden, n_tokens=n_tokens, width=width) if token_head is not None

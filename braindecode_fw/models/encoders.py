@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from braindecode_fw.errors import ConfigError
+
 
 class ResidualMLPBlock(nn.Module):
     """``x + Dropout(W2 · GELU(W1 · LayerNorm(x)))`` on ``(..., hidden)`` (MindEye2 mixer block,
@@ -91,7 +93,7 @@ class MindEye2Trunk(nn.Module):
     def __init__(self, hidden: int, n_blocks: int = 4, dropout: float = 0.15, trunk: str = "as_released"):
         super().__init__()
         if trunk not in TRUNKS:
-            raise ValueError(f"model.encoder.trunk: one of {list(TRUNKS)}, got {trunk!r}")
+            raise ConfigError(f"model.encoder.trunk: one of {list(TRUNKS)}, got {trunk!r}")
         self.hidden, self.trunk, self.seq_len = hidden, trunk, 1
         self.mixer_blocks1 = nn.ModuleList(self._mixer(hidden, dropout) for _ in range(n_blocks))
         self.mixer_blocks2 = (nn.ModuleList(self._mixer(self.seq_len, dropout) for _ in range(n_blocks))

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from braindecode_fw.errors import ConfigError
+
 
 class ProjectionHead(nn.Module):
     """``(..., hidden) -> (..., *target_shape)``: a linear map to the flattened target (MindEye2's
@@ -72,11 +74,11 @@ class TokenAttentionHead(nn.Module):
                  logit_scale: str = "inverse_sqrt"):
         super().__init__()
         if logit_scale not in ("inverse_sqrt", "sqrt"):
-            raise ValueError(f"model.token_head.logit_scale: 'inverse_sqrt' or 'sqrt', got {logit_scale!r}")
+            raise ConfigError(f"model.token_head.logit_scale: 'inverse_sqrt' or 'sqrt', got {logit_scale!r}")
         attention_dim = attention_dim or width
         mlp_dim = mlp_dim or 2 * width
         if attention_dim % heads:
-            raise ValueError(f"model.token_head: attention_dim {attention_dim} is not divisible by heads {heads}")
+            raise ConfigError(f"model.token_head: attention_dim {attention_dim} is not divisible by heads {heads}")
         self.n_tokens, self.token_dim, self.heads = n_tokens, token_dim, heads
         self.attention_dropout = attention_dropout
         head_dim = attention_dim // heads
@@ -117,7 +119,7 @@ class LowLevelHead(nn.Module):
         c, s, s2 = (int(v) for v in latent_shape)
         factor = 2 ** (len(up_channels) - 1)
         if s != s2 or s % factor:
-            raise ValueError(f"model.lowlevel.latent_shape: a square latent divisible by {factor}, got {latent_shape}")
+            raise ConfigError(f"model.lowlevel.latent_shape: a square latent divisible by {factor}, got {latent_shape}")
         self.seed = s // factor
         self.channels = channels
         self.linear = nn.Linear(hidden, channels * self.seed ** 2)

@@ -27,6 +27,7 @@ from torch import nn
 
 from braindecode_fw.contracts import REGRESSION_PREFIX  # also importable from here, its old home
 from braindecode_fw.data.meg_layout import MISSING_POSITION, valid_positions
+from braindecode_fw.errors import ConfigError, UnknownNameError
 from braindecode_fw.losses import ClipMSELoss  # noqa: F401  (moved to losses.py; old import path kept)
 from braindecode_fw.models.decoder import Decoder
 
@@ -43,7 +44,7 @@ def fourier_positions(positions: torch.Tensor, n_harmonics: int = 32, margin: fl
     non-periodic over the ``[0, 1]²`` square (positions are min-max normalised per axis).
     """
     if positions.shape[-1] != 2:
-        raise ValueError(f"positions: last dimension must be 2 (x, y), got shape {tuple(positions.shape)}")
+        raise ConfigError(f"positions: last dimension must be 2 (x, y), got shape {tuple(positions.shape)}")
     width = 1.0 + 2.0 * margin
     freqs = torch.arange(n_harmonics, device=positions.device, dtype=positions.dtype)
     x = (positions[..., 0] + margin)[..., None, None]  # (..., C, 1, 1)
@@ -104,7 +105,7 @@ class SpatialAttention(nn.Module):
         bool -> ``(B, n_out, T)``."""
         b, c = x.shape[:2]
         if positions.shape[-2] != c:
-            raise ValueError(f"positions has {positions.shape[-2]} channels, the input {c}")
+            raise ConfigError(f"positions has {positions.shape[-2]} channels, the input {c}")
         if valid is None:
             valid = (positions >= 0).all(-1)
         valid = valid.to(x.device, torch.bool).expand(b, c)
@@ -128,11 +129,11 @@ class SubjectLayers(nn.Module):
     def __init__(self, channels: int, subjects: Sequence[str], init: str = "randn"):
         super().__init__()
         if init not in ("randn", "identity"):
-            raise ValueError(f"SubjectLayers init: 'randn' or 'identity', got {init!r}")
+            raise ConfigError(f"SubjectLayers init: 'randn' or 'identity', got {init!r}")
         self.channels, self.init = channels, init
         self.subjects = list(subjects)
         if len(set(self.subjects)) != len(self.subjects):
-            raise ValueError(f"SubjectLayers: duplicate subject ids in {self.subjects}")
+            raise ConfigError(f"SubjectLayers: duplicate subject ids in {self.subjects}")
         self.weights = nn.Parameter(torch.stack([self._init_matrix() for _ in self.subjects]))
 
     def _init_matrix(self) -> torch.Tensor:
@@ -145,20 +146,20 @@ class SubjectLayers(nn.Module):
         lookup = {s: i for i, s in enumerate(self.subjects)}
         missing = [s for s in dict.fromkeys(subjects) if s not in lookup]
         if missing:
-            raise KeyError(f"no subject layer for subject {missing[0]!r}; the model has {self.subjects}")
+            raise UnknownNameError(f"no subject layer for subject {missing[0]!r}; the model has {self.subjects}")
         return torch.tensor([lookup[s] for s in subjects], dtype=torch.long, device=device)
 
     def add_subject(self, subject: str) -> None:
         """Append a freshly initialised matrix (adaptation); rebuild the optimizer afterwards."""
         if subject in self.subjects:
-            raise ValueError(f"subject {subject!r} already has a subject layer")
+            raise ConfigError(f"subject {subject!r} already has a subject layer")
         new = self._init_matrix().to(self.weights)[None]
         self.weights = nn.Parameter(torch.cat([self.weights.detach(), new]))
         self.subjects.append(subject)
 
     def forward(self, x: torch.Tensor, subjects: Sequence[str]) -> torch.Tensor:
         if len(subjects) != len(x):
-            raise ValueError(f"{len(subjects)} subject ids for a batch of {len(x)}")
+            raise ConfigError(f"{len(subjects)} subject ids for a batch of {len(x)}")
         w = self.weights.index_select(0, self.subject_index(subjects, x.device))  # (B, C, D)
         return torch.einsum("bct,bcd->bdt", x, w.to(x.dtype))
 
@@ -182,7 +183,7 @@ class DilatedConvStack(nn.Module):
                  dilation_growth: int = 2, dilation_period: int = 5, glu_every: int = 2, glu_context: int = 1):
         super().__init__()
         if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd (same-length output), got {kernel_size}")
+            raise ConfigError(f"kernel_size must be odd (same-length output), got {kernel_size}")
         self.kernel_size, self.glu_context = kernel_size, glu_context
         self.dilations = [dilation_growth ** (k % dilation_period) for k in range(depth)]
         self.glu_after = [k for k in range(depth) if glu_every and (k + 1) % glu_every == 0]
@@ -230,13 +231,13 @@ class TemporalAggregation(nn.Module):
     def __init__(self, kind: str = "affine", n_times: int = 181, channels: int | None = None, hidden: int = 256):
         super().__init__()
         if kind not in self.KINDS:
-            raise ValueError(f"temporal aggregation: one of {self.KINDS}, got {kind!r}")
+            raise ConfigError(f"temporal aggregation: one of {self.KINDS}, got {kind!r}")
         self.kind, self.n_times = kind, n_times
         if kind == "affine":
             self.linear = nn.Linear(n_times, 1)
         elif kind == "attention":
             if channels is None:
-                raise ValueError("temporal aggregation 'attention' needs `channels` (the feature dimension)")
+                raise ConfigError("temporal aggregation 'attention' needs `channels` (the feature dimension)")
             self.proj = nn.Linear(channels, hidden)
             self.score = nn.Linear(hidden, 1, bias=False)
 
@@ -245,7 +246,7 @@ class TemporalAggregation(nn.Module):
             return x.mean(-1)
         if self.kind == "affine":
             if x.shape[-1] != self.n_times:
-                raise ValueError(f"affine temporal aggregation built for {self.n_times} samples, got {x.shape[-1]}")
+                raise ConfigError(f"affine temporal aggregation built for {self.n_times} samples, got {x.shape[-1]}")
             return self.linear(x).squeeze(-1)
         h = x.transpose(1, 2)  # (B, T, F')
         alpha = self.score(torch.tanh(self.proj(h))).softmax(1)  # (B, T, 1)
@@ -303,7 +304,7 @@ class MEGBrainModule(nn.Module):
         self.aggregation = (TemporalAggregation(aggregation, n_times, backbone_out, attention_hidden)
                             if aggregation is not None else None)
         if self.aggregation is not None and out_dim is None:
-            raise ValueError("MEGBrainModule: out_dim is required when aggregation is set")
+            raise ConfigError("MEGBrainModule: out_dim is required when aggregation is set")
         self.heads = nn.ModuleDict({name: MEGHead(backbone_out, out_dim) for name in heads}
                                    if self.aggregation is not None else {})
         if positions is not None:
@@ -325,10 +326,10 @@ class MEGBrainModule(nn.Module):
                  valid: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, C, T) -> (B, F', T)``: spatial attention, 1×1 conv, subject layer, conv stack, 1×1 head."""
         if meg.ndim != 3 or meg.shape[1] != self.n_sensors:
-            raise ValueError(f"meg: expected (B, {self.n_sensors}, T), got {tuple(meg.shape)}")
+            raise ConfigError(f"meg: expected (B, {self.n_sensors}, T), got {tuple(meg.shape)}")
         if positions is None:
             if self.positions is None:
-                raise ValueError("MEGBrainModule: pass `positions` (no default positions were given)")
+                raise ConfigError("MEGBrainModule: pass `positions` (no default positions were given)")
             positions = self.positions
         x = self.spatial(meg, positions.to(meg.device), valid, generator)
         x = self.subject_layers(self.initial(x), subjects)
@@ -372,7 +373,7 @@ class MEGDecoder(Decoder):
                  n_features: Mapping[str, int], regression_heads: bool = True):
         nn.Module.__init__(self)
         if module.aggregation is None:
-            raise ValueError("MEGDecoder: the brain module needs a temporal aggregation (model.aggregation)")
+            raise ConfigError("MEGDecoder: the brain module needs a temporal aggregation (model.aggregation)")
         self.module = module
         self.n_features = {str(s): int(n) for s, n in n_features.items()}
         self.target_shapes = {name: tuple(int(d) for d in shape) for name, shape in target_shapes.items()}
@@ -397,7 +398,7 @@ class MEGDecoder(Decoder):
         pos = torch.as_tensor(positions, dtype=torch.float32)
         i = self.module.subject_layers.subject_index([subject])[0]
         if pos.ndim != 2 or pos.shape[1] != 2 or len(pos) > self.module.n_sensors:
-            raise ValueError(f"{subject}: sensor positions must be (C <= {self.module.n_sensors}, 2), got {tuple(pos.shape)}")
+            raise ConfigError(f"{subject}: sensor positions must be (C <= {self.module.n_sensors}, 2), got {tuple(pos.shape)}")
         self.sensor_positions[i] = MISSING_POSITION
         self.sensor_valid[i] = False
         self.sensor_positions[i, : len(pos)] = pos.to(self.sensor_positions)
@@ -407,14 +408,14 @@ class MEGDecoder(Decoder):
         """Sensor positions of every subject from the prepared store; checks modality and window length."""
         store = datamodule.store
         if store is None or store.modality != "meg":
-            raise ValueError(f"model: the MEG brain module needs an MEG dataset; {datamodule.store_path} holds "
+            raise ConfigError(f"model: the MEG brain module needs an MEG dataset; {datamodule.store_path} holds "
                              f"{getattr(store, 'modality', 'no')} data (use dataset=synthetic_meg or things_meg)")
         for s in self.module.subjects:
             if s not in store.subjects:
                 continue
             shape = store.subjects[s].responses.shape[1:]
             if shape[1] != self.module.n_times:
-                raise ValueError(f"model.n_times={self.module.n_times} but {s}'s windows in {datamodule.store_path} "
+                raise ConfigError(f"model.n_times={self.module.n_times} but {s}'s windows in {datamodule.store_path} "
                                  f"have {shape[1]} samples; set model.n_times={shape[1]}")
             self.set_sensor_positions(s, store.subjects[s].sensor_geometry()["positions"])
 
@@ -422,10 +423,10 @@ class MEGDecoder(Decoder):
                 targets: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """``(B, C, T)`` -> outputs; ``C`` is padded up to the model's sensor count."""
         if responses.ndim != 3:
-            raise ValueError(f"MEGDecoder: expected (B, sensors, times) responses, got {tuple(responses.shape)}")
+            raise ConfigError(f"MEGDecoder: expected (B, sensors, times) responses, got {tuple(responses.shape)}")
         missing = self.module.n_sensors - responses.shape[1]
         if missing < 0:
-            raise ValueError(f"MEGDecoder: {responses.shape[1]} sensors, the model has {self.module.n_sensors}")
+            raise ConfigError(f"MEGDecoder: {responses.shape[1]} sensors, the model has {self.module.n_sensors}")
         x = F.pad(responses, (0, 0, 0, missing)) if missing else responses
         idx = self.module.subject_layers.subject_index(subjects, x.device)
         features = self.module.backbone(x, subjects, self.sensor_positions[idx], self.sensor_valid[idx])

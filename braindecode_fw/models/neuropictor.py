@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from braindecode_fw.contracts import CONTROL_MAP, MAIN_SUFFIX, aux_loss_key
+from braindecode_fw.errors import ConfigError, MissingFileError, UnknownNameError
 from braindecode_fw.io import atomic_write_dir
 from braindecode_fw.models.brainit import SelfAttentionBlock
 from braindecode_fw.models.cortical_map import CorticalProjection
@@ -53,7 +54,7 @@ def sincos_position_embedding_2d(dim: int, grid: int) -> torch.Tensor:
     channels encode the row, half the column, each as ``[sin(p·ω_k), cos(p·ω_k)]`` with
     ``ω_k = 10000^(-k/(dim/4))`` (the MAE / fMRI-PTE construction; patches row-major)."""
     if dim % 4:
-        raise ValueError(f"model.dim: the 2-D sin-cos position embedding needs a multiple of 4, got {dim}")
+        raise ConfigError(f"model.dim: the 2-D sin-cos position embedding needs a multiple of 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     pos = torch.arange(grid, dtype=torch.float64)
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")
@@ -92,7 +93,7 @@ class FMRIViTEncoder(nn.Module):
                  mlp_ratio: float = 4.0):
         super().__init__()
         if map_size % patch:
-            raise ValueError(f"model.patch: {patch} must divide model.map_size={map_size}")
+            raise ConfigError(f"model.patch: {patch} must divide model.map_size={map_size}")
         self.grid = map_size // patch
         self.n_tokens = 1 + self.grid ** 2
         self.patch_embed = PatchEmbed2D(patch, dim)
@@ -219,7 +220,7 @@ class NeuroPictorDiffusionLoss(nn.Module):
         from diffusers import ControlNetModel, DDPMScheduler
 
         if not 0.0 <= cond_dropout <= 1.0:
-            raise ValueError(f"model.diffusion.cond_dropout: a probability in [0, 1], got {cond_dropout}")
+            raise ConfigError(f"model.diffusion.cond_dropout: a probability in [0, 1], got {cond_dropout}")
         self.unet = unet.requires_grad_(False).eval()
         if controlnet is None:
             controlnet = ControlNetModel.from_unet(unet)
@@ -234,7 +235,7 @@ class NeuroPictorDiffusionLoss(nn.Module):
         width = int(unet.config.cross_attention_dim)
         uncond = torch.zeros(text_tokens, width) if uncond is None else torch.as_tensor(uncond, dtype=torch.float32)
         if uncond.shape != (text_tokens, width):
-            raise ValueError(f"model.diffusion.uncond: expected ({text_tokens}, {width}), got {tuple(uncond.shape)}")
+            raise ConfigError(f"model.diffusion.uncond: expected ({text_tokens}, {width}), got {tuple(uncond.shape)}")
         self.register_buffer("uncond", uncond)
         self._unet_keys = {"unet." + k for k in unet.state_dict()}
         self.register_state_dict_post_hook(self._drop_unet_keys)
@@ -324,12 +325,12 @@ class NeuroPictorDiffusionLoss(nn.Module):
         if isinstance(uncond, str | Path):
             path = Path(uncond).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"model.diffusion.uncond: {path} does not exist (a .npy or .pt (L, D_text) array)")
+                raise MissingFileError(f"model.diffusion.uncond: {path} does not exist (a .npy or .pt (L, D_text) array)")
             try:  # tensors and plain arrays only: nothing in the file is executed
                 uncond = (torch.load(path, map_location="cpu", weights_only=True) if path.suffix == ".pt"
                           else torch.from_numpy(np.load(path, allow_pickle=False)))
             except Exception as e:  # noqa: BLE001
-                raise ValueError(f"model.diffusion.uncond: {path} is not a plain (L, D_text) tensor or array "
+                raise ConfigError(f"model.diffusion.uncond: {path} is not a plain (L, D_text) tensor or array "
                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         return cls(unet, net, uncond=uncond, **kwargs)
 
@@ -405,7 +406,7 @@ class NeuroPictorDecoder(Decoder):
         out = {self.semantic_target: condition, self.semantic_target + MAIN_SUFFIX: clip_txt, CONTROL_OUTPUT: control}
         if targets is not None and self.diffusion is not None:
             if self.latent_target not in targets:
-                raise KeyError(f"model.latent_target: the diffusion loss needs the {self.latent_target!r} target "
+                raise UnknownNameError(f"model.latent_target: the diffusion loss needs the {self.latent_target!r} target "
                                f"(VAE latents); the batch has {sorted(targets)}")
             out[aux_loss_key("diffusion")] = self.diffusion(targets[self.latent_target], condition, control)
         return out
@@ -416,23 +417,23 @@ class NeuroPictorDecoder(Decoder):
         was set already (``projection.set_coordinates`` with flat-map coordinates, or a checkpoint)."""
         store = datamodule.store
         if store is None or store.modality != "fmri":
-            raise ValueError(f"model: NeuroPictor needs an fMRI dataset with voxel geometry; "
+            raise ConfigError(f"model: NeuroPictor needs an fMRI dataset with voxel geometry; "
                              f"{getattr(datamodule, 'store_path', '?')} holds {getattr(store, 'modality', 'no')} data")
         for s in self.projection.subjects:
             if self.projection.is_configured(s):
                 continue
             if s not in store.subjects:
-                raise KeyError(f"model: subject {s!r} is not in {datamodule.store_path} (it has {sorted(store.subjects)})")
+                raise UnknownNameError(f"model: subject {s!r} is not in {datamodule.store_path} (it has {sorted(store.subjects)})")
             path = store.subjects[s].directory / "geometry.npz"
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing; NeuroPictor's cortical map needs each subject's voxel_ijk "
+                raise MissingFileError(f"{path}: missing; NeuroPictor's cortical map needs each subject's voxel_ijk "
                                         f"(or set flat-map coordinates with projection.set_coordinates)")
             with np.load(path) as g:
                 if "voxel_ijk" not in g:
-                    raise KeyError(f"{path}: no voxel_ijk (fMRI voxel indices, (V, 3))")
+                    raise UnknownNameError(f"{path}: no voxel_ijk (fMRI voxel indices, (V, 3))")
                 ijk, affine = g["voxel_ijk"], (g["affine"] if "affine" in g else None)
             if len(ijk) != self.projection.n_features[s]:
-                raise ValueError(f"{path}: {len(ijk)} voxels in voxel_ijk, the model was built for "
+                raise ConfigError(f"{path}: {len(ijk)} voxels in voxel_ijk, the model was built for "
                                  f"{self.projection.n_features[s]}")
             self.projection.set_coordinates(s, ijk, affine=affine)
             log.info("NeuroPictor: %s's %d voxels on %d of %d map pixels", s, len(ijk),
@@ -442,11 +443,11 @@ class NeuroPictorDecoder(Decoder):
 
 def _shape(target_shapes: Mapping[str, Sequence[int]], name: str, key: str, ndim: int, what: str) -> tuple[int, ...]:
     if name not in target_shapes:
-        raise ValueError(f"{key}: {name!r} is not a target of the run; targets "
+        raise ConfigError(f"{key}: {name!r} is not a target of the run; targets "
                          f"{({k: tuple(v) for k, v in target_shapes.items()})}")
     shape = tuple(int(d) for d in target_shapes[name])
     if len(shape) != ndim:
-        raise ValueError(f"{key}: {name!r} must be {what}, got shape {shape}")
+        raise ConfigError(f"{key}: {name!r} must be {what}, got shape {shape}")
     return shape
 
 
@@ -484,17 +485,17 @@ def build_neuropictor_decoder(
     """
     l_text, d_text = _shape(target_shapes, semantic_target, "model.semantic_target", 2, "text tokens (L, D_text)")
     if text_tokens is not None and int(text_tokens) != l_text:
-        raise ValueError(f"model.text_tokens: {text_tokens}, but the target {semantic_target!r} has {l_text} tokens")
+        raise ConfigError(f"model.text_tokens: {text_tokens}, but the target {semantic_target!r} has {l_text} tokens")
     latent = None
     if latent_target in target_shapes:
         latent = _shape(target_shapes, latent_target, "model.latent_target", 3, "VAE latents (4, h, w)")
     if control_size is None:
         if latent is None:
-            raise ValueError(f"model.control_size: null takes the size from model.latent_target={latent_target!r}, "
+            raise ConfigError(f"model.control_size: null takes the size from model.latent_target={latent_target!r}, "
                              f"which is not a target of the run")
         control_size = latent[1]
     if latent is not None and latent[1:] != (control_size, control_size):
-        raise ValueError(f"model.control_size: {control_size}, but the latents of {latent_target!r} are "
+        raise ConfigError(f"model.control_size: {control_size}, but the latents of {latent_target!r} are "
                          f"{latent[1]}×{latent[2]} (the control map is added at latent resolution)")
     projection = CorticalProjection(n_features, map_size, fill_radius=fill_radius)
     encoder = FMRIViTEncoder(map_size, patch, dim, depth, heads, mlp_ratio)
@@ -505,20 +506,20 @@ def build_neuropictor_decoder(
     if diffusion is not None:
         spec = dict(diffusion)
         if not spec.get("model"):
-            raise ValueError("model.diffusion.model: a Stable Diffusion pipeline (hub id or folder) is required; "
+            raise ConfigError("model.diffusion.model: a Stable Diffusion pipeline (hub id or folder) is required; "
                              "set model.diffusion=null for no diffusion term")
         if latent is None:
-            raise ValueError(f"model.latent_target: the diffusion loss needs {latent_target!r} (VAE latents) "
+            raise ConfigError(f"model.latent_target: the diffusion loss needs {latent_target!r} (VAE latents) "
                              f"among the run's targets; targets {sorted(target_shapes)}")
         module = NeuroPictorDiffusionLoss.from_pretrained(spec.pop("model"), text_tokens=l_text, **spec)
         if module.text_dim != d_text:
-            raise ValueError(f"model.diffusion.model: the UNet's cross_attention_dim is {module.text_dim}, the "
+            raise ConfigError(f"model.diffusion.model: the UNet's cross_attention_dim is {module.text_dim}, the "
                              f"semantic target {semantic_target!r} has width {d_text}")
         if module.control_channels != control_channels:
-            raise ValueError(f"model.control_channels: {control_channels}, but the ControlNet's first block has "
+            raise ConfigError(f"model.control_channels: {control_channels}, but the ControlNet's first block has "
                              f"{module.control_channels} channels")
         if int(module.unet.config.in_channels) != latent[0]:
-            raise ValueError(f"model.latent_target: {latent_target!r} has {latent[0]} channels, the UNet takes "
+            raise ConfigError(f"model.latent_target: {latent_target!r} has {latent[0]} channels, the UNet takes "
                              f"{module.unet.config.in_channels}")
     return NeuroPictorDecoder(projection, encoder, semantic, control, semantic_target=semantic_target,
                               latent_target=latent_target, diffusion=module)

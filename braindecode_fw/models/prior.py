@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.errors import ConfigError
+
 
 def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
     """ᾱ_t for t = 1..T of the cosine schedule (Nichol & Dhariwal), from β_t clipped at 0.999,
@@ -260,17 +262,17 @@ class DiffusionPrior(nn.Module):
                  guidance_null: str = "brain_and_image", half_precision_eps: float | None = 1e-3):
         super().__init__()
         if sampler not in SAMPLERS:
-            raise ValueError(f"model.prior.sampler: one of {list(SAMPLERS)}, got {sampler!r}")
+            raise ConfigError(f"model.prior.sampler: one of {list(SAMPLERS)}, got {sampler!r}")
         if guidance_null not in GUIDANCE_NULLS:
-            raise ValueError(f"model.prior.guidance_null: one of {list(GUIDANCE_NULLS)}, got {guidance_null!r}")
+            raise ConfigError(f"model.prior.guidance_null: one of {list(GUIDANCE_NULLS)}, got {guidance_null!r}")
         if not 1 <= sample_steps <= timesteps:
-            raise ValueError(f"model.prior.sample_steps: between 1 and timesteps ({timesteps}), got {sample_steps}")
+            raise ConfigError(f"model.prior.sample_steps: between 1 and timesteps ({timesteps}), got {sample_steps}")
         self.net = network(dim=dim, n_tokens=n_tokens) if network is not None else \
             PriorNetwork(dim, n_tokens, depth, heads, dim_head, half_precision_eps=half_precision_eps)
         if embed_scale == "sqrt_dim":
             embed_scale = math.sqrt(dim)
         if isinstance(embed_scale, str) or embed_scale <= 0:
-            raise ValueError(f"model.prior.embed_scale: a positive number or 'sqrt_dim', got {embed_scale!r}")
+            raise ConfigError(f"model.prior.embed_scale: a positive number or 'sqrt_dim', got {embed_scale!r}")
         self.embed_scale = float(embed_scale)
         self.timesteps, self.cond_drop_prob = timesteps, cond_drop_prob
         self.sample_steps, self.eta, self.cond_scale = sample_steps, eta, cond_scale

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from braindecode_fw.errors import ConfigError
+
 
 @dataclass
 class RidgeFit:
@@ -52,11 +54,11 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, alphas: Sequence[float]) -> Ridg
     keeping the one with the smallest leave-one-out MSE. ``x`` is used in its own dtype (it may be a
     flattened token target); the Gram matrix, its eigendecomposition and the solution are float64."""
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
-        raise ValueError(f"fit_ridge: x (N, F) and y (N, D) with the same N, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ConfigError(f"fit_ridge: x (N, F) and y (N, D) with the same N, got {tuple(x.shape)} and {tuple(y.shape)}")
     if len(x) < 3:
-        raise ValueError(f"fit_ridge: at least 3 samples are needed, got {len(x)}")
+        raise ConfigError(f"fit_ridge: at least 3 samples are needed, got {len(x)}")
     if not alphas or min(alphas) <= 0:
-        raise ValueError(f"fit_ridge: positive penalties are needed, got {list(alphas)}")
+        raise ConfigError(f"fit_ridge: positive penalties are needed, got {list(alphas)}")
     # the (possibly huge) design matrix stays in its own dtype; everything of size min(N, F)² or
     # smaller is float64
     y = y.double()

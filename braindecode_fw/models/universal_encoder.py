@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F_
 
 from braindecode_fw.contracts import Batch
+from braindecode_fw.errors import ConfigError, UnknownNameError
 from braindecode_fw.schema import check_keys
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,13 @@ class UniversalEncoderConfig:
     def validate(self, path: str = "model.universal_encoder") -> None:
         for key in ("in_dim", "n_layers", "n_tokens", "dim", "embed_dim", "mlp_ratio"):
             if int(getattr(self, key)) < 1:
-                raise ValueError(f"{path}.{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"{path}.{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{path}.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"{path}.dropout must be in [0, 1), got {self.dropout}")
         if self.init not in ("released", "unit"):
-            raise ValueError(f"{path}.init must be 'released' or 'unit', got {self.init!r}")
+            raise ConfigError(f"{path}.init must be 'released' or 'unit', got {self.init!r}")
         if self.embed_init_std is not None and self.embed_init_std <= 0:
-            raise ValueError(f"{path}.embed_init_std must be > 0 or null, got {self.embed_init_std}")
+            raise ConfigError(f"{path}.embed_init_std must be > 0 or null, got {self.embed_init_std}")
 
 
 class VoxelQueryAttention(nn.Module):
@@ -111,7 +112,7 @@ class VoxelQueryAttention(nn.Module):
 
     def forward(self, queries: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         if values.shape[-2] != self.pos.shape[0]:
-            raise ValueError(f"features have {values.shape[-2]} tokens, the encoder was built for "
+            raise ConfigError(f"features have {values.shape[-2]} tokens, the encoder was built for "
                              f"{self.pos.shape[0]} (model.universal_encoder.n_tokens)")
         keys = self.key(values) + self.pos
         # scale=1.0: Brain-IT omits the 1/sqrt(d) factor; SDPA avoids materialising (B, n, T)
@@ -189,7 +190,7 @@ class UniversalEncoder(nn.Module):
         or copied from ``init`` (e.g. the embeddings of nearest-neighbour reference voxels)."""
         e = self.config.embed_dim
         if n_voxels < 1:
-            raise ValueError(f"subject {subject!r}: n_voxels must be >= 1, got {n_voxels}")
+            raise ConfigError(f"subject {subject!r}: n_voxels must be >= 1, got {n_voxels}")
         ref = self.readout
         if init is None:
             std = self.config.embed_init_std or (0.1 / (2 * math.sqrt(e)) if self.config.init == "released"
@@ -198,7 +199,7 @@ class UniversalEncoder(nn.Module):
         else:
             weight = torch.as_tensor(np.asarray(init) if not torch.is_tensor(init) else init).detach()
             if tuple(weight.shape) != (n_voxels, e):
-                raise ValueError(f"subject {subject!r}: init has shape {tuple(weight.shape)}, expected ({n_voxels}, {e})")
+                raise ConfigError(f"subject {subject!r}: init has shape {tuple(weight.shape)}, expected ({n_voxels}, {e})")
             weight = weight.to(device=ref.device, dtype=ref.dtype).clone()
         self.n_voxels[subject] = int(n_voxels)
         self.voxel_embeddings[subject] = nn.Parameter(weight)
@@ -214,7 +215,7 @@ class UniversalEncoder(nn.Module):
 
     def _check_subject(self, subject: str) -> str:
         if subject not in self.n_voxels:
-            raise KeyError(f"no voxel embeddings for subject {subject!r}; the encoder has {self.subjects}")
+            raise UnknownNameError(f"no voxel embeddings for subject {subject!r}; the encoder has {self.subjects}")
         return subject
 
     def _as_layers(self, features: torch.Tensor) -> torch.Tensor:
@@ -223,7 +224,7 @@ class UniversalEncoder(nn.Module):
             features = features[:, None]
         cfg = self.config
         if features.ndim != 4 or features.shape[1] != cfg.n_layers or features.shape[3] != cfg.in_dim:
-            raise ValueError(f"features must be (B, T, C) or (B, L, T, C) with L = model.universal_encoder.n_layers "
+            raise ConfigError(f"features must be (B, T, C) or (B, L, T, C) with L = model.universal_encoder.n_layers "
                              f"= {cfg.n_layers} and C = in_dim = {cfg.in_dim}; got {tuple(features.shape)}")
         return features
 
@@ -244,7 +245,7 @@ class UniversalEncoder(nn.Module):
         subjects = list(subjects)
         b = tokens.shape[0]
         if len(subjects) != b:
-            raise ValueError(f"{len(subjects)} subject ids for a batch of {b}")
+            raise ConfigError(f"{len(subjects)} subject ids for a batch of {b}")
         dev = tokens.device
         pad_mask = None
         if voxel_index is None:
@@ -257,7 +258,7 @@ class UniversalEncoder(nn.Module):
         if voxel_index.ndim == 1:
             voxel_index = voxel_index.expand(b, -1)
         if voxel_index.ndim != 2 or voxel_index.shape[0] != b:
-            raise ValueError(f"voxel_index must be (n,) or (B={b}, n), got {tuple(voxel_index.shape)}")
+            raise ConfigError(f"voxel_index must be (n,) or (B={b}, n), got {tuple(voxel_index.shape)}")
         queries = self._gather_queries(subjects, voxel_index)  # (B, n, e)
         per_layer = [layer(tokens[:, i], queries) for i, layer in enumerate(self.layers)]
         feats = torch.cat(per_layer, dim=-1)  # (B, n, L·d)
@@ -290,7 +291,7 @@ def encoder_loss(pred: torch.Tensor, target: torch.Tensor, *, cosine_weight: flo
     (optional) excludes padded voxels from both terms.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        raise ConfigError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     if mask is None:
         mse = F_.mse_loss(pred, target)
         cos = F_.cosine_similarity(pred, target, dim=-1)
@@ -304,7 +305,7 @@ def encoder_loss(pred: torch.Tensor, target: torch.Tensor, *, cosine_weight: flo
 
 def _features(batch: Batch, feature: str, device: torch.device) -> torch.Tensor:
     if feature not in batch.targets:
-        raise KeyError(f"the batch has no target {feature!r} (the encoder's image-feature key); "
+        raise UnknownNameError(f"the batch has no target {feature!r} (the encoder's image-feature key); "
                        f"it has {sorted(batch.targets)}")
     return batch.targets[feature].to(device=device, dtype=torch.float32)
 
@@ -319,7 +320,7 @@ def _responses(batch: Batch, device: torch.device) -> torch.Tensor:
             w = batch.repeat_mask.to(device=device, dtype=y.dtype)[..., None]
             y = (y * w).sum(1) / w.sum(1).clamp(min=1)
     if y.ndim != 2:
-        raise ValueError(f"the universal encoder needs fMRI responses (B, F), got {tuple(batch.responses.shape)}")
+        raise ConfigError(f"the universal encoder needs fMRI responses (B, F), got {tuple(batch.responses.shape)}")
     return y
 
 
@@ -356,7 +357,7 @@ def voxel_correlations(encoder: UniversalEncoder, batches: Iterable[Batch], feat
                 rows = torch.tensor([i for i, v in enumerate(batch.subject) if v == s], device=dev)
                 v_s = encoder.n_voxels[encoder._check_subject(s)]
                 if y.shape[1] < v_s:
-                    raise ValueError(f"subject {s!r}: responses have {y.shape[1]} columns, the encoder expects {v_s} voxels")
+                    raise ConfigError(f"subject {s!r}: responses have {y.shape[1]} columns, the encoder expects {v_s} voxels")
                 xs, ys = x.index_select(0, rows), y.index_select(0, rows)[:, :v_s].double()
                 pred = torch.cat([encoder(xs, [s] * len(rows), torch.arange(a, min(a + voxel_chunk, v_s), device=dev))
                                   for a in range(0, v_s, voxel_chunk)], dim=1).double()
@@ -422,12 +423,12 @@ def fit_universal_encoder(
     ``train_loss`` (mean over the epoch), ``lr`` and, with validation, ``val_r``.
     """
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
     if voxels_per_sample < 1:
-        raise ValueError(f"voxels_per_sample must be >= 1, got {voxels_per_sample}")
+        raise ConfigError(f"voxels_per_sample must be >= 1, got {voxels_per_sample}")
     params = [p for p in (encoder.parameters() if parameters is None else parameters) if p.requires_grad]
     if not params:
-        raise ValueError("fit_universal_encoder: no trainable parameters")
+        raise ConfigError("fit_universal_encoder: no trainable parameters")
     dev = encoder.readout.device
     opt = torch.optim.Adam(params, lr=lr, amsgrad=True)
     # Brain-IT's train/train_encoder.py: absolute threshold 0.003 on the validation correlation
@@ -447,7 +448,7 @@ def fit_universal_encoder(
                 x, y = _features(batch, feature, dev), _responses(batch, dev)
                 idx = sample_voxels(encoder, batch.subject, voxels_per_sample, gen, dev)
                 if y.shape[1] <= int(idx.max()):
-                    raise ValueError(f"responses have {y.shape[1]} columns, fewer than the encoder's voxel counts "
+                    raise ConfigError(f"responses have {y.shape[1]} columns, fewer than the encoder's voxel counts "
                                      f"{ {s: encoder.n_voxels[s] for s in dict.fromkeys(batch.subject)} }")
                 target = y.gather(1, idx)
                 loss = encoder_loss(encoder(x, batch.subject, idx), target, cosine_weight=cosine_weight)

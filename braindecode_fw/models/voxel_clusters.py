@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from braindecode_fw.errors import ConfigError, MissingFileError, UnknownNameError
 from braindecode_fw.io import atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -39,7 +40,7 @@ def normalize_embeddings(x: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
 
     x = np.asarray(x, dtype=dtype)
     if x.ndim != 2:
-        raise ValueError(f"voxel embeddings must be (V, e), got shape {x.shape}")
+        raise ConfigError(f"voxel embeddings must be (V, e), got shape {x.shape}")
     return normalize(x, axis=1)
 
 
@@ -75,7 +76,7 @@ class VoxelClusters:
 
     def _labels(self, subject: str) -> np.ndarray:
         if subject not in self.labels:
-            raise KeyError(f"no cluster labels for subject {subject!r}; the clustering has {self.subjects}")
+            raise UnknownNameError(f"no cluster labels for subject {subject!r}; the clustering has {self.subjects}")
         return self.labels[subject]
 
     def cluster_sizes(self, subject: str | None = None) -> np.ndarray:
@@ -123,23 +124,23 @@ class VoxelClusters:
         """Read a file written by :meth:`save` (``allow_pickle=False``)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"voxel-cluster file {path} does not exist")
+            raise MissingFileError(f"voxel-cluster file {path} does not exist")
         try:
             data = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as err:
-            raise ValueError(f"voxel-cluster file {path} is not a readable .npz: {err}") from err
+            raise ConfigError(f"voxel-cluster file {path} is not a readable .npz: {err}") from err
         with data:
             def get(key: str) -> np.ndarray:
                 if key not in data.files:
-                    raise KeyError(f"voxel-cluster file {path} has no field {key!r} (fields: {sorted(data.files)})")
+                    raise UnknownNameError(f"voxel-cluster file {path} has no field {key!r} (fields: {sorted(data.files)})")
                 try:
                     return data[key]
                 except ValueError as err:  # e.g. an object array, refused with allow_pickle=False
-                    raise ValueError(f"voxel-cluster file {path}: field {key!r} cannot be read: {err}") from err
+                    raise ConfigError(f"voxel-cluster file {path}: field {key!r} cannot be read: {err}") from err
 
             version = int(get("format_version"))
             if version != FORMAT_VERSION:
-                raise ValueError(f"voxel-cluster file {path} has format_version {version}, expected {FORMAT_VERSION}")
+                raise ConfigError(f"voxel-cluster file {path} has format_version {version}, expected {FORMAT_VERSION}")
             subjects = [str(s) for s in get("subjects")]
             labels, embeddings, nearest = {}, {}, {}
             for i, s in enumerate(subjects):
@@ -165,14 +166,14 @@ def fit_voxel_clusters(embeddings: Mapping[str, Any], n_clusters: int = 128, *, 
     from sklearn.mixture import GaussianMixture
 
     if not embeddings:
-        raise ValueError("fit_voxel_clusters: no subjects given")
+        raise ConfigError("fit_voxel_clusters: no subjects given")
     normed = {s: normalize_embeddings(_as_numpy(x)) for s, x in embeddings.items()}
     dims = {s: x.shape[1] for s, x in normed.items()}
     if len(set(dims.values())) != 1:
-        raise ValueError(f"voxel embeddings of different widths: {dims}")
+        raise ConfigError(f"voxel embeddings of different widths: {dims}")
     pooled = np.concatenate(list(normed.values()))
     if not 1 <= n_clusters <= len(pooled):
-        raise ValueError(f"n_clusters={n_clusters} must be between 1 and the total voxel count {len(pooled)}")
+        raise ConfigError(f"n_clusters={n_clusters} must be between 1 and the total voxel count {len(pooled)}")
     gmm = GaussianMixture(n_components=n_clusters, covariance_type=covariance_type, max_iter=max_iter,
                           n_init=n_init, reg_covar=reg_covar, random_state=seed)
     # fit, then predict, as released: fit_predict's labels come from the responsibilities, which can
@@ -229,27 +230,27 @@ def assign_new_subject(clusters: VoxelClusters, subject: str, embeddings: Any, *
     """
     refs = clusters.reference_subjects
     if not refs:
-        raise ValueError("the clustering has no reference subjects")
+        raise ConfigError("the clustering has no reference subjects")
     missing = [s for s in refs if s not in clusters.embeddings]
     if missing:
-        raise ValueError(f"the clustering lacks the embeddings of reference subject(s) {missing}")
+        raise ConfigError(f"the clustering lacks the embeddings of reference subject(s) {missing}")
     if subject in refs:
-        raise ValueError(f"subject {subject!r} is a reference subject of this clustering")
+        raise ConfigError(f"subject {subject!r} is a reference subject of this clustering")
     raw = _as_numpy(embeddings)
     new = normalize_embeddings(raw)
     e = clusters.embeddings[refs[0]].shape[1]
     if new.shape[1] != e:
-        raise ValueError(f"subject {subject!r}: embeddings have width {new.shape[1]}, the clustering has {e}")
+        raise ConfigError(f"subject {subject!r}: embeddings have width {new.shape[1]}, the clustering has {e}")
     if reference_embeddings is None:
         ref = np.concatenate([clusters.embeddings[s] for s in refs]).astype(np.float64)
     else:
         missing = [s for s in refs if s not in reference_embeddings]
         if missing:
-            raise KeyError(f"reference_embeddings lack reference subject(s) {missing}")
+            raise UnknownNameError(f"reference_embeddings lack reference subject(s) {missing}")
         raw_refs = [_as_numpy(reference_embeddings[s]) for s in refs]
         for s, x in zip(refs, raw_refs, strict=True):
             if x.shape != clusters.embeddings[s].shape:
-                raise ValueError(f"reference_embeddings[{s!r}] has shape {x.shape}, the clustering has "
+                raise ConfigError(f"reference_embeddings[{s!r}] has shape {x.shape}, the clustering has "
                                  f"{clusters.embeddings[s].shape}")
         ref = normalize_embeddings(np.concatenate(raw_refs), np.float64)
     bounds = np.cumsum([0, *[len(clusters.embeddings[s]) for s in refs]])
@@ -276,9 +277,9 @@ def functional_labels(simulator: Mapping[str, np.ndarray], rf_grid: int = 3, *, 
     """
     for key in ("population", "rf_center", "semantic_tuning"):
         if key not in simulator:
-            raise KeyError(f"simulator arrays lack {key!r} (have {sorted(simulator)})")
+            raise UnknownNameError(f"simulator arrays lack {key!r} (have {sorted(simulator)})")
     if rf_grid < 1:
-        raise ValueError(f"rf_grid must be >= 1, got {rf_grid}")
+        raise ConfigError(f"rf_grid must be >= 1, got {rf_grid}")
     pop = np.asarray(simulator["population"])
     rf = np.asarray(simulator["rf_center"], dtype=np.float64)
     tuning = np.asarray(simulator["semantic_tuning"], dtype=np.float64)
@@ -286,12 +287,12 @@ def functional_labels(simulator: Mapping[str, np.ndarray], rf_grid: int = 3, *, 
     early, higher = pop == 0, pop != 0
     if early.any():
         if np.isnan(rf[early]).any():
-            raise ValueError("early voxels with NaN rf_center")
+            raise ConfigError("early voxels with NaN rf_center")
         cells = np.clip(np.floor(rf[early] * rf_grid), 0, rf_grid - 1).astype(np.int64)
         out[early] = cells[:, 1] * rf_grid + cells[:, 0]
     if higher.any():
         if tuning.ndim != 2 or tuning.shape[1] == 0:
-            raise ValueError(f"higher voxels need semantic_tuning (V, F) with F >= 1, got shape {tuning.shape}")
+            raise ConfigError(f"higher voxels need semantic_tuning (V, F) with F >= 1, got shape {tuning.shape}")
         t = tuning[higher]
         out[higher] = rf_grid**2 + (np.concatenate([t, -t], axis=1).argmax(1) if signed else np.abs(t).argmax(1))
     return out
@@ -314,10 +315,10 @@ def cluster_agreement(clusters: VoxelClusters, truth: Mapping[str, np.ndarray], 
 
     subjects = list(truth)
     if not subjects:
-        raise ValueError("cluster_agreement: no subjects in truth")
+        raise ConfigError("cluster_agreement: no subjects in truth")
     for s in subjects:
         if len(clusters._labels(s)) != len(truth[s]):
-            raise ValueError(f"subject {s!r}: {len(clusters.labels[s])} cluster labels but {len(truth[s])} truth labels")
+            raise ConfigError(f"subject {s!r}: {len(clusters.labels[s])} cluster labels but {len(truth[s])} truth labels")
     bounds = np.cumsum([0, *[len(truth[s]) for s in subjects]])
     true = np.concatenate([np.asarray(truth[s]) for s in subjects])
 
@@ -334,10 +335,10 @@ def cluster_agreement(clusters: VoxelClusters, truth: Mapping[str, np.ndarray], 
     if coords is not None:
         missing = [s for s in subjects if s not in coords]
         if missing:
-            raise KeyError(f"coords lack subject(s) {missing}")
+            raise UnknownNameError(f"coords lack subject(s) {missing}")
         xyz = np.concatenate([np.asarray(coords[s], dtype=np.float64) for s in subjects])
         if len(xyz) != len(true):
-            raise ValueError(f"coords have {len(xyz)} rows, truth has {len(true)} voxels")
+            raise ConfigError(f"coords have {len(xyz)} rows, truth has {len(true)} voxels")
         k = min(clusters.n_clusters, len(np.unique(xyz, axis=0)))
         anat = KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(xyz)
         out["anatomical_ari"], out["anatomical_ari_per_subject"] = score(anat)

@@ -14,29 +14,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+from braindecode_fw.errors import ConfigError, MissingFileError
+
 TOOLS = ("tensorboard", "mlflow")
 
 
 def dashboard_command(tool: str, target: Path, *, port: int, host: str = "127.0.0.1") -> list[str]:
     """The command line that serves ``target`` (a run, sweep or log folder) with ``tool``."""
     if tool not in TOOLS:
-        raise ValueError(f"tool: one of {TOOLS}, got {tool!r}")
+        raise ConfigError(f"tool: one of {TOOLS}, got {tool!r}")
     if not target.exists():
-        raise FileNotFoundError(f"run: {target} does not exist (give a run directory, a sweep directory or the "
+        raise MissingFileError(f"run: {target} does not exist (give a run directory, a sweep directory or the "
                                 f"log folder, e.g. logs/train/runs/<run>)")
     if tool == "tensorboard":
         logdir = target / "tensorboard" if (target / "tensorboard").is_dir() else target
         if not any(logdir.rglob("events.out.tfevents.*")):
-            raise FileNotFoundError(f"run: no TensorBoard event files under {logdir} (was the run trained with "
+            raise MissingFileError(f"run: no TensorBoard event files under {logdir} (was the run trained with "
                                     f"logger=tensorboard, the default, or logger=many?)")
         exe = shutil.which("tensorboard")
         return [*([exe] if exe else [sys.executable, "-m", "tensorboard.main"]), "--logdir", str(logdir), "--port", str(port), "--host", host]
     db = target / "mlflow.db"
     if not db.is_file():
-        raise FileNotFoundError(f"run: no MLflow store {db} (train with logger=mlflow or logger=many; runs logged "
+        raise MissingFileError(f"run: no MLflow store {db} (train with logger=mlflow or logger=many; runs logged "
                                 f"to a server are viewed in that server's UI)")
     if importlib.util.find_spec("flask") is None:
-        raise FileNotFoundError("tool=mlflow: the MLflow UI server is not installed (the project depends on "
+        raise MissingFileError("tool=mlflow: the MLflow UI server is not installed (the project depends on "
                                 "mlflow-skinny for logging); pip install mlflow")
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db.resolve()}",
             "--port", str(port), "--host", host]

@@ -27,6 +27,7 @@ import numpy as np
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.io import atomic_write_text, load_tensors
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def wandb_logger(save_dir: str, *, project: str = "braindecode_fw", name: str | 
             log.info("wandb: no API key configured; logging offline to %s/wandb (upload later with `wandb sync`)",
                      save_dir)
     elif not isinstance(offline, bool):
-        raise ValueError(f"logger.wandb.offline: true, false or 'auto', got {offline!r}")
+        raise ConfigError(f"logger.wandb.offline: true, false or 'auto', got {offline!r}")
     run_dir = Path(save_dir)
     run_id = _read_id(run_dir, WANDB_ID_FILE, resume_from) or uuid.uuid4().hex[:12]
     atomic_write_text(run_dir / WANDB_ID_FILE, run_id + "\n")

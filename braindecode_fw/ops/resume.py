@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from braindecode_fw.errors import ConfigError, MissingFileError
 from braindecode_fw.io import load_tensors
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def latest_checkpoint(task_dir: Path) -> Path | None:
 def resolve_resume(ckpt_path: str | None, resume: str, run_dir: Path, task_dir: Path) -> tuple[str | None, Path]:
     """-> (the checkpoint to resume from or None, the run directory to write into)."""
     if resume not in RESUME_MODES:
-        raise ValueError(f"resume: one of {RESUME_MODES}, got {resume!r}")
+        raise ConfigError(f"resume: one of {RESUME_MODES}, got {resume!r}")
     own = run_dir / "checkpoints" / LAST
     if ckpt_path in (None, ""):
         if resume == "auto" and own.is_file():
@@ -77,13 +78,13 @@ def resolve_resume(ckpt_path: str | None, resume: str, run_dir: Path, task_dir: 
     if ckpt_path == "last":
         latest = latest_checkpoint(task_dir)
         if latest is None:
-            raise FileNotFoundError(f"ckpt_path=last: no run under {task_dir} has checkpoints/{LAST} to resume")
+            raise MissingFileError(f"ckpt_path=last: no run under {task_dir} has checkpoints/{LAST} to resume")
         previous = latest.parent.parent
         log.info("ckpt_path=last: continuing run %s from %s", previous, latest)
         return str(latest), previous
     path = Path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: checkpoint not found at {path} (give a .ckpt file, 'last' for the "
+        raise MissingFileError(f"ckpt_path: checkpoint not found at {path} (give a .ckpt file, 'last' for the "
                                 f"latest run, or null)")
     return str(path), run_dir
 
@@ -145,7 +146,7 @@ def check_resume_config(checkpoint_config: dict[str, Any], config: dict[str, Any
     if continued_run is not None:
         blocking = [k for k in changed if not _under(k, CONTINUE_MAY_CHANGE)]
         if blocking and not allow_changes:
-            raise ValueError(
+            raise ConfigError(
                 f"ckpt_path=last: the latest run {continued_run} was started with another config: "
                 f"{_describe_changes(blocking, checkpoint_config, config)}. Continue it with its own settings "
                 f"(only {', '.join(CONTINUE_MAY_CHANGE[:-1])} may change), start a new run from its checkpoint "
@@ -153,7 +154,7 @@ def check_resume_config(checkpoint_config: dict[str, Any], config: dict[str, Any
     else:
         blocking = [k for k in changed if _under(k, WEIGHTS_DEPEND_ON)]
         if blocking:
-            raise ValueError(
+            raise ConfigError(
                 f"ckpt_path: {resume_from} was trained with another {_describe_changes(blocking, checkpoint_config, config)}; "
                 f"its weights and optimiser state do not fit this run (init_from={resume_from} copies the "
                 f"weights that fit and starts training afresh)")

@@ -23,6 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
 def mark_best(rows: list[dict[str, Any]], direction: str = "maximize") -> dict[str, Any] | None:
     """Mark (``best=True``) and return the ok row with the highest (``maximize``) or lowest value."""
     if direction not in ("maximize", "minimize"):
-        raise ValueError(f"direction: {direction!r}; use maximize or minimize")
+        raise ConfigError(f"direction: {direction!r}; use maximize or minimize")
     scored = [r for r in rows if r["status"] == "ok" and r["value"] is not None]
     if not scored:
         return None

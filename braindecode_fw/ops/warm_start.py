@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from braindecode_fw.errors import ConfigError, MissingFileError
 from braindecode_fw.io import load_tensors
 
 log = logging.getLogger(__name__)
@@ -31,19 +32,19 @@ def load_matching_weights(decoder: nn.Module, checkpoint: str | Path) -> dict[st
     ``init_from`` when the file is missing, is not a decoder checkpoint, or shares no tensor."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"init_from: no checkpoint at {path}")
+        raise MissingFileError(f"init_from: no checkpoint at {path}")
     state = load_tensors(path, "init_from")
     source = {k.removeprefix(PREFIX): v for k, v in ((state.get("state_dict") if isinstance(state, dict) else None)
                                                       or {}).items() if k.startswith(PREFIX)}
     if not source:
-        raise ValueError(f"init_from: {path} holds no decoder weights (expected a bdf-train checkpoint with "
+        raise ConfigError(f"init_from: {path} holds no decoder weights (expected a bdf-train checkpoint with "
                          f"'{PREFIX}*' entries in its state_dict)")
     own = decoder.state_dict()
     loaded = sorted(k for k, v in source.items() if k in own and tuple(v.shape) == tuple(own[k].shape))
     mismatch = {k: [list(source[k].shape), list(own[k].shape)] for k in sorted(source)
                 if k in own and k not in loaded}
     if not loaded:
-        raise ValueError(f"init_from: no tensor of {path} matches the configured decoder in name and shape "
+        raise ConfigError(f"init_from: no tensor of {path} matches the configured decoder in name and shape "
                          f"({len(mismatch)} names match with other shapes); is it a checkpoint of this model?")
     decoder.load_state_dict({k: source[k] for k in loaded}, strict=False)
     report = {"checkpoint": str(path), "loaded": loaded, "shape_mismatch": mismatch,

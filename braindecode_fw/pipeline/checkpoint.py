@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from braindecode_fw.errors import ConfigError, MissingFileError
 from braindecode_fw.io import load_tensors
 
 
@@ -15,10 +16,10 @@ def load_checkpoint(path: str | Path, what: str = "ckpt") -> dict[str, Any]:
     and check it is one of ours; errors name ``what`` (the config key) and the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: checkpoint not found: {path}")
+        raise MissingFileError(f"{what}: checkpoint not found: {path}")
     ckpt = load_tensors(path, what)
     if not isinstance(ckpt, dict) or "braindecode_fw" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{what}: {path} was not written by bdf-train (no 'braindecode_fw' entry)")
+        raise ConfigError(f"{what}: {path} was not written by bdf-train (no 'braindecode_fw' entry)")
     return ckpt
 
 
@@ -49,11 +50,11 @@ def check_checkpoint_store(extra: dict[str, Any], ckpt_path: str | Path, store_p
                    f"{store.version}{differs}. Prepare the store it was trained on again, point store= to it, or set "
                    f"allow_other_store=true to run it on this store anyway")
         if not allow_other_store:
-            raise ValueError(message)
+            raise ConfigError(message)
         log.warning("%s (allow_other_store=true: continuing)", message)
     wrong = {s: (int(n), store.subjects[s].n_features) for s, n in (extra.get("n_features") or {}).items()
              if s in store.subjects and store.subjects[s].n_features != int(n)}
     if wrong:
         listed = ", ".join(f"{s}: decoder {a}, store {b}" for s, (a, b) in sorted(wrong.items()))
-        raise ValueError(f"ckpt: {ckpt_path}'s decoder and {store_path} disagree on the feature count of "
+        raise ConfigError(f"ckpt: {ckpt_path}'s decoder and {store_path} disagree on the feature count of "
                          f"{listed}; it is a checkpoint of another dataset")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from braindecode_fw.errors import ConfigError, MissingFileError
 from braindecode_fw.io import atomic_write_text
 from braindecode_fw.metrics.images import (
     ARRAY_SUFFIXES,
@@ -90,10 +91,10 @@ def pairs_from_run(cfg: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch
     recs = open_reconstructions(cfg.run)
     store_path = cfg.store or recs.meta.get("store")
     if not store_path:
-        raise ValueError(f"store: {cfg.run}/manifest.json names no store; pass store=<prepared store>")
+        raise ConfigError(f"store: {cfg.run}/manifest.json names no store; pass store=<prepared store>")
     store = open_store(store_path, check_finite=False)
     if recs.meta.get("dataset_version") not in (None, store.version):
-        raise ValueError(f"store: {store_path} is dataset version {store.version}, the reconstructions in "
+        raise ConfigError(f"store: {store_path} is dataset version {store.version}, the reconstructions in "
                          f"{cfg.run} were made from {recs.meta['dataset_version']}")
     pairs, retrieval = {}, {}
     for subject in recs.subjects:
@@ -106,7 +107,7 @@ def pairs_from_run(cfg: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch
         if cfg.blend_lowlevel:
             missing = [i.image_id for i in items if i.lowlevel_path is None]
             if missing:
-                raise ValueError(f"blend_lowlevel: {subject} has no low-level image for {missing[:3]}")
+                raise ConfigError(f"blend_lowlevel: {subject} has no low-level image for {missing[:3]}")
             low = load_images([recs.root / i.lowlevel_path for i in items], cfg.metrics.eval_size,
                               antialias=cfg.metrics.antialias)
             recon = (1 - cfg.blend_lowlevel) * recon + cfg.blend_lowlevel * low
@@ -130,21 +131,21 @@ def pairs_from_folders(cfg: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, t
     recon_root, gt_root = Path(cfg.recon_dir), Path(cfg.gt_dir)
     for key, path in (("recon_dir", recon_root), ("gt_dir", gt_root)):
         if not path.exists():
-            raise FileNotFoundError(f"{key}: not found: {path} (expected a folder of images or an array "
+            raise MissingFileError(f"{key}: not found: {path} (expected a folder of images or an array "
                                     f"file {'/'.join(ARRAY_SUFFIXES)})")
         if path.is_file() and path.suffix.lower() not in ARRAY_SUFFIXES:
-            raise ValueError(f"{key}: {path} is a file but not an array file (expected a folder of images "
+            raise ConfigError(f"{key}: {path} is a file but not an array file (expected a folder of images "
                              f"or one of {', '.join(ARRAY_SUFFIXES)})")
     size, aa = cfg.metrics.eval_size, cfg.metrics.antialias
     info = {"input": f"{recon_root} vs {gt_root}", "test_set": cfg.test_set}
     if recon_root.is_file() or gt_root.is_file():
         if not (recon_root.is_file() and gt_root.is_file()):
-            raise ValueError(f"recon_dir/gt_dir: give two folders (matched by file name) or two array files "
+            raise ConfigError(f"recon_dir/gt_dir: give two folders (matched by file name) or two array files "
                              f"(matched by index), got {'a file' if recon_root.is_file() else 'a folder'} and "
                              f"{'a file' if gt_root.is_file() else 'a folder'}")
         recon, gt = read_image_array(recon_root), read_image_array(gt_root)
         if recon.shape[0] != gt.shape[0]:
-            raise ValueError(f"recon_dir/gt_dir: {recon_root} holds {recon.shape[0]} images, {gt_root} holds "
+            raise ConfigError(f"recon_dir/gt_dir: {recon_root} holds {recon.shape[0]} images, {gt_root} holds "
                              f"{gt.shape[0]}; array files are matched by index and must have the same count")
         return ({"all": (resize(recon, size, antialias=aa), resize(gt, size, antialias=aa))}, {},
                 {**info, "pixels": "float arrays"})
@@ -157,10 +158,10 @@ def pairs_from_folders(cfg: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, t
         is_array |= {p.suffix.lower() in ARRAY_SUFFIXES for p in recon.values()}
         missing = sorted(set(recon) - set(gt))
         if missing:
-            raise ValueError(f"gt_dir: no ground truth for {len(missing)} reconstruction(s) in {folder}, "
+            raise ConfigError(f"gt_dir: no ground truth for {len(missing)} reconstruction(s) in {folder}, "
                              f"e.g. {missing[:3]} (files are matched by name)")
         if not recon:
-            raise ValueError(f"recon_dir: no images in {folder}")
+            raise ConfigError(f"recon_dir: no images in {folder}")
         names = image_names[subject] = sorted(recon)
         pairs[subject] = (load_images([recon[n] for n in names], size, antialias=aa),
                           load_images([gt[n] for n in names], size, antialias=aa))
@@ -247,7 +248,7 @@ def _plots(cfg: DictConfig, out_dir: Path, table: dict[str, Any], per_image: dic
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     modes = [m for m in ("run", "recon_dir", "ckpt") if cfg.get(m)]
     if len(modes) != 1 or (cfg.get("recon_dir") is None) != (cfg.get("gt_dir") is None):
-        raise ValueError("give exactly one input: run=<bdf-reconstruct folder>, recon_dir=<folder|array> gt_dir=<folder|array>, "
+        raise ConfigError("give exactly one input: run=<bdf-reconstruct folder>, recon_dir=<folder|array> gt_dir=<folder|array>, "
                          f"or ckpt=<decoder checkpoint> (got {modes or 'none'}"
                          f"{'; gt_dir without recon_dir' if cfg.get('gt_dir') and not cfg.get('recon_dir') else ''})")
     out_dir = Path(cfg.paths.output_dir)

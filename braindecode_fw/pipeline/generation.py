@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from braindecode_fw.contracts import GENERATED_FINAL, GENERATED_LOWLEVEL
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.generation.feature_inversion import FeatureInverter
 from braindecode_fw.generation.reconstructor import (
     Reconstructor,
@@ -80,18 +81,18 @@ def check_generation(generator: Reconstructor, provides: dict[str, tuple[int, ..
         inverter = FeatureInverter.from_config(lowlevel_cfg)
         inverter.check_source(provides)
         if inverter.output in provides:
-            raise ValueError(f"lowlevel.output: {inverter.output!r} is already a decoder output; name the "
+            raise ConfigError(f"lowlevel.output: {inverter.output!r} is already a decoder output; name the "
                              f"low-level image differently")
         provides = {**provides, inverter.output: inverter.output_shape}
     generator.check(provides)
     if inverter is not None:
         reads = {**generator.optional(), **generator.needs()}
         if inverter.output not in reads:
-            raise ValueError(f"lowlevel.output: generator {generator.name} does not read {inverter.output!r} (its "
+            raise ConfigError(f"lowlevel.output: generator {generator.name} does not read {inverter.output!r} (its "
                              f"inputs: {sorted(reads)}), so the low-level images would go unused; set "
                              f"generator.lowlevel_target={inverter.output} generator.lowlevel_kind=image")
         if not shape_fits(reads[inverter.output], inverter.output_shape):
-            raise ValueError(f"generator.lowlevel_kind: generator {generator.name} reads {inverter.output!r} as "
+            raise ConfigError(f"generator.lowlevel_kind: generator {generator.name} reads {inverter.output!r} as "
                              f"{format_shape(reads[inverter.output])}, the low-level stage gives images "
                              f"{format_shape(inverter.output_shape)}; set generator.lowlevel_kind=image")
     return inverter, provides

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from braindecode_fw.contracts import GENERATED_FINAL
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.metrics.images import as_float_images
 from braindecode_fw.ops.loggers import log_image
 from braindecode_fw.viz.grids import comparison_grid, save_png
@@ -36,7 +37,7 @@ class ImageGridCallback(L.Callback):
                  subject: str | None = None, reconstruct: bool = True, generator: Any = None, seed: int = 0,
                  key: str = "val/image_grid", cell: int = 96):
         if every_n_epochs < 1 or n_images < 1 or n_neighbours < 0:
-            raise ValueError("callbacks.image_grid: every_n_epochs and n_images must be >= 1, n_neighbours >= 0; "
+            raise ConfigError("callbacks.image_grid: every_n_epochs and n_images must be >= 1, n_neighbours >= 0; "
                              f"got {every_n_epochs}, {n_images}, {n_neighbours}")
         self.every_n_epochs, self.n_images, self.n_neighbours = every_n_epochs, n_images, n_neighbours
         self.subject, self.reconstruct, self.generator_cfg = subject, reconstruct, generator
@@ -72,7 +73,7 @@ class ImageGridCallback(L.Callback):
             return None
         subject = self.subject or dataset.subjects[int(dataset.subject_pos[0])]
         if subject not in dataset.subjects:
-            raise ValueError(f"callbacks.image_grid.subject: {subject!r} has no validation items; "
+            raise ConfigError(f"callbacks.image_grid.subject: {subject!r} has no validation items; "
                              f"available: {dataset.subjects}")
         items = np.flatnonzero(dataset.subject_pos == dataset.subjects.index(subject))
         if len(items) == 0:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from braindecode_fw.contracts import GENERATED_FINAL, GENERATED_LOWLEVEL
 from braindecode_fw.data.datamodule import BrainDataModule
 from braindecode_fw.data.reconstructions import ReconstructionWriter, open_reconstructions
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.generation.feature_inversion import FeatureInverter
 from braindecode_fw.generation.reconstructor import Reconstructor, select_best_samples
 from braindecode_fw.metrics.images import as_float_images, load_images
@@ -89,7 +90,7 @@ def prepare_job(cfg: DictConfig) -> ReconstructionJob:
     if inverter is not None:
         _warn_other_vgg_weights(inverter, train_cfg)
     if cfg.split != "test":
-        raise ValueError(f"split: only the held-out 'test' split is reconstructed, got {cfg.split!r}")
+        raise ConfigError(f"split: only the held-out 'test' split is reconstructed, got {cfg.split!r}")
     store_path = Path(cfg.store or train_cfg.dataset.store)
     check_checkpoint_store(extra, cfg.ckpt, store_path, allow_other_store=bool(cfg.get("allow_other_store", False)))
     dm = build_datamodule(train_cfg, store_path)
@@ -103,7 +104,7 @@ def prepare_job(cfg: DictConfig) -> ReconstructionJob:
     subjects = list(cfg.subjects) if cfg.subjects else sorted(preds)
     unknown = sorted(set(subjects) - set(preds))
     if unknown:
-        raise ValueError(f"subjects: {unknown} have no test data; available: {sorted(preds)}")
+        raise ConfigError(f"subjects: {unknown} have no test data; available: {sorted(preds)}")
     return ReconstructionJob(train_cfg=train_cfg, checkpoint_extra=extra, store_path=store_path, dm=dm,
                              decoder=decoder, generator=generator, inverter=inverter, target=target, preds=preds,
                              conditioning=generation_inputs(dm, decoder, preds, target, sources), subjects=subjects)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from braindecode_fw.contracts import StimulusStore
+from braindecode_fw.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class ImageEncoder(TargetEncoder):
                  device: str = "cpu", outputs: tuple[str, ...] = OUTPUTS):
         super().__init__()
         if output not in outputs:
-            raise ValueError(f"target.output must be one of {outputs}, got {output!r}")
+            raise ConfigError(f"target.output must be one of {outputs}, got {output!r}")
         self.feature_name = feature_name
         self.output = output
         self.preprocess = preprocess if isinstance(preprocess, Preprocess) else Preprocess(**dict(preprocess))
@@ -195,14 +196,14 @@ class OpenClipImageEncoder(ImageEncoder):
         self.seed = seed
         self.model_overrides = _plain(model_overrides or {})
         if model_name not in open_clip.list_models():
-            raise ValueError(f"target.model_name: unknown open_clip model {model_name!r}")
+            raise ConfigError(f"target.model_name: unknown open_clip model {model_name!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = open_clip.create_model(
                 model_name, pretrained=pretrained, cache_dir=cache_dir, **self.model_overrides
             )
         if output == "tokens" and not hasattr(model.visual, "output_tokens"):
-            raise ValueError(f"target.output: tokens needs a vision tower with a token sequence (a ViT); "
+            raise ConfigError(f"target.output: tokens needs a vision tower with a token sequence (a ViT); "
                              f"{model_name} has {type(model.visual).__name__}, use output: pooled")
         self.visual = model.visual.to(device).eval().requires_grad_(False)
         self.visual.output_tokens = output == "tokens"
@@ -300,7 +301,7 @@ class HFDinov2ImageEncoder(ImageEncoder):
 
         self.layers = [int(v) for v in layers] if layers is not None else None
         if (output == "layer_tokens") != bool(self.layers):
-            raise ValueError("target.layers: give the 1-based block indices (e.g. [1, 6, 12, 18, 24]) with "
+            raise ConfigError("target.layers: give the 1-based block indices (e.g. [1, 6, 12, 18, 24]) with "
                              f"output: layer_tokens, and only then; got output={output!r}, layers={layers}")
 
         self.model_id = model_id
@@ -311,11 +312,11 @@ class HFDinov2ImageEncoder(ImageEncoder):
             raise OSError(f"target.model_id {model_id!r}: cannot load a transformers config "
                           f"(revision={revision!r}, local_files_only={local_files_only}): {e}") from e
         if config.model_type not in self.MODEL_TYPES:
-            raise ValueError(f"target.model_id {model_id!r} is not a DINOv2 model: its config has "
+            raise ConfigError(f"target.model_id {model_id!r} is not a DINOv2 model: its config has "
                              f"model_type={config.model_type!r}, expected one of {self.MODEL_TYPES}")
         self.n_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
         if self.layers and not all(1 <= v <= config.num_hidden_layers for v in self.layers):
-            raise ValueError(f"target.layers: {self.layers} must lie in [1, {config.num_hidden_layers}] (the blocks "
+            raise ConfigError(f"target.layers: {self.layers} must lie in [1, {config.num_hidden_layers}] (the blocks "
                              f"of {model_id!r})")
         patch = int(config.patch_size)
         if self.preprocess.image_size % patch:

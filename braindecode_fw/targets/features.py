@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.metrics.features import NORMALIZATIONS, ExtractorSpec, FeatureExtractor
 from braindecode_fw.targets.encoders import ImageEncoder, Preprocess, _weights_fingerprint
 
@@ -31,7 +32,7 @@ class FeatureMapTokenEncoder(ImageEncoder):
                  image_size: int = 224, normalize: str = "imagenet", arch_kwargs: dict[str, Any] | None = None,
                  batch_size: int = 64, device: str = "cpu"):
         if normalize not in NORMALIZATIONS:
-            raise ValueError(f"target.normalize: one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
+            raise ConfigError(f"target.normalize: one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
         mean, std = NORMALIZATIONS[normalize]
         pre = Preprocess(image_size=image_size, mean=list(mean), std=list(std), interpolation="bicubic")
         super().__init__(feature_name, "tokens", pre, batch_size, device, outputs=("tokens",))
@@ -49,6 +50,6 @@ class FeatureMapTokenEncoder(ImageEncoder):
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         fmap = self.body(pixels)[self.node]
         if fmap.ndim != 4:
-            raise ValueError(f"target.node: {self.node!r} of {self.arch} gives shape {tuple(fmap.shape)}, "
+            raise ConfigError(f"target.node: {self.node!r} of {self.arch} gives shape {tuple(fmap.shape)}, "
                              f"expected a (C, h, w) feature map")
         return fmap.flatten(2).transpose(1, 2)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.metrics.weights import is_random, load_into, random_seed, resolve_state_dict
 from braindecode_fw.targets.encoders import (
     IMAGENET_MEAN,
@@ -91,7 +92,7 @@ def multiscale_layout(image_size: int) -> MultiScaleLayout:
     """The token layout of a ``image_size``×``image_size`` input (see the module docstring)."""
     image_size = int(image_size)
     if image_size < 16 or image_size % 2:
-        raise ValueError(f"target.image_size: the VGG multi-scale tokens need an even size >= 16 (four 2×2 "
+        raise ConfigError(f"target.image_size: the VGG multi-scale tokens need an even size >= 16 (four 2×2 "
                          f"max pools, and scale (a) unfolds with stride 2), got {image_size}")
     sizes = (image_size, image_size // 2, image_size // 4, image_size // 8, image_size // 16)
     counts = ((sizes[0] // 2) ** 2, (sizes[1] - 1) ** 2, sizes[2] ** 2, sizes[3] ** 2, sizes[4] ** 2)
@@ -105,13 +106,13 @@ def scale_sizes(image_size: int) -> list[int]:
 
 def _check_maps(maps: list[torch.Tensor] | tuple[torch.Tensor, ...], what: str) -> MultiScaleLayout:
     if len(maps) != len(VGG_CHANNELS):
-        raise ValueError(f"{what}: expected {len(VGG_CHANNELS)} VGG16-BN feature maps (after the ReLUs at "
+        raise ConfigError(f"{what}: expected {len(VGG_CHANNELS)} VGG16-BN feature maps (after the ReLUs at "
                          f"features.{list(VGG_LAYERS)}), got {len(maps)}")
     layout = multiscale_layout(maps[0].shape[-1])
     n = maps[0].shape[0]
     for i, (m, c, s) in enumerate(zip(maps, VGG_CHANNELS, layout.map_sizes, strict=True)):
         if m.ndim != 4 or tuple(m.shape[1:]) != (c, s, s) or m.shape[0] != n:
-            raise ValueError(f"{what}: map {i} has shape {tuple(m.shape)}, expected ({n}, {c}, {s}, {s}) "
+            raise ConfigError(f"{what}: map {i} has shape {tuple(m.shape)}, expected ({n}, {c}, {s}, {s}) "
                              f"(channels {list(VGG_CHANNELS)}, sizes {list(layout.map_sizes)} for a "
                              f"{layout.image_size} px input)")
     return layout
@@ -141,7 +142,7 @@ def fold_tokens(tokens: torch.Tensor, image_size: int) -> list[torch.Tensor]:
     """
     layout = multiscale_layout(image_size)
     if tokens.ndim != 3 or tokens.shape[1:] != (layout.n_tokens, TOKEN_WIDTH):
-        raise ValueError(f"fold_tokens: tokens of shape {tuple(tokens.shape)}, expected (n, {layout.n_tokens}, "
+        raise ConfigError(f"fold_tokens: tokens of shape {tuple(tokens.shape)}, expected (n, {layout.n_tokens}, "
                          f"{TOKEN_WIDTH}) for image_size {image_size} (scales {list(layout.token_counts)})")
     ta, tb, tc, td, te = (tokens[:, s] for s in layout.slices)
     s0, s1, s2, s3, s4 = layout.map_sizes
@@ -179,7 +180,7 @@ def _weights_ref(weights: str, config_key: str) -> str:
     head, dot, name = ref.partition(".")
     if dot and head.endswith("_Weights") and "/" not in ref:
         if head != _TV_WEIGHTS_ENUM:
-            raise ValueError(f"{config_key}: {ref!r} is a weights tag of another architecture; expected "
+            raise ConfigError(f"{config_key}: {ref!r} is a weights tag of another architecture; expected "
                              f"{_TV_WEIGHTS_ENUM}.<NAME> (e.g. {_TV_WEIGHTS_ENUM}.IMAGENET1K_V1), random[:seed] "
                              f"or a local state dict")
         return f"torchvision:{name}"

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.targets.encoders import TargetEncoder, _plain, _weights_fingerprint
 
 TEXT_OUTPUTS = ("tokens_vd", "pooled", "tokens")
@@ -28,7 +29,7 @@ def store_captions(store, start: int, stop: int, caption_index: int = 0) -> list
     """Captions ``start:stop`` of a store (one per image; lists pick ``caption_index``)."""
     captions = store.image_metadata.get("captions")
     if captions is None:
-        raise ValueError(f"target: {store.root}/images/metadata.json has no captions; a text target needs them")
+        raise ConfigError(f"target: {store.root}/images/metadata.json has no captions; a text target needs them")
     out = []
     for i in range(start, stop):
         c = captions[i]
@@ -42,7 +43,7 @@ class _TextEncoder(TargetEncoder):
     def __init__(self, feature_name: str, output: str, batch_size: int, device: str, caption_index: int):
         super().__init__()
         if output not in TEXT_OUTPUTS:
-            raise ValueError(f"target.output must be one of {TEXT_OUTPUTS}, got {output!r}")
+            raise ConfigError(f"target.output must be one of {TEXT_OUTPUTS}, got {output!r}")
         self.feature_name, self.output = feature_name, output
         self.batch_size, self.device_name, self.caption_index = batch_size, device, caption_index
 
@@ -81,7 +82,7 @@ class HFClipTextEncoder(_TextEncoder):
                  revision: str | None = None, local_files_only: bool = False, max_length: int = 77,
                  caption_index: int = 0, batch_size: int = 128, device: str = "cpu"):
         if output == "tokens":
-            raise ValueError("target.output: 'tokens' (ln_final tokens) is an open_clip text output; the transformers "
+            raise ConfigError("target.output: 'tokens' (ln_final tokens) is an open_clip text output; the transformers "
                              "tower gives 'tokens_vd' or 'pooled'")
         super().__init__(feature_name, output, batch_size, device, caption_index)
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -114,7 +115,7 @@ class OpenClipTextEncoder(_TextEncoder):
         import open_clip
 
         if model_name not in open_clip.list_models():
-            raise ValueError(f"target.model_name: unknown open_clip model {model_name!r}")
+            raise ConfigError(f"target.model_name: unknown open_clip model {model_name!r}")
         self.model_name, self.pretrained, self.seed = model_name, pretrained, seed
         self.model_overrides = _plain(model_overrides or {})
         with torch.random.fork_rng(devices=[]):
@@ -122,7 +123,7 @@ class OpenClipTextEncoder(_TextEncoder):
             model = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir,
                                            **self.model_overrides)
         if not hasattr(model, "token_embedding"):
-            raise ValueError(f"target.model_name: {model_name} has a custom text tower; use an open_clip CLIP "
+            raise ConfigError(f"target.model_name: {model_name} has a custom text tower; use an open_clip CLIP "
                              f"with a built-in text transformer")
         model.visual = None  # only the text tower is kept
         self.model = model.to(device).eval().requires_grad_(False)
@@ -137,7 +138,7 @@ class OpenClipTextEncoder(_TextEncoder):
         m = self.model
         ids = self.tokenizer(texts).to(self.device_name)
         if int(ids.max()) >= m.token_embedding.num_embeddings:
-            raise ValueError(f"target.model_overrides.text_cfg.vocab_size: {m.token_embedding.num_embeddings} is "
+            raise ConfigError(f"target.model_overrides.text_cfg.vocab_size: {m.token_embedding.num_embeddings} is "
                              f"smaller than the tokenizer's vocabulary (ids up to {int(ids.max())})")
         x = m.token_embedding(ids) + m.positional_embedding
         x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))  # (n, context, width)

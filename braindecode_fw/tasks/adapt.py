@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from braindecode_fw.data.budget import Budget
 from braindecode_fw.data.datamodule import BrainDataModule
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.io import atomic_write_json, atomic_write_text
 from braindecode_fw.models.decoder import Decoder
 from braindecode_fw.models.ridge import fit_ridge
@@ -67,7 +68,7 @@ def ridge_initialise(decoder: Decoder, subject: str, new_dm: BrainDataModule, so
     """
     adapter = decoder.linear_adapter
     if adapter is None:
-        raise ValueError(f"adaptation.init: ridge needs a linear (ridge) adapter, the model has "
+        raise ConfigError(f"adaptation.init: ridge needs a linear (ridge) adapter, the model has "
                          f"{type(decoder.subject_adapter).__name__}")
     seed = int(spec.get("seed", 0))
     xs, ys = [], []
@@ -129,11 +130,11 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     ad = cfg.adaptation
     if ad.trainable not in TRAINABLE:
-        raise ValueError(f"adaptation.trainable: one of {TRAINABLE}, got {ad.trainable!r}")
+        raise ConfigError(f"adaptation.trainable: one of {TRAINABLE}, got {ad.trainable!r}")
     if ad.sources not in SOURCES:
-        raise ValueError(f"adaptation.sources: one of {SOURCES}, got {ad.sources!r}")
+        raise ConfigError(f"adaptation.sources: one of {SOURCES}, got {ad.sources!r}")
     if ad.get("init") not in INITS:
-        raise ValueError(f"adaptation.init: one of {INITS}, got {ad.get('init')!r}")
+        raise ConfigError(f"adaptation.init: one of {INITS}, got {ad.get('init')!r}")
     budget = {k: v for k, v in OmegaConf.to_container(cfg.budget).items() if v is not None} if cfg.budget else {}
     if budget:
         Budget.parse(budget, "budget")  # fail before loading anything, naming this task's key
@@ -145,14 +146,14 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     old = dict(extra["n_features"])
     subject = str(cfg.subject)
     if subject in old:
-        raise ValueError(f"subject: {subject} is already in the checkpoint (subjects {sorted(old)}); "
+        raise ConfigError(f"subject: {subject} is already in the checkpoint (subjects {sorted(old)}); "
                          f"adaptation adds a new one")
     sources = list(old) if ad.sources == "all" else []
     init_from = ad.get("init_bias_from")
     if init_from == "first":
         init_from = next(iter(old))
     if init_from is not None and init_from not in old:
-        raise ValueError(f"adaptation.init_bias_from: {init_from!r} is not a checkpoint subject {sorted(old)}")
+        raise ConfigError(f"adaptation.init_bias_from: {init_from!r} is not a checkpoint subject {sorted(old)}")
 
     # the training config, with this run's optimiser/trainer/loggers/paths and the budgeted data
     run_cfg = OmegaConf.merge(train_cfg, {k: cfg[k] for k in ("optim", "trainer", "logger", "callbacks", "paths",
@@ -171,7 +172,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     store = Path(cfg.store or train_cfg.dataset.store)
     dm = build_datamodule(run_cfg, store)
     if subject not in dm.n_features:
-        raise ValueError(f"subject: {subject} is not in the store {store}")
+        raise ConfigError(f"subject: {subject} is not in the store {store}")
     source_cfg = run_cfg.copy()
     with open_dict(source_cfg):
         source_cfg.data.subjects, source_cfg.data.train_budget, source_cfg.data.eval_subjects = list(old), None, None

@@ -23,6 +23,7 @@ from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -342,7 +343,7 @@ def render_models_markdown(result: dict[str, Any], machine: dict[str, Any], comm
 def _fill_shape(name: str, shape: tuple[int | None, ...] | None, gen, token_lengths: dict[str, int]) -> tuple:
     """A concrete decoder-output shape for a generator's declared need (open sizes filled in)."""
     if shape is None:
-        raise ValueError(f"generation: generator {gen.name} accepts any shape for {name}; nothing to benchmark")
+        raise ConfigError(f"generation: generator {gen.name} accepts any shape for {name}; nothing to benchmark")
     if len(shape) == 2 and shape[0] is None:
         return (int(token_lengths.get(name, 77)), shape[1])
     if len(shape) == 3 and shape[1] is None:  # low-level latent or image
@@ -433,7 +434,7 @@ def bench_demo_training(dc: DictConfig, device: str) -> dict[str, Any]:
 
     unknown = [p for p in dc.precisions if p not in tiny_generator.UNET_PRECISIONS]
     if unknown:
-        raise ValueError(f"demo_training.precisions: each one of {list(tiny_generator.UNET_PRECISIONS)}, "
+        raise ConfigError(f"demo_training.precisions: each one of {list(tiny_generator.UNET_PRECISIONS)}, "
                          f"got {unknown}")
     base = tiny_generator.TinyGeneratorConfig.from_mapping(OmegaConf.to_container(dc.config) if dc.config else {})
     side, dim = base.image_size // 4, tiny_generator.EMBED_DIM

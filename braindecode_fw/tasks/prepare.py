@@ -7,6 +7,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from braindecode_fw.data.prepare import describe, prepare
+from braindecode_fw.errors import ConfigError
 
 
 def prepare_task(cfg: DictConfig) -> None:
@@ -16,7 +17,7 @@ def prepare_task(cfg: DictConfig) -> None:
         from braindecode_fw.demo import retrain
 
         if cfg.dataset.get("kind") not in ("synthetic_fmri", "synthetic_meg"):
-            raise ValueError(f"demo_models: the demo models are trained on a synthetic world's scenes; dataset "
+            raise ConfigError(f"demo_models: the demo models are trained on a synthetic world's scenes; dataset "
                              f"{cfg.dataset.name!r} is not one (use dataset=synthetic)")
         summary = retrain.retrain(OmegaConf.to_container(cfg.demo_models, resolve=True),
                                   OmegaConf.to_container(cfg.dataset.world, resolve=True))

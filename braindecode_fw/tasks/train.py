@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from braindecode_fw.data.prepare import ensure_store
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.io import atomic_write_json
 from braindecode_fw.ops.distributed import is_rank_zero
 from braindecode_fw.ops.resume import check_resume_config, resolve_resume
@@ -39,7 +40,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     store = ensure_store(cfg.dataset)
     dm = build_datamodule(cfg, store)
     if trained_on is not None and dict(trained_on.get("n_features") or {}) != dm.n_features:
-        raise ValueError(f"ckpt_path: {resume_from} was trained on subjects with feature counts "
+        raise ConfigError(f"ckpt_path: {resume_from} was trained on subjects with feature counts "
                          f"{trained_on.get('n_features')}; {store} gives {dm.n_features}")
     decoder = build_model(cfg, dm.n_features, dm.target_shapes)
     if resume_from:

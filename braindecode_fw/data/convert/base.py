@@ -36,6 +36,7 @@ import numpy as np
 
 from braindecode_fw.data.convert.common import matching_store, plain_config, remove_stale_partials
 from braindecode_fw.data.store import SPLITS, StoreWriter, TrialTable
+from braindecode_fw.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ REPORT_KEYS = (
 )
 
 
-class ConverterInputError(ValueError):
+class ConverterInputError(DataError):
     """A raw input is missing or not in the expected format; the message names the file."""
 
 
@@ -89,7 +90,7 @@ def configure_dataclass(cls: type, mapping: Mapping[str, Any], what: str) -> Any
                 and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in mapping]
     if missing:
-        raise ValueError(f"dataset: {what} key(s) {missing} missing; expected keys: "
+        raise DataError(f"dataset: {what} key(s) {missing} missing; expected keys: "
                          f"{sorted(f.name for f in dataclasses.fields(cls))}")
     return build_checked(cls, dict(mapping), "dataset")
 
@@ -202,7 +203,7 @@ class Converter(ABC, Generic[PlanT]):
     def store(self) -> Path:
         store = getattr(self.cfg, "store", None)
         if not store:
-            raise ValueError(f"dataset.store: not set (where the prepared {self.title} store is written)")
+            raise DataError(f"dataset.store: not set (where the prepared {self.title} store is written)")
         return Path(str(store)).expanduser()
 
     @property
@@ -286,13 +287,13 @@ def check_report_schema(summary: Mapping[str, Any]) -> None:
     missing = [k for k in REPORT_KEYS if k not in summary]
     extra = sorted(set(summary) - set(REPORT_KEYS))
     if missing or extra:
-        raise ValueError(f"converter summary: missing key(s) {missing}, unexpected key(s) {extra}")
+        raise DataError(f"converter summary: missing key(s) {missing}, unexpected key(s) {extra}")
     for tag, st in summary["subjects"].items():
         need = ["n_trials", "split_trials", *(["n_sensors", "n_times"] if summary["modality"] == "meg"
                                                  else ["n_voxels"])]
         lacking = [k for k in need if k not in st]
         if lacking:
-            raise ValueError(f"converter summary: subjects.{tag} lacks {lacking}")
+            raise DataError(f"converter summary: subjects.{tag} lacks {lacking}")
 
 
 __all__ = ["REPORT_KEYS", "Converter", "ConverterInputError", "Written", "check_report_schema",

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from braindecode_fw.data.store import _pid_alive, remove_stale_partials  # noqa: F401  (converters import them from here)
+from braindecode_fw.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,13 @@ def load_string_array(path: Path) -> np.ndarray:
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(f)
         if dtype != np.dtype(object):
-            raise ValueError(f"{path}: unreadable .npy array of dtype {dtype}")
+            raise DataError(f"{path}: unreadable .npy array of dtype {dtype}")
         try:
             array = _ArrayOnlyUnpickler(f).load()
         except Exception as e:  # noqa: BLE001 - unpickling errors of every kind: name the file
-            raise ValueError(f"{path}: not a plain array of strings ({type(e).__name__}: {e})") from None
+            raise DataError(f"{path}: not a plain array of strings ({type(e).__name__}: {e})") from None
     if not isinstance(array, np.ndarray) or array.shape != tuple(shape):
-        raise ValueError(f"{path}: the pickled array does not match its header shape {tuple(shape)}")
+        raise DataError(f"{path}: the pickled array does not match its header shape {tuple(shape)}")
     if not all(isinstance(v, str | bytes) for v in array.ravel()[:1000]):
-        raise ValueError(f"{path}: expected strings, found {type(array.ravel()[0]).__name__}")
+        raise DataError(f"{path}: expected strings, found {type(array.ravel()[0]).__name__}")
     return array

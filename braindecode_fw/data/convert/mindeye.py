@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from braindecode_fw.data.convert.base import Converter, Written
 from braindecode_fw.data.convert.common import is_val_image
 from braindecode_fw.data.store import ImageStream, StoreWriter, TrialTable
+from braindecode_fw.errors import DataError, MissingFileError
 from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,10 @@ _IMAGE_CHUNK = 64  # images read per HDF5 call
 def _root(root: Any, what: str) -> Path:
     """``dataset.root`` as an existing folder, or an error naming the key and what it must hold."""
     if root is None:
-        raise ValueError(f"dataset.root: not set; pass dataset.root=<folder holding {what}>")
+        raise DataError(f"dataset.root: not set; pass dataset.root=<folder holding {what}>")
     root = Path(str(root)).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset.root: {root} is not a folder (expected {what})")
+        raise MissingFileError(f"dataset.root: {root} is not a folder (expected {what})")
     return root
 
 
@@ -96,16 +97,16 @@ def _subjects(raw: Any) -> list[int]:
     for s in list(raw):
         m = re.fullmatch(r"(?:subj)?0*(\d+)", str(s))
         if not m or not 1 <= int(m.group(1)) <= 8:
-            raise ValueError(f"dataset.subjects: {s!r} is not an NSD subject (1..8 or subj01..subj08)")
+            raise DataError(f"dataset.subjects: {s!r} is not an NSD subject (1..8 or subj01..subj08)")
         out.append(int(m.group(1)))
     if not out or len(set(out)) != len(out):
-        raise ValueError(f"dataset.subjects: expected distinct subjects, got {list(raw)}")
+        raise DataError(f"dataset.subjects: expected distinct subjects, got {list(raw)}")
     return out
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise ValueError(f"dataset.{key}: {value!r} is not one of {list(options)}")
+        raise DataError(f"dataset.{key}: {value!r} is not one of {list(options)}")
 
 
 @config_dataclass("dataset/mindeye2.yaml", key="dataset")
@@ -175,7 +176,7 @@ def _validate(problems: list[str], mode: str, what: str) -> list[str]:
     if not problems or mode == "off":
         return []
     if mode == "fail":
-        raise ValueError(f"{what}: the data do not match the published release ({'; '.join(problems)}); "
+        raise DataError(f"{what}: the data do not match the published release ({'; '.join(problems)}); "
                          f"set dataset.validate=warn to import anyway")
     return problems
 
@@ -223,14 +224,14 @@ def _read_behaviour_tar(path: Path) -> np.ndarray:
                     continue
                 arr = np.load(io.BytesIO(tf.extractfile(member).read()), allow_pickle=False)
                 if arr.shape != (1, BEHAV_COLUMNS):
-                    raise ValueError(f"member {member.name}: shape {arr.shape}, expected (1, {BEHAV_COLUMNS})")
+                    raise DataError(f"member {member.name}: shape {arr.shape}, expected (1, {BEHAV_COLUMNS})")
                 rows.append(arr[0].astype(np.float64))
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read the webdataset tar ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: cannot read the webdataset tar ({type(e).__name__}: {e})") from None
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise DataError(f"{path}: {e}") from None
     if not rows:
-        raise ValueError(f"{path}: no '<key>.behav.npy' member; expected MindEye2 behaviour samples")
+        raise DataError(f"{path}: no '<key>.behav.npy' member; expected MindEye2 behaviour samples")
     return np.stack(rows)
 
 
@@ -239,15 +240,15 @@ def _open_h5(path: Path, dataset: str, what: str):
     import h5py
 
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing file (expected {what})")
+        raise MissingFileError(f"{path}: missing file (expected {what})")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise ValueError(f"{path}: cannot be read as HDF5, truncated or corrupted? ({e}); expected {what}") from None
+        raise DataError(f"{path}: cannot be read as HDF5, truncated or corrupted? ({e}); expected {what}") from None
     if dataset not in f:
         keys = list(f.keys())
         f.close()
-        raise ValueError(f"{path}: no dataset {dataset!r} (keys {keys}); expected {what}")
+        raise DataError(f"{path}: no dataset {dataset!r} (keys {keys}); expected {what}")
     return f, f[dataset]
 
 
@@ -268,18 +269,18 @@ class _Me2Subject:
 def _me2_sources(root: Path, subject: int, test_dir: str) -> tuple[Path, list[Path], Path]:
     betas = root / f"betas_all_subj{subject:02d}_fp32_renorm.hdf5"
     if not betas.exists():
-        raise FileNotFoundError(f"{betas}: missing file (expected MindEye2's float32 betas of subject {subject}, "
+        raise MissingFileError(f"{betas}: missing file (expected MindEye2's float32 betas of subject {subject}, "
                                 f"dataset 'betas' (n_trials, n_voxels))")
     wds = root / "wds" / f"subj{subject:02d}"
     train_dir = wds / "train"
     tars = [p for p in train_dir.glob("*.tar") if p.stem.isdigit()] if train_dir.is_dir() else []
     if not tars:
-        raise FileNotFoundError(f"{train_dir}: no behaviour tars (expected one webdataset tar per session, "
+        raise MissingFileError(f"{train_dir}: no behaviour tars (expected one webdataset tar per session, "
                                 f"{train_dir}/0.tar ... {train_dir}/<S-1>.tar)")
     tars.sort(key=lambda p: int(p.stem))
     test_tar = wds / test_dir / "0.tar"
     if not test_tar.exists():
-        raise FileNotFoundError(f"{test_tar}: missing file (expected the shared1000 test trials for "
+        raise MissingFileError(f"{test_tar}: missing file (expected the shared1000 test trials for "
                                 f"dataset.test_convention={'new' if test_dir == 'new_test' else 'legacy'})")
     return betas, tars, test_tar
 
@@ -293,7 +294,7 @@ def _me2_read_subject(root: Path, subject: int, test_dir: str, shared: np.ndarra
     finally:
         f.close()
     if len(shape) != 2 or dtype not in (np.dtype("float32"), np.dtype("float16")):
-        raise ValueError(f"{betas_path}: dataset 'betas' is {dtype} {shape}, expected float32 (n_trials, n_voxels)")
+        raise DataError(f"{betas_path}: dataset 'betas' is {dtype} {shape}, expected float32 (n_trials, n_voxels)")
     parts, sources, test_flags = [], [], []
     for tar in [*train_tars, test_tar]:
         b = _read_behaviour_tar(tar)
@@ -306,7 +307,7 @@ def _me2_read_subject(root: Path, subject: int, test_dir: str, shared: np.ndarra
     def bad(mask: np.ndarray, problem: str) -> None:
         if mask.any():
             i = int(np.flatnonzero(mask)[0])
-            raise ValueError(f"{sources[i]}: {int(mask.sum())} behav.npy sample(s) {problem}, "
+            raise DataError(f"{sources[i]}: {int(mask.sum())} behav.npy sample(s) {problem}, "
                              f"e.g. row {behav[i].tolist()}")
 
     g, ids = behav[:, COL_GLOBAL_TRIAL], behav[:, COL_ID73K]
@@ -323,7 +324,7 @@ def _me2_read_subject(root: Path, subject: int, test_dir: str, shared: np.ndarra
     behav, is_test = behav[order], is_test[order]
     dup = np.flatnonzero(np.diff(behav[:, COL_GLOBAL_TRIAL]) == 0)
     if len(dup):
-        raise ValueError(f"wds/subj{subject:02d}: global trial {int(behav[dup[0], COL_GLOBAL_TRIAL])} appears in "
+        raise DataError(f"wds/subj{subject:02d}: global trial {int(behav[dup[0], COL_GLOBAL_TRIAL])} appears in "
                          f"more than one behaviour sample; expected each trial once")
     return _Me2Subject(subject, betas_path, int(shape[0]), int(shape[1]), np.dtype(dtype), behav, is_test,
                        len(train_tars), test_tar, flag_mismatch)
@@ -375,13 +376,13 @@ def _me2_copy_betas(s: _Me2Subject, out: np.ndarray, chunk_rows: int, label: str
             try:
                 block = ds[lo:hi]
             except OSError as e:
-                raise ValueError(f"{s.betas_path}: rows {lo}..{hi - 1} cannot be read, truncated or corrupted? "
+                raise DataError(f"{s.betas_path}: rows {lo}..{hi - 1} cannot be read, truncated or corrupted? "
                                  f"({e})") from None
             block = block[rows[a:b] - lo]
             finite = np.isfinite(block)
             if not finite.all():
                 r = int(rows[a + np.flatnonzero(~finite.all(1))[0]])
-                raise ValueError(f"{s.betas_path}: 'betas' row {r} (global trial) holds NaN/Inf; "
+                raise DataError(f"{s.betas_path}: 'betas' row {r} (global trial) holds NaN/Inf; "
                                  f"expected finite normalised betas")
             out[a:b] = block
     finally:
@@ -394,7 +395,7 @@ def _me2_check_images(path: Path, used: np.ndarray) -> None:
     f, ds = _open_h5(path, "images", "float16 (73000, 3, 224, 224) in [0, 1]")
     try:
         if ds.ndim != 4 or ds.shape[1] != 3 or ds.shape[0] <= int(used[-1]):
-            raise ValueError(f"{path}: dataset 'images' has shape {ds.shape}, expected (73000, 3, H, W) "
+            raise DataError(f"{path}: dataset 'images' has shape {ds.shape}, expected (73000, 3, H, W) "
                              f"covering 73k id {int(used[-1])}")
     finally:
         f.close()
@@ -410,10 +411,10 @@ def _me2_images(path: Path, used: np.ndarray, sink: ImageStream, size: int) -> N
                 runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1)
                 block = np.concatenate([ds[int(r[0]) : int(r[-1]) + 1] for r in runs])
             except OSError as e:
-                raise ValueError(f"{path}: images {int(ids[0])}..{int(ids[-1])} cannot be read, truncated or "
+                raise DataError(f"{path}: images {int(ids[0])}..{int(ids[-1])} cannot be read, truncated or "
                                  f"corrupted? ({e})") from None
             if not np.isfinite(block).all():
-                raise ValueError(f"{path}: an image among 73k ids {ids.tolist()} holds NaN/Inf")
+                raise DataError(f"{path}: an image among 73k ids {ids.tolist()} holds NaN/Inf")
             sink.append(np.stack([_resize(im, size) for im in _to_uint8_hwc(block)]))
     finally:
         f.close()
@@ -472,7 +473,7 @@ class MindEye2Converter(Converter[_Me2Plan]):
         for path, what in ((self.images_path, "dataset 'images' float16 (73000, 3, 224, 224)"),
                            (self.shared_path, "bool (73000,) shared1000 mask")):
             if not path.exists():
-                raise FileNotFoundError(f"{path}: missing file (expected {what})")
+                raise MissingFileError(f"{path}: missing file (expected {what})")
         self.test_dir = TEST_TARS[cfg.test_convention]
         self.sources: dict[str, int] = {}
         for s in cfg.subjects:
@@ -494,9 +495,9 @@ class MindEye2Converter(Converter[_Me2Plan]):
         try:
             shared = np.load(self.shared_path, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{self.shared_path}: cannot be read as .npy ({e}); expected bool (73000,)") from None
+            raise DataError(f"{self.shared_path}: cannot be read as .npy ({e}); expected bool (73000,)") from None
         if shared.ndim != 1 or shared.dtype != np.bool_:
-            raise ValueError(f"{self.shared_path}: {shared.dtype} {shared.shape}, expected bool (73000,)")
+            raise DataError(f"{self.shared_path}: {shared.dtype} {shared.shape}, expected bool (73000,)")
         self.check(f"{self.shared_path.name}: bool {shared.shape}")
         info = {}
         for s in self.cfg.subjects:
@@ -603,7 +604,7 @@ class _Me1Reader:
     def read(self, sample: _Me1Sample, ext: str) -> bytes:
         loc = sample.members.get(ext)
         if loc is None:
-            raise ValueError(f"{self.where(sample)}: sample {sample.key} has no {ext!r} member "
+            raise DataError(f"{self.where(sample)}: sample {sample.key} has no {ext!r} member "
                              f"(has {sorted(sample.members)})")
         try:
             if isinstance(loc, Path):
@@ -613,7 +614,7 @@ class _Me1Reader:
                 self._tars[tar_path] = tarfile.open(tar_path, "r")
             return self._tars[tar_path].extractfile(name).read()
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise ValueError(f"{self.where(sample)}: {sample.key}.{ext} cannot be read ({e})") from None
+            raise DataError(f"{self.where(sample)}: {sample.key}.{ext} cannot be read ({e})") from None
 
     def npy(self, sample: _Me1Sample, ext: str) -> np.ndarray:
         try:
@@ -621,7 +622,7 @@ class _Me1Reader:
         except (ValueError, OSError, EOFError) as e:
             if str(e).startswith(str(self.where(sample))):
                 raise
-            raise ValueError(f"{self.where(sample)}: {sample.key}.{ext} is not a valid .npy ({e})") from None
+            raise DataError(f"{self.where(sample)}: {sample.key}.{ext} is not a valid .npy ({e})") from None
 
     @staticmethod
     def where(sample: _Me1Sample) -> Path:
@@ -641,7 +642,7 @@ def _me1_layout(root: Path, subject: int, layout: str) -> str:
         return "extracted"
     if any(root.glob(f"train/train_subj{subject:02d}_*.tar")):
         return "tar"
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{root}: no MindEye1 avg split for subject {subject}: expected tars "
         f"{root}/train/train_subj{subject:02d}_<k>.tar (MindEye1) or folders "
         f"{root}/{{train,val,test}}/subj{subject:02d}/ (MindBridge's extracted layout)")
@@ -655,7 +656,7 @@ def _me1_index(root: Path, subject: int, layout: str) -> list[_Me1Sample]:
         if layout == "extracted":
             d = root / split / f"subj{subject:02d}"
             if not d.is_dir():
-                raise FileNotFoundError(f"{d}: missing folder (expected the {split} samples "
+                raise MissingFileError(f"{d}: missing folder (expected the {split} samples "
                                         f"sampleNNNNNNNNN.<ext> of subject {subject})")
             for p in d.iterdir():
                 if p.is_file() and "." in p.name:
@@ -665,21 +666,21 @@ def _me1_index(root: Path, subject: int, layout: str) -> list[_Me1Sample]:
             tars = sorted(root.glob(f"{split}/{split}_subj{subject:02d}_*.tar"),
                           key=lambda p: int(p.stem.rsplit("_", 1)[-1]) if p.stem.rsplit("_", 1)[-1].isdigit() else -1)
             if not tars:
-                raise FileNotFoundError(f"{root / split}: no {split}_subj{subject:02d}_<k>.tar (expected MindEye1's "
+                raise MissingFileError(f"{root / split}: no {split}_subj{subject:02d}_<k>.tar (expected MindEye1's "
                                         f"{split} shards of subject {subject})")
             for tar in tars:
                 try:
                     with tarfile.open(tar, "r") as tf:
                         names = [m.name for m in tf if m.isfile()]
                 except (tarfile.TarError, OSError, EOFError) as e:
-                    raise ValueError(f"{tar}: cannot read the webdataset tar ({type(e).__name__}: {e})") from None
+                    raise DataError(f"{tar}: cannot read the webdataset tar ({type(e).__name__}: {e})") from None
                 for n in names:
                     key, _, ext = PurePosixPath(n).name.partition(".")
                     if ext and ext in groups.get(key, {}):
-                        raise ValueError(f"{tar}: sample {key} appears twice in the {split} split")
+                        raise DataError(f"{tar}: sample {key} appears twice in the {split} split")
                     groups.setdefault(key, {})[ext] = (tar, n)
         if not groups:
-            raise ValueError(f"{root / split}: no samples for subject {subject}")
+            raise DataError(f"{root / split}: no samples for subject {subject}")
         samples += [_Me1Sample(split, k, groups[k]) for k in sorted(groups)]
     return samples
 
@@ -708,20 +709,20 @@ def _me1_read_subject(root: Path, subject: int, layout: str, reader: _Me1Reader)
     for i, smp in enumerate(samples):
         coco = reader.npy(smp, "coco73k.npy").reshape(-1)
         if coco.size != 1 or not 0 <= int(coco[0]) < N_IMAGES_73K:
-            raise ValueError(f"{reader.where(smp)}: {smp.key}.coco73k.npy is {coco.tolist()}, expected one "
+            raise DataError(f"{reader.where(smp)}: {smp.key}.coco73k.npy is {coco.tolist()}, expected one "
                              f"0-based 73k id")
         ids[i] = int(coco[0])
         try:
             shape, dtype = _npy_header(reader.read(smp, "nsdgeneral.npy"))
         except ValueError as e:
-            raise ValueError(f"{reader.where(smp)}: {smp.key}.nsdgeneral.npy is not a valid .npy ({e})") from None
+            raise DataError(f"{reader.where(smp)}: {smp.key}.nsdgeneral.npy is not a valid .npy ({e})") from None
         if len(shape) != 2 or shape[0] != 3 or (n_vox is not None and shape[1] != n_vox):
-            raise ValueError(f"{reader.where(smp)}: {smp.key}.nsdgeneral.npy has shape {shape}, expected "
+            raise DataError(f"{reader.where(smp)}: {smp.key}.nsdgeneral.npy has shape {shape}, expected "
                              f"(3, {n_vox or 'n_voxels'}) (3 repetitions)")
         n_vox = shape[1]
         dtypes.add(np.dtype(dtype))
         if "jpg" not in smp.members:
-            raise ValueError(f"{reader.where(smp)}: sample {smp.key} has no 'jpg' member (the stimulus)")
+            raise DataError(f"{reader.where(smp)}: sample {smp.key} has no 'jpg' member (the stimulus)")
     dtype = "float16" if dtypes == {np.dtype("float16")} else "float32"
     return _Me1Subject(subject, samples, ids, int(n_vox), dtype)
 
@@ -746,7 +747,7 @@ def _decode_jpg(data: bytes, where: str, size: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             img = np.asarray(im.convert("RGB"))
     except OSError as e:
-        raise ValueError(f"{where}: cannot decode the jpg ({e})") from None
+        raise DataError(f"{where}: cannot decode the jpg ({e})") from None
     return _resize(img, size)
 
 
@@ -754,7 +755,7 @@ def _me1_iter_rows(s: _Me1Subject, reader: _Me1Reader) -> Iterator[tuple[int, np
     for i, smp in enumerate(s.samples):
         arr = reader.npy(smp, "nsdgeneral.npy")
         if not np.isfinite(arr).all():
-            raise ValueError(f"{reader.where(smp)}: {smp.key}.nsdgeneral.npy holds NaN/Inf")
+            raise DataError(f"{reader.where(smp)}: {smp.key}.nsdgeneral.npy holds NaN/Inf")
         yield i, arr
 
 

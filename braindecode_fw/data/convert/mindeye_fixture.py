@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from braindecode_fw.errors import DataError
+
 N_IMAGES_73K = 73000
 TRIALS_PER_SESSION = 750
 RUN_LENGTHS = (63, 62) * 6  # NSD: 12 runs of 63/62 trials per 750-trial session
@@ -234,7 +236,7 @@ def write_mindeye1_avg_fixture(root: str | Path, subjects: tuple[int, ...] = (1,
     ``num_uniques.npy``. Test images are shared between subjects. Returns the samples per subject.
     """
     if layout not in ("tar", "extracted"):
-        raise ValueError(f"layout must be 'tar' or 'extracted', got {layout!r}")
+        raise DataError(f"layout must be 'tar' or 'extracted', got {layout!r}")
     root = Path(root)
     counts = counts or {"train": 6, "val": 2, "test": 3}
     rng = np.random.default_rng(seed)

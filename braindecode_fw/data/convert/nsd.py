@@ -35,6 +35,7 @@ from braindecode_fw.data.convert.base import Converter, ConverterInputError, Wri
 from braindecode_fw.data.convert.common import is_val_image, load_string_array
 from braindecode_fw.data.normalization import ncsnr_from_repeats
 from braindecode_fw.data.store import StoreWriter, TrialTable
+from braindecode_fw.errors import DataError
 from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
 log = logging.getLogger(__name__)
@@ -109,16 +110,16 @@ class NSDConvertConfig:
         ]
         for key, value, options in checks:
             if value not in options:
-                raise ValueError(f"dataset.{key}: {value!r} is not one of {list(options)}")
+                raise DataError(f"dataset.{key}: {value!r} is not one of {list(options)}")
         if not self.subjects or any(int(s) not in SESSIONS_PER_SUBJECT for s in self.subjects):
-            raise ValueError(f"dataset.subjects: expected a list of NSD subjects 1..8, got {self.subjects!r}")
+            raise DataError(f"dataset.subjects: expected a list of NSD subjects 1..8, got {self.subjects!r}")
         if not 0.0 <= float(self.val_fraction) < 1.0:
-            raise ValueError(f"dataset.val_fraction: expected a fraction in [0, 1), got {self.val_fraction}")
+            raise DataError(f"dataset.val_fraction: expected a fraction in [0, 1), got {self.val_fraction}")
         if int(self.image_size) < 1 or int(self.image_size) > 425:
-            raise ValueError(f"dataset.image_size: expected 1..425 (425 = no resize), got {self.image_size}")
+            raise DataError(f"dataset.image_size: expected 1..425 (425 = no resize), got {self.image_size}")
         labels = (self.roi or {}).get("labels")
         if not labels or any(int(v) <= 0 for v in labels):
-            raise ValueError(f"dataset.roi.labels: expected positive ROI label(s), got {labels!r} "
+            raise DataError(f"dataset.roi.labels: expected positive ROI label(s), got {labels!r} "
                              "(0 is outside the ROI and -1 outside the labelled region)")
 
     def content(self) -> dict[str, Any]:
@@ -458,14 +459,14 @@ def _plan_subject(cfg: NSDConvertConfig, root: Path, subject: int, design: ExpDe
         sessions = sorted({int(s) for s in cfg.sessions})
     bad = [s for s in sessions if not 1 <= s <= SESSIONS_PER_SUBJECT[subject]]
     if bad:
-        raise ValueError(f"dataset.sessions: {tag} has sessions 1..{SESSIONS_PER_SUBJECT[subject]}, got {bad}")
+        raise DataError(f"dataset.sessions: {tag} has sessions 1..{SESSIONS_PER_SUBJECT[subject]}, got {bad}")
     dropped: list[int] = []
     if cfg.test_convention == "legacy":
         keep = legacy_sessions(subject)
         dropped = [s for s in sessions if s > keep]
         sessions = [s for s in sessions if s <= keep]
         if not sessions:
-            raise ValueError(f"dataset.sessions: nothing left for {tag} under test_convention=legacy "
+            raise DataError(f"dataset.sessions: nothing left for {tag} under test_convention=legacy "
                              f"(sessions <= {keep})")
     files = [beta_dir / f"betas_session{s:02d}{ext}" for s in sessions]
     xyz = None
@@ -618,7 +619,7 @@ def _convert_subject(writer: StoreWriter, plan: SubjectPlan, cfg: NSDConvertConf
     if threshold is not None:
         keep = np.flatnonzero(np.nan_to_num(ncsnr, nan=-1.0) > float(threshold))
         if len(keep) == 0:
-            raise ValueError(f"dataset.ncsnr_threshold: no {plan.tag} voxel has ncsnr > {threshold} "
+            raise DataError(f"dataset.ncsnr_threshold: no {plan.tag} voxel has ncsnr > {threshold} "
                              f"(max {np.nanmax(ncsnr):.3f})")
         final = writer.open_responses(plan.tag, (n_trials, len(keep)), cfg.dtype)
         for r0 in range(0, n_trials, 2048):
@@ -708,9 +709,9 @@ class NSDConverter(Converter[NSDPlan]):
 
     def locate(self) -> None:
         if not self.cfg.store:
-            raise ValueError("dataset.store: not set (where the prepared NSD store is written)")
+            raise DataError("dataset.store: not set (where the prepared NSD store is written)")
         if not self.cfg.root:
-            raise ValueError("dataset.root: not set; pass the folder holding nsddata/, nsddata_betas/ and "
+            raise DataError("dataset.root: not set; pass the folder holding nsddata/, nsddata_betas/ and "
                              "nsddata_stimuli/, e.g. `bdf-prepare dataset=nsd dataset.root=/data/nsd`")
         self.root = Path(self.cfg.root)
         if not self.root.is_dir():

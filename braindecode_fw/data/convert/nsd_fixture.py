@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from braindecode_fw.errors import DataError
+
 N_IMAGES_73K = 73000
 IMAGE_SIDE = 425
 TRIALS_PER_SESSION = 750
@@ -132,7 +134,7 @@ def write_nsd_fixture(
     brain[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
     brain_flat = np.flatnonzero(brain)
     if roi_voxels > len(brain_flat):
-        raise ValueError(f"roi_voxels={roi_voxels} exceeds the {len(brain_flat)} brain voxels of {volume_shape}")
+        raise DataError(f"roi_voxels={roi_voxels} exceeds the {len(brain_flat)} brain voxels of {volume_shape}")
     used_ids: set[int] = set()
     out: dict[str, Any] = {"root": root, "sessions": sessions, "shared_ids": shared, "subjects": {}}
     for subj in subjects:

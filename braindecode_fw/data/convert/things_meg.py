@@ -54,6 +54,7 @@ from braindecode_fw.data.meg_layout import (
 )
 from braindecode_fw.data.meg_preprocessing import RobustScaling, baseline_correct
 from braindecode_fw.data.store import StoreWriter, TrialTable
+from braindecode_fw.errors import DataError
 from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
 log = logging.getLogger(__name__)
@@ -122,21 +123,21 @@ class ThingsMEGConvertConfig:
                   ("resample_method", self.resample_method, ("fft", "polyphase"))]
         for key, value, options in checks:
             if value not in options:
-                raise ValueError(f"dataset.{key}: {value!r} is not one of {list(options)}")
+                raise DataError(f"dataset.{key}: {value!r} is not one of {list(options)}")
         if not float(self.sfreq) > 0:
-            raise ValueError(f"dataset.sfreq: expected a positive rate in Hz, got {self.sfreq}")
+            raise DataError(f"dataset.sfreq: expected a positive rate in Hz, got {self.sfreq}")
         if not float(self.tmin) < 0 < float(self.tmax):
-            raise ValueError(f"dataset.tmin/tmax: expected tmin < 0 < tmax seconds, got {self.tmin}, {self.tmax}")
+            raise DataError(f"dataset.tmin/tmax: expected tmin < 0 < tmax seconds, got {self.tmin}, {self.tmax}")
         if self.clamp is not None and not float(self.clamp) > 0:
-            raise ValueError(f"dataset.clamp: expected a positive limit or null (no clamping), got {self.clamp}")
+            raise DataError(f"dataset.clamp: expected a positive limit or null (no clamping), got {self.clamp}")
         if not 0.0 <= float(self.val_fraction) < 1.0:
-            raise ValueError(f"dataset.val_fraction: expected a fraction in [0, 1), got {self.val_fraction}")
+            raise DataError(f"dataset.val_fraction: expected a fraction in [0, 1), got {self.val_fraction}")
         if int(self.image_size) < 1:
-            raise ValueError(f"dataset.image_size: expected a positive side in pixels, got {self.image_size}")
+            raise DataError(f"dataset.image_size: expected a positive side in pixels, got {self.image_size}")
         if self.baseline is not None and (len(self.baseline) != 2 or self.baseline[1] is None):
-            raise ValueError(f"dataset.baseline: expected [start or null, end] seconds or null, got {self.baseline}")
+            raise DataError(f"dataset.baseline: expected [start or null, end] seconds or null, got {self.baseline}")
         if "{concept}" not in self.caption_template:
-            raise ValueError(f"dataset.caption_template: must contain '{{concept}}', got {self.caption_template!r}")
+            raise DataError(f"dataset.caption_template: must contain '{{concept}}', got {self.caption_template!r}")
         if self.subjects is not None:
             self.subjects = [subject_label(s) for s in self.subjects]
         # one spelling per value, so 120 (YAML) and 120.0 (Python) give the same fingerprint
@@ -166,7 +167,7 @@ def subject_label(s: Any) -> str:
     if text.isdigit():
         text = f"BIGMEG{int(text)}"
     if not re.fullmatch(r"[A-Za-z0-9]+", text):
-        raise ValueError(f"dataset.subjects: {s!r} is not a BIDS subject label (e.g. BIGMEG1)")
+        raise DataError(f"dataset.subjects: {s!r} is not a BIDS subject label (e.g. BIGMEG1)")
     return text
 
 
@@ -174,7 +175,7 @@ def participant_number(label: str) -> int:
     """``"BIGMEG3"`` -> 3, the ``n`` of ``sample_attributes_P{n}.csv`` / ``preprocessed_P{n}-epo.fif``."""
     m = re.search(r"(\d+)$", label)
     if not m:
-        raise ValueError(f"dataset.subjects: {label!r} has no trailing participant number (P{{n}} files need one)")
+        raise DataError(f"dataset.subjects: {label!r} has no trailing participant number (P{{n}} files need one)")
     return int(m.group(1))
 
 
@@ -862,13 +863,13 @@ class ThingsMEGConverter(Converter[ThingsMEGPlan]):
     def locate(self) -> None:
         cfg = self.cfg
         if not cfg.store:
-            raise ValueError("dataset.store: not set (where the prepared THINGS-MEG store is written)")
+            raise DataError("dataset.store: not set (where the prepared THINGS-MEG store is written)")
         if not cfg.root:
-            raise ValueError("dataset.root: not set; pass the BIDS folder of OpenNeuro ds004212, e.g. "
+            raise DataError("dataset.root: not set; pass the BIDS folder of OpenNeuro ds004212, e.g. "
                              "`bdf-prepare dataset=things_meg dataset.root=/data/ds004212 "
                              "dataset.images_root=/data/THINGS/Images`")
         if not cfg.images_root:
-            raise ValueError("dataset.images_root: not set; pass the THINGS image folder (<concept>/<stem>.jpg), "
+            raise DataError("dataset.images_root: not set; pass the THINGS image folder (<concept>/<stem>.jpg), "
                              "e.g. dataset.images_root=/data/THINGS/Images")
         self.root, self.images_root = Path(cfg.root), Path(cfg.images_root)
         if not self.root.is_dir():

@@ -29,6 +29,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.stats import norm
 
+from braindecode_fw.errors import DataError
 from braindecode_fw.schema import config_dataclass, setting
 
 
@@ -88,7 +89,7 @@ def sample_voxel_mask(volume_shape: tuple[int, int, int], n_voxels: int, rng: np
     random field. Returns ``(n_voxels, 3)`` int voxel indices (i: left-right, j: posterior-anterior,
     k: inferior-superior)."""
     if n_voxels > int(np.prod(volume_shape)) // 2:
-        raise ValueError(f"n_voxels={n_voxels} too large for volume {volume_shape}")
+        raise DataError(f"n_voxels={n_voxels} too large for volume {volume_shape}")
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in volume_shape], indexing="ij"), -1)
     centre = rng.uniform(-0.1, 0.1, size=3)
     radii = np.array([0.8, 0.9, 0.7]) * rng.uniform(0.9, 1.1, size=3)
@@ -111,7 +112,7 @@ def image_channels(images: np.ndarray, resolution: int) -> np.ndarray:
     chans = np.stack([lum, rg, by, edge], axis=1)  # (N, 4, H, W)
     n, c, h, w = chans.shape
     if h % resolution or w % resolution:
-        raise ValueError(f"image size {h}x{w} must be a multiple of the feature resolution {resolution}")
+        raise DataError(f"image size {h}x{w} must be a multiple of the feature resolution {resolution}")
     pooled = chans.reshape(n, c, resolution, h // resolution, resolution, w // resolution).mean(axis=(3, 5))
     return pooled.reshape(n, c, resolution * resolution)
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from braindecode_fw.errors import DataError
+
 CATEGORIES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "ring", "diamond", "crescent", "hexagon", "heart",
 )
@@ -123,7 +125,7 @@ def _shape_mask(category: str, u: np.ndarray, v: np.ndarray, r: float) -> np.nda
         tri = np.maximum(np.abs(u) * 1.0 + (v + 0.05 * r) * 0.9, -(v + 0.3 * r)) - 0.75 * r
         d = np.minimum(lobes, tri)
     else:  # pragma: no cover - guarded by CATEGORIES
-        raise ValueError(category)
+        raise DataError(category)
     return d
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from braindecode_fw.data.normalization import fit_session_stats, ncsnr_from_repeats
 from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.data.synthetic import fmri, scenes
+from braindecode_fw.errors import DataError
 from braindecode_fw.metrics.retrieval import retrieval_from_scores
 from braindecode_fw.ops.progress import Progress
 from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
@@ -69,11 +70,11 @@ class SyntheticWorldConfig:
 
     def validate(self) -> None:
         if self.test_repetitions < 2:
-            raise ValueError("dataset.test_repetitions must be >= 2 (ncsnr needs repeats)")
+            raise DataError("dataset.test_repetitions must be >= 2 (ncsnr needs repeats)")
         if self.image_size % self.feature_resolution:
-            raise ValueError("dataset.image_size must be a multiple of dataset.feature_resolution")
+            raise DataError("dataset.image_size must be a multiple of dataset.feature_resolution")
         if not 1 <= self.runs_per_session <= self.session_length:
-            raise ValueError("dataset.runs_per_session must be between 1 and dataset.session_length")
+            raise DataError("dataset.runs_per_session must be between 1 and dataset.session_length")
 
     @property
     def subjects(self) -> list[str]:
