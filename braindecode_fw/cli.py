@@ -3,9 +3,11 @@
 Hydra's ``--config-dir <folder>`` or ``hydra.searchpath=[file://<folder>]``;
 ``BDF_CONFIG_DIR`` replaces the shipped tree altogether.
 
-User errors (bad config keys, missing or invalid data, unknown subjects, ...) are reported as one
-line ``bdf-<cmd>: error: <what and where>`` with exit code 2; set ``BDF_DEBUG=1`` for the full
-traceback.
+User errors (bad config keys, missing or invalid data, unknown subjects, ...: the
+:mod:`braindecode_fw.errors` types, see :func:`is_user_error`) are reported as one line
+``bdf-<cmd>: error: <what and where>`` with exit code 2; set ``BDF_DEBUG=1`` for the full
+traceback. Any other exception is a bug: its traceback is printed, followed by one line saying so,
+and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -38,14 +40,33 @@ def _one_line(text: str) -> str:
     return "; ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from hydra.errors import HydraException
+def is_user_error(exc: BaseException) -> bool:
+    """Whether the CLI reports ``exc`` as a one-line user error (exit 2) rather than a bug.
 
-    from braindecode_fw.data.store import StoreValidationError
+    User errors: the project's :class:`~braindecode_fw.errors.UserError` types (also when wrapped,
+    e.g. by Hydra's instantiate), Hydra composition errors, OmegaConf errors (a ``???`` value left
+    unset, a key a custom config lacks, a value of the wrong type), a config node whose keys do not
+    fit its target's signature, Lightning's refusal of a trainer setting (``trainer.precision=...``),
+    and operating-system errors on a named file (permission denied, disk full). Everything else is a
+    bug in the framework or a library: it keeps its traceback.
+    """
+    from hydra.errors import HydraException, InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from omegaconf.errors import OmegaConfBaseException
 
-    # FloatingPointError: the NaN guard (lit.NonFiniteLossError) names the step and the batch
-    return (ValueError, KeyError, FileNotFoundError, FileExistsError, StoreValidationError, HydraException,
-            FloatingPointError)
+    from braindecode_fw.errors import is_signature_mismatch
+    from braindecode_fw.errors import is_user_error as raised_by_user_input
+
+    if raised_by_user_input(exc):
+        return True
+    if isinstance(exc, InstantiationException):
+        cause = exc.__cause__
+        if cause is not None and is_signature_mismatch(cause):  # a node's keys do not fit its _target_
+            return True
+        return cause is None or is_user_error(cause)
+    if isinstance(exc, HydraException | OmegaConfBaseException | MisconfigurationException):
+        return True
+    return isinstance(exc, OSError) and getattr(exc, "filename", None) is not None
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -147,7 +168,10 @@ def _explain_composition_error(config_name: str, overrides: list[str], exc: Exce
             base = compose(config_name, overrides=[o for o in overrides if o not in bad])
             node = OmegaConf.select(base, parent) if parent else base
             if isinstance(node, DictConfig):
-                close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1)
+                keys = [str(k) for k in node.keys()]
+                # a truncated name (retrieval.subset) means the key it starts: difflib would
+                # rank retrieval.n_subsets first
+                close = [k for k in keys if k.startswith(leaf)][:1] or difflib.get_close_matches(leaf, keys, n=1)
                 if close:
                     suggestion = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?"
         except Exception:  # noqa: BLE001 - the suggestion is best-effort
@@ -161,7 +185,7 @@ def _explain_composition_error(config_name: str, overrides: list[str], exc: Exce
 
 def _remove_stub_run_dir(cfg: DictConfig) -> None:
     """After a one-line user error: remove the run folder when it holds only what Hydra wrote
-    (``.hydra/`` and the log), so mistakes leave no stub runs behind; a folder with any output of
+    (``.hydra/``, the log, the resolved config), so mistakes leave no stub runs behind; a folder with any output of
     the task is kept."""
     import shutil
 
@@ -172,7 +196,8 @@ def _remove_stub_run_dir(cfg: DictConfig) -> None:
     if not run_dir.is_dir():
         return
     contents = list(run_dir.iterdir())
-    if all(p.name == ".hydra" or (p.is_file() and p.suffix == ".log") for p in contents):
+    # config_resolved.yaml: written before training starts, only a copy of the config
+    if all(p.name in (".hydra", "config_resolved.yaml") or (p.is_file() and p.suffix == ".log") for p in contents):
         logging.shutdown()  # release the log file before removing it
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -195,15 +220,18 @@ def run_app(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> N
         route_library_logging()
         try:
             return task(cfg)
-        except _user_error_types() as e:
+        except Exception as e:
+            if not is_user_error(e):
+                log.exception("%s failed (run directory %s)", prog, cfg.paths.get("output_dir", "?"))
+                print(f"{prog}: internal error: {type(e).__name__} is not a mistake in your input but a bug "
+                      f"in braindecode_fw or a library it calls; please report it with the traceback "
+                      f"printed here and the run folder's .hydra/ configs", file=sys.stderr)
+                raise
             if os.environ.get("BDF_DEBUG"):
                 raise
             log.debug("error details", exc_info=True)
             _remove_stub_run_dir(cfg)
             _fail(prog, _describe_error(e))
-        except Exception:
-            log.exception("%s failed (run directory %s)", prog, cfg.paths.get("output_dir", "?"))
-            raise
         finally:
             finish_wandb()  # a failed job must not leave a W&B run open for the next job of a sweep
 

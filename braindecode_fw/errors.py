@@ -45,6 +45,17 @@ class OutputExistsError(UserError, FileExistsError):
     """An output would replace something the user did not ask to replace."""
 
 
+#: What Python says when a call's keywords do not fit the signature; from a configured constructor
+#: (a Hydra node's keys, ``+model.hiden=32``) it is a config mistake.
+SIGNATURE_MISMATCH = ("unexpected keyword argument", "required positional argument",
+                      "required keyword-only argument", "got multiple values for argument")
+
+
+def is_signature_mismatch(exc: BaseException) -> bool:
+    """Whether ``exc`` is the ``TypeError`` of keywords that do not fit a callable's signature."""
+    return isinstance(exc, TypeError) and any(s in str(exc) for s in SIGNATURE_MISMATCH)
+
+
 def is_user_error(exc: BaseException) -> bool:
     """Whether ``exc`` or any exception it was explicitly raised from (``raise ... from``) is a
     :class:`UserError`.

@@ -312,6 +312,7 @@ CORE_KEYS: dict[str, tuple[Any, dict[str, float]]] = {
     "reconstruction.n_images": (int, {"min": 0}),
     "n_samples": (int, {"min": 1}),
     "batch_size": (int | None, {"min": 1}),
+    "trial_seconds": (float | None, {"gt": 0}),
     "limit": (int | None, {"min": 1}),
 }
 

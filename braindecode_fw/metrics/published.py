@@ -10,11 +10,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from braindecode_fw.errors import ConfigError
+
 TEST_SETS = {
     "nsd_new_1000": "NSD shared1000, all 40 sessions (1,000 images × 3 repetitions)",
     "nsd_old_982": "NSD MindEye1/Brain-Diffuser split (982 images for subj01)",
     "nsd_shared_1257": "NeuroPictor's sub1257 shared list (count unverified)",
 }
+
+
+def check_test_set(name: str | None, key: str = "test_set") -> None:
+    """A test set named in the config must be one of :data:`TEST_SETS`: a misspelt name would
+    silently drop the published comparison rows. ``None`` (use the store's ``provenance.test_set``)
+    is always fine."""
+    if name is not None and name not in TEST_SETS:
+        raise ConfigError(f"{key}: {name!r} is not a test set with published results (known: "
+                          f"{', '.join(TEST_SETS)}); leave it null to use the store's own provenance.test_set")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from braindecode_fw.errors import ConfigError, MissingFileError
+from braindecode_fw.errors import ConfigError, DataError, MissingFileError
 from braindecode_fw.io import load_tensors
 
 log = logging.getLogger(__name__)
@@ -24,12 +24,10 @@ log = logging.getLogger(__name__)
 PREFIX = "decoder."
 
 
-def load_matching_weights(decoder: nn.Module, checkpoint: str | Path) -> dict[str, Any]:
-    """Copy into ``decoder`` every tensor of the ``bdf-train`` checkpoint ``checkpoint`` (its
-    ``state_dict`` entries under ``decoder.``) whose name and shape match one of ``decoder``'s.
-    Returns ``{"checkpoint", "loaded", "shape_mismatch": {name: [ckpt shape, model shape]},
-    "not_in_checkpoint", "not_in_model"}`` (names). Raises FileNotFoundError / ValueError naming
-    ``init_from`` when the file is missing, is not a decoder checkpoint, or shares no tensor."""
+def read_decoder_weights(checkpoint: str | Path) -> dict[str, Any]:
+    """The decoder tensors (names without the ``decoder.`` prefix) of the ``bdf-train`` checkpoint
+    ``checkpoint``, read pickle-free. Raises errors naming ``init_from`` and the file when it is
+    missing, unreadable or holds no decoder weights — cheap enough to run before any data work."""
     path = Path(checkpoint)
     if not path.is_file():
         raise MissingFileError(f"init_from: no checkpoint at {path}")
@@ -37,8 +35,22 @@ def load_matching_weights(decoder: nn.Module, checkpoint: str | Path) -> dict[st
     source = {k.removeprefix(PREFIX): v for k, v in ((state.get("state_dict") if isinstance(state, dict) else None)
                                                       or {}).items() if k.startswith(PREFIX)}
     if not source:
-        raise ConfigError(f"init_from: {path} holds no decoder weights (expected a bdf-train checkpoint with "
-                         f"'{PREFIX}*' entries in its state_dict)")
+        raise DataError(f"init_from: {path} holds no decoder weights (expected a bdf-train checkpoint with "
+                        f"'{PREFIX}*' entries in its state_dict)")
+    return source
+
+
+def load_matching_weights(decoder: nn.Module, checkpoint: str | Path,
+                          source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Copy into ``decoder`` every tensor of the ``bdf-train`` checkpoint ``checkpoint`` (its
+    ``state_dict`` entries under ``decoder.``) whose name and shape match one of ``decoder``'s.
+    ``source``: those tensors already read by :func:`read_decoder_weights`.
+    Returns ``{"checkpoint", "loaded", "shape_mismatch": {name: [ckpt shape, model shape]},
+    "not_in_checkpoint", "not_in_model"}`` (names). Raises errors naming ``init_from`` when the
+    file is missing, is not a decoder checkpoint, or shares no tensor."""
+    path = Path(checkpoint)
+    if source is None:
+        source = read_decoder_weights(path)
     own = decoder.state_dict()
     loaded = sorted(k for k, v in source.items() if k in own and tuple(v.shape) == tuple(own[k].shape))
     mismatch = {k: [list(source[k].shape), list(own[k].shape)] for k in sorted(source)

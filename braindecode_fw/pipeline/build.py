@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from braindecode_fw.data.datamodule import BrainDataModule
+from braindecode_fw.errors import ConfigError, is_signature_mismatch
 from braindecode_fw.models.decoder import Decoder
 
 
@@ -27,7 +28,14 @@ def build_datamodule(cfg: DictConfig, store: Path | None = None) -> BrainDataMod
 
 def build_model(cfg: DictConfig, n_features: dict[str, int], target_shapes: dict[str, tuple[int, ...]]) -> Decoder:
     """``cfg.model`` is a partial of :func:`build_decoder`; sizes come from the data."""
-    return instantiate(cfg.model)(n_features=dict(n_features), target_shapes=dict(target_shapes))
+    build = instantiate(cfg.model)
+    try:
+        return build(n_features=dict(n_features), target_shapes=dict(target_shapes))
+    except TypeError as e:
+        if is_signature_mismatch(e):  # a key under model.* that its constructor does not take
+            raise ConfigError(f"model: {e} (check the model.* keys against the model's config, "
+                              f"bdf-train --cfg job --package model)") from e
+        raise
 
 
 def count_parameters(module: torch.nn.Module) -> dict[str, int]:

@@ -36,6 +36,7 @@ from braindecode_fw.metrics.images import (
     read_image_array,
     resize,
 )
+from braindecode_fw.metrics.published import check_test_set
 from braindecode_fw.metrics.report import format_table, retrieval_report, write_report
 from braindecode_fw.metrics.retrieval import RetrievalResult, retrieval_accuracy
 from braindecode_fw.metrics.suite import ImageMetricSuite
@@ -251,6 +252,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("give exactly one input: run=<bdf-reconstruct folder>, recon_dir=<folder|array> gt_dir=<folder|array>, "
                          f"or ckpt=<decoder checkpoint> (got {modes or 'none'}"
                          f"{'; gt_dir without recon_dir' if cfg.get('gt_dir') and not cfg.get('recon_dir') else ''})")
+    check_test_set(cfg.get("test_set"))
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     per_image: dict[str, dict[str, np.ndarray]] = {}

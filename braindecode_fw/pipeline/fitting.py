@@ -14,10 +14,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from braindecode_fw.data.datamodule import BrainDataModule
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.io import atomic_write_json, atomic_write_text
 from braindecode_fw.lit import DecoderModule
 from braindecode_fw.metrics.report import format_table, write_report
@@ -91,10 +93,17 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     module = build_module(cfg, dm, decoder, checkpoint_config, n_features)
     callbacks, checkpoint = build_callbacks(cfg, run_dir)
     loggers = build_loggers(cfg.get("logger"), run_dir, resume_from=resume_from)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
-        enable_progress_bar=sys.stdout.isatty(), use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
-    )
+    try:
+        trainer: L.Trainer = instantiate(
+            cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
+            enable_progress_bar=sys.stdout.isatty(), use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
+        )
+    except InstantiationException as e:
+        # Lightning validates its arguments in the constructor (trainer.precision=banana,
+        # trainer.accelerator=tpuu): a ValueError there is a mistake in the trainer.* keys
+        if isinstance(e.__cause__, ValueError):
+            raise ConfigError(f"trainer: {e.__cause__}") from e
+        raise
     n_params = count_parameters(decoder)
     log_hyperparameters(loggers, checkpoint_config, n_params, resumed=resume_from is not None)
     target = cfg.target.feature_name

@@ -76,7 +76,9 @@ def prepare_job(cfg: DictConfig) -> ReconstructionJob:
     """Load ``cfg.ckpt``, build the generator and check it against what the decoder provides
     (before any data work: a mismatch is a config error), then predict the test split."""
     from braindecode_fw.lit import predict
+    from braindecode_fw.metrics.published import check_test_set
 
+    check_test_set(cfg.get("test_set"))
     ckpt = load_checkpoint(cfg.ckpt)
     extra = ckpt["braindecode_fw"]
     train_cfg = OmegaConf.create(extra["config"])

@@ -37,6 +37,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                       allow_changes=bool(cfg.get("resume_with_changes", False)))
         if changed:
             log.warning("continuing from %s with settings other than it was trained with: %s", resume_from, changed)
+    warm_weights = None
+    if cfg.get("init_from") and not resume_from:  # read before any data work: a bad file fails first
+        from braindecode_fw.ops.warm_start import read_decoder_weights
+
+        warm_weights = read_decoder_weights(cfg.init_from)
     store = ensure_store(cfg.dataset)
     dm = build_datamodule(cfg, store)
     if trained_on is not None and dict(trained_on.get("n_features") or {}) != dm.n_features:
@@ -46,10 +51,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume_from:
         decoder.use_saved_artifacts(Path(resume_from).parents[1])  # the run the checkpoint belongs to
     decoder.configure_from_data(dm)
-    if cfg.get("init_from") and not resume_from:  # a continued run restores its own weights instead
+    if warm_weights is not None:  # a continued run restores its own weights instead
         from braindecode_fw.ops.warm_start import load_matching_weights
 
-        warm = load_matching_weights(decoder, cfg.init_from)
+        warm = load_matching_weights(decoder, cfg.init_from, warm_weights)
         if is_rank_zero():
             atomic_write_json(run_dir / "init_from.json", warm)
     if is_rank_zero():

@@ -36,7 +36,7 @@ from braindecode_fw.data.meg_preprocessing import RobustScaling, baseline_correc
 from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.data.synthetic import fmri, meg, scenes
 from braindecode_fw.data.synthetic.world import _scene_record
-from braindecode_fw.errors import DataError
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.metrics.retrieval import retrieval_from_scores
 from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
@@ -95,26 +95,26 @@ class SyntheticMEGWorldConfig:
         return out
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first inconsistent config key."""
+        """Raise a ``ConfigError`` naming the first inconsistent config key."""
         if not self.sources_per_subject:
-            raise DataError("dataset.world.sources_per_subject must list at least one subject")
+            raise ConfigError("dataset.world.sources_per_subject must list at least one subject")
         if self.test_repetitions < 1 or self.n_test_images < 2:
-            raise DataError("dataset.world.test_repetitions must be >= 1 and n_test_images >= 2")
+            raise ConfigError("dataset.world.test_repetitions must be >= 1 and n_test_images >= 2")
         if self.image_size % self.feature_resolution:
-            raise DataError("dataset.world.image_size must be a multiple of dataset.world.feature_resolution")
+            raise ConfigError("dataset.world.image_size must be a multiple of dataset.world.feature_resolution")
         trials_per_session = (self.n_train_images + self.n_test_images * self.test_repetitions) // self.n_sessions
         if self.n_sessions < 1 or not 1 <= self.runs_per_session <= trials_per_session:
-            raise DataError("dataset.world.runs_per_session must be between 1 and the trials per session "
-                             f"({trials_per_session}); dataset.world.n_sessions must be >= 1")
+            raise ConfigError("dataset.world.runs_per_session must be between 1 and the trials per session "
+                              f"({trials_per_session}); dataset.world.n_sessions must be >= 1")
         if not self.tmin < self.baseline[1] <= 0.0 < self.tmax or self.baseline[0] > self.baseline[1]:
-            raise DataError(f"dataset.world.baseline {self.baseline} must lie in [tmin, 0] with tmin < 0 < tmax "
-                             f"(tmin={self.tmin}, tmax={self.tmax})")
+            raise ConfigError(f"dataset.world.baseline {self.baseline} must lie in [tmin, 0] with tmin < 0 < tmax "
+                              f"(tmin={self.tmin}, tmax={self.tmax})")
         if max(self.higher_kernel.latency + self.early_kernel.latency) >= self.tmax:
-            raise DataError("dataset.world.*_kernel.latency must end before dataset.world.tmax")
+            raise ConfigError("dataset.world.*_kernel.latency must end before dataset.world.tmax")
         if not 0.0 <= self.noise.white_floor <= 1.0 or not 0.0 <= self.noise.spatial_correlation <= 1.0:
-            raise DataError("dataset.world.noise.white_floor and spatial_correlation must lie in [0, 1]")
+            raise ConfigError("dataset.world.noise.white_floor and spatial_correlation must lie in [0, 1]")
         if self.dtype not in ("float16", "float32"):
-            raise DataError(f"dataset.world.dtype must be float16 or float32, got {self.dtype!r}")
+            raise ConfigError(f"dataset.world.dtype must be float16 or float32, got {self.dtype!r}")
 
     @property
     def subjects(self) -> list[str]:

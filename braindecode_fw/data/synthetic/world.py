@@ -22,7 +22,7 @@ import numpy as np
 from braindecode_fw.data.normalization import fit_session_stats, ncsnr_from_repeats
 from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.data.synthetic import fmri, scenes
-from braindecode_fw.errors import DataError
+from braindecode_fw.errors import ConfigError
 from braindecode_fw.metrics.retrieval import retrieval_from_scores
 from braindecode_fw.ops.progress import Progress
 from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
@@ -69,12 +69,29 @@ class SyntheticWorldConfig:
         return out
 
     def validate(self) -> None:
-        if self.test_repetitions < 2:
-            raise DataError("dataset.test_repetitions must be >= 2 (ncsnr needs repeats)")
+        """Checks across fields (each field's type and range is checked when it is read)."""
+        k = "dataset.world"
         if self.image_size % self.feature_resolution:
-            raise DataError("dataset.image_size must be a multiple of dataset.feature_resolution")
+            raise ConfigError(f"{k}.image_size: {self.image_size} is not a multiple of {k}.feature_resolution "
+                              f"({self.feature_resolution})")
         if not 1 <= self.runs_per_session <= self.session_length:
-            raise DataError("dataset.runs_per_session must be between 1 and dataset.session_length")
+            raise ConfigError(f"{k}.runs_per_session: expected between 1 and {k}.session_length "
+                              f"({self.session_length}), got {self.runs_per_session}")
+        if len(self.volume_shape) != 3:
+            raise ConfigError(f"{k}.volume_shape: expected 3 sizes [x, y, z], got {list(self.volume_shape)}")
+        if len(self.rf_size) != 2:
+            raise ConfigError(f"{k}.rf_size: expected [base, slope] (sd = base + slope * eccentricity), "
+                              f"got {list(self.rf_size)}")
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigError(f"{k}.dtype: expected 'float16' or 'float32', got {self.dtype!r}")
+        if not self.voxels_per_subject:
+            raise ConfigError(f"{k}.voxels_per_subject: expected one voxel count per subject, got []")
+        # a subject's mask takes the highest half of the volume at most (fmri.sample_voxel_mask)
+        room = int(np.prod(self.volume_shape)) // 2
+        if max(self.voxels_per_subject) > room:
+            raise ConfigError(f"{k}.voxels_per_subject: {max(self.voxels_per_subject)} voxels do not fit in "
+                              f"{k}.volume_shape {list(self.volume_shape)} (at most half its "
+                              f"{int(np.prod(self.volume_shape))} voxels, {room}); enlarge the volume or use fewer voxels")
 
     @property
     def subjects(self) -> list[str]:

@@ -26,6 +26,7 @@ from PIL import Image
 
 from braindecode_fw.data.convert.base import Converter, Written
 from braindecode_fw.data.store import StoreWriter, TrialTable
+from braindecode_fw.errors import ConfigError, DataError, MissingFileError
 
 SPLITS = ("train", "val", "test")
 
@@ -56,20 +57,20 @@ class FolderPlan:
 
 def _read_trials(path: Path, n_rows: int, known_images: set[str]) -> list[dict[str, str]]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (expected image_id,session,split per row of betas.npy)")
+        raise MissingFileError(f"{path}: missing (expected image_id,session,split per row of betas.npy)")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if rows and set(rows[0]) != {"image_id", "session", "split"}:
-        raise ValueError(f"{path}: columns {sorted(rows[0])}, expected image_id, session, split")
+        raise DataError(f"{path}: columns {sorted(rows[0])}, expected image_id, session, split")
     if len(rows) != n_rows:
-        raise ValueError(f"{path}: {len(rows)} rows, but betas.npy has {n_rows} trials")
+        raise DataError(f"{path}: {len(rows)} rows, but betas.npy has {n_rows} trials")
     for line, row in enumerate(rows, start=2):
         if row["image_id"] not in known_images:
-            raise ValueError(f"{path}:{line}: image_id {row['image_id']!r} has no file in images/")
+            raise DataError(f"{path}:{line}: image_id {row['image_id']!r} has no file in images/")
         if row["split"] not in SPLITS:
-            raise ValueError(f"{path}:{line}: split {row['split']!r}, expected one of {SPLITS}")
+            raise DataError(f"{path}:{line}: split {row['split']!r}, expected one of {SPLITS}")
         if not row["session"].isdigit():
-            raise ValueError(f"{path}:{line}: session {row['session']!r}, expected a non-negative integer")
+            raise DataError(f"{path}:{line}: session {row['session']!r}, expected a non-negative integer")
     return rows
 
 
@@ -89,22 +90,22 @@ class FolderConverter(Converter[FolderPlan]):
 
     def locate(self) -> None:
         if not self.cfg.root:
-            raise ValueError("dataset.root: not set (the folder with images/ and one folder per subject)")
+            raise ConfigError("dataset.root: not set (the folder with images/ and one folder per subject)")
         self.root = Path(self.cfg.root)
 
     def plan(self) -> FolderPlan:
         root = self.root
         image_files = {p.stem: p for p in sorted((root / "images").glob("*.png"))}
         if not image_files:
-            raise FileNotFoundError(f"{root / 'images'}: no .png stimuli")
+            raise MissingFileError(f"{root / 'images'}: no .png stimuli")
         subjects = {}
         for subject in self.cfg.subjects:
             betas_path = root / subject / "betas.npy"
             if not betas_path.is_file():
-                raise FileNotFoundError(f"{betas_path}: missing (dataset.subjects lists {subject!r})")
+                raise MissingFileError(f"{betas_path}: missing (dataset.subjects lists {subject!r})")
             betas = np.load(betas_path, mmap_mode="r", allow_pickle=False)
             if betas.ndim != 2 or betas.dtype != np.float32:
-                raise ValueError(f"{betas_path}: expected float32 (n_trials, n_voxels), got {betas.dtype} "
+                raise DataError(f"{betas_path}: expected float32 (n_trials, n_voxels), got {betas.dtype} "
                                  f"{betas.shape}")
             rows = _read_trials(root / subject / "trials.csv", len(betas), set(image_files))
             self.check(f"{subject}: betas.npy float32 {betas.shape}; trials.csv columns, one row per trial, "
