@@ -16,7 +16,7 @@ import os
 import shutil
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ class Case:
     args: tuple[str, ...]
     needles: tuple[str, ...]
     setup: Callable[[Path, dict], dict] | None = None
-    tiny: bool = field(default=True)  # add the tiny world/model overrides (bdf-train, bdf-prepare synthetic)
+    tiny: bool = True  # add the tiny world/model overrides (bdf-train, bdf-prepare synthetic)
 
 
 # --- setups: each builds one broken input under the case's own folder and names it -------------
