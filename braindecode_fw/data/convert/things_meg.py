@@ -1202,6 +1202,9 @@ class ThingsMEGConverter(Converter[ThingsMEGPlan]):
                          f"{100 * st['clamp_fraction']:>9.4f}  {st['layout']}")
         lines.append(f"{summary['n_images']} images at {summary['image_size']} px; input {summary['extras']['input']}; "
                      f"converted in {summary['seconds']:.1f} s")
+        # what the events and sidecars said (trial counts, catch, test repetitions, concepts, channels, rate)
+        lines += [f"checked: {c}" for c in summary["checked"] if c.startswith("sub-")]
+        lines += [f"not checked: {c}" for c in summary["not_checked"]]
         return lines
 
 
