@@ -234,8 +234,15 @@ def read_events_tsv(path: Path) -> dict[str, np.ndarray]:
         raise ThingsMEGInputError(f"{path}: non-numeric value in a numeric column ({e})") from None
     images = out["trial_type"] != "catch"
     for name in ("things_category_nr", "value"):
-        if np.isnan(out[name][images]).any():
+        col_values = out[name][images]
+        if np.isnan(col_values).any():
             raise ThingsMEGInputError(f"{path}: column {name} is N/A on an exp/test row (only catch rows may be N/A)")
+        # the release writes integers as floats ("1760.0"); anything else is not a THINGS number
+        bad = np.flatnonzero((col_values != np.round(col_values)) | (col_values < 1))
+        if len(bad):
+            row = int(np.flatnonzero(images)[bad[0]]) + 2
+            raise ThingsMEGInputError(f"{path}: column {name} is {float(col_values[bad[0]])!r} on line {row}, expected a "
+                                      f"1-based THINGS number (an integer, e.g. 1760 or 1760.0)")
     return out
 
 
@@ -1088,6 +1095,20 @@ class ThingsMEGConverter(Converter[ThingsMEGPlan]):
         and one concept per image."""
         tag = f"sub-{p.label}"
         if p.runs:
+            # the sample column (the converter's onsets) against onset x the rate (meg.json, else 1200 Hz)
+            n_rows, off = 0, []
+            for rp in p.runs:
+                ev = rp.events
+                rate = rp.sidecars.sfreq if rp.sidecars is not None and rp.sidecars.sfreq else 1200.0
+                has = (ev["sample"] >= 0) & np.isfinite(ev["onset"])
+                n_rows += int(has.sum())
+                if (np.abs(ev["sample"][has] - ev["onset"][has] * rate) > 1.0).any():
+                    off.append(rp.events_path.name)
+            if off:
+                self.warn(f"{tag}: events.tsv sample differs from onset x the sampling rate by more than one sample "
+                          f"in {len(off)} run(s) ({off[0]}...); the sample column is used")
+            elif n_rows:
+                self.check(f"{tag}: events.tsv sample = onset x the sampling rate on all {n_rows} rows")
             per_run: dict[tuple[int, int, int], int] = {}
             for rp in p.runs:
                 tt = rp.events["trial_type"]

@@ -205,6 +205,7 @@ def test_plan_of_all_120_real_runs_reports_what_the_sidecars_say(full_plan):
     assert "sub-BIGMEG1: events per run: 72 run(s) of 225 (20 test, 20 catch), 48 run(s) of 226 (20 test, 20 catch)" \
         in checked
     assert "sub-BIGMEG1: 2400 catch trial(s) (N/A THINGS numbers) dropped" in checked
+    assert "sub-BIGMEG1: events.tsv sample = onset x the sampling rate on all 27048 rows" in checked
     assert "sub-BIGMEG1: 200 test image(s), 200 shown 12x over 12 session(s)" in checked
     assert "sub-BIGMEG1: 22248 exp image(s), 22248 shown once" in checked
     assert ("sub-BIGMEG1: the 22448 image(s) have one THINGS concept each, 1854 concept(s) within the 1854 rows "
@@ -314,5 +315,17 @@ def test_recording_without_a_channels_tsv_sensor_names_it(tmp_path):
     with pytest.raises(ThingsMEGInputError, match=r"its 271 MEG channels differ from the 272 MEG sensors of "
                                                   rf"{_prefix(1, 1)}_channels\.tsv \(only in the recording: \[\]; "
                                                   r"only in channels\.tsv: \['MLC11-1609'\]\)"):
+        convert_things_meg(_cfg(tree, tmp_path / "store"))
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_fractional_things_number_names_the_file_and_line(tmp_path):
+    tree = _small_tree(tmp_path)
+    events = tree["root"] / SUB / f"ses-01/meg/{_prefix(1, 1)}_events.tsv"
+    text = events.read_text()
+    assert "\t24812.0\t" in text  # line 2 of the real file: value 24812.0
+    events.write_text(text.replace("\t24812.0\t", "\t24812.5\t"))
+    with pytest.raises(ThingsMEGInputError, match=rf"{_prefix(1, 1)}_events\.tsv: column value is 24812\.5 on line 2, "
+                                                  r"expected a 1-based THINGS number"):
         convert_things_meg(_cfg(tree, tmp_path / "store"))
     assert not (tmp_path / "store").exists()
