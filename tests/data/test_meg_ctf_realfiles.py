@@ -137,7 +137,7 @@ def test_converter_preprocessing_on_a_real_ctf_run_matches_an_mne_epochs_referen
     assert x.shape == (3, 273, 181)
     q25, q50, q75 = np.percentile(np.moveaxis(x, 1, 0).reshape(273, -1), [25, 50, 75], axis=1)
     expected = np.clip((x[[0, 2]] - q50[:, None]) / (q75 - q25)[:, None], -20, 20)
-    np.testing.assert_allclose(res.epochs, expected, atol=1e-3)
+    np.testing.assert_allclose(res.epochs, expected, atol=1e-3)  # measured max |diff| 4.3e-7 (values up to 3.6)
 
 
 def test_preprocessing_steps_on_the_averaged_ctf151_recording():

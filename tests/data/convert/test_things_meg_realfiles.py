@@ -42,6 +42,7 @@ from braindecode_fw.data.convert.things_meg import (
 )
 from braindecode_fw.data.meg_layout import (
     clean_channel_name,
+    sensor_positions,
     things_meg_channel_names,
     valid_positions,
 )
@@ -262,6 +263,7 @@ def test_all_real_runs_end_to_end_into_a_store(converted):
     geo = sub.sensor_geometry()
     assert geo["names"] == [clean_channel_name(n) for n in things_meg_channel_names(suffix="-1609")]
     assert valid_positions(geo["positions"]).all() and geo["sfreq"] == 120.0
+    np.testing.assert_array_equal(geo["positions"], sensor_positions(geo["names"]))  # what the model reads
     t = sub.trials
     np.testing.assert_array_equal(t.session + 1, [k[0] for k, _ in kept])
     np.testing.assert_array_equal(t.run + 1, [k[1] for k, _ in kept])
