@@ -3,7 +3,8 @@
 Follows Benchetrit et al. 2023's data handling (docs/methods/meg_brainmodule.md §1, brainmagick's conventions §6):
 
 ``input=raw`` (default) reads every BIDS run ``sub-<label>/ses-NN/meg/sub-<label>_ses-NN_task-main_run-NN_meg.ds``
-through :func:`mne.io.read_raw` (``.ds`` = CTF in the release; ``.fif`` in the fixture; one code path),
+through :func:`open_run` (``.ds`` = CTF in the release, :func:`mne.io.read_raw_ctf`; ``.fif`` in the fixture),
+checks it against the run's ``meg.json`` rate and ``channels.tsv`` sensors,
 keeps the 272 MEG sensors (``picks="mag"``: MNE exposes CTF axial gradiometers as ``mag``; reference
 and misc channels are dropped), optionally band-passes, resamples the *continuous* run to ``sfreq``
 (120 Hz), cuts ``tmin..tmax`` (-0.5..1.0 s -> 181 samples) around each image onset (events.tsv

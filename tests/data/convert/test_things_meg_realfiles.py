@@ -200,7 +200,12 @@ def test_plan_of_all_120_real_runs_reports_what_the_sidecars_say(full_plan):
     tree, conv, plan = full_plan
     assert discover_subjects(tree["root"]) == ["BIGMEG1"]  # BIGMEG2-4 and emptyroom have no runs here
     (p,) = plan.subjects
-    assert len(p.runs) == 120 and all(rp.path.suffix == ".ds" for rp in p.runs)  # no ._*, physio, json runs
+    meg_dirs = list((tree["root"] / SUB).glob("ses-*/meg"))
+    assert len(list(tree["root"].glob(f"{SUB}/ses-*/meg/._*_meg.fif"))) == 120  # the junk is there ...
+    assert len(list(tree["root"].glob(f"{SUB}/ses-*/meg/*_physio.*"))) == 240 and len(meg_dirs) == 12
+    # ... and only the 120 placeholder runs are runs (no ._*, physio, json or tsv)
+    assert sorted(rp.path for rp in p.runs) == sorted(d / f"{_prefix(s, r)}_meg.ds" for s, r in RUNS
+                                                      for d in meg_dirs if d.parent.name == f"ses-{s:02d}")
     assert len(p.value) == 22248 + 2400 and p.n_catch == 2400
     checked = "\n".join(conv.checked)
     assert "sub-BIGMEG1: events per run: 72 run(s) of 225 (20 test, 20 catch), 48 run(s) of 226 (20 test, 20 catch)" \
