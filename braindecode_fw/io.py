@@ -63,7 +63,11 @@ def _temporaries(folder: Path, name: str | None) -> list[tuple[Path, str, str, i
     pattern = (_ANY_TEMPORARY if name is None else
                re.compile(rf"\.?(?P<name>{re.escape(name)})\.(?P<kind>{_KIND})-(?P<pid>\d+)(?P<suffix>\.[A-Za-z0-9]+)?"))
     found = []
-    for entry in folder.iterdir():
+    try:
+        entries = list(folder.iterdir())
+    except OSError:  # a folder one may write into but not list: nothing to clean
+        return []
+    for entry in entries:
         m = pattern.fullmatch(entry.name)
         if m:
             found.append((entry, m["name"], m["kind"], int(m["pid"])))
