@@ -40,6 +40,10 @@ class DecoderModule(L.LightningModule):
     (:func:`weight_decay_groups`); ``scale_lr_by_devices`` (``optim.scale_lr_by_devices``) multiplies
     the learning rate (and OneCycle's ``max_lr``) by the trainer's world size, as MindBridge does.
     scheduler: partial LR scheduler; ``OneCycleLR`` gets ``total_steps`` from the trainer.
+    nan_check: when the non-finite-loss guard looks (``fast_path.nan_check``,
+    braindecode_fw/pipeline/fast_path.py): ``step`` every step, naming the batch (a host
+    synchronisation per step); ``deferred`` at logging steps and epoch ends, naming the first bad
+    step; ``auto`` is ``step`` on a CPU and ``deferred`` on accelerators.
     """
 
     def __init__(
@@ -55,8 +59,13 @@ class DecoderModule(L.LightningModule):
         checkpoint_extra: dict[str, Any] | None = None,
         weight_decay_groups: str = "adapters_and_matrices",
         scale_lr_by_devices: bool = False,
+        nan_check: str = "step",
     ):
         super().__init__()
+        if nan_check not in ("auto", "step", "deferred"):
+            raise ConfigError(f"fast_path.nan_check: expected auto, step or deferred, got {nan_check!r}")
+        self.nan_check = nan_check
+        self._first_nonfinite_step: torch.Tensor | None = None  # deferred check: -1 or the first bad step
         if weight_decay_groups not in WEIGHT_DECAY_RULES:
             raise ConfigError(f"optim.weight_decay_groups: one of {list(WEIGHT_DECAY_RULES)}, got "
                              f"{weight_decay_groups!r}")
@@ -91,6 +100,36 @@ class DecoderModule(L.LightningModule):
                 "to find the operation"
             )
 
+    def _checks_every_step(self) -> bool:
+        return self.nan_check == "step" or (self.nan_check == "auto" and self.device.type == "cpu")
+
+    def _track_finite(self, loss: torch.Tensor) -> None:
+        """Deferred guard: remember the first step whose loss is not finite, on the device (no sync)."""
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        seen = self._first_nonfinite_step
+        bad = ~torch.isfinite(loss.detach()) & (seen < 0)
+        self._first_nonfinite_step = torch.where(bad, torch.full_like(seen, self.global_step), seen)
+
+    def _raise_if_nonfinite_seen(self) -> None:
+        if self._first_nonfinite_step is None:
+            return
+        step = int(self._first_nonfinite_step)  # the one synchronisation, every logging interval
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"train loss became non-finite at step {step} (epoch {self.current_epoch}; found by the deferred "
+                "check, fast_path.nan_check=deferred); rerun with fast_path.nan_check=step to name the batch, "
+                "lower optim.optimizer.lr, or use trainer.precision=32-true")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self._trainer
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)) if trainer is not None else 1
+        if self._first_nonfinite_step is not None and self.global_step % every == 0:
+            self._raise_if_nonfinite_seen()
+
+    def on_train_epoch_end(self) -> None:
+        self._raise_if_nonfinite_seen()
+
     def progress(self, batch_idx: int) -> float:
         """Fraction of training done (epochs, fractional within an epoch), for loss schedules."""
         trainer = self._trainer
@@ -102,7 +141,10 @@ class DecoderModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, parts, _ = self.objective(self.decoder, batch, self.progress(batch_idx))
-        self._check_finite(loss, "train", batch, batch_idx)
+        if self._checks_every_step():
+            self._check_finite(loss, "train", batch, batch_idx)
+        else:
+            self._track_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=len(batch))

@@ -30,6 +30,12 @@ from braindecode_fw.ops.resume import AtomicCheckpointIO
 from braindecode_fw.pipeline.build import count_parameters
 from braindecode_fw.pipeline.checkpoint import load_checkpoint
 from braindecode_fw.pipeline.evaluation import evaluate_predictions
+from braindecode_fw.pipeline.fast_path import (
+    FastPath,
+    compile_decoder,
+    fused_optimizer_factory,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +96,18 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     ControlNet) and writes the report, the preview grid and ``result.json``. Returns the test metrics
     (shared by ``bdf-train`` and ``bdf-adapt``). ``n_features`` (default: the data's subjects) is
     what the checkpoint records as the decoder's subjects."""
+    fast = FastPath.from_config(cfg.get("fast_path"))
     module = build_module(cfg, dm, decoder, checkpoint_config, n_features)
     callbacks, checkpoint = build_callbacks(cfg, run_dir)
     loggers = build_loggers(cfg.get("logger"), run_dir, resume_from=resume_from)
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), fast, str(cfg.trainer.get("accelerator", "auto")))
+    if precision != cfg.trainer.get("precision", "32-true"):
+        log.info("fast_path.bf16=%s: trainer.precision %s -> %s (this hardware multiplies bf16 matrices)",
+                 fast.bf16, cfg.trainer.get("precision"), precision)
+    compile_decoder(decoder, fast)
     try:
         trainer: L.Trainer = instantiate(
-            cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
+            cfg.trainer, precision=precision, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
             enable_progress_bar=sys.stdout.isatty(), use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
         )
     except InstantiationException as e:
@@ -139,12 +151,15 @@ def build_module(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, checkpo
                  n_features: dict[str, int] | None = None) -> DecoderModule:
     """The LightningModule training ``decoder`` with the run's loss, optimiser and schedule, and
     what its checkpoints record beside the weights: the config, the decoder's subjects and voxel
-    counts, the target and auxiliary output shapes, the store version."""
+    counts, the target and auxiliary output shapes, the store version. The optimiser is the fused
+    kernel where ``fast_path.fused_optimizer`` allows (braindecode_fw/pipeline/fast_path.py)."""
+    fast = FastPath.from_config(cfg.get("fast_path"))
     return DecoderModule(
         decoder,
         loss=instantiate(cfg.loss),
         target=cfg.target.feature_name,
-        optimizer=instantiate(cfg.optim.optimizer),
+        optimizer=fused_optimizer_factory(instantiate(cfg.optim.optimizer), fast),
+        nan_check=fast.nan_check,
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         val_subset_size=cfg.evaluation.subset_size,
         weight_decay_groups=cfg.optim.get("weight_decay_groups", "adapters_and_matrices"),

@@ -157,7 +157,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
 
     # the training config, with this run's optimiser/trainer/loggers/paths and the budgeted data
     run_cfg = OmegaConf.merge(train_cfg, {k: cfg[k] for k in ("optim", "trainer", "logger", "callbacks", "paths",
-                                                              "seed", "reconstruction", "generator")})
+                                                              "seed", "reconstruction", "generator", "fast_path")})
     with open_dict(run_cfg):
         run_cfg.data.pop("train_sessions", None)  # checkpoints before budgets had this key
         run_cfg.data.subjects = [*sources, subject]

@@ -94,8 +94,12 @@ def bench_world(name: str, world: DictConfig, device: str) -> dict[str, Any]:
     loader_sps = n / (time.perf_counter() - t0)
 
     decoder = build_model(cfg, dm.n_features, dm.target_shapes).to(device)
+    from braindecode_fw.pipeline.fast_path import FastPath, fused_optimizer_factory
+
+    # the optimiser bdf-train builds (the fast path's fused kernel by default)
+    optimizer = fused_optimizer_factory(instantiate(cfg.optim.optimizer), FastPath.from_config(cfg.get("fast_path")))
     module = DecoderModule(decoder, loss=instantiate(cfg.loss), target=cfg.target.feature_name,
-                           optimizer=instantiate(cfg.optim.optimizer)).to(device).train()
+                           optimizer=optimizer).to(device).train()
     optimizer = module.configure_optimizers()
 
     def step(batch) -> None:
@@ -239,56 +243,137 @@ def render_evaluation_markdown(result: dict[str, Any], machine: dict[str, Any], 
     return "\n".join(lines)
 
 
-def _bench_model_case(name: str, case: DictConfig, n_features: dict[str, int], mc: DictConfig,
-                      device: str) -> dict[str, Any]:
+class PeakMemory:
+    """Peak memory while the block runs: CUDA's allocator peak on a GPU, else the process's resident
+    set sampled every 20 ms (``ru_maxrss`` only ever grows, so it cannot tell one case from the next)."""
+
+    def __init__(self, device: str):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        import psutil
+
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        process, self._stop = psutil.Process(), threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.02):
+                self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2**20)
+
+        self.peak_mb = process.memory_info().rss / 2**20
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def _time_training(cfg: DictConfig, shapes: dict[str, tuple[int, ...]], n_features: dict[str, int], batch_size: int,
+                   steps: int, n_times: int | None, device: str, fast) -> dict[str, Any]:
+    """``steps`` training steps (forward + backward + optimiser step) of ``cfg``'s decoder on one fixed
+    random batch, with the fast path ``fast`` (:class:`~braindecode_fw.pipeline.fast_path.FastPath`);
+    the first step (allocations, optimiser state, compilation) is not timed. Weights, batch and
+    dropout draws are seeded identically for every ``fast``, so the losses can be compared."""
     from braindecode_fw.contracts import Batch
     from braindecode_fw.lit import DecoderModule
+    from braindecode_fw.pipeline.fast_path import (
+        compile_decoder,
+        fused_optimizer_factory,
+        resolve_precision,
+    )
+
+    with PeakMemory(device) as memory:
+        torch.manual_seed(0)
+        decoder = instantiate(cfg.model)(n_features=n_features, target_shapes=shapes).to(device)
+        _stand_in_data_configuration(decoder, n_features)
+        module = DecoderModule(decoder, loss=instantiate(cfg.loss), target=next(iter(shapes)),
+                               optimizer=fused_optimizer_factory(instantiate(cfg.optim.optimizer), fast)).to(device).train()
+        optimizer = module.configure_optimizers()
+        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        compile_decoder(decoder, fast)
+        bf16 = resolve_precision("32-true", fast, device) == "bf16-mixed"
+        subjects = list(n_features)
+        times = (n_times,) if n_times else ()  # MEG: (sensors, times) per trial
+        gen = torch.Generator().manual_seed(1)
+        batch = Batch(subject=[subjects[i % len(subjects)] for i in range(batch_size)],
+                      responses=torch.randn(batch_size, max(n_features.values()), *times, generator=gen).to(device),
+                      image_index=torch.arange(batch_size),
+                      targets={k: torch.randn(batch_size, *v, generator=gen).to(device) for k, v in shapes.items()})
+        torch.manual_seed(2)  # dropout and the objectives' own draws
+        losses, seconds = [], []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+                loss, _, _ = module.objective(decoder, batch, 0.5)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))  # synchronises: the step is complete when the clock stops
+            seconds.append(time.perf_counter() - t0)
+        decoder.eval()
+        with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            decoder(batch.responses, batch.subject)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(3):
+                decoder(batch.responses, batch.subject)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            infer = 3 * batch_size / (time.perf_counter() - t0)
+        params = sum(p.numel() for p in decoder.parameters())
+        fused = bool(optimizer.defaults.get("fused"))
+        del decoder, module, optimizer, batch
+    timed = seconds[1:] if len(seconds) > 1 else seconds
+    return {"samples_per_s": batch_size * len(timed) / sum(timed), "inference_samples_per_s": infer,
+            "loss_last": losses[-1], "params": params, "peak_mb": memory.peak_mb, "fused_optimizer": fused,
+            "bf16": bf16}
+
+
+def _bench_model_case(name: str, case: DictConfig, n_features: dict[str, int], mc: DictConfig,
+                      device: str) -> list[dict[str, Any]]:
+    """One row per batch size of ``case``: eager fp32 PyTorch and the fast path
+    (braindecode_fw/pipeline/fast_path.py) in the same run, samples/s, peak memory and the
+    difference of the loss after ``mc.steps`` steps."""
+    from braindecode_fw.pipeline.fast_path import FastPath
 
     cfg = compose("train", overrides=[f"model={case.model}", f"loss={case.loss}", *(case.get("overrides") or [])])
     shapes = {k: tuple(int(x) for x in v) for k, v in case.targets.items()}
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(0)
-    decoder = instantiate(cfg.model)(n_features=n_features, target_shapes=shapes).to(device)
-    _stand_in_data_configuration(decoder, n_features)
-    module = DecoderModule(decoder, loss=instantiate(cfg.loss), target=next(iter(shapes)),
-                           optimizer=instantiate(cfg.optim.optimizer)).to(device).train()
-    optimizer = module.configure_optimizers()
-    b, subjects = mc.batch_size, list(n_features)
-    times = (int(mc.n_times),) if mc.get("n_times") else ()  # MEG: (sensors, times) per trial
-    batch = Batch(subject=[subjects[i % len(subjects)] for i in range(b)],
-                  responses=torch.randn(b, max(n_features.values()), *times, device=device),
-                  image_index=torch.arange(b), targets={k: torch.randn(b, *v, device=device) for k, v in shapes.items()})
-
-    def step() -> None:
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss, _, _ = module.objective(decoder, batch, 0.5)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    step()  # warm-up (allocations, optimiser state)
-    t0 = time.perf_counter()
-    for _ in range(mc.steps):
-        step()
-    train_sps = mc.steps * b / (time.perf_counter() - t0)
-    decoder.eval()
-    with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        decoder(batch.responses, batch.subject)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(mc.steps):
-            decoder(batch.responses, batch.subject)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    infer_sps = mc.steps * b / (time.perf_counter() - t0)
-    return {"case": name, "model": case.model, "params_m": round(sum(p.numel() for p in decoder.parameters()) / 1e6, 1),
-            "targets": {k: list(v) for k, v in shapes.items()}, "batch_size": b,
-            "samples_per_s": round(train_sps, 2), "inference_samples_per_s": round(infer_sps, 2),
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None,
-            "peak_rss_mb": round(peak_rss_mb())}
+    fast = FastPath.from_config(mc.get("fast_path"))
+    sizes = case.get("batch_sizes") or mc.get("batch_sizes") or [mc.batch_size]
+    n_times = int(mc.n_times) if mc.get("n_times") else None
+    rows = []
+    for entry in sizes:
+        # an entry is a batch size, or {size: N, steps: S} for a large batch timed over fewer steps
+        batch_size = int(entry["size"] if hasattr(entry, "keys") else entry)
+        steps = int(entry.get("steps") or mc.steps) if hasattr(entry, "keys") else int(case.get("steps") or mc.steps)
+        if batch_size < 1 or steps < 1:
+            raise ConfigError(f"models.cases.{name}.batch_sizes: sizes and steps must be >= 1, got {entry!r}")
+        eager = _time_training(cfg, shapes, n_features, batch_size, steps, n_times, device, FastPath.eager())
+        quick = _time_training(cfg, shapes, n_features, batch_size, steps, n_times, device, fast)
+        rows.append({
+            "case": name, "model": case.model, "params_m": round(quick["params"] / 1e6, 1),
+            "targets": {k: list(v) for k, v in shapes.items()}, "batch_size": batch_size, "steps": steps,
+            "eager_samples_per_s": round(eager["samples_per_s"], 2), "samples_per_s": round(quick["samples_per_s"], 2),
+            "speedup": round(quick["samples_per_s"] / eager["samples_per_s"], 2),
+            "inference_samples_per_s": round(quick["inference_samples_per_s"], 2),
+            "loss_eager": eager["loss_last"], "loss_fast": quick["loss_last"],
+            "loss_abs_diff": abs(quick["loss_last"] - eager["loss_last"]),
+            "eager_peak_mb": round(eager["peak_mb"]), "peak_mb": round(quick["peak_mb"]),
+            "fast_path": {"fused_optimizer": quick["fused_optimizer"], "bf16": quick["bf16"], "compile": fast.compile},
+            "peak_gpu_mb": round(quick["peak_mb"]) if device == "cuda" else None,
+            "peak_rss_mb": round(peak_rss_mb()),
+        })
+        log.info("models: %s", rows[-1])
+    return rows
 
 
 def _stand_in_data_configuration(decoder, n_features: dict[str, int]) -> None:
@@ -316,9 +401,14 @@ def bench_models(mc: DictConfig, device: str) -> dict[str, Any]:
     rows = []
     for name, case in mc.cases.items():
         if case is not None:
-            rows.append(_bench_model_case(name, case, n_features, mc, device))
-            log.info("models: %s", rows[-1])
+            rows.extend(_bench_model_case(name, case, n_features, mc, device))
     return {"device": device, "n_features": n_features, "n_times": mc.get("n_times"), "rows": rows}
+
+
+def _fast_label(result: dict[str, Any]) -> str:
+    used = {k for r in result["rows"] for k, v in r.get("fast_path", {}).items() if v}
+    names = {"fused_optimizer": "fused Adam/AdamW", "bf16": "bf16 autocast", "compile": "torch.compile"}
+    return ", ".join(names[k] for k in names if k in used) or "nothing applies here"
 
 
 def render_models_markdown(result: dict[str, Any], machine: dict[str, Any], command: str) -> str:
@@ -329,14 +419,18 @@ def render_models_markdown(result: dict[str, Any], machine: dict[str, Any], comm
              f"{machine['cores']} cores, GPU: {machine['gpu'] or 'none'}, torch {machine['torch']}; device "
              f"{result['device']}; {shape}; random data of the real shapes; one training step = forward + "
              f"backward + the optimiser step; inference = forward without gradients.", "",
-             "| case | model | parameters (M) | targets | batch | train samples/s | inference samples/s | "
-             "peak GPU MB | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Eager = fp32 PyTorch as configured (torch's default optimiser implementation); fast = the default "
+             f"fast path (braindecode_fw/pipeline/fast_path.py: {_fast_label(result)}). Both start from the same "
+             f"weights and batch; the loss difference is after the row's steps (first step untimed).", "",
+             "| case | model | parameters (M) | targets | batch | steps | eager samples/s | fast samples/s | "
+             "speed-up | loss eager / fast (abs diff) | peak MB eager / fast | inference samples/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         targets = ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in r["targets"].items())
-        lines.append(f"| {r['case']} | {r['model']} | {r['params_m']:,} | {targets} | {r['batch_size']} | "
-                     f"{r['samples_per_s']} | {r.get('inference_samples_per_s', '—')} | "
-                     f"{r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '—'} | {r['peak_rss_mb']:,} |")
+        lines.append(f"| {r['case']} | {r['model']} | {r['params_m']:,} | {targets} | {r['batch_size']} | {r['steps']} | "
+                     f"{r['eager_samples_per_s']} | {r['samples_per_s']} | {r['speedup']}× | "
+                     f"{r['loss_eager']:.6g} / {r['loss_fast']:.6g} ({r['loss_abs_diff']:.1e}) | "
+                     f"{r['eager_peak_mb']:,} / {r['peak_mb']:,} | {r['inference_samples_per_s']} |")
     lines += ["", END]
     return "\n".join(lines)
 

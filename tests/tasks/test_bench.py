@@ -83,10 +83,11 @@ def test_bench_models_section(tmp_path):
     (checked against building the same decoder directly), samples/s and memory."""
     mb = ("{model:mindbridge,loss:mindbridge,overrides:['model.hidden=16','model.adapter.pool_size=32',"
           "'model.adapter.bottleneck=4','model.builder.bottleneck=4'],"
-          "targets:{clip_image_tokens:[5,8],clip_text_tokens:[3,8]}}")
+          "targets:{clip_image_tokens:[5,8],clip_text_tokens:[3,8]},batch_sizes:null}")
     me2 = ("{model:mindeye2,loss:mindeye2,overrides:['model.hidden=16','model.lowlevel=null','loss.terms.blur=null',"
            "'loss.terms.blur_cont=null',"
-           "'model.prior.depth=1','model.prior.heads=2','model.prior.dim_head=8'],targets:{clip_image_tokens:[5,8]}}")
+           "'model.prior.depth=1','model.prior.heads=2','model.prior.dim_head=8'],targets:{clip_image_tokens:[5,8]},"
+           "batch_sizes:[{size:2,steps:3},4]}")
     sttm = ("{model:sttm,loss:sttm,overrides:['model.hidden=16','model.token_head.token_dim=4',"
             "'model.token_head.attention_dim=8','model.token_head.heads=2','model.token_head.mlp_dim=8',"
             "'model.projector.inner=8','model.prior.network.depth=1','model.prior.network.heads=2',"
@@ -100,12 +101,15 @@ def test_bench_models_section(tmp_path):
             "'model.map_size=16','model.patch=4','model.dim=16','model.depth=1','model.heads=2','model.text_tokens=5',"
             "'model.control_channels=4','model.control_size=4'],targets:{clip_text_tokens:[5,8]}}")
     args = [f"output_dir={tmp_path}/docs", "run_worlds=false", "evaluation.enabled=false", "models.enabled=true",
-            "models.steps=1", "models.batch_size=4", "~models.n_features", "+models.n_features={a:40,b:30}",
+            "models.steps=2", "models.batch_size=4", "~models.n_features", "+models.n_features={a:40,b:30}",
             f"models.cases.mindeye2_h1024={me2}", f"models.cases.mindbridge={mb}", f"models.cases.sttm={sttm}",
-            f"models.cases.brainit={bit}", f"models.cases.neuropictor={npic}"]
+            f"models.cases.brainit={bit}", f"models.cases.neuropictor={npic}", "models.cases.mindeye2_h1024_prior=null"]
     proc = run_cli("bdf-bench", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = {r["case"]: r for r in json.loads((tmp_path / "docs" / "benchmarks_models_cpu.json").read_text())["result"]["rows"]}
+    all_rows = json.loads((tmp_path / "docs" / "benchmarks_models_cpu.json").read_text())["result"]["rows"]
+    # one row per batch size: MindEye2 at 2 (3 steps) and 4 (the default 2 steps)
+    assert [(r["batch_size"], r["steps"]) for r in all_rows if r["case"] == "mindeye2_h1024"] == [(2, 3), (4, 2)]
+    rows = {r["case"]: r for r in all_rows}
     assert sorted(rows) == ["brainit", "mindbridge", "mindeye2_h1024", "neuropictor", "sttm"]
     import functools
 
@@ -121,9 +125,15 @@ def test_bench_models_section(tmp_path):
     assert rows["mindbridge"]["params_m"] == round(sum(p.numel() for p in ref.parameters()) / 1e6, 1)
     assert rows["brainit"]["targets"] == {"clip_image_tokens": [5, 8], "vgg_tokens": [11, 8]}
     for r in rows.values():
-        assert r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["batch_size"] == 4
+        assert r["samples_per_s"] > 0 and r["eager_samples_per_s"] > 0 and r["peak_mb"] > 0 and r["batch_size"] == 4
+        assert r["speedup"] == pytest.approx(r["samples_per_s"] / r["eager_samples_per_s"], abs=0.02)
+        # every method's optimiser is AdamW: the fast path fuses it; from the same start the losses
+        # agree to float32 rounding (eager and fast draw the same dropout masks)
+        assert r["fast_path"] == {"fused_optimizer": True, "bf16": False, "compile": False}
+        assert r["loss_abs_diff"] <= 1e-4 * max(1.0, abs(r["loss_eager"])), r
     md = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert md.count("bdf-bench:models-cpu-begin") == 1 and "| mindbridge | mindbridge |" in md
+    assert "fused Adam/AdamW" in md
 
 
 def test_bench_demo_training_section(tmp_path):
