@@ -55,8 +55,8 @@ TEST_TRIALS = {1: (3000, 2770), 2: (3000, 2770), 3: (2371, 2113), 4: (2188, 1985
                5: (3000, 2770), 6: (2371, 2113), 7: (3000, 2770), 8: (2188, 1985)}  # (new, legacy)
 LEGACY_HELD_OUT_SESSIONS = 3  # the pre-2023 release withheld each subject's last 3 sessions
 # keys of braindecode_fw/conf/dataset/nsd.yaml that do not change the converted content
-_NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root", "force", "validate",
-                     "progress", "chunk_trials", "image_chunk")
+_NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root", "force", "replace",
+                     "validate", "progress", "chunk_trials", "image_chunk")
 
 
 class NSDInputError(ConverterInputError):
@@ -89,6 +89,7 @@ class NSDConvertConfig:
     captions: str | None = FROM_YAML
     validate: str = FROM_YAML
     force: bool = FROM_YAML
+    replace: bool = FROM_YAML
     progress: bool = FROM_YAML
     chunk_trials: int = setting(min=1)
     image_chunk: int = setting(min=1)

@@ -68,7 +68,7 @@ EVENT_COLUMNS = ("trial_type", "things_category_nr", "value")
 ATTRIBUTE_COLUMNS = ("trial_type", "things_image_nr", "image_path")
 # keys of braindecode_fw/conf/dataset/things_meg.yaml that do not change the converted content
 _NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root", "images_root", "force",
-                     "progress", "image_chunk")
+                     "replace", "progress", "image_chunk")
 
 
 class ThingsMEGInputError(ConverterInputError):
@@ -106,6 +106,7 @@ class ThingsMEGConvertConfig:
     caption_template: str = FROM_YAML
     dtype: str = FROM_YAML
     force: bool = FROM_YAML
+    replace: bool = FROM_YAML
     progress: bool = FROM_YAML
     image_chunk: int = setting(min=1)
 

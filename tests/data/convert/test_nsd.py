@@ -27,6 +27,7 @@ from braindecode_fw.data.convert.nsd import (
 from braindecode_fw.data.convert.nsd_fixture import fixture_colour, write_nsd_fixture
 from braindecode_fw.data.normalization import fit_session_stats
 from braindecode_fw.data.store import open_store
+from braindecode_fw.errors import OutputExistsError
 
 BETAS = "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR"
 ROI = "nsddata/ppdata/subj01/func1pt8mm/roi/nsdgeneral.nii.gz"
@@ -264,8 +265,12 @@ def test_rerun_is_a_noop_unless_forced(nsd_root, tmp_path):
     assert (store / "dataset.json").stat().st_mtime_ns == stamp
     forced = convert_nsd(_cfg(nsd_root, store, force=True))
     assert not forced["noop"] and (store / "dataset.json").stat().st_mtime_ns != stamp
-    other = convert_nsd(_cfg(nsd_root, store, val_fraction=0.2))  # another configuration reconverts
-    assert not other["noop"]
+    with pytest.raises(OutputExistsError, match=r"prepared from another configuration: dataset.val_fraction "
+                                                 r"0.1 -> 0.2; .*dataset.replace=true"):
+        convert_nsd(_cfg(nsd_root, store, val_fraction=0.2))  # another configuration: refused, store kept
+    assert open_store(store).version == forced["store_version"]
+    other = convert_nsd(_cfg(nsd_root, store, val_fraction=0.2, replace=True))
+    assert not other["noop"] and other["store_version"] != forced["store_version"]
 
 
 def test_stale_partial_of_dead_process_is_removed(nsd_root, tmp_path):

@@ -20,6 +20,7 @@ from braindecode_fw.data.meg_layout import (
     valid_positions,
 )
 from braindecode_fw.data.store import open_store
+from braindecode_fw.errors import OutputExistsError
 
 MEG = "sub-BIGMEG1/ses-01/meg"
 RUN = "sub-BIGMEG1_ses-01_task-main_run-{:02d}"
@@ -302,7 +303,9 @@ def test_rerun_is_a_noop_unless_forced(fx, tmp_path):
     assert again["noop"] and "up to date" in again["report"]
     assert (store / "dataset.json").stat().st_mtime_ns == stamp
     assert not convert_things_meg({**cfg, "force": True})["noop"]
-    assert not convert_things_meg({**cfg, "clamp": 5})["noop"]  # another configuration reconverts
+    with pytest.raises(OutputExistsError, match=r"prepared from another configuration: dataset.clamp 20.0 -> 5.0"):
+        convert_things_meg({**cfg, "clamp": 5})  # another configuration: refused
+    assert not convert_things_meg({**cfg, "clamp": 5, "replace": True})["noop"]
 
 
 def test_stale_partial_of_dead_process_is_removed(fx, tmp_path):
