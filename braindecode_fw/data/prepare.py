@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from braindecode_fw.errors import DataError, MissingFileError
+from braindecode_fw.errors import ConfigError, DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,17 @@ def _noop_world(dataset_cfg: DictConfig, store: Path, meta: dict[str, Any], fing
             "config_fingerprint": fingerprint, "seconds": 0.0, "report": report}
 
 
+def _flag(dataset_cfg: DictConfig, key: str) -> bool:
+    """``dataset.<key>`` (``force``/``replace``) as a bool; the converters' config dataclasses type
+    them too, this covers the synthetic worlds and ``dataset.converter`` functions."""
+    value = dataset_cfg.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"dataset.{key}: expected true or false, got {value!r}")
+    return value
+
+
 def prepare(dataset_cfg: DictConfig) -> dict[str, Any]:
     """Convert/generate the dataset described by ``dataset_cfg`` into ``dataset_cfg.store``.
 
@@ -130,7 +141,7 @@ def prepare(dataset_cfg: DictConfig) -> dict[str, Any]:
     """
     from braindecode_fw.data.convert.common import check_existing_store
 
-    guard = {"force": bool(dataset_cfg.get("force", False)), "replace": bool(dataset_cfg.get("replace", False)),
+    guard = {"force": _flag(dataset_cfg, "force"), "replace": _flag(dataset_cfg, "replace"),
              "name": dataset_cfg.get("name")}
     if dataset_cfg.get("converter"):
         fn = _converter(dataset_cfg.converter)

@@ -211,6 +211,7 @@ CASES: dict[str, Case] = {
     "prepare/ncsnr-median-negative": Case("bdf-prepare", ("dataset.world.ncsnr.median=-1",), ("dataset.world.ncsnr.median", "-1")),
     "prepare/dtype-unknown": Case("bdf-prepare", ("dataset.world.dtype=float8",), ("dataset.world.dtype", "float8")),
     "prepare/store-of-another-seed": Case("bdf-prepare", (*S, "dataset.world.seed=3"), ("dataset.store", "inputs/prepared/synthetic", "dataset.world.seed 0 -> 3", "dataset.replace=true", "dataset.name=<new name>"), _prepared_world),
+    "prepare/replace-not-bool": Case("bdf-prepare", ("dataset.replace=maybe",), ("dataset.replace", "'maybe'")),
     "prepare/store-half-copied": Case("bdf-prepare", S, ("dataset.store", "not a finished store (no dataset.json)", "dataset.replace=true"), _store_without_dataset_json),
     "prepare/validate-unknown": Case("bdf-prepare", ("dataset=nsd", "dataset.validate=maybe"), ("dataset.validate", "maybe"), tiny=False),
     # ---- bdf-prepare: the synthetic MEG world ---------------------------------------------------
