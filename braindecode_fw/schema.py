@@ -314,12 +314,18 @@ CORE_KEYS: dict[str, tuple[Any, dict[str, float]]] = {
     "batch_size": (int | None, {"min": 1}),
     "trial_seconds": (float | None, {"gt": 0}),
     "limit": (int | None, {"min": 1}),
+    "optimized_metric": (str | None, {}),
 }
+
+#: What a finished job's metrics are called (``result.json``): ``optimized_metric`` must name one,
+#: so a name without these prefixes can be refused before hours of training rather than after.
+METRIC_PREFIXES = ("test/", "val/")
 
 
 def check_core(cfg: Any) -> None:
     """Type and range of every :data:`CORE_KEYS` entry present in the composed config ``cfg``;
-    raises ``ValueError("<key>: expected ..., got ...")``. Interpolations are resolved where they
+    raises ``ConfigError("<key>: expected ..., got ...")``; ``optimized_metric`` must start with one of
+    :data:`METRIC_PREFIXES`. Interpolations are resolved where they
     can be (Hydra's own ``${hydra:...}`` exist only inside a run and are skipped)."""
     from omegaconf import OmegaConf
 
@@ -337,3 +343,7 @@ def check_core(cfg: Any) -> None:
         except _Mismatch:
             raise ConfigError(f"{key}: expected {expected}, got {value!r}") from None
         _check_range(value, bounds, key, expected)
+    metric = OmegaConf.select(cfg, "optimized_metric", default=None, throw_on_missing=False)
+    if isinstance(metric, str) and metric and not metric.startswith(METRIC_PREFIXES):
+        raise ConfigError(f"optimized_metric: {metric!r} is not a metric a job reports; those start with "
+                          f"{' or '.join(repr(p) for p in METRIC_PREFIXES)}, e.g. 'test/brain_to_image_top1'")

@@ -11,13 +11,19 @@ Layout (docs/data_format.md, "Reconstruction folders")::
 
 ``items`` rows: ``subject``, ``image_index`` (row of the store's ``images/images.npy``),
 ``image_id``, ``sample``, ``seed``, ``path`` and ``lowlevel_path`` (relative to the run folder, or
-null). The manifest is rewritten atomically after every batch, so a crash leaves a manifest that
-lists exactly the images on disk, and a rerun skips them (resume).
+null). Every file is written to a temporary name and renamed; an image or embeddings file is
+complete before the manifest names it, and the manifest is rewritten atomically after every
+batch, so a crash (even SIGKILL) leaves a manifest whose every entry is a complete file on disk
+(images written after its last rewrite are simply not listed yet), and a rerun skips the listed
+ones (resume) after removing the killed writer's temporaries (docs/operations.md, "Interrupted
+writes").
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,8 @@ import numpy as np
 import torch
 
 from braindecode_fw.errors import DataError, MissingFileError
-from braindecode_fw.io import atomic_write_json
+from braindecode_fw.io import atomic_write_json, remove_dead_temporaries, write_bytes_replacing
+from braindecode_fw.ops.faults import fault_point
 
 FORMAT = "bdf-reconstructions"
 FORMAT_VERSION = 1
@@ -49,9 +56,9 @@ def _save_png(path: Path, image: np.ndarray) -> None:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise DataError(f"{path}: expected a uint8 (h, w, 3) image, got {image.dtype} {image.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    write_bytes_replacing(path, buffer.getvalue())  # the folder was cleaned once when opened
 
 
 class ReconstructionWriter:
@@ -61,6 +68,8 @@ class ReconstructionWriter:
                  generator: dict[str, Any], config: dict[str, Any] | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        for folder, _, _ in os.walk(self.root):  # temporaries of a killed earlier run
+            remove_dead_temporaries(folder)
         self.meta: dict[str, Any] = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "store": str(store),
             "dataset_version": dataset_version, "test_set": test_set, "generator": generator,
@@ -87,6 +96,7 @@ class ReconstructionWriter:
         if lowlevel is not None:
             low_rel = Path(subject) / "lowlevel" / f"{image_id}.png"
             _save_png(self.root / low_rel, lowlevel)
+        fault_point("recon.image", self.root / rel)
         item = ReconItem(subject, int(image_index), str(image_id), int(sample), int(seed), str(rel),
                          str(low_rel) if low_rel else None)
         if not self.has(subject, image_index, sample):
@@ -96,17 +106,17 @@ class ReconstructionWriter:
 
     def add_embeddings(self, subject: str, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Retrieval embeddings for the subject's test images, in the order of ``image_indices``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         rel = Path(subject) / "embeddings.safetensors"
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"pred": pred.float().contiguous(), "target": target.float().contiguous()}, str(tmp))
-        tmp.replace(path)
+        write_bytes_replacing(path, save({"pred": pred.float().contiguous(), "target": target.float().contiguous()}))
+        fault_point("recon.embeddings", path)
         self.meta["embeddings"][subject] = str(rel)
 
     def flush(self) -> Path:
+        """Rewrite the manifest (atomically): it lists the files written so far, all complete."""
         return atomic_write_json(self.root / "manifest.json", self.meta)
 
 

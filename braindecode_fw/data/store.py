@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,13 @@ from typing import Any
 import numpy as np
 
 from braindecode_fw.errors import DataError, MissingFileError, OutputExistsError, UnknownNameError
-from braindecode_fw.io import atomic_write_json
+from braindecode_fw.io import (
+    atomic_write_json,
+    pid_alive,
+    remove_dead_temporaries,
+    restore_moved_aside,
+)
+from braindecode_fw.ops.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -161,37 +166,20 @@ class ImageStream:
         self.writer._hash.update(json.dumps(meta).encode())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid < 2**22  # PermissionError: exists (another user); Overflow: impossible pid
-    return True
+_pid_alive = pid_alive  # the converters' name for it (data/convert/common.py)
 
 
 def remove_stale_partials(store: Path) -> list[Path]:
-    """Remove ``<store>.partial-<pid>`` / ``.replaced-<pid>`` folders left by dead writers (a killed
-    conversion or world generation); a live writer's folder is refused, naming its pid."""
-    removed = []
-    if not store.parent.exists():
-        return removed
-    for p in store.parent.glob(f"{store.name}.*-*"):
-        m = re.fullmatch(re.escape(store.name) + r"\.(partial|replaced)-(\d+)", p.name)
-        if not m:
-            continue
-        pid = int(m.group(2))
-        if pid == os.getpid() or _pid_alive(pid):
-            if pid != os.getpid():
-                raise OutputExistsError(f"{p}: another process (pid {pid}) is writing this store; wait for it "
-                                      "or stop it first")
-            continue
-        log.warning("removing %s left by an interrupted conversion (pid %d)", p, pid)
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
+    """Clean up after killed writers of ``store`` (a conversion or world generation):
+    :func:`~braindecode_fw.io.remove_dead_temporaries` removes their ``<store>.partial-<pid>``
+    folders and, where ``store`` is missing, renames a ``<store>.replaced-<pid>`` (the previous store,
+    moved aside just before the kill) back. A live writer's folder is refused, naming its pid."""
 
+    def refuse(path: Path, pid: int) -> None:
+        raise OutputExistsError(f"{path}: another process (pid {pid}) is writing this store; wait for it "
+                                "or stop it first")
+
+    return remove_dead_temporaries(store.parent, store.name, on_live=refuse)
 
 
 class StoreWriter:
@@ -287,6 +275,7 @@ class StoreWriter:
         d = self.subject_dir(subject)
         if responses is not None:
             np.save(d / "responses.npy", responses)
+        fault_point("store.subject", d)
         trials.write(d / "trials.tsv")
         self._hash.update(subject.encode())
         self._hash.update((d / "trials.tsv").read_bytes())
@@ -330,9 +319,13 @@ class StoreWriter:
             **fields,
         }
         atomic_write_json(self.partial / "dataset.json", meta)
+        fault_point("store.finalize", self.root)
         if self.root.exists():
+            # killed between these two renames, the old store waits as .replaced-<pid>: the next
+            # writer or open_store renames it back (remove_stale_partials)
             trash = self.root.with_name(f"{self.root.name}.replaced-{os.getpid()}")
             os.replace(self.root, trash)
+            fault_point("store.swap", self.root)
             os.replace(self.partial, self.root)
             shutil.rmtree(trash, ignore_errors=True)
         else:
@@ -444,6 +437,9 @@ def open_store(root: str | Path, *, check_finite: bool = True) -> PreparedStore:
     format version), each as ``<relative file>: <field>: <problem>``.
     """
     root = Path(root)
+    if not root.is_dir() and root.parent.is_dir():
+        # a writer killed while swapping stores left the previous one as .replaced-<pid>: put it back
+        restore_moved_aside(root.parent, root.name)
     if not root.is_dir():
         partial = sorted(root.parent.glob(f"{root.name}.partial-*")) if root.parent.exists() else []
         hint = f" (found an incomplete write {partial[0].name}; re-run bdf-prepare)" if partial else ""

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from braindecode_fw.errors import ConfigError
+from braindecode_fw.io import remove_dead_temporaries
+from braindecode_fw.ops.faults import fault_point
 
 KINDS = ("embeds", "unclip", "versatile", "controlnet")
 
@@ -132,8 +134,9 @@ def build_tiny_pipeline(kind: str, folder: str | Path, *, image_size: int = 64, 
                 scheduler=DDIMScheduler(**scheduler_kw, prediction_type="v_prediction"), vae=_vae(image_size))
     # a private temporary name per process: parallel jobs of a sweep may build the same cache folder
     tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_dead_temporaries(folder.parent, folder.name)  # killed builds' (this pid's included), not live ones'
     pipe.save_pretrained(tmp)
+    fault_point("tiny.written", folder)
     if folder.exists():
         shutil.rmtree(folder, ignore_errors=True)
     try:

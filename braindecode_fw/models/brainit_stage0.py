@@ -20,7 +20,6 @@ labels and encoder in the decoder's state dict).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from braindecode_fw.errors import ConfigError, UnknownNameError
-from braindecode_fw.io import atomic_write_json
+from braindecode_fw.io import atomic_write_bytes, atomic_write_json
 from braindecode_fw.models.universal_encoder import (
     fit_universal_encoder,
     mean_correlation,
@@ -152,7 +151,7 @@ def save_artifacts(result: dict[str, Any] | None, run_dir: str | Path) -> list[P
     """``<run_dir>/stage0/{voxel_clusters.npz, universal_encoder.safetensors, report.json}``."""
     if not result:
         return []
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(run_dir) / "stage0"
     loaded = result["report"].get("loaded_from")
@@ -162,10 +161,9 @@ def save_artifacts(result: dict[str, Any] | None, run_dir: str | Path) -> list[P
     written = [result["clusters"].save(folder / CLUSTERS_FILE)]
     encoder = result.get("encoder")
     if encoder is not None:
-        tmp = folder / f".{ENCODER_FILE}.tmp"
-        save_file({k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}, str(tmp))
-        os.replace(tmp, folder / ENCODER_FILE)  # a crash never leaves a half-written file under the real name
-        written.append(folder / ENCODER_FILE)
+        state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+        # a crash never leaves a half-written file under the real name
+        written.append(atomic_write_bytes(folder / ENCODER_FILE, save(state)))
     written.append(atomic_write_json(folder / REPORT_FILE, result["report"]))
     return written
 

@@ -27,7 +27,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from braindecode_fw.errors import ConfigError, MissingFileError
-from braindecode_fw.io import load_tensors
+from braindecode_fw.io import load_tensors, remove_dead_temporaries
+from braindecode_fw.ops.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ RESUME_MODES = ("auto", "never")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into ``<name>.tmp-<pid>`` next to the target, then ``os.replace``; loading
+    """``torch.save`` into ``<name>.tmp-<pid>`` next to the target, then ``os.replace`` (a killed
+    run's leftover temporaries in the folder are removed by the next save); loading
     (Lightning's resume) always with ``weights_only=True``, whatever torch's default: a checkpoint
     that would run code when unpickled is refused, naming the file."""
 
@@ -49,9 +51,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(path.parent)  # half-written checkpoints of a killed run (last, best-...)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         try:
             torch.save(checkpoint, tmp)
+            fault_point("checkpoint.written", path)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from braindecode_fw.errors import ConfigError
 from braindecode_fw.io import atomic_write_json, atomic_write_text
+from braindecode_fw.ops.faults import fault_point
 
 log = logging.getLogger(__name__)
 BEGIN, END = "<!-- bdf-bench:begin -->", "<!-- bdf-bench:end -->"
@@ -509,6 +510,7 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.run_worlds:
         results = [bench_world(name, world, device) for name, world in cfg.worlds.items() if world is not None]
         json_path = out / f"benchmarks_{tag}.json"
+        fault_point("bench.json", json_path)
         atomic_write_json(json_path, {"machine": machine, "results": results,
                                       "config": OmegaConf.to_container(cfg.worlds)})
         _write_section(md, tag, render_markdown(results, machine, cfg.command_label))
@@ -517,6 +519,7 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
     def publish(section: str, result: dict[str, Any], render) -> None:
         """``benchmarks_<section>_<tag>.json`` + the ``<section>-<tag>`` part of benchmarks.md."""
         json_path = out / f"benchmarks_{section}_{tag}.json"
+        fault_point("bench.json", json_path)
         atomic_write_json(json_path, {"machine": machine, "result": result})
         _write_section(md, f"{section.replace('_', '-')}-{tag}", render(result, machine, cfg.command_label))
         print(f"wrote {json_path} and {md}")

@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from braindecode_fw.cli import run_app
+from braindecode_fw.errors import ConfigError
 
 
 def fake_value(cfg: DictConfig) -> float:
@@ -47,7 +48,7 @@ def fake_train(cfg: DictConfig) -> float | None:
     if str(job) in os.environ.get("FAKE_FAIL_JOBS", "").split(","):
         raise RuntimeError(f"fake failure of job {job}")
     if str(job) in os.environ.get("FAKE_USER_ERROR_JOBS", "").split(","):
-        raise ValueError(f"fake.key: fake user error in job {job}")
+        raise ConfigError(f"fake.key: fake user error in job {job}")
     metrics = {"test/brain_to_image_top1": fake_value(cfg), "test/image_to_brain_top1": 0.5}
     name = cfg.get("optimized_metric")
     if os.environ.get("FAKE_RETURN_NONE"):

@@ -213,6 +213,8 @@ def test_prepare_wrong_type_or_range_is_a_one_line_error(tmp_path, args, needle)
     ("bdf-train", ["optim.optimizer.lr=-1e-3"], "optim.optimizer.lr: expected a number > 0, got -0.001"),
     ("bdf-train", ["data.batch_size=0"], "data.batch_size: expected an integer >= 1, got 0"),
     ("bdf-train", ["evaluation.subset_size=abc"], "evaluation.subset_size: expected an integer, got 'abc'"),
+    ("bdf-train", ["optimized_metric=brain_to_image_top1"],
+     "optimized_metric: 'brain_to_image_top1' is not a metric a job reports; those start with 'test/' or 'val/'"),
     ("bdf-evaluate", ["retrieval.subset_size=1", "ckpt=x.ckpt"], "retrieval.subset_size: expected an integer >= 2, got 1"),
     ("bdf-reconstruct", ["n_samples=0", "ckpt=x.ckpt"], "n_samples: expected an integer >= 1, got 0"),
 ])

@@ -3,7 +3,8 @@
 Follows Benchetrit et al. 2023's data handling (docs/methods/meg_brainmodule.md §1, brainmagick's conventions §6):
 
 ``input=raw`` (default) reads every BIDS run ``sub-<label>/ses-NN/meg/sub-<label>_ses-NN_task-main_run-NN_meg.ds``
-through :func:`mne.io.read_raw` (``.ds`` = CTF in the release; ``.fif`` in the fixture; one code path),
+through :func:`open_run` (``.ds`` = CTF in the release, :func:`mne.io.read_raw_ctf`; ``.fif`` in the fixture),
+checks it against the run's ``meg.json`` rate and ``channels.tsv`` sensors,
 keeps the 272 MEG sensors (``picks="mag"``: MNE exposes CTF axial gradiometers as ``mag``; reference
 and misc channels are dropped), optionally band-passes, resamples the *continuous* run to ``sfreq``
 (120 Hz), cuts ``tmin..tmax`` (-0.5..1.0 s -> 181 samples) around each image onset (events.tsv
@@ -65,6 +66,11 @@ TRIGGER_IMAGE, TRIGGER_END = 64, 32
 TRIAL_TYPES = ("exp", "test", "catch")
 RUN_PATTERN = re.compile(r"sub-(?P<sub>[A-Za-z0-9]+)_ses-(?P<ses>\d+)_task-main_run-(?P<run>\d+)_meg\.(?P<ext>ds|fif)$")
 EVENT_COLUMNS = ("trial_type", "things_category_nr", "value")
+# MEG sensors of a CTF-275 system (``MLC11``, ``MRF43-1609``): ds004212's channels.tsv types them OTHER,
+# so they are recognised by name; the BIDS MEG types are accepted too
+CTF_SENSOR_NAME = re.compile(r"^M[LRZ][CFOPT]\d{2}(-\d+)?$")
+BIDS_MEG_TYPES = ("MEGMAG", "MEGGRADAXIAL", "MEGGRADPLANAR", "MEGOTHER")
+CATEGORY_TABLE = "sourcedata/category_mat_manual.tsv"
 ATTRIBUTE_COLUMNS = ("trial_type", "things_image_nr", "image_path")
 # keys of braindecode_fw/conf/dataset/things_meg.yaml that do not change the converted content
 _NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root", "images_root", "force",
@@ -230,9 +236,100 @@ def read_events_tsv(path: Path) -> dict[str, np.ndarray]:
         raise ThingsMEGInputError(f"{path}: non-numeric value in a numeric column ({e})") from None
     images = out["trial_type"] != "catch"
     for name in ("things_category_nr", "value"):
-        if np.isnan(out[name][images]).any():
+        col_values = out[name][images]
+        if np.isnan(col_values).any():
             raise ThingsMEGInputError(f"{path}: column {name} is N/A on an exp/test row (only catch rows may be N/A)")
+        # the release writes integers as floats ("1760.0"); anything else is not a THINGS number
+        bad = np.flatnonzero((col_values != np.round(col_values)) | (col_values < 1))
+        if len(bad):
+            row = int(np.flatnonzero(images)[bad[0]]) + 2
+            raise ThingsMEGInputError(f"{path}: column {name} is {float(col_values[bad[0]])!r} on line {row}, expected a "
+                                      f"1-based THINGS number (an integer, e.g. 1760 or 1760.0)")
     return out
+
+
+@dataclass
+class RunSidecars:
+    """What a run's BIDS sidecars say about its recording (None where a sidecar is absent)."""
+
+    channels_path: Path
+    meg_json_path: Path
+    coordsystem_path: Path
+    meg_names: list[str] | None  # MEG sensors of channels.tsv, in file order
+    n_typed_other: int  # of them, typed OTHER (ds004212) rather than a BIDS MEG type
+    sfreq: float | None  # meg.json SamplingFrequency
+    meg_channel_count: int | None  # meg.json MEGChannelCount
+    coord_units: str | None  # coordsystem.json MEGCoordinateUnits
+    coord_max_abs: float | None  # largest |head-coil coordinate| in coordsystem.json
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ThingsMEGInputError(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ThingsMEGInputError(f"{path}: expected a JSON object, got {type(out).__name__}")
+    return out
+
+
+def read_run_sidecars(run_path: Path) -> RunSidecars:
+    """``channels.tsv``, ``meg.json`` and ``coordsystem.json`` beside a run (each optional).
+
+    MEG sensors are the channels.tsv rows with a BIDS MEG type, or typed ``OTHER`` with a CTF sensor
+    name (:data:`CTF_SENSOR_NAME`): the release types all 272 sensors ``OTHER``. Its
+    coordsystem.json says ``cm`` where the values are metres; it is read for the report only (sensor
+    positions come from MNE's CTF-275 layout)."""
+    prefix = run_path.name[: -len("_meg" + run_path.suffix)]
+    channels = run_path.with_name(f"{prefix}_channels.tsv")
+    meg_json = run_path.with_name(f"{prefix}_meg.json")
+    coords = run_path.with_name(f"{prefix}_coordsystem.json")
+    names, n_other = None, 0
+    if channels.exists():
+        with open(channels, newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+        header = [h.strip() for h in rows[0]] if rows else []
+        if "name" not in header or "type" not in header:
+            raise ThingsMEGInputError(f"{channels}: expected columns name and type; header is {header}")
+        i, j = header.index("name"), header.index("type")
+        names = []
+        for r in rows[1:]:
+            if len(r) <= max(i, j):
+                continue
+            name, kind = r[i].strip(), r[j].strip().upper()
+            if kind in BIDS_MEG_TYPES or (kind == "OTHER" and CTF_SENSOR_NAME.match(name)):
+                names.append(name)
+                n_other += kind == "OTHER"
+    meta = _read_json(meg_json) or {}
+    sfreq = count = None
+    try:
+        if meta.get("SamplingFrequency") is not None:
+            sfreq = float(meta["SamplingFrequency"])
+        if meta.get("MEGChannelCount") is not None:
+            count = int(meta["MEGChannelCount"])
+    except (TypeError, ValueError):
+        raise ThingsMEGInputError(f"{meg_json}: SamplingFrequency / MEGChannelCount must be numbers, got "
+                                  f"{meta.get('SamplingFrequency')!r} / {meta.get('MEGChannelCount')!r}") from None
+    cs = _read_json(coords)
+    units = max_abs = None
+    if cs is not None:
+        units = cs.get("MEGCoordinateUnits")
+        values = [abs(float(v)) for xyz in (cs.get("HeadCoilCoordinates") or {}).values()
+                  if isinstance(xyz, list) for v in xyz if isinstance(v, int | float)]
+        max_abs = max(values) if values else None
+    return RunSidecars(channels, meg_json, coords, names, n_other, sfreq, count, units, max_abs)
+
+
+def read_category_table(path: Path) -> int:
+    """Rows of ``sourcedata/category_mat_manual.tsv`` (one per THINGS concept, 1,854 in THINGS; a
+    header of the 27 higher-level categories): the range of valid ``things_category_nr``."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f, delimiter="\t") if any(c.strip() for c in r)]
+    if len(rows) < 2:
+        raise ThingsMEGInputError(f"{path}: expected a header and one row per THINGS concept, got {len(rows)} line(s)")
+    return len(rows) - 1
 
 
 def read_sample_attributes(path: Path) -> dict[str, list[str]]:
@@ -272,6 +369,7 @@ class RunPlan:
     events_path: Path
     events: dict[str, np.ndarray]
     first_row: int  # row of this run's first event in the subject's acquisition order (all runs on disk)
+    sidecars: RunSidecars | None = None  # read by ThingsMEGConverter.plan; checked against the recording
 
     @property
     def keep(self) -> np.ndarray:
@@ -654,12 +752,45 @@ class RunResult:
     trigger_lag_ms: float | None
 
 
+def open_run(path: Path, preload: bool = False) -> Any:
+    """A run's recording: CTF ``.ds`` through :func:`mne.io.read_raw_ctf` (the release), FIF through
+    :func:`mne.io.read_raw_fif` (the fixtures). An unreadable file is an error naming it."""
+    import mne
+
+    path = Path(path)
+    ctf = path.suffix == ".ds"
+    try:
+        if ctf:
+            return mne.io.read_raw_ctf(path, preload=preload, verbose="error")
+        return mne.io.read_raw_fif(path, preload=preload, verbose="error")
+    except (OSError, ValueError) as e:
+        raise ThingsMEGInputError(f"{path}: cannot be read as a {'CTF (.ds folder)' if ctf else 'FIF'} "
+                                  f"recording ({e})") from None
+
+
+def _check_sidecars(raw: Any, names: list[str], rp: RunPlan) -> None:
+    """The recording must be the one its sidecars describe: meg.json's rate, channels.tsv's MEG sensors."""
+    sc = rp.sidecars
+    if sc is None:
+        return
+    sf = float(raw.info["sfreq"])
+    if sc.sfreq is not None and not math.isclose(sc.sfreq, sf, rel_tol=1e-6):
+        raise ThingsMEGInputError(f"{rp.path}: recorded at {sf:g} Hz, but {sc.meg_json_path.name} says "
+                                  f"SamplingFrequency {sc.sfreq:g}")
+    if sc.meg_names is not None and set(sc.meg_names) != set(names):
+        extra, absent = sorted(set(names) - set(sc.meg_names)), sorted(set(sc.meg_names) - set(names))
+        raise ThingsMEGInputError(f"{rp.path}: its {len(names)} MEG channels differ from the {len(sc.meg_names)} "
+                                  f"MEG sensors of {sc.channels_path.name} (only in the recording: {extra[:5]}; only "
+                                  f"in channels.tsv: {absent[:5]})")
+
+
 def _check_layout(info: Any, names: list[str], where: Path) -> str:
     """``mne.find_layout`` must answer CTF-275 for CTF gradiometers, and every channel needs a position."""
     import mne
     from mne.io.constants import FIFF
 
-    ctf = all(ch["coil_type"] == FIFF.FIFFV_COIL_CTF_GRAD for ch in info["chs"])
+    # a compensated CTF recording (grade g) codes its coils as CTF_GRAD + (g << 16)
+    ctf = all(int(ch["coil_type"]) & 0xFFFF == FIFF.FIFFV_COIL_CTF_GRAD for ch in info["chs"])
     layout = mne.channels.find_layout(info)
     kind = str(layout.kind)
     if ctf and kind != CTF_LAYOUT:
@@ -699,7 +830,7 @@ def _process_run(rp: RunPlan, cfg: ThingsMEGConvertConfig) -> RunResult:
     """One raw run -> its kept (non-catch) epochs ``(n_kept, 272, T)``, scaled per run."""
     import mne
 
-    raw = mne.io.read_raw(rp.path, preload=False, verbose="error")
+    raw = open_run(rp.path)
     sf0 = float(raw.info["sfreq"])
     n_events = len(rp.events["trial_type"])
     triggers = None
@@ -727,6 +858,7 @@ def _process_run(rp: RunPlan, cfg: ThingsMEGConvertConfig) -> RunResult:
 
     raw.pick("mag")
     names = list(raw.ch_names)
+    _check_sidecars(raw, names, rp)
     layout = _check_layout(raw.info, names, rp.path)
     raw.load_data(verbose="error")
     if cfg.l_freq is not None or cfg.h_freq is not None:
@@ -790,7 +922,9 @@ def _convert_raw_subject(writer: StoreWriter, plan: SubjectPlan, cfg: ThingsMEGC
             resp[offset:offset + k] = res.epochs.astype(cfg.dtype)
             offset += k
             clamped += res.n_clamped
+            tt = rp.events["trial_type"]
             per_run.append({"session": rp.session, "run": rp.run, "file": rp.path.name, "n_trials": k,
+                            "n_events": int(len(tt)), "n_test": int((tt == "test").sum()),
                             "n_catch_dropped": int((~rp.keep).sum()),
                             "clamp_fraction": res.n_clamped / max(res.epochs.size, 1),
                             "trigger_minus_events_tsv_ms": res.trigger_lag_ms})
@@ -947,12 +1081,121 @@ class ThingsMEGConverter(Converter[ThingsMEGPlan]):
             if p.n_attribute_mismatches:  # logged per run by _plan_raw_subject; listed once in the report
                 self.warnings.append(f"sub-{s}: {p.n_attribute_mismatches} exp/test row(s) whose things_image_nr differs "
                           f"from events.tsv value (the events.tsv value is used)")
+            if cfg.input == "raw":
+                self._check_run_sidecars(p)
+            self._check_trials(p, root)
             plans.append(p)
         images = _plan_images(cfg, plans, self.images_root)
         self.check(f"{len(images.files)} THINGS image files exist under dataset.images_root, one image_path per "
                    f"THINGS image number")
         test_concepts = {int(c) for p in plans for c in p.category[p.trial_type == "test"].tolist()}
         return ThingsMEGPlan(plans, images, test_concepts)
+
+    def _check_run_sidecars(self, p: SubjectPlan) -> None:
+        """Read each converted run's channels.tsv / meg.json / coordsystem.json (the recording is
+        compared with them when it is read) and report what they say, quirks included."""
+        tag = f"sub-{p.label}"
+        for rp in p.runs:
+            rp.sidecars = read_run_sidecars(rp.path)
+        scs = [rp.sidecars for rp in p.runs if rp.sidecars is not None]
+        n = len(scs)
+        with_names = [sc for sc in scs if sc.meg_names is not None]
+        if with_names:
+            counts = sorted({len(sc.meg_names or []) for sc in with_names})
+            other = sum(sc.n_typed_other > 0 for sc in with_names)
+            bad = [sc.meg_json_path.name for sc in with_names
+                   if sc.meg_channel_count is not None and sc.meg_channel_count != len(sc.meg_names or [])]
+            if bad:
+                self.warn(f"{tag}: the MEG sensors of channels.tsv are not meg.json's MEGChannelCount in {bad[:3]}"
+                          f"{'...' if len(bad) > 3 else ''} ({len(bad)} run(s))")
+            self.check(f"{tag}: channels.tsv of {len(with_names)}/{n} runs list {'/'.join(map(str, counts))} MEG "
+                       f"sensors" + (f" (typed OTHER in {other} run(s): recognised by their CTF sensor names)"
+                                     if other else "") + "; each recording's MEG channels must be these")
+        missing = [sc.channels_path.name for sc in scs if sc.meg_names is None]
+        if missing:
+            self.skip_check(f"{tag}: no channels.tsv for {len(missing)} run(s) ({missing[0]}...): their channel "
+                            f"names are not compared with a sidecar")
+        rates = sorted({sc.sfreq for sc in scs if sc.sfreq is not None})
+        if rates:
+            self.check(f"{tag}: meg.json SamplingFrequency {'/'.join(f'{r:g}' for r in rates)} Hz in "
+                       f"{sum(sc.sfreq is not None for sc in scs)}/{n} runs; each recording's rate must match")
+        if any(sc.sfreq is None for sc in scs):
+            self.skip_check(f"{tag}: {sum(sc.sfreq is None for sc in scs)} run(s) without a meg.json "
+                            f"SamplingFrequency: their rate is not compared with a sidecar")
+        coords = [sc for sc in scs if sc.coord_units is not None]
+        note = f"{tag}: coordsystem.json not used (sensor positions come from MNE's {CTF_LAYOUT} layout); " \
+               f"{len(coords)}/{n} runs have one"
+        absent = [sc.coordsystem_path.name for sc in scs if sc.coord_units is None]
+        if absent:
+            note += f" (missing: {', '.join(absent[:3])}{'...' if len(absent) > 3 else ''})"
+        metre_like = [sc for sc in coords if str(sc.coord_units).lower() == "cm" and sc.coord_max_abs is not None
+                      and sc.coord_max_abs < 1.0]
+        if metre_like:
+            top = max(sc.coord_max_abs or 0.0 for sc in metre_like)
+            note += (f"; {len(metre_like)} say units 'cm' with head-coil coordinates of at most {top:.3f} "
+                     f"(metres, not cm)")
+        self.skip_check(note)
+
+    def _check_trials(self, p: SubjectPlan, root: Path) -> None:
+        """What the events say, checked and reported: trials per run, catch trials, test images and
+        their repetitions, exp images shown once, THINGS concept numbers within the category table
+        and one concept per image."""
+        tag = f"sub-{p.label}"
+        if p.runs:
+            # the sample column (the converter's onsets) against onset x the rate (meg.json, else 1200 Hz)
+            n_rows, off = 0, []
+            for rp in p.runs:
+                ev = rp.events
+                rate = rp.sidecars.sfreq if rp.sidecars is not None and rp.sidecars.sfreq else 1200.0
+                has = (ev["sample"] >= 0) & np.isfinite(ev["onset"])
+                n_rows += int(has.sum())
+                if (np.abs(ev["sample"][has] - ev["onset"][has] * rate) > 1.0).any():
+                    off.append(rp.events_path.name)
+            if off:
+                self.warn(f"{tag}: events.tsv sample differs from onset x the sampling rate by more than one sample "
+                          f"in {len(off)} run(s) ({off[0]}...); the sample column is used")
+            elif n_rows:
+                self.check(f"{tag}: events.tsv sample = onset x the sampling rate on all {n_rows} rows")
+            per_run: dict[tuple[int, int, int], int] = {}
+            for rp in p.runs:
+                tt = rp.events["trial_type"]
+                key = (int(len(tt)), int((tt == "test").sum()), int((tt == "catch").sum()))
+                per_run[key] = per_run.get(key, 0) + 1
+            self.check(f"{tag}: events per run: " + ", ".join(
+                f"{k} run(s) of {n} ({t} test, {c} catch)" for (n, t, c), k in sorted(per_run.items())))
+        self.check(f"{tag}: {p.n_catch} catch trial(s) (N/A THINGS numbers) dropped")
+        test_v = p.value[p.trial_type == "test"]
+        exp_v = p.value[p.trial_type == "exp"]
+        reps = np.unique(np.unique(test_v, return_counts=True)[1], return_counts=True)
+        self.check(f"{tag}: {len(np.unique(test_v))} test image(s), " + ", ".join(
+            f"{k} shown {r}x" for r, k in zip(reps[0].tolist(), reps[1].tolist(), strict=True)) +
+            f" over {len(np.unique(p.session))} session(s)")
+        exp_u, exp_n = np.unique(exp_v, return_counts=True)
+        self.check(f"{tag}: {len(exp_u)} exp image(s), {int((exp_n == 1).sum())} shown once")
+        both = np.intersect1d(exp_u, test_v)
+        if len(both):
+            self.warn(f"{tag}: {len(both)} THINGS image number(s) are both exp and test trials (e.g. {int(both[0])})")
+        if len(exp_u) and (exp_n > 1).any():
+            self.warn(f"{tag}: {int((exp_n > 1).sum())} exp image(s) shown more than once (e.g. "
+                      f"{int(exp_u[exp_n > 1][0])})")
+        order = np.argsort(p.value, kind="stable")
+        v, c = p.value[order], p.category[order]
+        clash = np.flatnonzero((v[1:] == v[:-1]) & (c[1:] != c[:-1]))
+        if len(clash):
+            i = int(clash[0])
+            raise ThingsMEGInputError(f"{tag}: THINGS image {int(v[i])} has things_category_nr {int(c[i])} in one trial "
+                                      f"and {int(c[i + 1])} in another (events.tsv of the converted runs)")
+        table = root / CATEGORY_TABLE
+        if not table.exists():
+            self.skip_check(f"{tag}: no {CATEGORY_TABLE}: THINGS concept numbers not checked against it")
+            return
+        n_concepts = read_category_table(table)
+        out = (p.category < 1) | (p.category > n_concepts)
+        if out.any():
+            raise ThingsMEGInputError(f"{tag}: things_category_nr {int(p.category[out][0])} is outside 1..{n_concepts}, "
+                                      f"the rows of {table}")
+        self.check(f"{tag}: the {len(np.unique(p.value))} image(s) have one THINGS concept each, "
+                   f"{len(np.unique(p.category))} concept(s) within the {n_concepts} rows of {CATEGORY_TABLE}")
 
     def validate(self, plan: ThingsMEGPlan) -> None:
         _check_images(plan.images)
@@ -1027,6 +1270,9 @@ class ThingsMEGConverter(Converter[ThingsMEGPlan]):
                          f"{100 * st['clamp_fraction']:>9.4f}  {st['layout']}")
         lines.append(f"{summary['n_images']} images at {summary['image_size']} px; input {summary['extras']['input']}; "
                      f"converted in {summary['seconds']:.1f} s")
+        # what the events and sidecars said (trial counts, catch, test repetitions, concepts, channels, rate)
+        lines += [f"checked: {c}" for c in summary["checked"] if c.startswith("sub-")]
+        lines += [f"not checked: {c}" for c in summary["not_checked"]]
         return lines
 
 

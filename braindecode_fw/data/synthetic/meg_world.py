@@ -38,6 +38,7 @@ from braindecode_fw.data.synthetic import fmri, meg, scenes
 from braindecode_fw.data.synthetic.world import _scene_record
 from braindecode_fw.errors import ConfigError
 from braindecode_fw.metrics.retrieval import retrieval_from_scores
+from braindecode_fw.ops.faults import fault_point
 from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
 log = logging.getLogger(__name__)
@@ -278,6 +279,7 @@ def generate_meg_world(cfg: SyntheticMEGWorldConfig, root: str | Path, *, name: 
                 medians[r_i], iqrs[r_i] = scaler.median, scaler.iqr
             responses.flush()
             del responses
+            fault_point("world.subject", root)  # crash tests: killed mid-store (docs/operations.md)
 
             val_images = split_rng.choice(
                 cfg.n_train_images, int(round(cfg.val_fraction * cfg.n_train_images)), replace=False

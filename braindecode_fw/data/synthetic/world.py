@@ -24,6 +24,7 @@ from braindecode_fw.data.store import StoreWriter, TrialTable
 from braindecode_fw.data.synthetic import fmri, scenes
 from braindecode_fw.errors import ConfigError
 from braindecode_fw.metrics.retrieval import retrieval_from_scores
+from braindecode_fw.ops.faults import fault_point
 from braindecode_fw.ops.progress import Progress
 from braindecode_fw.schema import FROM_YAML, config_dataclass, dataclass_from_mapping, setting
 
@@ -206,6 +207,7 @@ def generate_world(cfg: SyntheticWorldConfig, root: str | Path, *, name: str = "
                 y = gain[e] * f[local[rows]] + offset[e] + sim.baseline + sim.noise_sd * noise
                 responses[rows] = y.astype(cfg.dtype)
             responses.flush()
+            fault_point("world.subject", root)  # crash tests: killed mid-store (docs/operations.md)
 
             is_test = local < len(test_idx)
             val_images = split_rng.choice(
