@@ -74,3 +74,23 @@ def test_lab_converter_errors_name_the_file_and_write_nothing(raw, tmp_path, mon
     proc = run_cli("bdf-prepare", ["--config-dir", str(CONF), "dataset=lab_folder", f"dataset.root={raw}",
                                 "dataset.converter=convert_folder_dataset"], tmp_path)
     _assert_one_line_error(proc, "dataset.converter: expected 'package.module:function', got 'convert_folder_dataset'")
+
+
+def test_lab_converter_rerun_is_a_noop_and_another_configuration_is_refused(raw, tmp_path, monkeypatch):
+    # the example's fingerprint (its keys + the input files' names and sizes) makes a re-run a no-op;
+    # other keys are refused, naming them, until dataset.replace=true
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    args = ["--config-dir", str(CONF), "dataset=lab_folder", f"dataset.root={raw}"]
+    assert run_cli("bdf-prepare", args, tmp_path).returncode == 0
+    store = tmp_path / "data" / "prepared" / "lab_folder"
+    version = json.loads((store / "dataset.json").read_text())["version"]
+    again = run_cli("bdf-prepare", args, tmp_path)
+    assert again.returncode == 0 and "is up to date" in again.stdout, again.stderr[-2000:]
+    proc = run_cli("bdf-prepare", [*args, "dataset.image_size=32"], tmp_path)
+    _assert_one_line_error(proc, f"dataset.store: {store} already holds the lab folder store 'lab_folder' version "
+                                 f"{version} prepared from another configuration: dataset.image_size 64 -> 32")
+    assert "dataset.replace=true" in proc.stderr and "dataset.name=<new name>" in proc.stderr
+    assert json.loads((store / "dataset.json").read_text())["version"] == version
+    replaced = run_cli("bdf-prepare", [*args, "dataset.image_size=32", "dataset.replace=true"], tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert json.loads((store / "dataset.json").read_text())["image_size"] == 32

@@ -4,14 +4,14 @@ files or a synthetic-world generator), and reusing one that is up to date (:func
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from braindecode_fw.errors import DataError, MissingFileError
+from braindecode_fw.errors import ConfigError, DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,35 @@ def _converter(spec: str) -> Any:
     return _converter_function(fn)
 
 
-def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any]:
+def _guards_itself(fn: Any) -> bool:
+    """Whether the converter function ``fn`` is a :class:`Converter`'s ``convert`` (whose ``run``
+    applies :func:`check_existing_store` with its own fingerprint)."""
+    from braindecode_fw.data.convert.base import Converter
+
+    owner = getattr(fn, "__self__", None)
+    return isinstance(owner, type) and issubclass(owner, Converter)
+
+
+def _noop_world(dataset_cfg: DictConfig, store: Path, meta: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+    """The summary of a synthetic world found up to date at ``store`` (nothing generated)."""
+    report = (f"synthetic world {store} is up to date (built from this dataset.world: fingerprint {fingerprint}, "
+              f"version {meta.get('version')}); nothing to do (dataset.force=true regenerates it)")
+    return {"noop": True, "store": str(store), "store_version": meta.get("version"),
+            "config_fingerprint": fingerprint, "seconds": 0.0, "report": report}
+
+
+def _flag(dataset_cfg: DictConfig, key: str) -> bool:
+    """``dataset.<key>`` (``force``/``replace``) as a bool; the converters' config dataclasses type
+    them too, this covers the synthetic worlds and ``dataset.converter`` functions."""
+    value = dataset_cfg.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"dataset.{key}: expected true or false, got {value!r}")
+    return value
+
+
+def prepare(dataset_cfg: DictConfig) -> dict[str, Any]:
     """Convert/generate the dataset described by ``dataset_cfg`` into ``dataset_cfg.store``.
 
     ``dataset.converter: "package.module:function"`` (or ``"package.module:ConverterClass"``) names a
@@ -104,17 +132,37 @@ def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any
     returns a summary whose ``report`` is printed. Otherwise ``dataset.kind`` picks one of
     :data:`CONVERTERS` or :data:`SYNTHETIC`, or the ``Converter`` of that kind in
     ``braindecode_fw/data/convert/<kind>.py``.
+
+    What is already at ``dataset.store`` is never replaced silently
+    (:func:`~braindecode_fw.data.convert.common.check_existing_store`): a store built from the same
+    configuration is a no-op (the summary has ``noop: true``; ``dataset.force=true`` rebuilds it),
+    one built from another configuration is refused unless ``dataset.replace=true``. A plain
+    converter function declares no fingerprint: any finished store there needs ``dataset.replace=true``.
     """
+    from braindecode_fw.data.convert.common import check_existing_store
+
+    guard = {"force": _flag(dataset_cfg, "force"), "replace": _flag(dataset_cfg, "replace"),
+             "name": dataset_cfg.get("name")}
     if dataset_cfg.get("converter"):
-        summary = _converter(dataset_cfg.converter)(dataset_cfg)
+        fn = _converter(dataset_cfg.converter)
+        if not _guards_itself(fn) and dataset_cfg.get("store"):
+            check_existing_store(dataset_cfg.store, None, what=str(dataset_cfg.converter), **guard)
+        summary = fn(dataset_cfg)
         if not isinstance(summary, dict):
             raise DataError(f"dataset.converter: {dataset_cfg.converter} returned {type(summary).__name__}, "
                              f"expected a summary dict (with a 'report' line to print)")
         return summary
     kind = dataset_cfg.get("kind")
     if kind in SYNTHETIC:
+        world = _world_config(dataset_cfg)
+        store = Path(dataset_cfg.store)
+        fingerprint = world.fingerprint()
+        existing = check_existing_store(store, fingerprint, what="synthetic world", config=dataclasses.asdict(world),
+                                        config_prefix="dataset.world", source="synthetic", **guard)
+        if existing is not None:
+            return _noop_world(dataset_cfg, store, existing, fingerprint)
         generate = _load(SYNTHETIC[kind][1])
-        return generate(_world_config(dataset_cfg), dataset_cfg.store, name=dataset_cfg.name, overwrite=overwrite)
+        return generate(world, store, name=dataset_cfg.name, overwrite=True)
     if kind in CONVERTERS:
         import importlib
 
@@ -130,30 +178,26 @@ def prepare(dataset_cfg: DictConfig, *, overwrite: bool = True) -> dict[str, Any
 def ensure_store(dataset_cfg: DictConfig) -> Path:
     """Return the prepared store path.
 
-    Synthetic worlds are generated on first use when ``dataset.auto_prepare`` is true, and
-    regenerated when their configuration changed; an existing store is otherwise used as is.
-    A missing store fails with the command that prepares it.
+    Synthetic worlds with ``dataset.auto_prepare`` go through :func:`prepare`: generated on first
+    use, reused when up to date, and refused (never regenerated in place) when the store there was
+    generated from another ``dataset.world``. Any other store is used as is when finished; a folder
+    without ``dataset.json`` or a missing store fails with what to do.
     """
     store = Path(dataset_cfg.store)
     generated = dataset_cfg.get("kind") in SYNTHETIC
-    auto = generated and bool(dataset_cfg.get("auto_prepare", False))
-    if (store / "dataset.json").exists():
-        if not auto:
-            return store
-        # only the fingerprint is needed here; the datamodule opens and validates the store next
-        provenance = json.loads((store / "dataset.json").read_text()).get("provenance", {})
-        stored = provenance.get("config_fingerprint")
-        if stored == _world_config(dataset_cfg).fingerprint():
-            return store
-        log.warning("synthetic world at %s was generated from another configuration: regenerating", store)
-    if auto:
-        log.info("generating the synthetic world into %s (first run only)", store)
+    if generated and bool(dataset_cfg.get("auto_prepare", False)):
         summary = prepare(dataset_cfg)
-        log.info("synthetic world ready in %.1f s", summary["seconds"])
+        if not summary.get("noop"):
+            log.info("synthetic world generated into %s in %.1f s", store, summary["seconds"])
         return store
-    hint = f"run `bdf-prepare dataset={dataset_cfg.name}`" if generated else \
-        f"run `bdf-prepare dataset={dataset_cfg.name} dataset.root=<raw data root>`"
-    raise MissingFileError(f"dataset.store: prepared store not found at {store}; {hint}")
+    command = f"bdf-prepare dataset={dataset_cfg.name}" + ("" if generated else " dataset.root=<raw data root>")
+    if (store / "dataset.json").exists():
+        return store
+    if store.is_dir():
+        raise MissingFileError(f"dataset.store: {store} is not a finished store (no dataset.json), e.g. a half-copied "
+                               f"store or another folder; copy the whole store again, or rebuild it there with "
+                               f"`{command} dataset.replace=true`")
+    raise MissingFileError(f"dataset.store: prepared store not found at {store}; run `{command}`")
 
 
 def describe(summary: dict[str, Any]) -> str:

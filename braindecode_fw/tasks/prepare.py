@@ -23,7 +23,7 @@ def prepare_task(cfg: DictConfig) -> None:
                                   OmegaConf.to_container(cfg.dataset.world, resolve=True))
         print(retrain.describe(summary))
         return
-    summary = prepare(cfg.dataset, overwrite=cfg.overwrite)
+    summary = prepare(cfg.dataset)
     if "report" in summary:  # real-data converters
         print(summary["report"])
     else:

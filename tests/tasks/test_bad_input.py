@@ -151,6 +151,38 @@ def _things_without_events(tmp: Path, shared: dict) -> dict:
     return {"bad": str(dst)}
 
 
+def _nsd_with_small_stimuli(tmp: Path, shared: dict) -> dict:
+    def edit(r: Path) -> None:
+        import h5py
+
+        p = r / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+        p.unlink()  # a link to the shared fixture's: never write through it
+        with h5py.File(p, "w") as f:  # a re-saved brick of smaller images (chunks allocated lazily)
+            f.create_dataset("imgBrick", shape=(73000, 256, 256, 3), dtype="uint8", chunks=(1, 256, 256, 3))
+
+    return _nsd_copy(tmp, shared, edit)
+
+
+def _nsd_without_session2(tmp: Path, shared: dict) -> dict:
+    return _nsd_copy(tmp, shared, lambda r: (r / "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR/"
+                                                "betas_session02.nii.gz").unlink())
+
+
+def _things_without_run2(tmp: Path, shared: dict) -> dict:
+    dst = tmp / "inputs" / "things"
+    shutil.copytree(shared["things"], dst, symlinks=True)
+    for p in dst.rglob("*_run-02_meg.*"):
+        p.unlink()
+    return {"bad": str(dst)}
+
+
+def _prepared_world(tmp: Path, shared: dict) -> dict:
+    """The tiny world (seed 0) at a store path ending in its dataset.name, as bdf-prepare left it."""
+    dst = tmp / "inputs" / "prepared" / "synthetic"
+    shutil.copytree(shared["store"], dst)
+    return {"bad": str(dst)}
+
+
 def _mindeye2_without_betas(tmp: Path, shared: dict) -> dict:
     dst = tmp / "inputs" / "mindeye2"
     shutil.copytree(shared["mindeye2"], dst, symlinks=True)
@@ -178,6 +210,9 @@ CASES: dict[str, Case] = {
     "prepare/rf-size-scalar": Case("bdf-prepare", ("dataset.world.rf_size=0.1",), ("dataset.world.rf_size",)),
     "prepare/ncsnr-median-negative": Case("bdf-prepare", ("dataset.world.ncsnr.median=-1",), ("dataset.world.ncsnr.median", "-1")),
     "prepare/dtype-unknown": Case("bdf-prepare", ("dataset.world.dtype=float8",), ("dataset.world.dtype", "float8")),
+    "prepare/store-of-another-seed": Case("bdf-prepare", (*S, "dataset.world.seed=3"), ("dataset.store", "inputs/prepared/synthetic", "dataset.world.seed 0 -> 3", "dataset.replace=true", "dataset.name=<new name>"), _prepared_world),
+    "prepare/replace-not-bool": Case("bdf-prepare", ("dataset.replace=maybe",), ("dataset.replace", "'maybe'")),
+    "prepare/store-half-copied": Case("bdf-prepare", S, ("dataset.store", "not a finished store (no dataset.json)", "dataset.replace=true"), _store_without_dataset_json),
     "prepare/validate-unknown": Case("bdf-prepare", ("dataset=nsd", "dataset.validate=maybe"), ("dataset.validate", "maybe"), tiny=False),
     # ---- bdf-prepare: the synthetic MEG world ---------------------------------------------------
     "prepare/meg-tmax-negative": Case("bdf-prepare", ("dataset=synthetic_meg", "dataset.world.tmax=-1"), ("dataset.world.baseline", "tmax=-1"), tiny=False),
@@ -191,10 +226,13 @@ CASES: dict[str, Case] = {
     "prepare/nsd-no-expdesign": Case("bdf-prepare", ("dataset=nsd", "dataset.root={bad}", "dataset.image_size=32"), ("nsd_expdesign.mat",), _nsd_without_expdesign, tiny=False),
     "prepare/nsd-no-mask": Case("bdf-prepare", ("dataset=nsd", "dataset.root={bad}", "dataset.image_size=32"), ("nsdgeneral",), _nsd_without_mask, tiny=False),
     "prepare/nsd-garbage-stimuli": Case("bdf-prepare", ("dataset=nsd", "dataset.root={bad}", "dataset.image_size=32"), ("nsd_stimuli.hdf5",), _nsd_with_garbage_stimuli, tiny=False),
+    "prepare/nsd-stimuli-other-size": Case("bdf-prepare", ("dataset=nsd", "dataset.root={bad}", "dataset.image_size=32"), ("nsd_stimuli.hdf5", "'imgBrick'", "uint8 (73000, 256, 256, 3)", "expected uint8 (73000, 425, 425, 3)"), _nsd_with_small_stimuli, tiny=False),
+    "prepare/nsd-session-missing": Case("bdf-prepare", ("dataset=nsd", "dataset.root={bad}", "dataset.image_size=32"), ("betas_session02.nii.gz missing", "dataset.sessions=null", "dataset.sessions=[1]"), _nsd_without_session2, tiny=False),
     # ---- bdf-prepare: THINGS-MEG and MindEye2 imports ---------------------------------------------
     "prepare/things-images-root-not-set": Case("bdf-prepare", ("dataset=things_meg", "dataset.root=/nowhere/things"), ("dataset.images_root", "not set"), tiny=False),
     "prepare/things-root-missing": Case("bdf-prepare", ("dataset=things_meg", "dataset.root=/nowhere/things", "dataset.images_root={things_images}"), ("/nowhere/things",), tiny=False),
     "prepare/things-no-events": Case("bdf-prepare", ("dataset=things_meg", "dataset.root={bad}", "dataset.images_root={things_images}", "dataset.image_size=24"), ("events.tsv",), _things_without_events, tiny=False),
+    "prepare/things-run-missing": Case("bdf-prepare", ("dataset=things_meg", "dataset.root={bad}", "dataset.images_root={things_images}", "dataset.image_size=24"), ("sub-BIGMEG1_ses-01_task-main_run-02_meg.ds", "dataset.sessions=null"), _things_without_run2, tiny=False),
     "prepare/things-image-size-abc": Case("bdf-prepare", ("dataset=things_meg", "dataset.image_size=abc"), ("dataset.image_size", "'abc'"), tiny=False),
     "prepare/mindeye2-root-missing": Case("bdf-prepare", ("dataset=mindeye2", "dataset.root=/nowhere/me2"), ("/nowhere/me2",), tiny=False),
     "prepare/mindeye2-no-betas": Case("bdf-prepare", ("dataset=mindeye2", "dataset.root={bad}", "dataset.subjects=[1]"), ("betas_all_subj01",), _mindeye2_without_betas, tiny=False),
@@ -221,7 +259,9 @@ CASES: dict[str, Case] = {
     "train/store-missing": Case("bdf-train", ("dataset.store=/nowhere/store", "dataset.auto_prepare=false"), ("dataset.store", "/nowhere/store", "bdf-prepare")),
     "train/store-is-a-file": Case("bdf-train", ("dataset.store={bad}", "dataset.auto_prepare=false"), ("a_file.txt",), _a_file),
     "train/store-empty-folder": Case("bdf-train", ("dataset.store={bad}", "dataset.auto_prepare=false"), ("empty",), _empty_folder),
-    "train/store-no-dataset-json": Case("bdf-train", (*S, "dataset.auto_prepare=false"), ("dataset.store", "inputs/store"), _store_without_dataset_json),
+    "train/store-no-dataset-json": Case("bdf-train", (*S, "dataset.auto_prepare=false"), ("dataset.store", "inputs/store", "not a finished store (no dataset.json)"), _store_without_dataset_json),
+    "train/store-no-dataset-json-auto": Case("bdf-train", S, ("dataset.store", "inputs/store", "not a finished store (no dataset.json)"), _store_without_dataset_json),
+    "train/store-of-another-seed": Case("bdf-train", (*S, "dataset.world.seed=3"), ("dataset.store", "dataset.world.seed 0 -> 3", "dataset.replace=true", "dataset.name=<new name>"), _prepared_world),
     "train/store-broken-dataset-json": Case("bdf-train", (*S, "dataset.auto_prepare=false"), ("dataset.json",), _store_with_broken_dataset_json),
     "train/store-truncated-responses": Case("bdf-train", (*S, "dataset.auto_prepare=false"), ("responses.npy",), _store_with_truncated_responses),
     "train/store-no-images": Case("bdf-train", (*S, "dataset.auto_prepare=false"), ("images.npy",), _store_with_images_missing),

@@ -7,8 +7,12 @@ converter (NSD, MindEye2, MindEye1's avg split, THINGS-MEG) and a lab's own one 
 1. ``configure``: the ``dataset`` config -> a typed config object (unknown keys, wrong types and
    out-of-range values are one-line errors naming ``dataset.<key>``);
 2. ``locate``: cheap checks of the required keys and folders; then the store's fingerprint
-   (``fingerprint``): a complete store built from the same configuration is left as is (a no-op,
-   ``dataset.force=true`` rebuilds it), stale ``.partial-<pid>`` folders of killed runs are removed;
+   (``fingerprint``) decides what happens to what is already at ``dataset.store``
+   (:func:`~braindecode_fw.data.convert.common.check_existing_store`): a complete store built from
+   the same configuration is left as is (a no-op, ``dataset.force=true`` rebuilds it); one built
+   from another configuration (or without a fingerprint), or a folder that is not a finished store,
+   is refused before anything is read, unless ``dataset.replace=true`` (or another
+   ``dataset.name``); stale ``.partial-<pid>`` folders of killed runs are removed;
 3. ``plan``: read every small input (designs, tables, headers) and decide what to write;
 4. ``validate``: every check that needs the whole plan (cross-file consistency, real-release
    invariants, stimulus headers). Nothing has been written before this phase ends, so a failed
@@ -34,7 +38,11 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
-from braindecode_fw.data.convert.common import matching_store, plain_config, remove_stale_partials
+from braindecode_fw.data.convert.common import (
+    check_existing_store,
+    plain_config,
+    remove_stale_partials,
+)
 from braindecode_fw.data.store import SPLITS, StoreWriter, TrialTable
 from braindecode_fw.errors import DataError
 
@@ -120,7 +128,9 @@ class Converter(ABC, Generic[PlanT]):
     report name the dataset, e.g. ``"NSD"``), ``modality`` (``"fmri"``/``"meg"``), ``config_class`` (a
     :func:`braindecode_fw.schema.config_dataclass` with ``from_mapping``, or a plain dataclass),
     ``provenance_match`` (provenance fields an up-to-date store must also carry, e.g. ``{"source":
-    "nsd"}``) and ``fingerprint_covers`` (what the fingerprint hashes, for the no-op report).
+    "nsd"}``), ``fingerprint_covers`` (what the fingerprint hashes, for the no-op report) and
+    ``content_field`` (the provenance field where :meth:`content` is recorded, so that a refusal
+    to replace a store built from another configuration can name the keys that differ).
 
     ``convert(dataset_cfg)`` (a classmethod) is the function ``bdf-prepare`` calls.
     """
@@ -131,6 +141,7 @@ class Converter(ABC, Generic[PlanT]):
     config_class: ClassVar[type]
     provenance_match: ClassVar[dict[str, Any]] = {}
     fingerprint_covers: ClassVar[str] = "this configuration"
+    content_field: ClassVar[str] = "config"
 
     def __init__(self, dataset_cfg: Any):
         self.checked: list[str] = []
@@ -157,8 +168,15 @@ class Converter(ABC, Generic[PlanT]):
         """Cheap checks of required keys and folders, before the fingerprint is computed."""
 
     def fingerprint(self) -> str | None:
-        """What an up-to-date store's ``provenance.config_fingerprint`` must be; None: never a no-op."""
+        """What an up-to-date store's ``provenance.config_fingerprint`` must be; None: never a no-op
+        (and an existing store at ``dataset.store`` is then only replaced with ``dataset.replace=true``)."""
         return None
+
+    def content(self) -> Mapping[str, Any] | None:
+        """The content-determining configuration, as recorded in the store's
+        ``provenance[content_field]`` (default: ``cfg.content()`` when the config has one)."""
+        content = getattr(self.cfg, "content", None)
+        return content() if callable(content) else None
 
     @abstractmethod
     def plan(self) -> PlanT:
@@ -211,8 +229,14 @@ class Converter(ABC, Generic[PlanT]):
         return bool(getattr(self.cfg, "force", False))
 
     @property
+    def replace(self) -> bool:
+        """``dataset.replace``: replace a store at ``dataset.store`` built from another configuration."""
+        return bool(getattr(self.cfg, "replace", False))
+
+    @property
     def overwrite(self) -> bool:
-        """Whether an existing store at ``dataset.store`` may be replaced."""
+        """Whether :class:`StoreWriter` may replace what is at ``dataset.store`` once
+        :func:`check_existing_store` allowed it (a subclass may forbid it altogether)."""
         return True
 
     @property
@@ -228,13 +252,14 @@ class Converter(ABC, Generic[PlanT]):
             store = self.store
             fingerprint = self.fingerprint()
             remove_stale_partials(store)
-            if fingerprint is not None and not self.force and (store / "dataset.json").exists():
-                existing = matching_store(store, fingerprint, **self.provenance_match)
-                if existing is not None:
-                    summary = self._summary(store, existing, fingerprint, noop=True, extras={}, t0=t0)
-                    log.info(summary["report"])
-                    return summary
-                log.warning("%s holds another configuration (or another source): reconverting", store)
+            existing = check_existing_store(store, fingerprint, force=self.force, replace=self.replace,
+                                            name=getattr(self.cfg, "name", None), what=self.title,
+                                            config=self.content(), config_field=self.content_field,
+                                            **self.provenance_match)
+            if existing is not None:
+                summary = self._summary(store, existing, fingerprint, noop=True, extras={}, t0=t0)
+                log.info(summary["report"])
+                return summary
             plan = self.plan()
             self.validate(plan)
             with StoreWriter(store, name=str(self.cfg.name), modality=self.modality,

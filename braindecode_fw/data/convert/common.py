@@ -1,17 +1,20 @@
-"""What the dataset converters share: the validation-image rule and clean-up after killed runs."""
+"""What the dataset converters share: the validation-image rule, clean-up after killed runs and the
+guard that keeps an existing prepared store from being replaced by one with other contents
+(:func:`check_existing_store`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from braindecode_fw.data.store import _pid_alive, remove_stale_partials  # noqa: F401  (converters import them from here)
-from braindecode_fw.errors import DataError
+from braindecode_fw.errors import DataError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +46,113 @@ def is_val_image(image_ids: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return hash_uniform(np.asarray(image_ids), seed) < fraction
 
 
-def matching_store(store: Path, fingerprint: str, **provenance: Any) -> dict[str, Any] | None:
-    """``dataset.json`` of the complete store at ``store`` when its ``provenance.config_fingerprint``
-    is ``fingerprint`` and every given provenance field matches (e.g. ``source="nsd"``); else None:
-    a re-run with the same inputs and options is then a no-op."""
+def _flat(mapping: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def config_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], prefix: str = "dataset",
+                       limit: int = 4) -> list[str]:
+    """``"<prefix>.<key> <stored> -> <wanted>"`` for every (flattened) key whose value differs
+    between a store's recorded configuration and the requested one, at most ``limit`` of them
+    (then ``"... and N more"``)."""
+    a, b = _flat(stored, prefix), _flat(wanted, prefix)
+    missing = object()
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+    show = [f"{k} {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys[:limit]]
+    if len(keys) > limit:
+        show.append(f"... and {len(keys) - limit} more")
+    return show
+
+
+def _ways_out(store: Path, name: Any) -> str:
+    """The two ways past a refusal; the second names ``dataset.name`` when the store path derives
+    from it (``.../prepared/${dataset.name}``, every packaged dataset config), else ``dataset.store``."""
+    beside = (f"another dataset.name=<new name> to prepare it beside this one (in {store.parent}/<new name>)"
+              if name is not None and store.name == str(name) else
+              "another dataset.store=<new folder> to prepare it beside this one")
+    return f"set dataset.replace=true to replace it, or {beside}"
+
+
+def check_existing_store(store: str | Path, fingerprint: str | None, *, force: bool = False,
+                         replace: bool = False, name: Any = None, what: str = "",
+                         config: Mapping[str, Any] | None = None, config_field: str = "config",
+                         config_prefix: str = "dataset", **provenance: Any) -> dict[str, Any] | None:
+    """What to do with whatever is at ``dataset.store`` before a store is prepared there: shared by
+    every converter (:meth:`~braindecode_fw.data.convert.base.Converter.run`, a ``dataset.converter``
+    function) and the synthetic worlds (:func:`braindecode_fw.data.prepare.prepare`, also behind
+    ``bdf-train``'s ``dataset.auto_prepare``).
+
+    Returns the existing ``dataset.json`` when the store at ``store`` is complete and was built from
+    the same configuration (``provenance.config_fingerprint == fingerprint`` and every ``provenance``
+    field given matches): the caller then writes nothing (a no-op), unless ``force``. Returns None
+    when the caller may write: nothing is there (or an empty folder), ``force`` on an up-to-date
+    store, or ``replace``. Anything else raises :class:`~braindecode_fw.errors.OutputExistsError`
+    naming ``dataset.store``, the existing store's version, what differs (``config``, the requested
+    configuration, compared key by key with the store's ``provenance[config_field]``) and the two
+    ways out: another store built from other contents would silently replace the one that earlier
+    runs and checkpoints were trained on. ``what`` names the dataset in messages (e.g. ``"NSD"``).
+    """
+    store = Path(store)
+    label = f"{what} " if what else ""
+    if not store.exists():
+        return None
+    if not store.is_dir():
+        raise OutputExistsError(f"dataset.store: {store} is a file, not a prepared-store folder; remove it, or "
+                                f"set another dataset.store")
+    meta_path = store / "dataset.json"
+    if not meta_path.is_file():
+        if not any(store.iterdir()):
+            return None  # an empty folder holds nothing to lose
+        if replace:
+            log.warning("dataset.replace=true: replacing %s (not a finished store: no dataset.json)", store)
+            return None
+        raise OutputExistsError(f"dataset.store: {store} exists but is not a finished store (no dataset.json), "
+                                f"e.g. a half-copied store or another folder; it is left as is: "
+                                f"{_ways_out(store, name)}")
     try:
-        meta = json.loads((store / "dataset.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        if replace:
+            log.warning("dataset.replace=true: replacing %s (unreadable dataset.json)", store)
+            return None
+        raise OutputExistsError(f"dataset.store: {store} holds an unreadable {meta_path.name} ({e}); it is left as "
+                                f"is: {_ways_out(store, name)}") from None
     prov = meta.get("provenance") or {}
-    if prov.get("config_fingerprint") != fingerprint or any(prov.get(k) != v for k, v in provenance.items()):
+    if not isinstance(prov, dict):
+        prov = {}
+    stored = prov.get("config_fingerprint")
+    other_source = {k: prov.get(k) for k, v in provenance.items() if prov.get(k) != v}
+    if fingerprint is not None and stored == fingerprint and not other_source:
+        return None if force else meta
+    if replace:
+        log.warning("dataset.replace=true: replacing %sstore %s (version %s) with one from this configuration",
+                    label, store, meta.get("version"))
         return None
-    return meta
+    if other_source:
+        k, v = next(iter(other_source.items()))
+        why = f"from another source (provenance {k} {v!r}, this is {provenance[k]!r})"
+    elif fingerprint is None:
+        why = (f"and the {label or 'chosen '}converter declares no fingerprint, so it cannot tell whether the "
+               f"contents would be the same")
+    elif stored is None:
+        why = "with no provenance.config_fingerprint, so it cannot be matched to this configuration"
+    else:
+        differs = config_differences(prov[config_field], config, config_prefix) \
+            if isinstance(prov.get(config_field), Mapping) and config is not None else []
+        why = (f"prepared from another configuration: {', '.join(differs)}" if differs else
+               f"prepared from another configuration or other input files (fingerprint {stored}, this one "
+               f"{fingerprint})")
+    raise OutputExistsError(f"dataset.store: {store} already holds the {label}store {meta.get('name')!r} version "
+                            f"{meta.get('version')} {why}; it is kept, since runs and checkpoints trained on it "
+                            f"need it: {_ways_out(store, name)}")
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):

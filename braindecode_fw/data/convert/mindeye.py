@@ -128,6 +128,7 @@ class MindEye2ConvertConfig:
     chunk_rows: int = setting(min=1)
     validate: str = FROM_YAML
     force: bool = FROM_YAML
+    replace: bool = FROM_YAML
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> MindEye2ConvertConfig:
@@ -154,6 +155,7 @@ class MindEye1AvgConvertConfig:
     zscore_at_load: bool = FROM_YAML
     validate: str = FROM_YAML
     force: bool = FROM_YAML
+    replace: bool = FROM_YAML
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> MindEye1AvgConvertConfig:
@@ -461,6 +463,7 @@ class MindEye2Converter(Converter[_Me2Plan]):
     config_class = MindEye2ConvertConfig
     converter_id = "braindecode_fw.data.convert.mindeye:convert_mindeye2"
     provenance_match = {"converter": converter_id}
+    content_field = "options"  # provenance.options: the options the fingerprint hashes
     fingerprint_covers = "the same files and options"
 
     cfg: MindEye2ConvertConfig
@@ -490,6 +493,9 @@ class MindEye2Converter(Converter[_Me2Plan]):
 
     def fingerprint(self) -> str:
         return _fingerprint(self.options, self.sources)
+
+    def content(self) -> dict[str, Any]:
+        return self.options
 
     def plan(self) -> _Me2Plan:
         try:
@@ -780,6 +786,7 @@ class MindEye1AvgConverter(Converter[_Me1Plan]):
     config_class = MindEye1AvgConvertConfig
     converter_id = "braindecode_fw.data.convert.mindeye:convert_mindeye1_avg"
     provenance_match = {"converter": converter_id}
+    content_field = "options"  # provenance.options: the options the fingerprint hashes
     fingerprint_covers = "the same files and options"
 
     cfg: MindEye1AvgConvertConfig
@@ -803,6 +810,9 @@ class MindEye1AvgConverter(Converter[_Me1Plan]):
 
     def fingerprint(self) -> str:
         return _fingerprint(self.options, self.sources)
+
+    def content(self) -> dict[str, Any]:
+        return self.options
 
     def plan(self) -> _Me1Plan:
         info = {}

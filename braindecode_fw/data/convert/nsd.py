@@ -44,6 +44,8 @@ CONVERTER_VERSION = "nsd-1"
 TRIALS_PER_SESSION = 750
 N_TOTAL_TRIALS = 30000
 N_IMAGES_73K = 73000
+#: ``imgBrick`` of the release: every NSD stimulus at its original size (docs/datasets/nsd.md)
+IMAGE_BRICK_SHAPE = (N_IMAGES_73K, 425, 425, 3)
 BETA_DIRS = {"b1": "betas_assumehrf", "b2": "betas_fithrf", "b3": "betas_fithrf_GLMdenoise_RR"}
 BETA_SCALE = 300.0
 # docs/datasets/nsd.md (NSD manual, MindEye code): per-subject facts used by the validation
@@ -55,8 +57,8 @@ TEST_TRIALS = {1: (3000, 2770), 2: (3000, 2770), 3: (2371, 2113), 4: (2188, 1985
                5: (3000, 2770), 6: (2371, 2113), 7: (3000, 2770), 8: (2188, 1985)}  # (new, legacy)
 LEGACY_HELD_OUT_SESSIONS = 3  # the pre-2023 release withheld each subject's last 3 sessions
 # keys of braindecode_fw/conf/dataset/nsd.yaml that do not change the converted content
-_NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root", "force", "validate",
-                     "progress", "chunk_trials", "image_chunk")
+_NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root", "force", "replace",
+                     "validate", "progress", "chunk_trials", "image_chunk")
 
 
 class NSDInputError(ConverterInputError):
@@ -89,6 +91,7 @@ class NSDConvertConfig:
     captions: str | None = FROM_YAML
     validate: str = FROM_YAML
     force: bool = FROM_YAML
+    replace: bool = FROM_YAML
     progress: bool = FROM_YAML
     chunk_trials: int = setting(min=1)
     image_chunk: int = setting(min=1)
@@ -443,16 +446,41 @@ def _roi_path(cfg: NSDConvertConfig, root: Path, tag: str) -> Path:
     return root / f"nsddata/ppdata/{tag}/func1pt8mm/roi/{spec}.nii.gz"
 
 
+def _check_all_sessions_present(cfg: NSDConvertConfig, subject: int, beta_dir: Path, ext: str,
+                                on_disk: list[int], cols: dict[str, np.ndarray], resp_path: Path) -> None:
+    """``dataset.sessions=null`` means every session of the subject: each session that
+    ``responses.tsv`` records (or that a later beta file implies) must have its beta file, or the
+    store would silently hold fewer sessions than asked for (and fewer test repetitions). Sessions
+    the legacy convention drops anyway are not required."""
+    recorded = {int(v) for v in cols["SESSION"] if np.isfinite(v) and 1 <= v <= SESSIONS_PER_SUBJECT[subject]}
+    expected = sorted(recorded | set(range(1, max(on_disk) + 1)))
+    if cfg.test_convention == "legacy":
+        expected = [s for s in expected if s <= legacy_sessions(subject)]
+    missing = [s for s in expected if s not in on_disk]
+    if not missing:
+        return
+    names = [f"betas_session{s:02d}{ext}" for s in missing]
+    listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    have = [s for s in on_disk if s in expected] or on_disk
+    raise NSDInputError(f"{beta_dir}: {listed} missing (dataset.sessions=null converts every session of "
+                        f"subj{subject:02d}: {resp_path.name} records sessions {expected[0]}..{expected[-1]}, "
+                        f"beta files were found for {have}); download the missing file(s), or name the sessions "
+                        f"to convert, e.g. dataset.sessions=[{','.join(map(str, have))}]")
+
+
 def _plan_subject(cfg: NSDConvertConfig, root: Path, subject: int, design: ExpDesign) -> SubjectPlan:
     tag = f"subj{subject:02d}"
     func = root / f"nsddata/ppdata/{tag}/func1pt8mm"
     beta_dir = root / f"nsddata_betas/ppdata/{tag}/func1pt8mm" / BETA_DIRS[cfg.beta_version]
     ext = ".nii.gz" if cfg.beta_format == "nifti" else ".hdf5"
+    resp_path = root / f"nsddata/ppdata/{tag}/behav/responses.tsv"
+    cols = load_responses_tsv(resp_path)
     if cfg.sessions is None:
         sessions = _sessions_on_disk(beta_dir, ext)
         if not sessions:
             raise NSDInputError(f"{beta_dir}: no betas_sessionNN{ext} files (dataset.sessions=null converts "
                                 f"every session found; beta_version={cfg.beta_version}, beta_format={cfg.beta_format})")
+        _check_all_sessions_present(cfg, subject, beta_dir, ext, sessions, cols, resp_path)
     elif isinstance(cfg.sessions, int):
         sessions = list(range(1, int(cfg.sessions) + 1))
     else:
@@ -495,8 +523,6 @@ def _plan_subject(cfg: NSDConvertConfig, root: Path, subject: int, design: ExpDe
     g = np.concatenate([(s - 1) * TRIALS_PER_SESSION + np.arange(TRIALS_PER_SESSION) for s in sessions])
     k10 = design.masterordering[g]
     id73k = design.subjectim[subject - 1, k10 - 1] - 1
-    resp_path = root / f"nsddata/ppdata/{tag}/behav/responses.tsv"
-    cols = load_responses_tsv(resp_path)
     run = np.concatenate([_check_responses(resp_path, cols, subject, s, design) for s in sessions])
     return SubjectPlan(subject, tag, sessions, dropped, files, voxel_ijk, affine, xyz, g, id73k,
                        k10 <= 1000, run, roi_file, brainmask if brainmask.exists() else None)
@@ -524,7 +550,7 @@ def _write_images(writer: StoreWriter, stim_path: Path, ids: np.ndarray, cfg: NS
     stream = writer.open_images(len(ids), size, size)
     try:
         with h5py.File(stim_path, "r") as f:
-            brick = f["imgBrick"]  # its header was checked by check_stimuli (validate phase)
+            brick = f["imgBrick"]  # its header was checked by check_stimuli (plan phase)
             with _progress(len(ids), "images", cfg.progress, "img") as bar:
                 for start in range(0, len(ids), cfg.image_chunk):
                     chunk = ids[start:start + cfg.image_chunk]
@@ -533,7 +559,7 @@ def _write_images(writer: StoreWriter, stim_path: Path, ids: np.ndarray, cfg: NS
                     block = np.empty((len(chunk), *brick.shape[1:]), dtype=np.uint8)
                     for j, i in enumerate(chunk.tolist()):
                         brick.read_direct(block, np.s_[i], np.s_[j])
-                    if block.shape[1] != size or block.shape[2] != size:
+                    if size != IMAGE_BRICK_SHAPE[1]:  # 425 px originals (check_stimuli) -> image_size
                         block = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
                                           for im in block])
                     stream.append(block)
@@ -681,7 +707,10 @@ class NSDPlan:
 
 
 def check_stimuli(stim_path: Path) -> None:
-    """``nsd_stimuli.hdf5`` opens and holds ``imgBrick`` uint8 ``(73000, H, W, 3)`` (header only)."""
+    """``nsd_stimuli.hdf5`` opens (a truncated file does not: HDF5 compares its recorded end with the
+    file size) and holds ``imgBrick`` uint8 :data:`IMAGE_BRICK_SHAPE` (header only). Another image
+    size is refused rather than resized: it is not the release's brick (a re-saved or partial copy),
+    and ``dataset.image_size`` is applied to the 425 px originals."""
     import h5py
 
     try:
@@ -689,11 +718,13 @@ def check_stimuli(stim_path: Path) -> None:
             if "imgBrick" not in f:
                 raise NSDInputError(f"{stim_path}: no dataset 'imgBrick' (keys {list(f)})")
             brick = f["imgBrick"]
-            if brick.shape[0] != N_IMAGES_73K or brick.shape[-1] != 3 or brick.dtype != np.uint8:
-                raise NSDInputError(f"{stim_path}: imgBrick is {brick.dtype} {brick.shape}, expected uint8 "
-                                    f"({N_IMAGES_73K}, 425, 425, 3)")
+            shape, dtype = tuple(int(n) for n in brick.shape), brick.dtype
     except OSError as e:
         raise NSDInputError(f"{stim_path}: cannot be opened as HDF5, truncated or corrupted ({e})") from None
+    if shape != IMAGE_BRICK_SHAPE or dtype != np.uint8:
+        raise NSDInputError(f"{stim_path}: dataset 'imgBrick' is {dtype} {shape}, expected uint8 "
+                            f"{IMAGE_BRICK_SHAPE} (the 73,000 NSD images at their original 425 x 425 px, RGB; "
+                            f"dataset.image_size resizes them while converting)")
 
 
 class NSDConverter(Converter[NSDPlan]):
@@ -734,6 +765,8 @@ class NSDConverter(Converter[NSDPlan]):
         stim_path = root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
         if not stim_path.exists():
             raise NSDInputError(f"{stim_path}: missing file (NSD stimuli, dataset imgBrick (73000, 425, 425, 3))")
+        check_stimuli(stim_path)  # header only, before any beta file is read
+        self.check(f"{stim_path.name}: opens; imgBrick uint8 {IMAGE_BRICK_SHAPE}")
         subjects = []
         for s in cfg.subjects:
             p = _plan_subject(cfg, root, int(s), design)
@@ -753,8 +786,6 @@ class NSDConverter(Converter[NSDPlan]):
 
     def validate(self, plan: NSDPlan) -> None:
         cfg = self.cfg
-        check_stimuli(plan.stim_path)
-        self.check(f"{plan.stim_path.name}: imgBrick uint8 ({N_IMAGES_73K}, H, W, 3)")
         if cfg.validate == "off":
             self.skip_check("real-NSD invariants: dataset.validate=off")
             return

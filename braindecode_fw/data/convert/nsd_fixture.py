@@ -78,12 +78,14 @@ def write_nsd_fixture(
     captions: bool = True,
     signal_sd: float = 1.0,
     gzip_level: int = 6,
+    image_side: int = IMAGE_SIDE,
 ) -> dict[str, Any]:
     """Write the NSD fixture described above under ``root``; return a description (paths, shared ids, ...).
 
     ``sessions`` (1-based) overrides ``n_sessions`` (e.g. ``(1, 38)`` to exercise the legacy
     37-session convention). Betas are ``round(pct * 300)`` int16 with ``pct`` = per-session offset
     + image-driven signal (ROI voxels only) + N(0, 1) noise, zero outside the brain mask.
+    ``image_side`` other than 425 writes a brick the converter must refuse (not the release's).
     """
     import h5py
     import nibabel as nib
@@ -194,9 +196,9 @@ def write_nsd_fixture(
     stim_dir.mkdir(parents=True, exist_ok=True)
     ids = np.asarray(sorted(used_ids), dtype=np.int64)
     with h5py.File(stim_dir / "nsd_stimuli.hdf5", "w") as f:
-        brick = f.create_dataset("imgBrick", shape=(N_IMAGES_73K, IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8,
-                                 chunks=(1, IMAGE_SIDE, IMAGE_SIDE, 3), compression="gzip")
-        tile = np.empty((IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
+        brick = f.create_dataset("imgBrick", shape=(N_IMAGES_73K, image_side, image_side, 3), dtype=np.uint8,
+                                 chunks=(1, image_side, image_side, 3), compression="gzip")
+        tile = np.empty((image_side, image_side, 3), dtype=np.uint8)
         for i, c in zip(ids, fixture_colour(ids), strict=True):
             tile[:] = c
             brick[int(i)] = tile

@@ -74,7 +74,7 @@ CATEGORY_TABLE = "sourcedata/category_mat_manual.tsv"
 ATTRIBUTE_COLUMNS = ("trial_type", "things_image_nr", "image_path")
 # keys of braindecode_fw/conf/dataset/things_meg.yaml that do not change the converted content
 _NON_CONTENT_KEYS = ("name", "kind", "modality", "store", "auto_prepare", "root", "images_root", "force",
-                     "progress", "image_chunk")
+                     "replace", "progress", "image_chunk")
 
 
 class ThingsMEGInputError(ConverterInputError):
@@ -112,6 +112,7 @@ class ThingsMEGConvertConfig:
     caption_template: str = FROM_YAML
     dtype: str = FROM_YAML
     force: bool = FROM_YAML
+    replace: bool = FROM_YAML
     progress: bool = FROM_YAML
     image_chunk: int = setting(min=1)
 
@@ -488,6 +489,50 @@ def _align_attribute_rows(attr: dict[str, list[str]], path: Path, runs: list[tup
     return in_order
 
 
+def _expected_runs(runs: list[tuple[int, int, Path]], attr: dict[str, list[str]], attr_path: Path
+                   ) -> set[tuple[int, int]]:
+    """(session, run) pairs the subject was recorded in: those the sample attributes list
+    (``session_nr``/``run_nr``, when the CSV has them), those on disk, and the gaps the files on disk
+    imply (sessions 1..the last one; runs 1..the last one of each session)."""
+    expected = {(s, r) for s, r, _ in runs}
+    if "session_nr" in attr and "run_nr" in attr:
+        sess = _int_column(attr["session_nr"], "session_nr", attr_path)
+        run = _int_column(attr["run_nr"], "run_nr", attr_path)
+        expected |= {(int(s), int(r)) for s, r in zip(sess.tolist(), run.tolist(), strict=True) if s >= 1 and r >= 1}
+    last_run = {}
+    for s, r in expected:
+        last_run[s] = max(r, last_run.get(s, 0))
+    all_runs = max(last_run.values())
+    for s in range(1, max(last_run) + 1):
+        expected |= {(s, r) for r in range(1, last_run.get(s, all_runs) + 1)}
+    return expected
+
+
+def _check_runs_present(cfg: ThingsMEGConvertConfig, root: Path, label: str, runs: list[tuple[int, int, Path]],
+                        sessions: list[int], attr: dict[str, list[str]], attr_path: Path) -> list[int]:
+    """The sessions to convert, each complete: ``dataset.sessions=null`` means every session the
+    subject was recorded in (:func:`_expected_runs`), and a converted session without one of its
+    runs would silently hold fewer trials (and test repetitions). Missing runs are listed by the
+    file expected for them."""
+    expected = _expected_runs(runs, attr, attr_path)
+    if cfg.sessions is None:
+        sessions = sorted({s for s, _ in expected})
+    on_disk = {(s, r) for s, r, _ in runs}
+    missing = sorted((s, r) for s, r in expected if s in sessions and (s, r) not in on_disk)
+    if not missing:
+        return sessions
+    names = [f"sub-{label}/ses-{s:02d}/meg/sub-{label}_ses-{s:02d}_task-main_run-{r:02d}_meg.ds" for s, r in missing]
+    listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    complete = [s for s in sessions if not any(m[0] == s for m in missing)]
+    which = ("dataset.sessions=null converts every session" if cfg.sessions is None
+             else f"dataset.sessions={cfg.sessions} converts whole sessions")
+    fewer = (f"name the complete sessions to convert, e.g. dataset.sessions=[{','.join(map(str, complete))}]"
+             if complete else "name other sessions in dataset.sessions")
+    raise ThingsMEGInputError(f"{root}: {len(missing)} run(s) of sub-{label} missing: {listed} (a _meg.ds folder "
+                              f"or _meg.fif file each; {which}, and {attr_path.name} with the runs on disk "
+                              f"records sessions {sorted({s for s, _ in expected})}); download them, or {fewer}")
+
+
 def _plan_raw_subject(cfg: ThingsMEGConvertConfig, root: Path, label: str) -> SubjectPlan:
     sub_dir = root / f"sub-{label}"
     runs = _runs_on_disk(sub_dir, label)
@@ -497,6 +542,7 @@ def _plan_raw_subject(cfg: ThingsMEGConvertConfig, root: Path, label: str) -> Su
     sessions = _selected_sessions(cfg, sorted({s for s, _, _ in runs}), label)
     attr_path = root / f"sourcedata/sample_attributes_P{participant_number(label)}.csv"
     attr = read_sample_attributes(attr_path)
+    sessions = _check_runs_present(cfg, root, label, runs, sessions, attr, attr_path)
     all_events = []
     for s, r, p in runs:
         ev_path = p.with_name(p.name[: -len("_meg" + p.suffix)] + "_events.tsv")

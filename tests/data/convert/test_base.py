@@ -23,6 +23,7 @@ from braindecode_fw.data.convert.base import (
     check_report_schema,
 )
 from braindecode_fw.data.store import StoreWriter, TrialTable, open_store
+from braindecode_fw.errors import OutputExistsError
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ToyConfig:
     n_features: int
     image_size: int = 8
     force: bool = False
+    replace: bool = False
     fail_in: str = ""  # phase that raises ("plan", "validate", "write")
     kind: str = "toy"
     converter: str | None = None
@@ -105,7 +107,7 @@ def test_failed_phase_writes_nothing_and_leaves_no_folder(tmp_path, phase):
 def test_a_failed_reconversion_keeps_the_previous_store(tmp_path):
     first = ToyConverter.convert(_toy(tmp_path))
     with pytest.raises(ConverterInputError):
-        ToyConverter.convert(_toy(tmp_path, n_trials=16, fail_in="write"))
+        ToyConverter.convert(_toy(tmp_path, n_trials=16, fail_in="write", replace=True))
     assert open_store(first["store"]).version == first["store_version"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["toy"]
 
@@ -136,7 +138,11 @@ def test_minimal_subclass_end_to_end(tmp_path):
     assert "up to date" in again["report"] and "toy-12-5" in again["report"]
 
     assert not ToyConverter.convert(_toy(tmp_path, force=True))["noop"]
-    other = ToyConverter.convert(_toy(tmp_path, n_features=3))  # another fingerprint: reconverted
+    with pytest.raises(OutputExistsError, match=r"dataset.store: .* already holds the toy store 'toy' version "
+                       rf"{st.version} .*fingerprint toy-12-5, this one toy-12-3.*dataset.replace=true"):
+        ToyConverter.convert(_toy(tmp_path, n_features=3))  # another fingerprint: refused
+    assert open_store(summary["store"]).version == st.version
+    other = ToyConverter.convert(_toy(tmp_path, n_features=3, replace=True))  # replaced when asked to
     assert not other["noop"] and other["subjects"]["s1"]["n_voxels"] == 3
 
 

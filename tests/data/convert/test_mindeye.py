@@ -23,6 +23,7 @@ from braindecode_fw.data.convert.mindeye_fixture import (
 )
 from braindecode_fw.data.datamodule import BrainDataModule
 from braindecode_fw.data.store import open_store
+from braindecode_fw.errors import OutputExistsError
 from tests.conftest import TINY_MODEL
 
 
@@ -167,7 +168,10 @@ def test_mindeye2_rerun_is_noop_unless_forced(me2_release, tmp_path):
     forced = convert_mindeye2(_me2_cfg(root, store, force=True))
     assert not forced.get("skipped")
     assert (store / "dataset.json").stat().st_mtime_ns != stamp
-    changed = convert_mindeye2(_me2_cfg(root, store, val_fraction=0.1))  # other options: rebuilt
+    with pytest.raises(OutputExistsError, match=r"prepared from another configuration: dataset.val_fraction "):
+        convert_mindeye2(_me2_cfg(root, store, val_fraction=0.1))  # other options: refused, store kept
+    assert open_store(store).version == forced["store_version"]
+    changed = convert_mindeye2(_me2_cfg(root, store, val_fraction=0.1, replace=True))  # rebuilt when asked to
     assert not changed.get("skipped")
     assert json.loads((store / "dataset.json").read_text())["provenance"]["options"]["val_fraction"] == 0.1
 

@@ -27,6 +27,7 @@ from braindecode_fw.data.convert.nsd import (
 from braindecode_fw.data.convert.nsd_fixture import fixture_colour, write_nsd_fixture
 from braindecode_fw.data.normalization import fit_session_stats
 from braindecode_fw.data.store import open_store
+from braindecode_fw.errors import OutputExistsError
 
 BETAS = "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR"
 ROI = "nsddata/ppdata/subj01/func1pt8mm/roi/nsdgeneral.nii.gz"
@@ -264,8 +265,12 @@ def test_rerun_is_a_noop_unless_forced(nsd_root, tmp_path):
     assert (store / "dataset.json").stat().st_mtime_ns == stamp
     forced = convert_nsd(_cfg(nsd_root, store, force=True))
     assert not forced["noop"] and (store / "dataset.json").stat().st_mtime_ns != stamp
-    other = convert_nsd(_cfg(nsd_root, store, val_fraction=0.2))  # another configuration reconverts
-    assert not other["noop"]
+    with pytest.raises(OutputExistsError, match=r"prepared from another configuration: dataset.val_fraction "
+                                                 r"0.1 -> 0.2; .*dataset.replace=true"):
+        convert_nsd(_cfg(nsd_root, store, val_fraction=0.2))  # another configuration: refused, store kept
+    assert open_store(store).version == forced["store_version"]
+    other = convert_nsd(_cfg(nsd_root, store, val_fraction=0.2, replace=True))
+    assert not other["noop"] and other["store_version"] != forced["store_version"]
 
 
 def test_stale_partial_of_dead_process_is_removed(nsd_root, tmp_path):
@@ -361,14 +366,60 @@ def _bad_responses_rows(root):
     return "responses.tsv: session 1 has 749 rows, expected 750", {}
 
 
-BAD_INPUTS = [_bad_missing_session, _bad_mask_shape, _bad_truncated_hdf5, _bad_truncated_nifti, _bad_nan_betas,
-              _bad_expdesign_shape, _bad_responses_mismatch, _bad_responses_rows]
+def _bad_missing_session_of_all(root):
+    (root / BETAS / "betas_session02.nii.gz").unlink()  # dataset.sessions=null: every session, so 2 as well
+    return "betas_session02.nii.gz missing (dataset.sessions=null converts every session of subj01", {}
+
+
+STIMULI = "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+
+
+def _replace_stimuli(root: Path, shape: tuple[int, ...], dtype=np.uint8) -> None:
+    """Another ``nsd_stimuli.hdf5`` (the copy links the fixture's: unlink, never write through it)."""
+    p = root / STIMULI
+    p.unlink()
+    with h5py.File(p, "w") as f:
+        f.create_dataset("imgBrick", shape=shape, dtype=dtype, chunks=(1, *shape[1:]))
+
+
+def _bad_stimuli_image_size(root):
+    _replace_stimuli(root, (73000, 256, 256, 3))
+    return ("nsd_stimuli.hdf5: dataset 'imgBrick' is uint8 (73000, 256, 256, 3), expected uint8 "
+            "(73000, 425, 425, 3)"), {}
+
+
+def _bad_stimuli_dtype(root):
+    _replace_stimuli(root, (73000, 425, 425, 3), np.float32)
+    return "nsd_stimuli.hdf5: dataset 'imgBrick' is float32 (73000, 425, 425, 3), expected uint8", {}
+
+
+def _bad_stimuli_truncated(root):
+    src = (root / STIMULI).resolve()
+    (root / STIMULI).unlink()
+    (root / STIMULI).write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    return "nsd_stimuli.hdf5: cannot be opened as HDF5, truncated or corrupted", {}
+
+
+BAD_INPUTS = [_bad_missing_session, _bad_missing_session_of_all, _bad_mask_shape, _bad_truncated_hdf5,
+              _bad_truncated_nifti, _bad_nan_betas, _bad_expdesign_shape, _bad_responses_mismatch,
+              _bad_responses_rows, _bad_stimuli_image_size, _bad_stimuli_dtype, _bad_stimuli_truncated]
+#: refused by the plan/validate phases: nothing may be written (not even a partial folder) before
+CAUGHT_BEFORE_WRITING = {_bad_missing_session, _bad_missing_session_of_all, _bad_mask_shape, _bad_expdesign_shape,
+                         _bad_responses_mismatch, _bad_responses_rows, _bad_stimuli_image_size,
+                         _bad_stimuli_dtype, _bad_stimuli_truncated}
 
 
 @pytest.mark.parametrize("corrupt", BAD_INPUTS, ids=[f.__name__[5:] for f in BAD_INPUTS])
-def test_bad_input_names_the_file_and_creates_no_store(root_copy, tmp_path, corrupt):
+def test_bad_input_names_the_file_and_creates_no_store(root_copy, tmp_path, corrupt, monkeypatch):
     fname, extra = corrupt(root_copy)
     store = tmp_path / "out" / "nsd"
+    if corrupt in CAUGHT_BEFORE_WRITING:
+        import braindecode_fw.data.convert.base as base
+
+        def no_writer(*args, **kwargs):
+            raise AssertionError(f"{corrupt.__name__}: a StoreWriter was opened before the input was refused")
+
+        monkeypatch.setattr(base, "StoreWriter", no_writer)
     with pytest.raises(NSDInputError) as err:
         convert_nsd(_cfg(root_copy, store, **extra))
     assert fname in str(err.value)

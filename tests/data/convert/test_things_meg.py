@@ -20,6 +20,7 @@ from braindecode_fw.data.meg_layout import (
     valid_positions,
 )
 from braindecode_fw.data.store import open_store
+from braindecode_fw.errors import OutputExistsError
 
 MEG = "sub-BIGMEG1/ses-01/meg"
 RUN = "sub-BIGMEG1_ses-01_task-main_run-{:02d}"
@@ -302,7 +303,9 @@ def test_rerun_is_a_noop_unless_forced(fx, tmp_path):
     assert again["noop"] and "up to date" in again["report"]
     assert (store / "dataset.json").stat().st_mtime_ns == stamp
     assert not convert_things_meg({**cfg, "force": True})["noop"]
-    assert not convert_things_meg({**cfg, "clamp": 5})["noop"]  # another configuration reconverts
+    with pytest.raises(OutputExistsError, match=r"prepared from another configuration: dataset.clamp 20.0 -> 5.0"):
+        convert_things_meg({**cfg, "clamp": 5})  # another configuration: refused
+    assert not convert_things_meg({**cfg, "clamp": 5, "replace": True})["noop"]
 
 
 def test_stale_partial_of_dead_process_is_removed(fx, tmp_path):
@@ -388,8 +391,19 @@ def _missing_session(fx: dict) -> tuple[str, dict]:
     return r"dataset\.sessions: sub-BIGMEG1 has no run of session\(s\) \[2\]", {"sessions": 2}
 
 
+def _missing_run(fx: dict) -> tuple[str, dict]:
+    (Path(fx["root"]) / MEG / f"{RUN.format(2)}_meg.fif").unlink()  # dataset.sessions=null: every run
+    return (r"1 run\(s\) of sub-BIGMEG1 missing: sub-BIGMEG1/ses-01/meg/sub-BIGMEG1_ses-01_task-main_run-02_meg\.ds "
+            r"\(a _meg\.ds folder or _meg\.fif file each; dataset\.sessions=null converts every session"), {}
+
+
+def _missing_run_of_a_named_session(fx: dict) -> tuple[str, dict]:
+    (Path(fx["root"]) / MEG / f"{RUN.format(1)}_meg.fif").unlink()
+    return r"run-01_meg\.ds .*dataset\.sessions=\[1\] converts whole sessions", {"sessions": [1]}
+
+
 BAD = [_drop_column, _missing_image, _attribute_rows, _missing_events, _missing_derivative, _unknown_subject,
-       _missing_session]
+       _missing_session, _missing_run, _missing_run_of_a_named_session]
 
 
 @pytest.mark.parametrize("corrupt", BAD, ids=[f.__name__[1:] for f in BAD])

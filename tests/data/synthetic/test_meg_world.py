@@ -15,6 +15,7 @@ from braindecode_fw.data.meg_layout import things_meg_channel_names
 from braindecode_fw.data.store import open_store
 from braindecode_fw.data.synthetic import meg
 from braindecode_fw.data.synthetic.meg_world import SyntheticMEGWorldConfig, generate_meg_world
+from braindecode_fw.errors import OutputExistsError
 from braindecode_fw.metrics.retrieval import retrieval_accuracy
 
 REPO = Path(__file__).resolve().parents[3]
@@ -273,7 +274,7 @@ def test_yaml_mirrors_the_dataclass_defaults():
     assert len(default.subjects) == 4 and default.n_test_images == 200 and default.test_repetitions == 12
 
 
-def test_ensure_store_generates_and_regenerates_on_change(tmp_path):
+def test_ensure_store_generates_reuses_and_replaces_only_when_asked(tmp_path):
     from braindecode_fw.data.prepare import describe, ensure_store, prepare
 
     small = {**SMALL, "sources_per_subject": [100], "n_train_images": 8, "n_test_images": 6,
@@ -288,12 +289,18 @@ def test_ensure_store_generates_and_regenerates_on_change(tmp_path):
     version = meta["version"]
     mtime = (store / "dataset.json").stat().st_mtime_ns
     assert ensure_store(ds) == store and (store / "dataset.json").stat().st_mtime_ns == mtime  # reused
-    ds.world.snr = 0.2
+    ds.world.snr = 0.2  # another world: refused, the store trained on is kept
+    with pytest.raises(OutputExistsError, match=r"dataset.world.snr .* -> 0.2; .*dataset.replace=true"):
+        ensure_store(ds)
+    assert json.loads((store / "dataset.json").read_text())["version"] == version
+    ds.replace = True
     ensure_store(ds)
     meta2 = json.loads((store / "dataset.json").read_text())
     assert meta2["version"] != version
     assert meta2["provenance"]["config_fingerprint"] == SyntheticMEGWorldConfig.from_mapping(
         OmegaConf.to_container(ds.world)).fingerprint()
+    assert prepare(ds)["noop"]  # up to date now (replace only matters for another world)
+    ds.force = True
     report = describe(prepare(ds))
     assert "top-5" in report and "sub01" in report
     ds.world.n_sensor = 3

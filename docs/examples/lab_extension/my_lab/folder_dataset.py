@@ -7,8 +7,10 @@ The raw layout (what this lab's preprocessing writes)::
     <root>/<subject>/trials.csv           image_id,session,split   (one line per row of betas.npy)
 
 The converter subclasses :class:`braindecode_fw.data.convert.base.Converter`, which runs its phases
-in a fixed order: ``configure`` (the typed config below), ``locate`` (required keys and folders),
-``plan`` (read and check every input; nothing is written while an input is wrong, and each error
+in a fixed order: ``configure`` (the typed config below), ``locate`` (required keys and folders;
+then :meth:`FolderConverter.fingerprint` decides what happens to a store already at ``dataset.store``:
+the same configuration and inputs -> nothing to do; anything else -> refused unless
+``dataset.replace=true``), ``plan`` (read and check every input; nothing is written while an input is wrong, and each error
 names the file and what was expected), ``validate``, ``write`` (through
 :class:`~braindecode_fw.data.store.StoreWriter`: a temporary folder renamed at the end, so an
 interrupted run leaves nothing that opens), then the report ``bdf-prepare`` prints.
@@ -17,6 +19,8 @@ interrupted run leaves nothing that opens), then the report ``bdf-prepare`` prin
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +49,8 @@ class FolderDatasetConfig:
     root: str | None
     subjects: list[str]
     image_size: int
-    overwrite: bool
+    force: bool
+    replace: bool
 
 
 @dataclass
@@ -84,14 +89,23 @@ class FolderConverter(Converter[FolderPlan]):
 
     cfg: FolderDatasetConfig
 
-    @property
-    def overwrite(self) -> bool:
-        return self.cfg.overwrite
-
     def locate(self) -> None:
         if not self.cfg.root:
             raise ConfigError("dataset.root: not set (the folder with images/ and one folder per subject)")
         self.root = Path(self.cfg.root)
+
+    def content(self) -> dict[str, Any]:
+        """The keys that decide what the store holds (recorded as ``provenance.config``)."""
+        return {"subjects": list(self.cfg.subjects), "image_size": int(self.cfg.image_size)}
+
+    def fingerprint(self) -> str:
+        """Hash of :meth:`content` and of every input file's name and size: a re-run on the same
+        files with the same keys is a no-op; changed inputs or keys need ``dataset.replace=true``
+        (or another ``dataset.name``)."""
+        files = sorted(p for p in self.root.rglob("*") if p.is_file())
+        sources = {str(p.relative_to(self.root)): p.stat().st_size for p in files}
+        blob = json.dumps({"content": self.content(), "sources": sources}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def plan(self) -> FolderPlan:
         root = self.root
@@ -133,7 +147,9 @@ class FolderConverter(Converter[FolderPlan]):
                                 run=np.zeros(len(rows), dtype=np.int64), repeat=repeat,
                                 split=np.array([r["split"] for r in rows]))
             writer.write_subject(subject, trials, np.ascontiguousarray(betas))
-        return Written({"source": "lab folder format", "root": str(self.root)}, subjects={})
+        provenance = {"source": "lab folder format", "root": str(self.root), "config": self.content(),
+                      "config_fingerprint": self.fingerprint()}
+        return Written(provenance, subjects={})
 
     def table(self, summary: dict[str, Any]) -> list[str]:
         lines = [f"{summary['dataset']}: {summary['n_images']} images, {len(summary['subjects'])} subject(s) "
