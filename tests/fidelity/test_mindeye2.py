@@ -54,11 +54,13 @@ def _ours(dec) -> dict[str, torch.Tensor]:
 
 
 def test_released_trunk_equals_the_released_code():
-    assert_golden(_ours(_decoder("as_released")), EXPECTED, "mindeye2 (trunk: as_released)",
-                  keys=[k for k in EXPECTED if not k.startswith("step2/")])
+    ours = _ours(_decoder("as_released"))
+    assert_golden(ours, EXPECTED, "mindeye2 (trunk: as_released)",
+                  keys=[k for k in EXPECTED if not k.startswith("step2/") and k != "grad_norm/mixer_blocks1"])
     # the released MLP blocks never reach the output: their gradient is zero up to the rounding of
-    # a LayerNorm over an axis of length 1 (~1e-4 here, against O(1) for the heads)
-    assert float(EXPECTED["grad_norm/mixer_blocks1"]) < 1e-3
+    # a LayerNorm over an axis of length 1 (~1e-4 here, against O(1) for the heads). Rounding noise
+    # differs between CPUs' kernels, so both are checked to be noise rather than equal to each other
+    assert float(EXPECTED["grad_norm/mixer_blocks1"]) < 1e-3 and float(ours["grad_norm/mixer_blocks1"]) < 1e-3
 
 
 def test_residual_trunk_is_a_different_network():
