@@ -96,10 +96,10 @@ def test_bench_models_section(tmp_path):
            "'model.depth=1','model.n_clusters=3','model.voxels_per_step=20',"
            "'model.branches.lowlevel.token_sampling.scale_sizes=[4,3,2,1,1]',"
            "'model.branches.lowlevel.token_sampling.per_scale=[2,2,1,1,1]'],"
-           "targets:{clip_image_tokens:[5,8],vgg_tokens:[11,8]}}")
+           "targets:{clip_image_tokens:[5,8],vgg_tokens:[11,8]},batch_sizes:null}")
     npic = ("{model:neuropictor,loss:neuropictor,overrides:['model.diffusion=null','loss.terms.diffusion=null',"
             "'model.map_size=16','model.patch=4','model.dim=16','model.depth=1','model.heads=2','model.text_tokens=5',"
-            "'model.control_channels=4','model.control_size=4'],targets:{clip_text_tokens:[5,8]}}")
+            "'model.control_channels=4','model.control_size=4'],targets:{clip_text_tokens:[5,8]},batch_sizes:null}")
     args = [f"output_dir={tmp_path}/docs", "run_worlds=false", "evaluation.enabled=false", "models.enabled=true",
             "models.steps=2", "models.batch_size=4", "~models.n_features", "+models.n_features={a:40,b:30}",
             f"models.cases.mindeye2_h1024={me2}", f"models.cases.mindbridge={mb}", f"models.cases.sttm={sttm}",

@@ -107,6 +107,8 @@ def test_train_checkpoint_evaluate_round_trip(tiny_train_run, tmp_path):
     assert grid.size == (2 + 2 * 98, 14 + 8 * 98 + 2) and "reconstructions: " in out
     loaded = torch.load(ckpt, map_location="cpu", weights_only=True)  # safe loading works
     assert loaded["braindecode_fw"]["n_features"] == {"subj01": 60, "subj02": 90}
+    # bdf-train trained with the fast path's fused AdamW (braindecode_fw/pipeline/fast_path.py)
+    assert {g["fused"] for g in loaded["optimizer_states"][0]["param_groups"]} == {True}
     trained = json.loads((run_dir / "retrieval.json").read_text())
     rows = {r["subject"]: r for r in trained["rows"]}
     assert set(rows) == {"subj01", "subj02", "mean"}
