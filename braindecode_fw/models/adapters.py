@@ -9,6 +9,7 @@ from torch import nn
 
 from braindecode_fw.errors import ConfigError, UnknownNameError
 from braindecode_fw.models.encoders import PostNormResidualBlock
+from braindecode_fw.models.routing import subject_rows
 
 
 class SubjectLinearAdapter(nn.Module):
@@ -44,7 +45,7 @@ class SubjectLinearAdapter(nn.Module):
         for s in dict.fromkeys(subjects):
             if s not in self.linears:
                 raise UnknownNameError(f"no adapter for subject {s!r}; the model has {self.subjects}")
-            rows = torch.tensor([i for i, x in enumerate(subjects) if x == s], device=responses.device)
+            rows = subject_rows(subjects, s, responses.device)
             x = responses.index_select(0, rows)[..., : self.n_features[s]]
             out = out.index_copy(0, rows, self.linears[s](self.dropout(x)).to(out.dtype))
         return out
@@ -59,7 +60,7 @@ def _route(x: torch.Tensor, subjects: Sequence[str], modules: Mapping[str, nn.Mo
     for s in dict.fromkeys(subjects):
         if s not in modules:
             raise UnknownNameError(f"no adapter for subject {s!r}; the model has {list(modules)}")
-        rows = torch.tensor([i for i, v in enumerate(subjects) if v == s], device=x.device)
+        rows = subject_rows(subjects, s, x.device)
         part = x.index_select(0, rows)
         if crop is not None:
             part = part[..., : crop[s]]
@@ -154,7 +155,7 @@ class PooledSubjectEmbedder(nn.Module):
         for s in dict.fromkeys(subjects):
             if s not in self.n_features:
                 raise UnknownNameError(f"no adapter for subject {s!r}; the model has {self.subjects}")
-            rows = torch.tensor([i for i, v in enumerate(subjects) if v == s], device=responses.device)
+            rows = subject_rows(subjects, s, responses.device)
             x = responses.index_select(0, rows)[:, None, : self.n_features[s]]
             pooled = pooled.index_copy(0, rows, fn(x, self.pool_size)[:, 0].to(pooled.dtype))
         return pooled

@@ -47,6 +47,7 @@ from braindecode_fw.contracts import SAMPLED_INDEX_SUFFIX, SAMPLED_SCALE_SUFFIX
 from braindecode_fw.errors import ConfigError, UnknownNameError
 from braindecode_fw.losses import sample_scale_tokens
 from braindecode_fw.models.decoder import Decoder
+from braindecode_fw.models.routing import subject_rows
 
 
 def _safe_key(subject: str) -> str:
@@ -277,7 +278,7 @@ class BrainInteractionTransformer(nn.Module):
         subjects = list(subjects)
         out = responses.new_zeros(len(subjects), self.n_clusters, self.tokenizer.dim)
         for s in dict.fromkeys(subjects):
-            rows = torch.tensor([i for i, v in enumerate(subjects) if v == s], device=responses.device)
+            rows = subject_rows(subjects, s, responses.device)
             n = self.voxels.n_features.get(s)
             if n is None:
                 raise UnknownNameError(f"no voxel embeddings for subject {s!r}; the model has {self.subjects}")

@@ -38,6 +38,7 @@ from torch.nn import functional as F_
 
 from braindecode_fw.contracts import Batch
 from braindecode_fw.errors import ConfigError, UnknownNameError
+from braindecode_fw.models.routing import subject_rows
 from braindecode_fw.schema import check_keys
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,7 @@ class UniversalEncoder(nn.Module):
         out = self.readout.new_zeros((b, n, e))
         for s in dict.fromkeys(subjects):
             emb = self.voxel_embeddings[self._check_subject(s)]
-            rows = torch.tensor([i for i, x in enumerate(subjects) if x == s], device=voxel_index.device)
+            rows = subject_rows(subjects, s, voxel_index.device)
             idx = voxel_index.index_select(0, rows)
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.n_voxels[s]:
@@ -354,7 +355,7 @@ def voxel_correlations(encoder: UniversalEncoder, batches: Iterable[Batch], feat
         for batch in batches:
             x, y = _features(batch, feature, dev), _responses(batch, dev)
             for s in dict.fromkeys(batch.subject):
-                rows = torch.tensor([i for i, v in enumerate(batch.subject) if v == s], device=dev)
+                rows = subject_rows(batch.subject, s, dev)
                 v_s = encoder.n_voxels[encoder._check_subject(s)]
                 if y.shape[1] < v_s:
                     raise ConfigError(f"subject {s!r}: responses have {y.shape[1]} columns, the encoder expects {v_s} voxels")
