@@ -104,7 +104,7 @@ def _guards_itself(fn: Any) -> bool:
     return isinstance(owner, type) and issubclass(owner, Converter)
 
 
-def _noop_world(dataset_cfg: DictConfig, store: Path, meta: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+def _noop_world(store: Path, meta: dict[str, Any], fingerprint: str) -> dict[str, Any]:
     """The summary of a synthetic world found up to date at ``store`` (nothing generated)."""
     report = (f"synthetic world {store} is up to date (built from this dataset.world: fingerprint {fingerprint}, "
               f"version {meta.get('version')}); nothing to do (dataset.force=true regenerates it)")
@@ -160,7 +160,7 @@ def prepare(dataset_cfg: DictConfig) -> dict[str, Any]:
         existing = check_existing_store(store, fingerprint, what="synthetic world", config=dataclasses.asdict(world),
                                         config_prefix="dataset.world", source="synthetic", **guard)
         if existing is not None:
-            return _noop_world(dataset_cfg, store, existing, fingerprint)
+            return _noop_world(store, existing, fingerprint)
         generate = _load(SYNTHETIC[kind][1])
         return generate(world, store, name=dataset_cfg.name, overwrite=True)
     if kind in CONVERTERS:

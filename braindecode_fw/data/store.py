@@ -36,12 +36,7 @@ from typing import Any
 import numpy as np
 
 from braindecode_fw.errors import DataError, MissingFileError, OutputExistsError, UnknownNameError
-from braindecode_fw.io import (
-    atomic_write_json,
-    pid_alive,
-    remove_dead_temporaries,
-    restore_moved_aside,
-)
+from braindecode_fw.io import atomic_write_json, remove_dead_temporaries, restore_moved_aside
 from braindecode_fw.ops.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -164,9 +159,6 @@ class ImageStream:
         atomic_write_json(self.writer.partial / "images" / "metadata.json", meta)
         self.writer._n_images = n
         self.writer._hash.update(json.dumps(meta).encode())
-
-
-_pid_alive = pid_alive  # the converters' name for it (data/convert/common.py)
 
 
 def remove_stale_partials(store: Path) -> list[Path]:

@@ -97,7 +97,7 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
     (shared by ``bdf-train`` and ``bdf-adapt``). ``n_features`` (default: the data's subjects) is
     what the checkpoint records as the decoder's subjects."""
     fast = FastPath.from_config(cfg.get("fast_path"))
-    module = build_module(cfg, dm, decoder, checkpoint_config, n_features)
+    module = build_module(cfg, dm, decoder, checkpoint_config, n_features, fast=fast)
     callbacks, checkpoint = build_callbacks(cfg, run_dir)
     loggers = build_loggers(cfg.get("logger"), run_dir, resume_from=resume_from)
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), fast, str(cfg.trainer.get("accelerator", "auto")))
@@ -148,12 +148,13 @@ def fit_and_evaluate(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, *, 
 
 
 def build_module(cfg: DictConfig, dm: BrainDataModule, decoder: Decoder, checkpoint_config: dict[str, Any],
-                 n_features: dict[str, int] | None = None) -> DecoderModule:
+                 n_features: dict[str, int] | None = None, fast: FastPath | None = None) -> DecoderModule:
     """The LightningModule training ``decoder`` with the run's loss, optimiser and schedule, and
     what its checkpoints record beside the weights: the config, the decoder's subjects and voxel
     counts, the target and auxiliary output shapes, the store version. The optimiser is the fused
-    kernel where ``fast_path.fused_optimizer`` allows (braindecode_fw/pipeline/fast_path.py)."""
-    fast = FastPath.from_config(cfg.get("fast_path"))
+    kernel where ``fast_path.fused_optimizer`` allows (braindecode_fw/pipeline/fast_path.py; ``fast``:
+    that node, already read by the caller, else read from ``cfg``)."""
+    fast = fast or FastPath.from_config(cfg.get("fast_path"))
     return DecoderModule(
         decoder,
         loss=instantiate(cfg.loss),

@@ -143,12 +143,21 @@ def _nsd_with_garbage_stimuli(tmp: Path, shared: dict) -> dict:
     return _nsd_copy(tmp, shared, edit)
 
 
-def _things_without_events(tmp: Path, shared: dict) -> dict:
-    dst = tmp / "inputs" / "things"
-    shutil.copytree(shared["things"], dst, symlinks=True)
-    for p in dst.rglob("*_events.tsv"):
-        p.unlink()
-    return {"bad": str(dst)}
+def _things_without(pattern: str) -> Callable[[Path, dict], dict]:
+    """A setup: a copy of the THINGS-MEG fixture without the files matching ``pattern``."""
+
+    def setup(tmp: Path, shared: dict) -> dict:
+        dst = tmp / "inputs" / "things"
+        shutil.copytree(shared["things"], dst, symlinks=True)
+        for p in dst.rglob(pattern):
+            p.unlink()
+        return {"bad": str(dst)}
+
+    return setup
+
+
+_things_without_events = _things_without("*_events.tsv")
+_things_without_run2 = _things_without("*_run-02_meg.*")
 
 
 def _nsd_with_small_stimuli(tmp: Path, shared: dict) -> dict:
@@ -166,14 +175,6 @@ def _nsd_with_small_stimuli(tmp: Path, shared: dict) -> dict:
 def _nsd_without_session2(tmp: Path, shared: dict) -> dict:
     return _nsd_copy(tmp, shared, lambda r: (r / "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR/"
                                                 "betas_session02.nii.gz").unlink())
-
-
-def _things_without_run2(tmp: Path, shared: dict) -> dict:
-    dst = tmp / "inputs" / "things"
-    shutil.copytree(shared["things"], dst, symlinks=True)
-    for p in dst.rglob("*_run-02_meg.*"):
-        p.unlink()
-    return {"bad": str(dst)}
 
 
 def _prepared_world(tmp: Path, shared: dict) -> dict:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from braindecode_fw.data.store import _pid_alive, remove_stale_partials  # noqa: F401  (converters import them from here)
+from braindecode_fw.data.store import remove_stale_partials  # noqa: F401  (converters import it from here)
 from braindecode_fw.errors import DataError, OutputExistsError
 
 log = logging.getLogger(__name__)

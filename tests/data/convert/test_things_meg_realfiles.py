@@ -303,11 +303,17 @@ def _small_tree(tmp_path: Path) -> dict:
     return build_tree(tmp_path, {(1, 1): 2}, runs=[(1, 1)])
 
 
-def test_recording_rate_other_than_meg_json_names_both(tmp_path):
+def _tree_with_edited_recording(tmp_path: Path, edit) -> dict:
+    """The small tree with its one recording re-saved after ``edit(raw)`` (returns the new raw)."""
     tree = _small_tree(tmp_path)
     run = tree["root"] / SUB / f"ses-01/meg/{_prefix(1, 1)}_meg.fif"
     raw = mne.io.read_raw_fif(run, preload=True, verbose="error")
-    raw.resample(1000.0, verbose="error").save(run, overwrite=True, verbose="error")
+    edit(raw).save(run, overwrite=True, verbose="error")
+    return tree
+
+
+def test_recording_rate_other_than_meg_json_names_both(tmp_path):
+    tree = _tree_with_edited_recording(tmp_path, lambda raw: raw.resample(1000.0, verbose="error"))
     with pytest.raises(ThingsMEGInputError, match=rf"{_prefix(1, 1)}_meg\.fif: recorded at 1000 Hz, but "
                                                   rf"{_prefix(1, 1)}_meg\.json says SamplingFrequency 1200"):
         convert_things_meg(_cfg(tree, tmp_path / "store"))
@@ -315,10 +321,7 @@ def test_recording_rate_other_than_meg_json_names_both(tmp_path):
 
 
 def test_recording_without_a_channels_tsv_sensor_names_it(tmp_path):
-    tree = _small_tree(tmp_path)
-    run = tree["root"] / SUB / f"ses-01/meg/{_prefix(1, 1)}_meg.fif"
-    raw = mne.io.read_raw_fif(run, preload=True, verbose="error")
-    raw.drop_channels(["MLC11-1609"]).save(run, overwrite=True, verbose="error")
+    tree = _tree_with_edited_recording(tmp_path, lambda raw: raw.drop_channels(["MLC11-1609"]))
     with pytest.raises(ThingsMEGInputError, match=r"its 271 MEG channels differ from the 272 MEG sensors of "
                                                   rf"{_prefix(1, 1)}_channels\.tsv \(only in the recording: \[\]; "
                                                   r"only in channels\.tsv: \['MLC11-1609'\]\)"):
