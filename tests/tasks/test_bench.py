@@ -159,3 +159,13 @@ def test_bench_demo_training_section(tmp_path):
     bad = run_cli("bdf-bench", [*args[:4], "demo_training.precisions=[32-true,bf16]"], tmp_path)
     assert bad.returncode != 0
     assert "demo_training.precisions: each one of ['32-true', 'bf16-mixed'], got ['bf16']" in bad.stderr
+
+
+def test_bench_models_refuses_an_empty_batch(tmp_path):
+    args = [f"output_dir={tmp_path}/docs", "run_worlds=false", "evaluation.enabled=false", "models.enabled=true",
+            "models.cases.mindeye2_h1024.batch_sizes=[0]"]
+    proc = run_cli("bdf-bench", args, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("bdf-bench")]
+    assert lines == ["bdf-bench: error: models.cases.mindeye2_h1024.batch_sizes: sizes and steps must be >= 1, got 0"]
+    assert not (tmp_path / "docs" / "benchmarks_models_cpu.json").exists()
